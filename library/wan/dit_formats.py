@@ -1,0 +1,189 @@
+"""DiT checkpoint formats: from whatever names a file uses to the official names our model uses.
+
+Handles the official / ComfyUI names (optionally behind `model.diffusion_model.` or `diffusion_model.`),
+diffusers names, and fp8 files: plain float8 weights, and ComfyUI `fp8_scaled` weights with a per-tensor
+(or per-channel) scale under either spelling (`scale_weight` or `weight_scale`). Also tells what a file
+is when it is not a DiT at all, and which variant its tensor shapes describe.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint_files import Checkpoint, CheckpointError
+from .variants import WanVariant, variants_matching
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
+_SCALE_SUFFIXES = ("scale_weight", "weight_scale")
+_DROPPED_SUFFIXES = ("scale_input", "input_scale", "comfy_quant")
+_DROPPED_KEYS = ("scaled_fp8",)
+
+# diffusers -> official, applied in order (regex, replacement); verified bijective for WAN.
+_DIFFUSERS_TO_OFFICIAL = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^condition_embedder\.image_embedder\.norm1\.", "img_emb.proj.0."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj\.", "img_emb.proj.1."),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2\.", "img_emb.proj.3."),
+    (r"^condition_embedder\.image_embedder\.norm2\.", "img_emb.proj.4."),
+    (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
+    (r"^proj_out\.", "head.head."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"\.attn1\.", ".self_attn."),
+    (r"\.attn2\.", ".cross_attn."),
+    (r"\.to_q\.", ".q."),
+    (r"\.to_k\.", ".k."),
+    (r"\.to_v\.", ".v."),
+    (r"\.to_out\.0\.", ".o."),
+    (r"\.add_k_proj\.", ".k_img."),
+    (r"\.add_v_proj\.", ".v_img."),
+    (r"\.norm_added_k\.", ".norm_k_img."),
+]
+_DIFFUSERS_RULES = [(re.compile(p), r) for p, r in _DIFFUSERS_TO_OFFICIAL]
+
+
+def diffusers_to_official(key: str) -> str:
+    """One diffusers WanTransformer3DModel key -> the official name."""
+    for pattern, repl in _DIFFUSERS_RULES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def describe_checkpoint(keys: list[str]) -> str:
+    """A short human name for what a checkpoint holds, from its key names alone."""
+    ks = set(keys)
+    has = lambda *subs: any(any(s in k for s in subs) for k in ks)  # noqa: E731
+    if has("lora_down", "lora_up", "lora_A", "lora_B"):
+        return "a LoRA"
+    if has("decoder.middle.0.residual", "decoder.conv_in", "encoder.downsamples", "post_quant_conv"):
+        return "a WAN VAE"
+    if has("token_embedding.weight", "encoder.final_layer_norm", "SelfAttention.relative_attention_bias"):
+        return "a umT5 text encoder"
+    if has("visual.transformer", "vision_model.", "textual.") and not has("patch_embedding"):
+        return "a CLIP model"
+    if has("head.modulation", "condition_embedder.", "patch_embedding.weight"):
+        return "a WAN DiT"
+    return "an unknown model"
+
+
+@dataclass
+class DitLayout:
+    """How a checkpoint's keys map onto the official names."""
+
+    prefix: str
+    diffusers: bool
+    key_map: dict[str, str]  # official name -> key in the file
+    scales: dict[str, str]  # official weight name -> key of its fp8 scale
+    dropped: list[str]  # quantisation extras that are not weights
+
+
+def _strip_prefix(keys: list[str]) -> str:
+    for prefix in _PREFIXES:
+        inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        if any(k in ("head.modulation", "patch_embedding.weight", "scale_shift_table") for k in inner):
+            return prefix
+    return ""
+
+
+def plan_dit_layout(ckpt: Checkpoint) -> DitLayout:
+    """Work out prefix, naming and fp8 scales from the header alone; nothing is read yet."""
+    keys = ckpt.keys()
+    if describe_checkpoint(keys) != "a WAN DiT":
+        raise CheckpointError(
+            f"{ckpt.source}: this is {describe_checkpoint(keys)}, not a WAN DiT; "
+            "pass it as the right model (dit = the diffusion model, vae = ..., t5 = ...)"
+        )
+    prefix = _strip_prefix(keys)
+    inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
+    diffusers = any(k.startswith("condition_embedder.") for k in inner)
+    key_map, scales, dropped = {}, {}, []
+    for name, file_key in inner.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if name in _DROPPED_KEYS or leaf in _DROPPED_SUFFIXES:
+            dropped.append(file_key)
+            continue
+        official = diffusers_to_official(name) if diffusers else name
+        if leaf in _SCALE_SUFFIXES:
+            scales[official.rsplit(".", 1)[0] + ".weight"] = file_key
+        else:
+            key_map[official] = file_key
+    return DitLayout(prefix, diffusers, key_map, scales, dropped)
+
+
+def _read_config_json(ckpt: Checkpoint) -> dict:
+    path = Path(ckpt.source)
+    folder = path if path.is_dir() else path.parent
+    cfg = folder / "config.json"
+    try:
+        return json.loads(cfg.read_text()) if cfg.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant | None) -> WanVariant:
+    """The variant that the tensor shapes describe, checked against the configured task."""
+    shape = lambda k: ckpt.shape(layout.key_map[k])  # noqa: E731
+    try:
+        dim, in_dim = shape("patch_embedding.weight")[:2]
+        ffn_dim = shape("blocks.0.ffn.0.weight")[0]
+        out_dim = shape("head.head.weight")[0] // 4
+    except KeyError as exc:
+        raise CheckpointError(f"{ckpt.source}: WAN DiT key {exc} is missing; the file is incomplete") from None
+    layers = len({k.split(".")[1] for k in layout.key_map if k.startswith("blocks.")})
+    image = any(k.startswith("img_emb.") for k in layout.key_map)
+    signature = (dim, ffn_dim, layers, in_dim, out_dim, image)
+    found = variants_matching(signature)
+    if task_variant is not None:
+        if task_variant.shape_signature() == signature:
+            return task_variant
+        what = " or ".join(v.describe() for v in found) or f"an unknown WAN DiT (dim {dim}, {in_dim} input channels)"
+        raise CheckpointError(
+            f"{ckpt.source}: checkpoint is {what}, but the configured task is {task_variant.describe()}; "
+            "set `task` to match the checkpoint, or pass the checkpoint for this task"
+        )
+    if found:
+        return found[0]
+    return _custom_variant(ckpt, signature)
+
+
+def _custom_variant(ckpt: Checkpoint, signature: tuple) -> WanVariant:
+    """A DiT whose shapes match no named variant: heads from config.json, else head dim 128."""
+    dim, ffn_dim, layers, in_dim, out_dim, image = signature
+    cfg = _read_config_json(ckpt)
+    heads = cfg.get("num_heads") or cfg.get("num_attention_heads")
+    if not heads:
+        if dim % 128:
+            raise CheckpointError(
+                f"{ckpt.source}: shapes (dim {dim}, {layers} layers, {in_dim} input channels) match no known "
+                "WAN variant and there is no config.json with num_heads beside it"
+            )
+        heads = dim // 128
+    model_type = "i2v" if in_dim == 36 else ("ti2v" if in_dim == 48 else "t2v")
+    return WanVariant(
+        name=f"custom-{model_type}-{dim}x{layers}", version="2.1" if image else "2.2", model_type=model_type,
+        dim=dim, ffn_dim=ffn_dim, num_heads=int(heads), num_layers=layers, in_dim=in_dim, out_dim=out_dim,
+        vae="2.2" if out_dim == 48 else "2.1", image_embedding=image,
+    )
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 weight (with an optional per-tensor or per-output-channel scale) -> `dtype`."""
+    if scale is None:
+        return weight.to(dtype)
+    scale = scale.to(device=weight.device, dtype=torch.float32)
+    if scale.numel() > 1:
+        scale = scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return (weight.to(torch.float32) * scale).to(dtype)

@@ -1,0 +1,375 @@
+"""The WAN diffusion transformer (DiT) for every variant: WAN 2.2 T2V/I2V-A14B experts, TI2V-5B, and
+WAN 2.1 T2V-1.3B / T2V-14B / I2V-14B (CLIP image tokens).
+
+One self-contained file. Parameter names are the official checkpoint names
+(`blocks.0.self_attn.q.weight`), so official and ComfyUI files load without renaming; other formats are
+mapped in `loading.py`. Shape notation: B batch, L video tokens, C model width, H heads, D head dim,
+G modulation groups (1 per sample, F per frame or L per token).
+
+Precision: timestep embedding, modulation, norms and the residual stream run in fp32, as the official
+model does under autocast; the Linear layers run in `compute_dtype` (by default the dtype of the
+weights). The output is always fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention, check_backend
+from .variants import WanVariant
+
+
+# --------------------------------------------------------------------------------------------------
+# Small building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """[N] timesteps -> [N, dim] fp32 embedding, cos half first, computed in float64 like the original."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[:, None] * freqs[None]  # [N, half]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim in fp32, cast back to the input dtype, then scaled by `weight`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
+        return normed * self.weight.to(x.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input or parameter dtype; returns fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, L, C] * (1 + scale) + shift, with shift/scale [B, G, C] shared by L/G consecutive tokens."""
+    b, length, c = x.shape
+    groups = shift.shape[1]
+    x = x.view(b, groups, length // groups, c)
+    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, length, c)
+
+
+def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """y [B, L, C] * g [B, G, C] (grouped like `modulate`), in fp32."""
+    b, length, c = y.shape
+    groups = g.shape[1]
+    return (y.float().view(b, groups, length // groups, c) * g[:, :, None]).view(b, length, c)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3D rotary position embedding
+# --------------------------------------------------------------------------------------------------
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Rotary dims given to (frame, height, width): 44/42/42 for head dim 128."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0):
+    """cos/sin tables [L, D/2] (fp32) for a (F, H, W) token grid in f-major order.
+
+    Each axis has its own frequency ladder 1/theta^(2i/D_axis); pair j of a head is rotated by the
+    frame angle for the first D_f/2 pairs, then the height angle, then the width angle.
+    """
+    angles = []
+    for size, axis_dim, n_before in zip(grid, rope_axis_dims(head_dim), range(3)):
+        inv = 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+        pos = torch.arange(size, dtype=torch.float64, device=device)
+        a = pos[:, None] * inv[None]  # [size, axis_dim/2]
+        shape = [1, 1, 1, a.shape[1]]
+        shape[n_before] = size
+        angles.append(a.view(shape).expand(*grid, a.shape[1]))
+    table = torch.cat(angles, dim=-1).reshape(-1, head_dim // 2)  # [L, D/2]
+    return torch.cos(table).float(), torch.sin(table).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, D] by the table angles; fp32 math."""
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+    real, imag = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None], sin[None, :, None]  # [1, L, 1, D/2]
+    out = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention modules
+# --------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)  # over the full width, before the head split
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple, backend: str, split: bool) -> torch.Tensor:
+        b, length, _ = x.shape  # [B, L, C] in compute dtype
+        q = self.norm_q(self.q(x)).view(b, length, self.num_heads, -1)
+        k = self.norm_k(self.k(x)).view(b, length, self.num_heads, -1)
+        v = self.v(x).view(b, length, self.num_heads, -1)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.o(attention(q, k, v, backend, split).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to the text tokens; WAN 2.1 I2V adds a second attention to the CLIP tokens."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float, image_tokens: int = 0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.image_tokens = image_tokens
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+        if image_tokens:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], self.num_heads, -1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, backend: str, split: bool) -> torch.Tensor:
+        # x [B, L, C]; context [B, (257 +) 512, C], CLIP tokens first for WAN 2.1 I2V
+        image, text = context[:, : self.image_tokens], context[:, self.image_tokens :]
+        q = self._heads(self.norm_q(self.q(x)))
+        k = self._heads(self.norm_k(self.k(text)))
+        out = attention(q, k, self._heads(self.v(text)), backend, split)
+        if self.image_tokens:
+            k_img = self._heads(self.norm_k_img(self.k_img(image)))
+            out = out + attention(q, k_img, self._heads(self.v_img(image)), backend, split)
+        return self.o(out.flatten(2))
+
+
+class WanBlock(nn.Module):
+    """Self-attention, cross-attention and FFN; modulated (shift, scale, gate) by the timestep."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float, image_tokens: int = 0):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=True)  # before cross-attention
+        self.cross_attn = CrossAttention(dim, num_heads, eps, image_tokens)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e0, context, rope, backend: str = "sdpa", split: bool = False, dtype=None):
+        # x [B, L, C] fp32 residual stream; e0 [B, G, 6, C] fp32; context [B, Lc, C] in compute dtype
+        dtype = dtype or context.dtype
+        mods = (self.modulation.float().unsqueeze(0) + e0).unbind(2)  # 6 x [B, G, C]
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
+        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa).to(dtype), rope, backend, split)
+        x = x + gate(y, gate_sa)
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, backend, split).float()
+        y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff).to(dtype))
+        return x + gate(y, gate_ff)
+
+
+class Head(nn.Module):
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.norm = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, dtype) -> torch.Tensor:
+        # x [B, L, C] fp32; e [B, G, C] fp32 (time embedding before the projection)
+        shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
+        return self.head(modulate(self.norm(x), shift, scale).to(dtype))
+
+
+class ImageEmbedding(nn.Module):
+    """WAN 2.1 I2V: CLIP ViT-H tokens [B, 257, 1280] -> [B, 257, C] (`img_emb.proj.0/1/3/4`)."""
+
+    def __init__(self, clip_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            FP32LayerNorm(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(), nn.Linear(clip_dim, dim),
+            FP32LayerNorm(dim),
+        )
+
+    def forward(self, clip_fea: torch.Tensor, dtype) -> torch.Tensor:
+        norm0, lin1, act, lin3, norm4 = self.proj
+        x = lin3(act(lin1(norm0(clip_fea).to(dtype))))
+        return norm4(x).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class WanModel(nn.Module):
+    """The WAN DiT. `forward(x, timestep, context, y=None, clip_fea=None) -> [B, out_dim, F, H, W]`."""
+
+    # Training facts, read by loaders, memory tools and the trainer.
+    FP32_PARAM_PATTERNS = ("modulation", "norm", "time_embedding", "time_projection")
+    CHECKPOINTABLE = ("blocks",)
+    LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
+                    "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+
+    def __init__(self, variant: WanVariant):
+        super().__init__()
+        v = self.variant = variant
+        self.attention_backend = "sdpa"
+        self.split_attn = False
+        self.gradient_checkpointing = False
+        self.compute_dtype: torch.dtype | None = None  # None: the dtype of the Linear weights
+        # 1. Patch, text and time embeddings
+        self.patch_embedding = nn.Conv3d(v.in_dim, v.dim, kernel_size=v.patch_size, stride=v.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(v.text_dim, v.dim), nn.GELU(approximate="tanh"), nn.Linear(v.dim, v.dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(v.freq_dim, v.dim), nn.SiLU(), nn.Linear(v.dim, v.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(v.dim, 6 * v.dim))
+        # 2. Transformer blocks
+        image_tokens = v.clip_tokens if v.image_embedding else 0
+        self.blocks = nn.ModuleList(
+            WanBlock(v.dim, v.ffn_dim, v.num_heads, v.eps, image_tokens) for _ in range(v.num_layers)
+        )
+        # 3. Output head
+        self.head = Head(v.dim, math.prod(v.patch_size) * v.out_dim, v.eps)
+        # 4. WAN 2.1 I2V image embedding
+        if v.image_embedding:
+            self.img_emb = ImageEmbedding(v.clip_dim, v.dim)
+        self._rope_cache: dict = {}
+
+    # ---- configuration ---------------------------------------------------------------------------
+
+    def set_attention_backend(self, backend: str, split_attn: bool = False) -> None:
+        self.attention_backend = check_backend(backend)
+        self.split_attn = split_attn
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    @classmethod
+    def is_fp32_param(cls, name: str) -> bool:
+        """Parameters the official model keeps (or computes) in fp32: modulation, norms, time MLPs."""
+        return any(p in name for p in cls.FP32_PARAM_PATTERNS)
+
+    def _dtype(self) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        dtype = self.blocks[0].self_attn.q.weight.dtype if len(self.blocks) else torch.float32
+        return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+
+    # ---- pieces of the forward pass ---------------------------------------------------------------
+
+    def _rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 16:
+                self._rope_cache.clear()
+            self._rope_cache[key] = rope_tables(grid, self.variant.head_dim, device)
+        return self._rope_cache[key]
+
+    def _time_embeddings(self, timestep: torch.Tensor, batch: int, grid: tuple[int, int, int]):
+        """timestep [B] or [B, L] -> e [B, G, C] and e0 [B, G, 6, C] in fp32.
+
+        Per-token timesteps (TI2V) are reduced to one group per frame when they are constant within
+        each frame (as the TI2V conditioning is), and to one group when constant overall: the maths is
+        identical and the [B, L, 6, C] tensor is never built unless tokens really differ.
+        """
+        t = timestep.float()
+        if t.dim() == 0:
+            t = t.expand(batch)
+        if t.dim() == 1:
+            t = t[:, None]  # [B, 1]
+        elif t.shape[1] != math.prod(grid):
+            raise ValueError(f"per-token timestep has {t.shape[1]} entries, expected {math.prod(grid)} tokens")
+        else:
+            per_frame = t.view(batch, grid[0], -1)
+            if bool((per_frame == per_frame[..., :1]).all()):
+                t = per_frame[..., 0]  # [B, F]
+                if bool((t == t[:, :1]).all()):
+                    t = t[:, :1]  # [B, 1]
+        groups = t.shape[1]
+        sin = sinusoidal_embedding(self.variant.freq_dim, t.flatten())  # [B*G, freq_dim]
+        w = self.time_embedding[0].weight
+        e = self.time_embedding(sin.to(w.dtype)).float()  # [B*G, C]
+        e0 = self.time_projection(e.to(w.dtype)).float()  # [B*G, 6C]
+        return e.view(batch, groups, -1), e0.view(batch, groups, 6, -1)
+
+    def _context(self, context, clip_fea, dtype) -> torch.Tensor:
+        """Text tokens zero-padded to text_len (a list of [L_i, 4096] or [B, L, 4096]) -> [B, Lc, C]."""
+        text_len = self.variant.text_len
+        if isinstance(context, (list, tuple)):
+            context = torch.stack([F.pad(c, (0, 0, 0, text_len - c.shape[0])) for c in context])
+        elif context.shape[1] < text_len:
+            context = F.pad(context, (0, 0, 0, text_len - context.shape[1]))
+        if context.shape[1] != text_len:
+            raise ValueError(f"context has {context.shape[1]} tokens; WAN takes at most {text_len}")
+        ctx = self.text_embedding(context.to(dtype))  # [B, 512, C]
+        if self.variant.image_embedding:
+            if clip_fea is None:
+                raise ValueError(f"{self.variant.name} needs CLIP image features (clip_fea [B, 257, 1280])")
+            ctx = torch.cat([self.img_emb(clip_fea, dtype), ctx], dim=1)  # [B, 257 + 512, C]
+        return ctx
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, pt*ph*pw*c] -> [B, c, F*pt, H*ph, W*pw]; token channels ordered (pt, ph, pw, c)."""
+        (f, h, w), (pt, ph, pw) = grid, self.variant.patch_size
+        x = x.view(x.shape[0], f, h, w, pt, ph, pw, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, c, F, pt, H, ph, W, pw]
+        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor | Sequence[torch.Tensor],
+        y: torch.Tensor | None = None,
+        clip_fea: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, C, F, H, W] latents; timestep [B] or [B, L] in 0..1000; context [B, L_txt, text_dim]
+        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V; clip_fea [B, 257, 1280] for 2.1 I2V.
+        Returns the predicted flow [B, out_dim, F, H, W] in fp32."""
+        dtype = self._dtype()
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)  # I2V: noisy latents + mask + image latents
+        if x.shape[1] != self.variant.in_dim:
+            hint = " (I2V models need `y`)" if self.variant.is_i2v and y is None else ""
+            raise ValueError(f"{self.variant.name} takes {self.variant.in_dim} input channels, got {x.shape[1]}{hint}")
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
+        batch, grid = x.shape[0], tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2).float()  # [B, L, C], f-major token order
+        e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
+        ctx = self._context(context, clip_fea, dtype)
+        rope = self._rope(grid, x.device)
+        for block in self.blocks:
+            args = (x, e0, ctx, rope, self.attention_backend, self.split_attn, dtype)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        out = self.head(x, e, dtype)  # [B, L, pt*ph*pw*out_dim]
+        return self._unpatchify(out.float(), grid)

@@ -1,0 +1,29 @@
+"""Install the WAN trainer. `pip install -e .` for use, `-e ".[test]"` for the tests."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+requirements = [
+    line.split("#")[0].strip()
+    for line in (here / "requirements.txt").read_text().splitlines()
+    if line.split("#")[0].strip()
+]
+
+setup(
+    name="wan-trainer",
+    version="0.1.0",
+    description="LoRA and full fine-tuning for the WAN 2.1 / 2.2 video diffusion models",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["library", "library.*", "networks", "networks.*"]),
+    install_requires=requirements,
+    extras_require={
+        # GPU-only attention kernels: never pulled by a plain install (each would bring its own torch).
+        "gpu": ["xformers", "flash-attn", "sageattention"],
+        # diffusers is the independent reference implementation the parity tests compare against.
+        "test": ["pytest>=7.4", "diffusers>=0.35"],
+    },
+)

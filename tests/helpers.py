@@ -1,0 +1,52 @@
+"""Shared helpers for tests: locating the reference facts and building tiny models in official formats."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def reference_file(*parts: str) -> Path:
+    """A file under ../shared/reference, or skip the test when the checkout has no shared/ beside it."""
+    path = SHARED.joinpath("reference", *parts)
+    if not path.is_file():
+        pytest.skip(f"reference file {path} not available in this checkout")
+    return path
+
+
+def parse_key_sections(path: Path) -> dict[str, dict]:
+    """Parse a keys dump: '===== name nkeys N params P' headers, then 'key [shape]' lines."""
+    sections: dict[str, dict] = {}
+    current = None
+    for line in path.read_text().splitlines():
+        head = re.match(r"^===== (\S+) (?:nkeys )?(\d+) (?:params )?(\d+)", line)
+        if head:
+            current = {"nkeys": int(head.group(2)), "params": int(head.group(3)), "shapes": {}}
+            sections[head.group(1)] = current
+            continue
+        item = re.match(r"^(\S+) \[([\d, ]*)\]$", line)
+        if item and current is not None:
+            shape = tuple(int(s) for s in item.group(2).split(",") if s.strip())
+            current["shapes"][item.group(1)] = shape
+    return sections
+
+
+def random_official_dit_state(variant, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights for a tiny variant, in official key names (non-trivial norms and modulation)."""
+    from library.wan.model import WanModel
+
+    torch.manual_seed(seed)
+    model = WanModel(variant)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "head.head" in name:
+                p.normal_(0, 0.2)
+    return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
