@@ -1,9 +1,10 @@
 """Reading checkpoint files tensor by tensor: safetensors (single or sharded) and torch `.pth`.
 
 Everything here is about bytes on disk, not about WAN: open a path, list its tensors with shapes and
-dtypes from the headers alone, and read one tensor at a time. Safetensors are read with positioned
-`readinto` straight into the destination tensor's memory, so loading a model costs its own size in host
-RAM plus one tensor in flight, never a second copy and never the page-cache-backed mapping counted twice.
+dtypes from the headers alone, and read one tensor at a time. Safetensors are memory-mapped privately
+(copy-on-write) and tensors are zero-copy views of the mapping: a model loaded in the file's dtype costs
+the file's pages once (page cache, reclaimable), never a second anonymous copy. A tensor converted to
+another dtype or device is `release`d so its mapped pages do not stay resident beside the copy.
 `.pth` files go through `torch.load(weights_only=True, mmap=True)`: no arbitrary unpickling.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -55,6 +57,7 @@ class SafetensorsFile:
         self.metadata: dict = header.pop("__metadata__", None) or {}
         self._entries: dict = header
         self._data_start = 8 + header_len
+        self._map: mmap.mmap | None = None
         need = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self._data_start + need > size:
             raise CheckpointError(
@@ -74,22 +77,31 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES[self._entries[key]["dtype"]]
 
+    def _mapping(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                # private and writable: tensors may be modified in place (copy-on-write), never the file
+                self._map = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return self._map
+
     def read(self, key: str) -> torch.Tensor:
-        """Read one tensor into fresh CPU memory with a single positioned read."""
+        """The tensor as a zero-copy view of the memory-mapped file (file-backed pages, no second copy)."""
         entry = self._entries[key]
         start, end = entry["data_offsets"]
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        if end > start:
-            with open(self.path, "rb", buffering=0) as f:
-                f.seek(self._data_start + start)
-                view = memoryview(buf.numpy())
-                got = 0
-                while got < len(view):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise CheckpointError(f"{self.path}: unexpected end of file while reading {key!r}")
-                    got += n
-        return buf.view(self.dtype(key)).reshape(self.shape(key))
+        if end == start:
+            return torch.empty(self.shape(key), dtype=self.dtype(key))
+        raw = torch.frombuffer(self._mapping(), dtype=torch.uint8, count=end - start, offset=self._data_start + start)
+        return raw.view(self.dtype(key)).reshape(self.shape(key))
+
+    def release(self, key: str) -> None:
+        """Drop the mapped pages of a tensor that has been copied elsewhere (keeps peak RSS at one copy)."""
+        if self._map is None:
+            return
+        start, end = (self._data_start + o for o in self._entries[key]["data_offsets"])
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 class PickleCheckpoint:
@@ -127,6 +139,9 @@ class PickleCheckpoint:
     def read(self, key: str) -> torch.Tensor:
         return self._tensors[key]
 
+    def release(self, key: str) -> None:
+        """Nothing to do: torch's own mapping of the archive is dropped with the last reference."""
+
 
 class Checkpoint:
     """A uniform view over one file or a sharded set: `keys()`, `shape(k)`, `dtype(k)`, `read(k)`."""
@@ -154,6 +169,9 @@ class Checkpoint:
 
     def read(self, key: str) -> torch.Tensor:
         return self._owner[key].read(key)
+
+    def release(self, key: str) -> None:
+        self._owner[key].release(key)
 
     def file_of(self, key: str) -> Path:
         return self._owner[key].path

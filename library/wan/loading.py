@@ -64,6 +64,20 @@ def _target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if WanModel.is_fp32_param(name) and dtype != torch.float64 else dtype
 
 
+def _materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dtype) -> torch.Tensor:
+    """Read one tensor, dequantise fp8, cast and move; a CPU tensor already in `dtype` stays a zero-copy
+    view of the mapped file, anything copied releases its mapped pages."""
+    source = ckpt.read(file_key)
+    if source.dtype in FP8_DTYPES:
+        scale_key = layout.scales.get(name)
+        tensor = dequantize(source.to(device), ckpt.read(scale_key) if scale_key else None, dtype)
+    else:
+        tensor = source.to(device=device, dtype=dtype)
+    if tensor.data_ptr() != source.data_ptr():
+        ckpt.release(file_key)
+    return tensor
+
+
 def load_dit(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
     task: str | None = None,
@@ -89,14 +103,7 @@ def load_dit(
                 f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape {list(ckpt.shape(file_key))}, "
                 f"expected {list(ref.shape)} for {variant.name}"
             )
-        tensor = ckpt.read(file_key).to(device)
-        target = _target_dtype(name, dtype)
-        if tensor.dtype in FP8_DTYPES:
-            scale_key = layout.scales.get(name)
-            scale = ckpt.read(scale_key) if scale_key else None
-            tensor = dequantize(tensor, scale, target)
-        state[name] = tensor.to(target)
-        del tensor
+        state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype))
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
     fp8 = " (fp8 dequantised)" if layout.scales or any(ckpt.dtype(k) in FP8_DTYPES for k in layout.key_map.values()) else ""

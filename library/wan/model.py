@@ -177,7 +177,7 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(dim, num_heads, eps, image_tokens)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))  # filled by WanModel.init_weights
 
     def forward(self, x, e0, context, rope, backend: str = "sdpa", split: bool = False, dtype=None):
         # x [B, L, C] fp32 residual stream; e0 [B, G, 6, C] fp32; context [B, Lc, C] in compute dtype
@@ -196,7 +196,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.head = nn.Linear(dim, out_features)
-        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 2, dim))
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, dtype) -> torch.Tensor:
         # x [B, L, C] fp32; e [B, G, C] fp32 (time embedding before the projection)
@@ -259,6 +259,27 @@ class WanModel(nn.Module):
         if v.image_embedding:
             self.img_emb = ImageEmbedding(v.clip_dim, v.dim)
         self._rope_cache: dict = {}
+        if not self.patch_embedding.weight.is_meta:  # on meta (before loading) there is nothing to fill
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The official from-scratch initialisation: xavier Linear / patch weights, zero biases, normal(0.02)
+        text and time MLPs, modulation ~ N(0, 1/dim), zero output head."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.view(self.variant.dim, -1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for mlp in (self.text_embedding, self.time_embedding):
+            for module in mlp:
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
+        for name, param in self.named_parameters():
+            if name.endswith("modulation"):
+                nn.init.normal_(param, std=self.variant.dim**-0.5)
+        nn.init.zeros_(self.head.head.weight)
 
     # ---- configuration ---------------------------------------------------------------------------
 
