@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
-from .dit_formats import FP8_DTYPES, dequantize, detect_variant, plan_dit_layout
+from .dit_formats import FP8_DTYPES, dequantize, describe_checkpoint, detect_variant, plan_dit_layout
 from .model import WanModel
 from .variants import get_variant
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_dit", "open_dit_checkpoint"]
+__all__ = ["CheckpointError", "load_dit", "load_text_encoder", "load_vae", "open_dit_checkpoint"]
 
 
 def _resolve_dit_path(path: Path) -> Path:
@@ -109,3 +110,116 @@ def load_dit(
     fp8 = " (fp8 dequantised)" if layout.scales or any(ckpt.dtype(k) in FP8_DTYPES for k in layout.key_map.values()) else ""
     logger.info("loaded %s from %s%s%s", variant.name, ckpt.source, " [diffusers names]" if layout.diffusers else "", fp8)
     return model
+
+
+# ---- VAE ------------------------------------------------------------------------------------------
+
+
+def _vae_kind(keys: list[str]) -> tuple[str, bool]:
+    """('2.1' | '2.2', diffusers names?) from key names alone."""
+    diffusers = any(k.startswith(("post_quant_conv.", "decoder.conv_in.")) for k in keys)
+    if diffusers:
+        nested = any(re.match(r"^encoder\.down_blocks\.\d+\.resnets\.", k) for k in keys)
+    else:
+        nested = any(re.match(r"^encoder\.downsamples\.\d+\.downsamples\.", k) for k in keys)
+    return ("2.2" if nested else "2.1"), diffusers
+
+
+def _vae_config(sd_shapes: dict[str, tuple], kind: str) -> dict:
+    """Constructor arguments of our VAE classes, inferred from official-named tensor shapes."""
+    dim = sd_shapes["encoder.conv1.weight"][0]
+    z_dim = sd_shapes["conv2.weight"][0]
+    if kind == "2.1":
+        res = sorted((int(m.group(1)), shape[0]) for k, shape in sd_shapes.items()
+                     if (m := re.match(r"^encoder\.downsamples\.(\d+)\.residual\.6\.weight$", k)))
+        resamples = sorted(int(m.group(1)) for k in sd_shapes if (m := re.match(r"^encoder\.downsamples\.(\d+)\.resample\.1\.weight$", k)))
+        temporal = [f"encoder.downsamples.{i}.time_conv.weight" in sd_shapes for i in resamples]
+        per_level = resamples[0] if resamples else len(res)
+        channels = [c for _, c in res][per_level - 1 :: per_level]
+        return dict(dim=dim, z_dim=z_dim, dim_mult=[c // dim for c in channels], num_res_blocks=per_level,
+                    temporal_downsample=temporal)
+    levels = sorted({int(m.group(1)) for k in sd_shapes if (m := re.match(r"^encoder\.downsamples\.(\d+)\.", k))})
+    per_level = len({m.group(1) for k in sd_shapes if (m := re.match(r"^encoder\.downsamples\.0\.downsamples\.(\d+)\.residual\.", k))})
+    channels = [sd_shapes[f"encoder.downsamples.{lv}.downsamples.{per_level - 1}.residual.6.weight"][0] for lv in levels]
+    temporal = [any(re.match(rf"^encoder\.downsamples\.{lv}\.downsamples\.\d+\.time_conv\.", k) for k in sd_shapes)
+                for lv in levels[:-1]]
+    dim_mult = [c // dim for c in channels]
+    return dict(dim=dim, decoder_dim=sd_shapes["decoder.conv1.weight"][0] // dim_mult[-1], z_dim=z_dim,
+                dim_mult=dim_mult, num_res_blocks=per_level, temporal_downsample=temporal)
+
+
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load the WAN 2.1 VAE (`Wan2.1_VAE.pth`, ComfyUI `wan_2.1_vae.safetensors`) or the WAN 2.2 VAE
+    (`Wan2.2_VAE.pth`, `wan2.2_vae.safetensors`), official or diffusers names; the kind is detected from
+    the keys. Returns `WanVAE` or `Wan22VAE` in eval mode, frozen, with `encode` / `decode`."""
+    from .vae import WanVAE, vae21_state_dict_from_diffusers
+    from .vae22 import Wan22VAE, vae22_state_dict_from_diffusers
+
+    ckpt = open_checkpoint(Path(path).expanduser())
+    keys = ckpt.keys()
+    prefix = next((p for p in ("first_stage_model.", "vae.") if all(k.startswith(p) for k in keys)), "")
+    what = describe_checkpoint(keys)
+    if what != "a WAN VAE":
+        raise CheckpointError(f"{ckpt.source}: this is {what}, not a WAN VAE; pass a WAN VAE file as `vae`")
+    kind, diffusers = _vae_kind([k[len(prefix):] for k in keys])
+    names = {k[len(prefix):]: k for k in keys}  # name without prefix -> file key
+    if diffusers:
+        convert = vae21_state_dict_from_diffusers if kind == "2.1" else vae22_state_dict_from_diffusers
+        names = convert(names)  # renames keys; the values (file keys) ride along
+    shapes = {name: ckpt.shape(file_key) for name, file_key in names.items()}
+    try:
+        config = _vae_config(shapes, kind)
+    except (KeyError, IndexError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{ckpt.source}: incomplete WAN {kind} VAE (cannot read its layout: {exc})") from None
+    with torch.device("meta"):
+        vae = (WanVAE if kind == "2.1" else Wan22VAE)(**config)
+    expected = vae.state_dict()
+    _check_keys(ckpt, expected, names, f"WAN {kind} VAE")
+    state = {}
+    for name, ref in expected.items():
+        if shapes[name] != tuple(ref.shape):
+            raise CheckpointError(f"{ckpt.source}: tensor {names[name]!r} has shape {list(shapes[name])}, expected {list(ref.shape)}")
+        state[name] = ckpt.read(names[name]).to(device=device, dtype=dtype)
+    vae.load_state_dict(state, strict=True, assign=True)
+    vae.to(device)  # the latent statistics buffers
+    logger.info("loaded WAN %s VAE from %s%s", kind, ckpt.source, " [diffusers names]" if diffusers else "")
+    return vae.requires_grad_(False).eval()
+
+
+# ---- text encoder ---------------------------------------------------------------------------------
+
+_TOKENIZER_CANDIDATES = ("google/umt5-xxl", "umt5-xxl", "tokenizer")
+
+
+def _find_tokenizer(t5_path: Path) -> Path:
+    folder = t5_path if t5_path.is_dir() else t5_path.parent
+    for candidate in _TOKENIZER_CANDIDATES:
+        if (folder / candidate).is_dir():
+            return folder / candidate
+    raise CheckpointError(
+        f"{t5_path}: no tokenizer given and none found beside it ({', '.join(_TOKENIZER_CANDIDATES)}); "
+        "pass the local google/umt5-xxl tokenizer folder (spiece.model or tokenizer.json)"
+    )
+
+
+def load_text_encoder(
+    path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+):
+    """Load umT5-XXL from the official `models_t5_umt5-xxl-enc-bf16.pth`, a ComfyUI / HF
+    `umt5_xxl_*.safetensors` (fp16, fp8, fp8_scaled) or an HF folder, plus the tokenizer from a local
+    folder (default: `google/umt5-xxl/` beside the weights). Returns a `WanTextEncoder` whose
+    `encode(prompts)` gives one [L_i, 4096] tensor per prompt."""
+    from .text_encoder import build_text_encoder
+
+    path = Path(path).expanduser()
+    ckpt = open_checkpoint(path)
+    what = describe_checkpoint(ckpt.keys())
+    if what not in ("a umT5 text encoder", "an unknown model"):
+        raise CheckpointError(f"{ckpt.source}: this is {what}, not a umT5 text encoder; pass it as `t5`")
+    tokenizer = Path(tokenizer_path).expanduser() if tokenizer_path else _find_tokenizer(path)
+    state = {k: ckpt.read(k) for k in ckpt.keys()}  # zero-copy views of the mapped file
+    try:
+        return build_text_encoder(state, tokenizer, device=device, dtype=dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{ckpt.source}: {exc}") from None

@@ -1,0 +1,49 @@
+"""Entry scripts run from a fresh clone and always import this repo's `library`, even when another
+package named `library` (sd-scripts installs one) comes first on the path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.fixture()
+def impostor_env(tmp_path):
+    """PYTHONPATH with a foreign `library` package first, as after `pip install sd-scripts`."""
+    fake = tmp_path / "site" / "library"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the wrong library package was imported')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    return env
+
+
+def run(args, env, cwd):
+    out = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_library_resolves_inside_the_repo(impostor_env, tmp_path):
+    code = ("import runpy, sys; sys.argv = ['x', '--help']; "
+            f"runpy.run_path({str(REPO / 'demo.py')!r}, run_name='not_main'); "
+            "import library; print(library.__file__)")
+    printed = run(["-c", code], impostor_env, tmp_path).strip().splitlines()[-1]
+    assert printed.startswith(str(REPO)), printed
+
+
+def test_demo_runs_end_to_end(impostor_env, tmp_path):
+    out = run([str(REPO / "demo.py"), "--output", str(tmp_path / "demo"), "--steps", "2"], impostor_env, tmp_path)
+    assert "wrote" in out
+    assert (tmp_path / "demo" / "sample.mp4").stat().st_size > 1000
+    assert (tmp_path / "demo" / "sample_frames.png").stat().st_size > 1000
+
+
+def test_loading_benchmark_runs_on_a_tiny_variant(impostor_env, tmp_path):
+    out = run([str(REPO / "tools" / "benchmark_loading.py"), "--variant", "t2v-tiny", "--repeats", "1",
+               "--dir", str(tmp_path)], impostor_env, tmp_path)
+    assert "load time / raw read" in out and "peak RSS / file size" in out
