@@ -1,0 +1,1 @@
+"""Training: the loop, flow matching, experts, optimizers, memory features, checkpoints, sampling, monitoring."""
