@@ -24,6 +24,7 @@ setup(
         # GPU-only attention kernels: never pulled by a plain install (each would bring its own torch).
         "gpu": ["xformers", "flash-attn", "sageattention"],
         # diffusers is the independent reference implementation the parity tests compare against.
-        "test": ["pytest>=7.4", "diffusers>=0.35"],
+        # peft backs diffusers' LoRA loading, used by the LoRA parity test.
+        "test": ["pytest>=7.4", "diffusers>=0.35", "peft>=0.17"],
     },
 )

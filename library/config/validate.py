@@ -1,0 +1,198 @@
+"""Cross-field rules of a TrainConfig. Every broken rule is collected, then raised as one ConfigError.
+
+Pure checks on values (no file is opened), so `--output_config` and tests can run them anywhere. The
+variant (from `library.wan.variants`, shapes and defaults only) decides what a task allows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from .coerce import ConfigError
+from .schema import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+_BACKENDS = ("sdpa", "flash_attn", "flash3", "xformers", "sage_attn")
+_A14B = "WAN 2.2 A14B tasks (t2v-A14B, i2v-A14B)"
+
+
+def _variant(cfg: TrainConfig, errors: list[str]):
+    from library.wan.variants import get_variant
+
+    try:
+        return get_variant(cfg.model.task)
+    except ValueError as exc:
+        errors.append(f"task: {exc}")
+        return None
+
+
+def _models(cfg: TrainConfig, variant, errors: list[str]) -> None:
+    m, mem = cfg.model, cfg.memory
+    if not m.dit:
+        errors.append("`dit` is required: the DiT checkpoint (for WAN 2.2 A14B, the low-noise expert)")
+    if not cfg.run.dataset_config:
+        errors.append("`dataset_config` is required: the dataset TOML")
+    if mem.fp8_scaled and not mem.fp8_base:
+        errors.append("`fp8_scaled` needs `fp8_base = true`")
+    if mem.gradient_checkpointing_cpu_offload and not mem.gradient_checkpointing:
+        errors.append("`gradient_checkpointing_cpu_offload` needs `gradient_checkpointing = true`")
+    if mem.blocks_to_swap > 0 and mem.offload_inactive_dit:
+        errors.append("`blocks_to_swap` and `offload_inactive_dit` cannot be used together: block swap already "
+                      "keeps most of each expert on the CPU; pick one")
+    if mem.offload_inactive_dit and not m.dit_high_noise:
+        errors.append("`offload_inactive_dit` needs two experts: set `dit_high_noise` too")
+    if variant is None:
+        return
+    if mem.blocks_to_swap >= variant.num_layers:
+        errors.append(f"`blocks_to_swap` = {mem.blocks_to_swap} must be less than the {variant.num_layers} "
+                      f"blocks of {variant.name}")
+    if m.dit_high_noise and not variant.two_experts:
+        errors.append(f"`dit_high_noise` is only for {_A14B}; task is {variant.name}")
+    if m.clip and not variant.image_embedding:
+        logger.warning("`clip` is only used by WAN 2.1 I2V (i2v-14B); it is ignored for %s", variant.name)
+
+
+def _experts(cfg: TrainConfig, variant, errors: list[str]) -> None:
+    net, both = cfg.network, bool(cfg.model.dit_high_noise)
+    high = {"shared_expert_lora": net.shared_expert_lora, "network_dim_high_noise": net.network_dim_high_noise,
+            "learning_rate_high_noise": cfg.optimizer.learning_rate_high_noise}
+    for name, value in high.items():
+        if value and not both:
+            errors.append(f"`{name}` needs both experts: set `dit_high_noise` (the {_A14B} high-noise expert)")
+    if net.shared_expert_lora and (net.network_dim_high_noise or cfg.optimizer.learning_rate_high_noise):
+        errors.append("`shared_expert_lora` trains one LoRA for both experts: remove `network_dim_high_noise` "
+                      "and `learning_rate_high_noise`")
+    if cfg.timesteps.timestep_boundary is not None and variant is not None and not variant.two_experts:
+        errors.append(f"`timestep_boundary` is only for {_A14B}; task is {variant.name}")
+    p = cfg.loop.i2v_probability
+    if not 0.0 <= p <= 1.0:
+        errors.append(f"`i2v_probability` = {p} must be between 0 and 1")
+    elif p > 0 and variant is not None and variant.model_type != "ti2v":
+        errors.append(f"`i2v_probability` is only for TI2V tasks (ti2v-5B); task is {variant.name}")
+
+
+def _timesteps(cfg: TrainConfig, variant, errors: list[str]) -> None:
+    t = cfg.timesteps
+    lo, hi = t.min_timestep, t.max_timestep
+    for name, value in (("min_timestep", lo), ("max_timestep", hi)):
+        if not 0 <= value <= 1000:
+            errors.append(f"`{name}` = {value} must be within 0-1000")
+    if lo >= hi:
+        errors.append(f"`min_timestep` ({lo}) must be less than `max_timestep` ({hi})")
+    boundary = t.timestep_boundary
+    if boundary is not None and not 0.0 < boundary < 1.0:
+        errors.append(f"`timestep_boundary` = {boundary} must be strictly between 0 and 1 (or 0 and 1000)")
+    if boundary is None and variant is not None:
+        boundary = variant.boundary
+    if cfg.model.dit_high_noise and boundary and lo < hi:
+        if hi <= boundary * 1000:
+            errors.append(f"`max_timestep` = {hi} is at or below the expert boundary ({boundary * 1000:g}): "
+                          "the high-noise expert would never train; drop `dit_high_noise` or raise it")
+        if lo >= boundary * 1000:
+            errors.append(f"`min_timestep` = {lo} is at or above the expert boundary ({boundary * 1000:g}): "
+                          "the low-noise expert would never train")
+    for name in ("discrete_flow_shift", "sigmoid_scale", "logit_std", "mode_scale"):
+        if getattr(t, name) <= 0:
+            errors.append(f"`{name}` = {getattr(t, name)} must be greater than 0")
+
+
+def _attention(cfg: TrainConfig, errors: list[str]) -> None:
+    chosen = [name for name in _BACKENDS if getattr(cfg.attention, name)]
+    if len(chosen) > 1:
+        errors.append(f"more than one attention backend is set ({', '.join(chosen)}); keep one")
+
+
+def _check_network_args(cfg: TrainConfig, errors: list[str]) -> None:
+    net = cfg.network
+    try:
+        module = importlib.import_module(net.network_module)
+    except ImportError as exc:
+        errors.append(f"`network_module` = {net.network_module!r} cannot be imported ({exc})")
+        return
+    checker = getattr(module, "check_network_args", None)
+    if checker is not None:
+        errors.extend(f"network_args: {msg}" for msg in checker(net.network_args))
+
+
+def _network(cfg: TrainConfig, errors: list[str]) -> None:
+    net = cfg.network
+    if net.network_module == "networks.lora":
+        errors.append("`network_module` = 'networks.lora' is the generic module; use 'networks.lora_wan'")
+    else:
+        _check_network_args(cfg, errors)
+    if net.network_dim < 1:
+        errors.append(f"`network_dim` = {net.network_dim} must be 1 or more")
+    if net.network_alpha < 0:
+        errors.append(f"`network_alpha` = {net.network_alpha} must be 0 or more (0 means alpha = rank)")
+    if not 0.0 <= net.network_dropout < 1.0:
+        errors.append(f"`network_dropout` = {net.network_dropout} must be in [0, 1)")
+    if net.dim_from_weights and not net.network_weights:
+        errors.append("`dim_from_weights` needs `network_weights`")
+    if net.base_weights_multiplier and len(net.base_weights_multiplier) != len(net.base_weights):
+        errors.append(f"`base_weights_multiplier` has {len(net.base_weights_multiplier)} values for "
+                      f"{len(net.base_weights)} `base_weights` files")
+
+
+def _steps_or_ratio(name: str, value, errors: list[str]) -> None:
+    if isinstance(value, float) and not 0.0 < value < 1.0:
+        errors.append(f"`{name}` = {value}: give an int number of steps or a float ratio below 1 (e.g. 0.05)")
+    elif value < 0:
+        errors.append(f"`{name}` = {value} must be 0 or more")
+
+
+def _optimizer(cfg: TrainConfig, errors: list[str]) -> None:
+    opt, sch = cfg.optimizer, cfg.scheduler
+    if opt.learning_rate <= 0:
+        errors.append(f"`learning_rate` = {opt.learning_rate} must be greater than 0")
+    if not opt.optimizer_type.strip():
+        errors.append("`optimizer_type` is empty")
+    _steps_or_ratio("lr_warmup_steps", sch.lr_warmup_steps, errors)
+    _steps_or_ratio("lr_decay_steps", sch.lr_decay_steps, errors)
+    if sch.lr_scheduler_num_cycles < 1:
+        errors.append(f"`lr_scheduler_num_cycles` = {sch.lr_scheduler_num_cycles} must be 1 or more")
+    ratio = sch.lr_scheduler_min_lr_ratio
+    if not 0.0 <= ratio <= 1.0:
+        errors.append(f"`lr_scheduler_min_lr_ratio` = {ratio} must be between 0 and 1")
+    if sch.lr_warmup_steps and sch.lr_scheduler == "constant":
+        logger.warning("`lr_warmup_steps` is set but `lr_scheduler` is 'constant'; use 'constant_with_warmup'")
+
+
+# 0 means off / default for these; a negative value is a mistake
+_NON_NEGATIVE = ("blocks_to_swap", "max_train_epochs", "save_every_n_epochs", "save_every_n_steps",
+                 "save_last_n_epochs", "save_last_n_steps", "save_last_n_epochs_state", "save_last_n_steps_state",
+                 "sample_every_n_steps", "sample_every_n_epochs", "validate_every_n_steps",
+                 "lr_scheduler_timescale", "compile_cache_size_limit", "network_dim_high_noise",
+                 "learning_rate_high_noise", "scale_weight_norms", "max_grad_norm", "max_data_loader_n_workers")
+
+
+def _loop(cfg: TrainConfig, errors: list[str]) -> None:
+    loop = cfg.loop
+    if loop.max_train_steps < 1:
+        errors.append(f"`max_train_steps` = {loop.max_train_steps} must be 1 or more")
+    if loop.gradient_accumulation_steps < 1:
+        errors.append(f"`gradient_accumulation_steps` = {loop.gradient_accumulation_steps} must be 1 or more")
+    for name in _NON_NEGATIVE:
+        if cfg.get(name) < 0:
+            errors.append(f"`{name}` = {cfg.get(name)} must be 0 or more (0 turns it off)")
+    s = cfg.sampling
+    if (s.sample_every_n_steps or s.sample_every_n_epochs or s.sample_at_first) and not s.sample_prompts:
+        errors.append("sampling is requested but `sample_prompts` (the prompt file) is not set")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check the cross-field rules; raise one ConfigError listing every problem, else return cfg."""
+    errors: list[str] = []
+    variant = _variant(cfg, errors)
+    _models(cfg, variant, errors)
+    _experts(cfg, variant, errors)
+    _timesteps(cfg, variant, errors)
+    _attention(cfg, errors)
+    _network(cfg, errors)
+    _optimizer(cfg, errors)
+    _loop(cfg, errors)
+    if errors:
+        where = f" ({cfg.run.config_file})" if cfg.run.config_file else ""
+        raise ConfigError(f"invalid training config{where}:\n  - " + "\n  - ".join(errors))
+    return cfg
