@@ -1,0 +1,306 @@
+"""The parts a training run is assembled from, built from a `TrainConfig`: the accelerator, the run's
+identity (seed, output folder, dtypes), the cached data, the experts with their LoRA networks, and the
+optimisation state (optimizer, schedule, gradient averaging, saving and restoring).
+
+Kept apart from `trainer.py` so that the loop stays one screen and each piece is testable alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from library.config.schema import TrainConfig
+from library.wan.loading import load_dit
+from library.wan.variants import WanVariant
+
+from .experts import Expert, boundary_of, expert_ranges, make_samplers
+from .flow_matching import TimestepSampler
+from .optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+BASE_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SAVE_DTYPES = {None: torch.float32, "float": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+               "bf16": torch.bfloat16}
+
+
+@dataclass
+class RunState:
+    """Where the run is; saved with every state and restored on resume."""
+
+    seed: int = 0
+    global_step: int = 0
+    epoch: int = 0  # completed epochs
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed (at the last optimizer step)
+    started_at: float = field(default_factory=time.time)
+
+    def info(self, cfg: TrainConfig) -> dict:
+        return {**asdict(self), "task": cfg.model.task, "output_name": cfg.saving.output_name}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    seed: int
+    output_dir: Path
+    output_name: str
+    base_dtype: torch.dtype
+    save_dtype: torch.dtype
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    log_with = cfg.logging.log_with or ("tensorboard" if cfg.logging.logging_dir else None)
+    if log_with == "all":
+        log_with = "all"
+    project_dir = cfg.logging.logging_dir or None
+    acc = Accelerator(mixed_precision=cfg.loop.mixed_precision, log_with=log_with, project_dir=project_dir)
+    if log_with:
+        name = cfg.logging.log_tracker_name or "network_train"
+        init = {"wandb": {"name": cfg.logging.wandb_run_name}} if cfg.logging.wandb_run_name else {}
+        acc.init_trackers(name, init_kwargs=init)
+    return acc
+
+
+def resolve_run(cfg: TrainConfig, accelerator) -> RunInfo:
+    seed = cfg.loop.seed if cfg.loop.seed is not None else random.SystemRandom().randrange(1 << 31)
+    output_dir = Path(cfg.saving.output_dir or "output").expanduser()
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return RunInfo(seed=seed, output_dir=output_dir, output_name=cfg.saving.output_name or "wan_lora",
+                   base_dtype=BASE_DTYPES[cfg.loop.mixed_precision],
+                   save_dtype=SAVE_DTYPES[cfg.saving.save_precision])
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+
+class _Batches(torch.utils.data.Dataset):
+    """This process's share of the epoch's batches; item i is a collated batch."""
+
+    def __init__(self, datasets, batches, collate):
+        self.datasets, self.batches, self.collate = datasets, batches, collate
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.collate([self.datasets[d][j] for d, j in self.batches[i]])
+
+
+@dataclass
+class TrainData:
+    datasets: list
+    seed: int
+    rank: int
+    world: int
+    workers: int
+    batches_per_epoch: int = 0
+
+    def epoch_batches(self, epoch: int) -> list:
+        from library.data.datasets import make_batches
+
+        batches = make_batches(self.datasets, self.seed, epoch)
+        usable = len(batches) - len(batches) % self.world  # every process takes the same number of steps
+        return batches[self.rank:usable:self.world]
+
+    def loader(self, epoch: int, skip: int = 0):
+        from library.data.datasets import collate
+
+        batches = self.epoch_batches(epoch)[skip:]
+        return torch.utils.data.DataLoader(_Batches(self.datasets, batches, collate), batch_size=None,
+                                           shuffle=False, num_workers=self.workers)
+
+
+def build_data(cfg: TrainConfig, variant: WanVariant, accelerator) -> TrainData:
+    from library.data.dataset_config import load_dataset_config
+    from library.data.datasets import build_train_datasets
+
+    if not cfg.run.dataset_config:
+        raise ValueError("dataset_config is not set: pass the dataset TOML (--dataset_config)")
+    datasets = build_train_datasets(load_dataset_config(cfg.run.dataset_config), cfg.model.task)
+    for ds in datasets:
+        ds.check_caches()
+    workers = min(cfg.loop.max_data_loader_n_workers, os.cpu_count() or 1)
+    seed = cfg.loop.seed if cfg.loop.seed is not None else 0
+    data = TrainData(datasets, seed, accelerator.process_index, accelerator.num_processes, workers)
+    data.batches_per_epoch = len(data.epoch_batches(0))
+    if data.batches_per_epoch == 0:
+        raise ValueError(f"{cfg.run.dataset_config}: not enough cached items for one batch per process")
+    return data
+
+
+# ---- experts and networks ---------------------------------------------------------------------------
+
+
+def _attach_network(expert: Expert, cfg: TrainConfig, share_with: Expert | None = None) -> None:
+    """Create the expert's LoRA through the Kohya entry point (WAN targets and default excludes), tie it
+    to `share_with` for a shared LoRA, or start it from `network_weights`; then attach the hooks."""
+    from networks import lora_wan
+
+    n = cfg.network
+    if n.network_weights and n.dim_from_weights and share_with is None:
+        net, weights = lora_wan.create_network_from_weights(1.0, n.network_weights, None, None, expert.model,
+                                                            **n.network_args)
+        net.load_weights(weights)
+        expert.network_dim = max(lo.lora_dim for lo in net.loras)
+    else:
+        alpha = n.network_alpha or expert.network_dim
+        net = lora_wan.create_network(1.0, expert.network_dim, alpha, None, None, expert.model,
+                                      neuron_dropout=n.network_dropout, **n.network_args)
+        if share_with is not None:  # one LoRA for both experts: the same Parameters on both models
+            for mine, theirs in zip(net.loras, share_with.network.loras):
+                mine.lora_down.weight, mine.lora_up.weight = theirs.lora_down.weight, theirs.lora_up.weight
+        elif n.network_weights:
+            net.load_weights(n.network_weights)
+    net.apply_to()
+    expert.network = net
+
+
+def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device) -> list[Expert]:
+    m, t = cfg.model, cfg.timesteps
+    paths = {"low_noise": m.dit, "high_noise": m.dit_high_noise} if variant.two_experts else {"dit": m.dit}
+    paths = {k: v for k, v in paths.items() if v}
+    if not paths:
+        raise ValueError(f"no DiT checkpoint: set `dit`{' and/or `dit_high_noise`' if variant.two_experts else ''}")
+    boundary = boundary_of(variant, t.timestep_boundary)
+    configured = (t.min_timestep, t.max_timestep) != (0, 1000)
+    ranges = expert_ranges(variant, boundary, "low_noise" in paths, "high_noise" in paths,
+                           t.min_timestep if configured else None, t.max_timestep if configured else None)
+    samplers = make_samplers(base_sampler(cfg), ranges)
+    experts = []
+    for name, path in paths.items():
+        model = load_dit(path, device=device, dtype=info.base_dtype, task=m.task)
+        model.set_attention_backend(cfg.attention.attention_backend, cfg.attention.split_attn)
+        model.enable_gradient_checkpointing(cfg.memory.gradient_checkpointing)
+        high = name == "high_noise"
+        experts.append(Expert(
+            name=name, model=model, sampler=samplers[name],
+            learning_rate=(cfg.optimizer.learning_rate_high_noise if high and cfg.optimizer.learning_rate_high_noise
+                           else cfg.optimizer.learning_rate),
+            network_dim=(cfg.network.network_dim_high_noise if high and cfg.network.network_dim_high_noise
+                         else cfg.network.network_dim),
+        ))
+    for i, expert in enumerate(experts):
+        _attach_network(expert, cfg, experts[0] if cfg.network.shared_expert_lora and i else None)
+        logger.info("expert %s: %s, timesteps %g-%g, lr %g, rank %d", expert.name, expert.model.variant.name,
+                    expert.sampler.min_timestep, expert.sampler.max_timestep, expert.learning_rate, expert.network_dim)
+    return experts
+
+
+def base_sampler(cfg: TrainConfig) -> TimestepSampler:
+    t = cfg.timesteps
+    return TimestepSampler(
+        method=t.timestep_sampling, shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
+        logit_mean=t.logit_mean, logit_std=t.logit_std, mode_scale=t.mode_scale,
+        weighting_scheme=t.weighting_scheme,
+        min_timestep=0.0 if t.min_timestep is None else float(t.min_timestep),
+        max_timestep=1000.0 if t.max_timestep is None else float(t.max_timestep),
+        preserve_distribution_shape=t.preserve_distribution_shape,
+    )
+
+
+# ---- optimisation -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Optimization:
+    experts: list[Expert]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    trainable: list[torch.nn.Parameter]
+    base_sampler: TimestepSampler
+    boundary: float | None
+    total_steps: int
+    offload_inactive: bool
+    device: torch.device
+
+    def activate(self, expert: Expert) -> None:
+        """With `offload_inactive_dit`, only the expert in use sits on the accelerator."""
+        if not self.offload_inactive or len(self.experts) == 1:
+            return
+        for other in self.experts:
+            target = self.device if other is expert else torch.device("cpu")
+            if next(other.model.parameters()).device != target:
+                other.model.to(target)
+
+    def average_gradients(self, accelerator) -> None:
+        """Mean of the LoRA gradients over processes, in one collective."""
+        if accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+        offset = 0
+        for p, g in zip(self.trainable, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+
+    def save_lora(self, expert: Expert, path: Path, cfg: TrainConfig, variant: WanVariant, state: RunState) -> None:
+        meta = build_lora_metadata(cfg, variant, expert, state)
+        expert.network.save_weights(path, dtype=SAVE_DTYPES[cfg.saving.save_precision], metadata=meta,
+                                    fmt=cfg.saving.save_lora_format)
+        logger.info("saved %s", path)
+
+    def state_payload(self, state: RunState) -> dict:
+        return {
+            "run_state": asdict(state),
+            "networks": {e.name: e.network.state_dict() for e in self.experts},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_payload(self, payload: dict) -> None:
+        for expert in self.experts:
+            expert.network.load_state_dict(payload["networks"][expert.name])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+
+
+def build_lora_metadata(cfg: TrainConfig, variant: WanVariant, expert: Expert, state: RunState) -> dict:
+    from library.config import config_to_dict
+    from networks.lora_wan import build_lora_metadata as wan_metadata
+
+    s, n = cfg.saving, cfg.network
+    return wan_metadata(
+        variant.name, variant.version, expert=None if expert.name == "dit" else expert.name,
+        network_dim=expert.network_dim, network_alpha=n.network_alpha or expert.network_dim,
+        network_args=n.network_args, output_name=s.output_name, training_started_at=state.started_at,
+        steps=state.global_step, epoch=state.epoch, learning_rate=expert.learning_rate, seed=state.seed,
+        title=s.metadata_title, author=s.metadata_author,
+        description=s.metadata_description, license=s.metadata_license, tags=s.metadata_tags,
+        training_comment=s.training_comment, minimal=s.no_metadata,
+        extra={"ss_training_config": json.dumps(config_to_dict(cfg), default=str)},
+    )
+
+
+def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData, accelerator) -> Optimization:
+    groups, seen = [], set()
+    for expert in experts:
+        for group in expert.network.prepare_optimizer_params(expert.learning_rate):
+            params = [p for p in group["params"] if id(p) not in seen]  # shared LoRA: once
+            seen.update(id(p) for p in params)
+            if params:
+                groups.append({**group, "params": params})
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(groups, cfg.optimizer.optimizer_type, cfg.optimizer.learning_rate,
+                                cfg.optimizer.optimizer_args)
+    steps_per_epoch = math.ceil(data.batches_per_epoch / cfg.loop.gradient_accumulation_steps)
+    total = cfg.loop.max_train_epochs * steps_per_epoch if cfg.loop.max_train_epochs else cfg.loop.max_train_steps
+    s = cfg.scheduler
+    scheduler = build_scheduler(optimizer, s.lr_scheduler, total, s.lr_warmup_steps, s.lr_scheduler_num_cycles,
+                                s.lr_scheduler_power, s.lr_scheduler_min_lr_ratio or 0.0, s.lr_scheduler_type,
+                                s.lr_scheduler_args)
+    optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16
+    logger.info("%d trainable LoRA tensors, %d steps (%d per epoch)", len(trainable), total, steps_per_epoch)
+    return Optimization(experts, optimizer, scheduler, trainable, base_sampler(cfg),
+                        boundary_of(experts[0].model.variant, cfg.timesteps.timestep_boundary), total,
+                        cfg.memory.offload_inactive_dit, accelerator.device)

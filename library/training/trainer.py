@@ -1,0 +1,229 @@
+"""The LoRA training run: `setup`, `train`, `save`, `cleanup`.
+
+    for each optimizer step:
+        expert  <- the expert owning one draw of the timestep distribution   (experts.py)
+        sigma, noise ~ per-sample generators keyed by (seed, step, sample)  (reproducible, resumable)
+        x_t     = (1 - sigma) x0 + sigma noise;  target = noise - x0         (flow_matching.py)
+        loss    = mean((DiT(x_t, 1000 sigma, text, y) - target)^2)           (+ I2V / TI2V conditioning)
+        backward, average gradients across processes, clip, step, schedule
+
+Randomness never comes from a shared stream: every draw is keyed by the seed and the position in the
+run, so a resumed run continues with exactly the numbers the uninterrupted run would have used, and a
+2-process run sees the same per-sample noise as 1 process on the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import replace
+
+import torch
+
+from library.config import save_config
+from library.config.schema import TrainConfig
+from library.wan.variants import get_variant
+
+from . import checkpoint as ckpt
+from .conditioning import i2v_condition, ti2v_condition
+from .experts import pick_expert
+from .flow_matching import add_noise
+from .logs import LossLog
+from .components import RunState, build_data, build_experts, build_optimization, make_accelerator, resolve_run
+
+logger = logging.getLogger(__name__)
+MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from the run seed and a position (step, micro-step, sample, purpose)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.variant = get_variant(cfg.model.task)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.setup()
+        try:
+            self.train()
+        except KeyboardInterrupt:
+            logger.warning("interrupted: saving the training state before exiting")
+            self.save(kind="interrupt")
+            return 130
+        finally:
+            self.cleanup()
+        return 0
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.accelerator = make_accelerator(cfg)
+        self.device = self.accelerator.device
+        self.run_info = resolve_run(cfg, self.accelerator)  # seed, output dir/name, dtype
+        self.data = build_data(cfg, self.variant, self.accelerator)
+        self.experts = build_experts(cfg, self.variant, self.run_info, self.device)
+        self.opt = build_optimization(cfg, self.experts, self.data, self.accelerator)
+        self.state = RunState(seed=self.run_info.seed)
+        if cfg.saving.resume:
+            self._resume(cfg.saving.resume)
+        self.data.seed = self.state.seed
+        self.committed = replace(self.state)  # the state as of the last optimizer step
+        if self.is_main:
+            save_config(cfg, self.run_info.output_dir / f"{self.run_info.output_name}_config.toml")
+        self.log = LossLog(self.run_info.output_dir, resume_step=self.state.global_step) if self.is_main else None
+        self.bad_steps = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        total, accum = self.opt.total_steps, self.cfg.loop.gradient_accumulation_steps
+        bar = tqdm(total=total, initial=self.state.global_step, disable=not self.is_main, desc="steps")
+        while self.state.global_step < total:
+            loader = self.data.loader(self.state.epoch, skip=self.state.batch_in_epoch)
+            for batch in loader:
+                loss = self.micro_step(batch)
+                self.state.batch_in_epoch += 1
+                if self.state.batch_in_epoch % accum and self.state.batch_in_epoch < self.data.batches_per_epoch:
+                    continue
+                self.optimizer_step()
+                self.after_step(loss, bar)
+                if self.state.global_step >= total:
+                    break
+            else:
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                self.after_epoch()
+        bar.close()
+        self.save(kind="final")
+
+    def micro_step(self, batch: dict) -> float:
+        """Forward and backward of one batch; returns the loss (NaN when the batch was skipped)."""
+        st, cfg = self.state, self.cfg
+        pos = (st.seed, st.global_step, st.batch_in_epoch % cfg.loop.gradient_accumulation_steps)
+        expert = pick_expert(self.experts, self.opt.base_sampler, self.opt.boundary, generator(*pos, "expert"))
+        self.opt.activate(expert)
+        torch.manual_seed(derive_seed(*pos, "dropout"))  # LoRA dropout: reproducible per step
+        loss = self.loss(batch, expert, pos)
+        if not torch.isfinite(loss):
+            self._bad_batch(batch, loss)
+            return float("nan")
+        self.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
+        self.bad_steps = 0
+        return loss.item()
+
+    def loss(self, batch: dict, expert, pos: tuple) -> torch.Tensor:
+        """The flow-matching loss of one batch on one expert (the maths of the module docstring)."""
+        dev = self.device
+        x0 = batch["latents"].to(dev, torch.float32)  # [B, z, T, h, w]
+        b = x0.shape[0]
+        first = self.accelerator.process_index * b  # global index of this process's first sample
+        gens = [generator(*pos, "sample", first + i) for i in range(b)]
+        sigma = torch.cat([expert.sampler.sample(1, g) for g in gens]).to(dev)  # [B]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)
+        x_t, target = add_noise(x0, noise, sigma)
+        timestep, y, mask = sigma * 1000.0, None, None
+        if self.variant.is_i2v:
+            y = i2v_condition(batch["image_latents"].to(dev, torch.float32))
+        elif self.variant.model_type == "ti2v" and self.cfg.loop.i2v_probability > 0:
+            use_image = torch.tensor([torch.rand(1, generator=g).item() < self.cfg.loop.i2v_probability for g in gens])
+            x_t, timestep, mask = ti2v_condition(x0, x_t, sigma, use_image.to(dev), self.variant.patch_size)
+        context = [c.to(dev) for c in batch["context"]]
+        with self.accelerator.autocast():
+            pred = expert.model(x_t, timestep, context, y=y)  # [B, z, T, h, w] fp32
+        err = (pred.float() - target) ** 2
+        if mask is not None:
+            per_sample = (err * mask).sum(dim=(1, 2, 3, 4)) / (mask.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel())
+        else:
+            per_sample = err.mean(dim=(1, 2, 3, 4))
+        return (per_sample * expert.sampler.loss_weight(sigma.cpu()).to(dev)).mean()
+
+    def optimizer_step(self) -> None:
+        opt = self.opt
+        opt.average_gradients(self.accelerator)
+        if self.cfg.optimizer.max_grad_norm:
+            self.accelerator.clip_grad_norm_(opt.trainable, self.cfg.optimizer.max_grad_norm)
+        opt.optimizer.step()
+        opt.scheduler.step()
+        opt.optimizer.zero_grad(set_to_none=True)
+        self.state.global_step += 1
+        self.committed = replace(self.state)
+
+    def after_step(self, loss: float, bar) -> None:
+        st, saving = self.state, self.cfg.saving
+        lr = self.opt.scheduler.get_last_lr()[0]
+        if self.is_main:
+            avg = self.log.add(st.global_step, st.epoch, loss, lr)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", avg=f"{avg:.4f}", lr=f"{lr:.2e}")
+            self.accelerator.log({"loss/current": loss, "loss/average": avg, "lr": lr}, step=st.global_step)
+        if saving.save_every_n_steps and st.global_step % saving.save_every_n_steps == 0:
+            self.save(kind="step")
+
+    def after_epoch(self) -> None:
+        every = self.cfg.saving.save_every_n_epochs
+        if every and self.state.epoch % every == 0 and self.state.global_step < self.opt.total_steps:
+            self.save(kind="epoch")
+
+    def _bad_batch(self, batch: dict, loss: torch.Tensor) -> None:
+        self.bad_steps += 1
+        logger.error("non-finite loss %s at step %d on items %s: step skipped", loss.item(),
+                     self.state.global_step, ", ".join(batch["keys"]))
+        self.opt.optimizer.zero_grad(set_to_none=True)
+        if self.bad_steps >= MAX_BAD_STEPS:
+            raise NonFiniteLossError(
+                f"{self.bad_steps} non-finite losses in a row (last on {', '.join(batch['keys'])}); the last good "
+                "state is saved; lower the learning rate or check those items, then resume"
+            )
+
+    # ---- saving and resuming ------------------------------------------------------------------------
+
+    def save(self, kind: str) -> None:
+        """kind: step, epoch, final or interrupt. LoRA files on the main process, state if asked."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return
+        st, saving, info = self.committed, self.cfg.saving, self.run_info
+        step = st.global_step if kind in ("step", "interrupt") else None
+        epoch = st.epoch if kind == "epoch" else None
+        if kind != "interrupt":
+            for expert in self.experts:
+                path = ckpt.lora_path(info.output_dir, info.output_name, expert.suffix, epoch, step)
+                self.opt.save_lora(expert, path, self.cfg, self.variant, st)
+            suffixes = tuple(e.suffix for e in self.experts)
+            ckpt.prune(info.output_dir, info.output_name, "step", saving.save_last_n_steps, suffixes)
+            ckpt.prune(info.output_dir, info.output_name, "epoch", saving.save_last_n_epochs, suffixes)
+        want_state = saving.save_state or kind == "interrupt" or (kind == "final" and saving.save_state_on_train_end)
+        if want_state:
+            folder = ckpt.state_dir(info.output_dir, info.output_name, epoch, step)
+            ckpt.save_state(folder, self.opt.state_payload(st), st.info(self.cfg))
+            ckpt.prune(info.output_dir, info.output_name, "step-state", saving.save_last_n_steps_state)
+            ckpt.prune(info.output_dir, info.output_name, "epoch-state", saving.save_last_n_epochs_state)
+
+    def _resume(self, where: str) -> None:
+        payload = ckpt.load_state(where, self.run_info.output_dir, self.run_info.output_name)
+        self.opt.load_state_payload(payload)
+        self.state = RunState(**payload["run_state"])
+        logger.info("resumed at step %d (epoch %d, batch %d)", self.state.global_step, self.state.epoch,
+                    self.state.batch_in_epoch)
