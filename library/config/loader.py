@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from . import keys as K
 from .coerce import ConfigError, coerce_value, type_name
+from .presets import apply_preset
 from .schema import FIELD_GROUP, GROUPS, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,9 @@ def coerce_field(name: str, value: Any, source: str) -> Any:
 
 
 def config_from_values(values: dict[str, Any]) -> TrainConfig:
-    """Already-coerced flat values -> the nested frozen config (absent fields keep their defaults)."""
+    """Already-coerced flat values -> the nested frozen config (absent fields keep their defaults). A
+    `preset` fills the keys it covers that are not set explicitly."""
+    values = apply_preset(values)
     grouped: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
     for name, value in values.items():
         grouped[FIELD_GROUP[name]][name] = value
