@@ -1,0 +1,77 @@
+"""The start-of-run report: the dataset and the settings compared with the training guide's tables.
+
+It never changes a setting; it prints what it sees and warns where the run disagrees with the guide
+(sample count against the goal's minimum, rank against dataset size, epochs and total steps, learning
+rate against the goal's range).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from library.config.presets import LR_RANGE, MINIMUM_SAMPLES
+
+logger = logging.getLogger(__name__)
+
+# (lowest sample count, rank range, epoch range) rows of the guide's tables
+RANK_BY_SIZE = [(800, (96, 128)), (400, (64, 96)), (200, (48, 64)), (100, (32, 48)), (0, (16, 32))]
+EPOCHS_BY_SIZE = [(800, (8, 12)), (400, (10, 15)), (200, (12, 18)), (0, (15, 20))]
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    images: int
+    clips: int
+    network_dim: int
+    epochs: int
+    total_steps: int
+    learning_rate: float
+    preset: str = ""
+
+
+def _row(table, samples):
+    return next(value for lowest, value in table if samples >= lowest)
+
+
+def report(facts: RunFacts) -> tuple[list[str], list[str]]:
+    """(lines describing the run, warnings)."""
+    samples = facts.images + facts.clips
+    rank_lo, rank_hi = _row(RANK_BY_SIZE, samples)
+    ep_lo, ep_hi = _row(EPOCHS_BY_SIZE, samples)
+    lines = [
+        f"dataset: {samples} samples ({facts.images} images, {facts.clips} clips)",
+        f"rank {facts.network_dim} (guide for {samples} samples: {rank_lo}-{rank_hi}), {facts.epochs} epochs "
+        f"(guide: {ep_lo}-{ep_hi}), {facts.total_steps} steps, learning rate {facts.learning_rate:g}",
+    ]
+    warnings = []
+    if facts.preset in MINIMUM_SAMPLES:
+        min_images, min_clips = MINIMUM_SAMPLES[facts.preset]
+        enough = facts.clips >= min_clips or (min_images is not None and facts.images >= min_images)
+        if not enough:
+            need = f"{min_images} images or {min_clips} clips" if min_images else f"{min_clips} clips"
+            warnings.append(f"{facts.preset}: the guide's minimum is {need}; this dataset has {facts.images} images "
+                            f"and {facts.clips} clips. Expect weak results; collect more (2-3x, then filter)")
+        lr_lo, lr_hi = LR_RANGE[facts.preset]
+        if not lr_lo <= facts.learning_rate <= lr_hi:
+            warnings.append(f"learning rate {facts.learning_rate:g} is outside the guide's {lr_lo:g}-{lr_hi:g} "
+                            f"for {facts.preset}")
+    if facts.network_dim > rank_hi * 1.5:
+        warnings.append(f"rank {facts.network_dim} is high for {samples} samples (guide: {rank_lo}-{rank_hi}): "
+                        "high rank on little data overfits (memorised poses)")
+    elif facts.network_dim < rank_lo / 2:
+        warnings.append(f"rank {facts.network_dim} is low for {samples} samples (guide: {rank_lo}-{rank_hi}): "
+                        "the LoRA may undertrain")
+    if facts.epochs > ep_hi * 1.5:
+        warnings.append(f"{facts.epochs} epochs is many for {samples} samples (guide: {ep_lo}-{ep_hi}); the best "
+                        "checkpoint is often at 60-80% of training: save every 500-1000 steps and compare")
+    return lines, warnings
+
+
+def log_report(facts: RunFacts) -> list[str]:
+    lines, warnings = report(facts)
+    for line in lines:
+        logger.info(line)
+    for warning in warnings:
+        logger.warning(warning)
+    return warnings
