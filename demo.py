@@ -1,86 +1,76 @@
-"""CPU smoke demo of the WAN model family: tiny random-weight models written in the official formats,
-loaded through the real loaders, a prompt encoded, a short clip denoised and decoded.
+"""The end-to-end demo on the CPU: train a LoRA on a tiny WAN 2.2-architecture model (two experts, random
+weights written in the official formats) from a synthetic captioned dataset, with the real tools:
 
-    python demo.py [--task t2v-tiny|ti2v-tiny] [--output demo_output] [--steps 8]
+    1. tiny models and a dataset of clips and stills  (library/wan/tiny.py, library/prep/demo_dataset.py)
+    2. tools/cache_latents.py, tools/cache_text_encoder_outputs.py
+    3. train_network_wan.py --config_file demo_output/demo_lora.toml
 
-Writes OUTPUT/models/ (the tiny checkpoints), OUTPUT/sample.mp4 and OUTPUT/sample_frames.png. The
-weights are random, so the video is structured noise: the point is that every stage runs end to end.
+    python demo.py [--output demo_output] [--steps 60]
+
+Outputs land in OUTPUT/train/: one LoRA per expert (`demo_lora_high_noise.safetensors`,
+`demo_lora_low_noise.safetensors`), step checkpoints, loss.csv and loss.png, the resolved config.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # our `library`, not sd-scripts' package of that name
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from library.wan.loading import load_dit, load_text_encoder, load_vae  # noqa: E402
-from library.wan.tiny import write_tiny_model_set  # noqa: E402
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))  # our `library`, not sd-scripts' package of that name
 
 
-def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """The WAN inference schedule: linspace(1, 0) shifted by s*sigma / (1 + (s-1)*sigma), ending at 0."""
-    sigma = torch.linspace(1.0, 0.0, steps + 1)
-    return shift * sigma / (1 + (shift - 1) * sigma)
+def run(args: list[str], what: str) -> None:
+    print(f"\n== {what}: {' '.join(Path(a).name if a.endswith('.py') else a for a in args)}", flush=True)
+    subprocess.run([sys.executable, *args], check=True)
 
 
-def write_outputs(video: torch.Tensor, folder: Path, fps: int) -> None:
-    import cv2
-
-    frames = ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()  # [F, H, W, 3]
-    height, width = frames.shape[1:3]
-    writer = cv2.VideoWriter(str(folder / "sample.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    for frame in frames:
-        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-    writer.release()
-    sheet = np.concatenate(list(frames), axis=1)  # frames side by side
-    cv2.imwrite(str(folder / "sample_frames.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+def write_training_toml(path: Path, models, dataset: Path, out: Path, steps: int) -> Path:
+    path.write_text(
+        "# Written by demo.py: a flat TOML as the Kohya GUIs write it.\n"
+        'task = "t2v-tiny"\n'
+        f'dit = "{models.dit.as_posix()}"\n'
+        f'dit_high_noise = "{models.dit_high_noise.as_posix()}"\n'
+        f'dataset_config = "{dataset.as_posix()}"\n'
+        f'output_dir = "{out.as_posix()}"\n'
+        'output_name = "demo_lora"\n'
+        'network_module = "networks.lora_wan"\n'
+        "network_dim = 8\nnetwork_alpha = 8\n"
+        'optimizer_type = "AdamW"\nlearning_rate = 2e-3\n'
+        'lr_scheduler = "cosine_with_restarts"\nlr_scheduler_num_cycles = 2\nlr_warmup_steps = 0.05\n'
+        f"max_train_steps = {steps}\nsave_every_n_steps = {max(1, steps // 2)}\nsave_state = true\n"
+        'timestep_sampling = "shift"\ndiscrete_flow_shift = 3.0\n'
+        'mixed_precision = "no"\ngradient_checkpointing = true\nseed = 42\nmax_data_loader_n_workers = 0\n'
+    )
+    return path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", default="t2v-tiny", choices=["t2v-tiny", "i2v-tiny", "ti2v-tiny"])
     parser.add_argument("--output", default="demo_output")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--prompt", default="a golden cat walks slowly over a red field at sunset")
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     start = time.perf_counter()
-    out = Path(args.output)
-    models = write_tiny_model_set(out / "models", args.task)
-    dit = load_dit(models.dit, task=args.task)
-    vae = load_vae(models.vae)
-    t5 = load_text_encoder(models.t5, models.tokenizer, dtype=torch.float32)
-    variant = dit.variant
-    width, height = variant.resolution
-    frames = variant.num_frames
-    (context,) = t5.encode([args.prompt])
-    print(f"prompt -> {tuple(context.shape)} text tokens; {variant.describe()}")
+    out = Path(args.output).resolve()
 
-    gen = torch.Generator().manual_seed(42)
-    t_lat, h_lat, w_lat = 1 + (frames - 1) // 4, height // vae.spatial_stride, width // vae.spatial_stride
-    latents = torch.randn(1, vae.z_dim, t_lat, h_lat, w_lat, generator=gen)  # [B, z, T, h, w]
-    y = None
-    if variant.is_i2v:  # condition on a gradient image as the first frame (mask + image latent)
-        image = torch.linspace(-1, 1, width).expand(1, 3, 1, height, width)
-        clip = torch.cat([image, torch.zeros(1, 3, frames - 1, height, width)], dim=2)
-        mask = torch.zeros(1, 4, t_lat, h_lat, w_lat)
-        mask[:, :, 0] = 1
-        with torch.no_grad():
-            y = torch.cat([mask, vae.encode(clip)], dim=1)
-    sigmas = flow_sigmas(args.steps, variant.flow_shift)
-    with torch.no_grad():
-        for i in range(args.steps):  # Euler over the flow: x <- x + (sigma_next - sigma) * v
-            flow = dit(latents, (sigmas[i] * 1000).expand(1), [context], y=y)
-            latents = latents + (sigmas[i + 1] - sigmas[i]) * flow
-        video = vae.decode(latents)  # [1, 3, F, H, W] in [-1, 1]
-    write_outputs(video, out, variant.fps)
-    print(f"wrote {out / 'sample.mp4'} and {out / 'sample_frames.png'} ({tuple(video.shape)}) "
-          f"in {time.perf_counter() - start:.1f} s")
+    from library.prep.demo_dataset import write_demo_dataset
+    from library.wan.tiny import write_tiny_model_set
+
+    models = write_tiny_model_set(out / "models", "t2v-tiny")
+    dataset = write_demo_dataset(out / "dataset", clips=8, images=8, width=64, height=64, frames=17)
+    print(f"tiny models in {out / 'models'}, dataset in {dataset.parent}")
+    run([str(REPO / "tools" / "cache_latents.py"), "--dataset_config", str(dataset), "--vae", str(models.vae),
+         "--task", "t2v-tiny", "--no_progress"], "cache latents")
+    run([str(REPO / "tools" / "cache_text_encoder_outputs.py"), "--dataset_config", str(dataset), "--t5",
+         str(models.t5), "--tokenizer", str(models.tokenizer), "--task", "t2v-tiny", "--no_progress"],
+        "cache text encoder outputs")
+    toml = write_training_toml(out / "demo_lora.toml", models, dataset, out / "train", args.steps)
+    run([str(REPO / "train_network_wan.py"), "--config_file", str(toml)], "train")
+    loras = sorted(p.name for p in (out / "train").glob("demo_lora_*noise.safetensors"))
+    print(f"\ndone in {time.perf_counter() - start:.0f} s: {', '.join(loras)}; loss curve {out / 'train' / 'loss.png'}")
     return 0
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from library.guide import LR_RANGE, MINIMUM_SAMPLES  # noqa: F401  (re-exported for callers)
+
 logger = logging.getLogger(__name__)
 
 _SCHEDULE = {"lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3, "lr_warmup_steps": 0.05}
@@ -28,16 +30,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "motion": {"network_dim": 128, "network_alpha": 128.0, "learning_rate": 8e-5, "max_train_epochs": 25, **_SCHEDULE},
     "domain": {"network_dim": 96, "network_alpha": 96.0, "learning_rate": 1e-4, "max_train_epochs": 12, **_SCHEDULE},
 }
-
-# The guide's minimum dataset per goal: (images, clips); None where the guide names clips only.
-MINIMUM_SAMPLES: dict[str, tuple[int | None, int]] = {
-    "character": (150, 30), "style": (None, 200), "motion": (None, 300), "domain": (None, 400),
-}
-# Learning-rate range per goal.
-LR_RANGE: dict[str, tuple[float, float]] = {
-    "character": (1e-4, 2e-4), "style": (8e-5, 1.5e-4), "motion": (5e-5, 1e-4), "domain": (8e-5, 1.2e-4),
-}
-
 
 def apply_preset(values: dict[str, Any]) -> dict[str, Any]:
     """Fill the preset's keys that `values` (the explicitly set, coerced keys) does not set. Logs what it

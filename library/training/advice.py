@@ -10,14 +10,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from library.config.presets import LR_RANGE, MINIMUM_SAMPLES
+from library.guide import EPOCHS_BY_SIZE, LR_RANGE, MINIMUM_SAMPLES, RANK_BY_SIZE, row_for
 
 logger = logging.getLogger(__name__)
-
-# (lowest sample count, rank range, epoch range) rows of the guide's tables
-RANK_BY_SIZE = [(800, (96, 128)), (400, (64, 96)), (200, (48, 64)), (100, (32, 48)), (0, (16, 32))]
-EPOCHS_BY_SIZE = [(800, (8, 12)), (400, (10, 15)), (200, (12, 18)), (0, (15, 20))]
-
 
 @dataclass(frozen=True)
 class RunFacts:
@@ -30,15 +25,11 @@ class RunFacts:
     preset: str = ""
 
 
-def _row(table, samples):
-    return next(value for lowest, value in table if samples >= lowest)
-
-
 def report(facts: RunFacts) -> tuple[list[str], list[str]]:
     """(lines describing the run, warnings)."""
     samples = facts.images + facts.clips
-    rank_lo, rank_hi = _row(RANK_BY_SIZE, samples)
-    ep_lo, ep_hi = _row(EPOCHS_BY_SIZE, samples)
+    rank_lo, rank_hi = row_for(RANK_BY_SIZE, samples)
+    ep_lo, ep_hi = row_for(EPOCHS_BY_SIZE, samples)
     lines = [
         f"dataset: {samples} samples ({facts.images} images, {facts.clips} clips)",
         f"rank {facts.network_dim} (guide for {samples} samples: {rank_lo}-{rank_hi}), {facts.epochs} epochs "

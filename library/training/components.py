@@ -60,10 +60,10 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     log_with = cfg.logging.log_with or ("tensorboard" if cfg.logging.logging_dir else None)
-    if log_with == "all":
-        log_with = "all"
     project_dir = cfg.logging.logging_dir or None
-    acc = Accelerator(mixed_precision=cfg.loop.mixed_precision, log_with=log_with, project_dir=project_dir)
+    # several processes without CUDA: data parallel on the CPU over gloo (accelerate needs cpu=True for it)
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(mixed_precision=cfg.loop.mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu)
     if log_with:
         name = cfg.logging.log_tracker_name or "network_train"
         init = {"wandb": {"name": cfg.logging.wandb_run_name}} if cfg.logging.wandb_run_name else {}
@@ -87,14 +87,14 @@ def resolve_run(cfg: TrainConfig, accelerator) -> RunInfo:
 class _Batches(torch.utils.data.Dataset):
     """This process's share of the epoch's batches; item i is a collated batch."""
 
-    def __init__(self, datasets, batches, collate):
-        self.datasets, self.batches, self.collate = datasets, batches, collate
+    def __init__(self, datasets, batches, collate, epoch: int):
+        self.datasets, self.batches, self.collate, self.epoch = datasets, batches, collate, epoch
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, i):
-        return self.collate([self.datasets[d][j] for d, j in self.batches[i]])
+        return self.collate([self.datasets[d].get(j, self.epoch) for d, j in self.batches[i]])
 
 
 @dataclass
@@ -105,6 +105,21 @@ class TrainData:
     world: int
     workers: int
     batches_per_epoch: int = 0
+    validation: list = field(default_factory=list)  # validation datasets (may be empty)
+
+    def sample_counts(self) -> tuple[int, int]:
+        """(images, clips) over the training datasets, repeats not counted."""
+        images = sum(item.is_image for ds in self.datasets for item in ds.items)
+        return images, sum(len(ds.items) for ds in self.datasets) - images
+
+    def validation_batches(self) -> list[dict]:
+        """Every validation item in bucket-pure batches, in a fixed order (epoch 0, no shuffling effects)."""
+        from library.data.datasets import collate, make_batches
+
+        if not self.validation:
+            return []
+        batches = sorted(make_batches(self.validation, 0, 0))
+        return [collate([self.validation[d].get(j, 0) for d, j in batch]) for batch in batches]
 
     def epoch_batches(self, epoch: int) -> list:
         from library.data.datasets import make_batches
@@ -117,22 +132,26 @@ class TrainData:
         from library.data.datasets import collate
 
         batches = self.epoch_batches(epoch)[skip:]
-        return torch.utils.data.DataLoader(_Batches(self.datasets, batches, collate), batch_size=None,
+        return torch.utils.data.DataLoader(_Batches(self.datasets, batches, collate, epoch), batch_size=None,
                                            shuffle=False, num_workers=self.workers)
 
 
-def build_data(cfg: TrainConfig, variant: WanVariant, accelerator) -> TrainData:
+def build_data(cfg: TrainConfig, variant: WanVariant, accelerator, seed: int) -> TrainData:
     from library.data.dataset_config import load_dataset_config
     from library.data.datasets import build_train_datasets
 
     if not cfg.run.dataset_config:
         raise ValueError("dataset_config is not set: pass the dataset TOML (--dataset_config)")
-    datasets = build_train_datasets(load_dataset_config(cfg.run.dataset_config), cfg.model.task)
+    datasets = build_train_datasets(load_dataset_config(cfg.run.dataset_config), cfg.model.task, seed=seed)
     for ds in datasets:
         ds.check_caches()
     workers = min(cfg.loop.max_data_loader_n_workers, os.cpu_count() or 1)
-    seed = cfg.loop.seed if cfg.loop.seed is not None else 0
     data = TrainData(datasets, seed, accelerator.process_index, accelerator.num_processes, workers)
+    config = load_dataset_config(cfg.run.dataset_config)
+    if config.validation:
+        data.validation = build_train_datasets(config, cfg.model.task, validation=True, seed=seed)
+        for ds in data.validation:
+            ds.check_caches()
     data.batches_per_epoch = len(data.epoch_batches(0))
     if data.batches_per_epoch == 0:
         raise ValueError(f"{cfg.run.dataset_config}: not enough cached items for one batch per process")

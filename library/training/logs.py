@@ -11,6 +11,7 @@ import csv
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class LossLog:
-    """Appends one CSV row per optimizer step (and per validation run) and redraws the curve."""
+    """Appends one CSV row per optimizer step (and per validation run) and redraws the curve at most
+    every `plot_seconds` (and after each validation, and when asked)."""
 
-    def __init__(self, folder: str | os.PathLike, ema: float = 0.98, plot_every: int = 10, resume_step: int = 0):
+    def __init__(self, folder: str | os.PathLike, ema: float = 0.98, plot_seconds: float = 30.0, resume_step: int = 0):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.folder / "loss.csv"
         self.png_path = self.folder / "loss.png"
-        self.ema, self.plot_every = ema, plot_every
+        self.ema, self.plot_seconds, self._plotted = ema, plot_seconds, 0.0
         self.rows: list[dict] = self._read_existing(resume_step)
         self._avg = self.rows[-1]["avg_loss"] if self.rows else None
         self._rewrite()
@@ -67,7 +69,7 @@ class LossLog:
         self.rows.append(row)
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(row)
-        if kind != "train" or step % self.plot_every == 0:
+        if kind != "train" or time.monotonic() - self._plotted >= self.plot_seconds:
             self.plot()
         return row["avg_loss"]
 
@@ -78,6 +80,7 @@ class LossLog:
         val = [r for r in self.rows if r["kind"] != "train" and math.isfinite(r["loss"])]
         if not train:
             return
+        self._plotted = time.monotonic()
         canvas = np.full((height, width, 3), 255, np.uint8)
         left, right, top, bottom = 70, 20, 30, 40
         steps = [r["step"] for r in train + val]

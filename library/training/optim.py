@@ -93,7 +93,7 @@ def _lambda(name: str, warmup: int, total: int, cycles: float, power: float, min
         "linear": lambda s: warm(s) or floor(1 - progress(s)),
         "cosine": lambda s: warm(s) or floor(0.5 * (1 + math.cos(math.pi * progress(s)))),
         "cosine_with_restarts": lambda s: warm(s) or (
-            1.0 if progress(s) >= 1.0 else floor(0.5 * (1 + math.cos(math.pi * ((cycles * progress(s)) % 1.0))))
+            floor(0.0) if progress(s) >= 1.0 else floor(0.5 * (1 + math.cos(math.pi * ((cycles * progress(s)) % 1.0))))
         ),
         "polynomial": lambda s: warm(s) or floor((1 - progress(s)) ** power),
     }

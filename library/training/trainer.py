@@ -9,13 +9,14 @@
 
 Randomness never comes from a shared stream: every draw is keyed by the seed and the position in the
 run, so a resumed run continues with exactly the numbers the uninterrupted run would have used, and a
-2-process run sees the same per-sample noise as 1 process on the same global batch.
+2-process run draws the same noise for each item as 1 process on the same global batch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import replace
 
 import torch
@@ -28,11 +29,14 @@ from . import checkpoint as ckpt
 from .conditioning import i2v_condition, ti2v_condition
 from .experts import pick_expert
 from .flow_matching import add_noise
+from .advice import RunFacts, log_report
 from .logs import LossLog
+from .monitor import LossMonitor
 from .components import RunState, build_data, build_experts, build_optimization, make_accelerator, resolve_run
 
 logger = logging.getLogger(__name__)
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
+VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels of the validation loss
 
 
 def derive_seed(*parts) -> int:
@@ -72,18 +76,28 @@ class Trainer:
         cfg = self.cfg
         self.accelerator = make_accelerator(cfg)
         self.device = self.accelerator.device
-        self.run_info = resolve_run(cfg, self.accelerator)  # seed, output dir/name, dtype
-        self.data = build_data(cfg, self.variant, self.accelerator)
+        self.run_info = resolve_run(cfg, self.accelerator)  # seed, output dir/name, dtypes
+        payload = None
+        if cfg.saving.resume:
+            payload = ckpt.load_state(cfg.saving.resume, self.run_info.output_dir, self.run_info.output_name)
+            self.run_info = replace(self.run_info, seed=payload["run_state"]["seed"])  # continue the same run
+        self.state = RunState(seed=self.run_info.seed)
+        self.data = build_data(cfg, self.variant, self.accelerator, self.run_info.seed)
+        torch.manual_seed(derive_seed(self.run_info.seed, "init"))  # LoRA initialisation depends only on the seed
         self.experts = build_experts(cfg, self.variant, self.run_info, self.device)
         self.opt = build_optimization(cfg, self.experts, self.data, self.accelerator)
-        self.state = RunState(seed=self.run_info.seed)
-        if cfg.saving.resume:
-            self._resume(cfg.saving.resume)
-        self.data.seed = self.state.seed
+        if payload is not None:
+            self.opt.load_state_payload(payload)
+            self.state = RunState(**payload["run_state"])
+            logger.info("resumed at step %d (epoch %d, batch %d)", self.state.global_step, self.state.epoch,
+                        self.state.batch_in_epoch)
         self.committed = replace(self.state)  # the state as of the last optimizer step
+        self.log = LossLog(self.run_info.output_dir, resume_step=self.state.global_step) if self.is_main else None
+        self.monitor = LossMonitor(self.opt.total_steps, self.run_info.output_dir if self.is_main else None)
+        if self.is_main:
+            self._report()
         if self.is_main:
             save_config(cfg, self.run_info.output_dir / f"{self.run_info.output_name}_config.toml")
-        self.log = LossLog(self.run_info.output_dir, resume_step=self.state.global_step) if self.is_main else None
         self.bad_steps = 0
 
     @property
@@ -116,6 +130,8 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 self.after_epoch()
         bar.close()
+        if self.is_main:
+            self.log.plot()
         self.save(kind="final")
 
     def micro_step(self, batch: dict) -> float:
@@ -124,8 +140,9 @@ class Trainer:
         pos = (st.seed, st.global_step, st.batch_in_epoch % cfg.loop.gradient_accumulation_steps)
         expert = pick_expert(self.experts, self.opt.base_sampler, self.opt.boundary, generator(*pos, "expert"))
         self.opt.activate(expert)
-        torch.manual_seed(derive_seed(*pos, "dropout"))  # LoRA dropout: reproducible per step
+        self._seed_dropout(derive_seed(*pos, "dropout"))
         loss = self.loss(batch, expert, pos)
+        self.last_keys = batch["keys"]
         if not torch.isfinite(loss):
             self._bad_batch(batch, loss)
             return float("nan")
@@ -133,14 +150,24 @@ class Trainer:
         self.bad_steps = 0
         return loss.item()
 
-    def loss(self, batch: dict, expert, pos: tuple) -> torch.Tensor:
-        """The flow-matching loss of one batch on one expert (the maths of the module docstring)."""
+    def _seed_dropout(self, seed: int) -> None:
+        """LoRA dropout reproducible per step. Not torch.manual_seed: on a machine without CUDA initialised
+        it queues a lazy CUDA seeding call with a formatted stack trace every time (about 2 ms)."""
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
+    def loss(self, batch: dict, expert, pos: tuple, sigma: float | None = None) -> torch.Tensor:
+        """The flow-matching loss of one batch on one expert (the maths of the module docstring); a fixed
+        `sigma` replaces the sampled noise levels (validation)."""
         dev = self.device
         x0 = batch["latents"].to(dev, torch.float32)  # [B, z, T, h, w]
-        b = x0.shape[0]
-        first = self.accelerator.process_index * b  # global index of this process's first sample
-        gens = [generator(*pos, "sample", first + i) for i in range(b)]
-        sigma = torch.cat([expert.sampler.sample(1, g) for g in gens]).to(dev)  # [B]
+        keys = batch["keys"]  # draws keyed by item, not by position: any process split sees the same numbers
+        gens = [generator(*pos, "sample", key, keys[:i].count(key)) for i, key in enumerate(keys)]
+        if sigma is None:
+            sigma = torch.cat([expert.sampler.sample(1, g) for g in gens]).to(dev)  # [B]
+        else:
+            sigma = torch.full((len(keys),), float(sigma), device=dev)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)
         x_t, target = add_noise(x0, noise, sigma)
         timestep, y, mask = sigma * 1000.0, None, None
@@ -165,6 +192,7 @@ class Trainer:
         if self.cfg.optimizer.max_grad_norm:
             self.accelerator.clip_grad_norm_(opt.trainable, self.cfg.optimizer.max_grad_norm)
         opt.optimizer.step()
+        self.last_lr = opt.scheduler.get_last_lr()[0]  # the rate this step used
         opt.scheduler.step()
         opt.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
@@ -172,12 +200,16 @@ class Trainer:
 
     def after_step(self, loss: float, bar) -> None:
         st, saving = self.state, self.cfg.saving
-        lr = self.opt.scheduler.get_last_lr()[0]
+        lr = self.last_lr
         if self.is_main:
             avg = self.log.add(st.global_step, st.epoch, loss, lr)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", avg=f"{avg:.4f}", lr=f"{lr:.2e}")
             self.accelerator.log({"loss/current": loss, "loss/average": avg, "lr": lr}, step=st.global_step)
+            self.monitor.update(st.global_step, loss, self.last_keys)
+        every = self.cfg.loop.validate_every_n_steps
+        if every and self.data.validation and st.global_step % every == 0:
+            self.validate()
         if saving.save_every_n_steps and st.global_step % saving.save_every_n_steps == 0:
             self.save(kind="step")
 
@@ -196,6 +228,47 @@ class Trainer:
                 f"{self.bad_steps} non-finite losses in a row (last on {', '.join(batch['keys'])}); the last good "
                 "state is saved; lower the learning rate or check those items, then resume"
             )
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss over the validation items at fixed noise levels and fixed noise: comparable across
+        steps and runs. Each level goes to the expert that owns it."""
+        total, count = 0.0, 0
+        for expert in self.experts:
+            expert.network.eval()
+        for sigma_index, sigma in enumerate(VALIDATION_SIGMAS):
+            owner = self._owner(sigma)
+            self.opt.activate(owner)
+            for batch in self.val_batches:
+                total += self.loss(batch, owner, (self.state.seed, "validation", sigma_index), sigma).item()
+                count += 1
+        for expert in self.experts:
+            expert.network.train()
+        value = total / max(1, count)
+        if self.is_main:
+            self.log.add(self.state.global_step, self.state.epoch, value, self.last_lr, kind="val")
+            self.accelerator.log({"loss/validation": value}, step=self.state.global_step)
+            self.monitor.update_validation(self.state.global_step, value)
+        return value
+
+    def _owner(self, sigma: float):
+        if len(self.experts) == 1:
+            return self.experts[0]
+        name = "high_noise" if sigma >= self.opt.boundary else "low_noise"
+        return next((e for e in self.experts if e.name == name), self.experts[0])
+
+    @property
+    def val_batches(self) -> list[dict]:
+        if not hasattr(self, "_val_batches"):
+            self._val_batches = self.data.validation_batches()
+        return self._val_batches
+
+    def _report(self) -> None:
+        images, clips = self.data.sample_counts()
+        epochs = self.cfg.loop.max_train_epochs or math.ceil(
+            self.opt.total_steps * self.cfg.loop.gradient_accumulation_steps / self.data.batches_per_epoch)
+        log_report(RunFacts(images, clips, self.experts[0].network_dim, epochs, self.opt.total_steps,
+                            self.cfg.optimizer.learning_rate, self.cfg.run.preset))
 
     # ---- saving and resuming ------------------------------------------------------------------------
 
@@ -220,10 +293,3 @@ class Trainer:
             ckpt.save_state(folder, self.opt.state_payload(st), st.info(self.cfg))
             ckpt.prune(info.output_dir, info.output_name, "step-state", saving.save_last_n_steps_state)
             ckpt.prune(info.output_dir, info.output_name, "epoch-state", saving.save_last_n_epochs_state)
-
-    def _resume(self, where: str) -> None:
-        payload = ckpt.load_state(where, self.run_info.output_dir, self.run_info.output_name)
-        self.opt.load_state_payload(payload)
-        self.state = RunState(**payload["run_state"])
-        logger.info("resumed at step %d (epoch %d, batch %d)", self.state.global_step, self.state.epoch,
-                    self.state.batch_in_epoch)

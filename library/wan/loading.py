@@ -81,7 +81,7 @@ def _materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dty
 
 def load_dit(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-    task: str | None = None,
+    task: str | None = None, fp8=None,
 ) -> WanModel:
     """Load a WAN DiT from an official, ComfyUI, diffusers, fp8 or fp8_scaled checkpoint.
 
@@ -89,7 +89,15 @@ def load_dit(
     from tensor shapes; with `task` given, a checkpoint of another variant is an error naming both.
     Modulation, norms and the time MLPs are kept in fp32 whatever `dtype` is. The model comes back in
     eval mode with every parameter frozen.
+
+    `fp8` (a `library.wan.fp8.FP8Config`) keeps the block Linear weights in fp8 (`fp8_base`): fp8 files
+    are used as stored, others are quantised while loading; the model then computes in `dtype`.
+    Without it, fp8 files are dequantised to `dtype`.
     """
+    if fp8 is not None:
+        from .fp8 import load_dit_fp8
+
+        return load_dit_fp8(path, device=device, dtype=dtype, task=task, config=fp8)
     ckpt, layout, variant = open_dit_checkpoint(path, task)
     with torch.device("meta"):
         model = WanModel(variant)

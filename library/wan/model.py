@@ -241,6 +241,9 @@ class WanModel(nn.Module):
         self.split_attn = False
         self.gradient_checkpointing = False
         self.compute_dtype: torch.dtype | None = None  # None: the dtype of the Linear weights
+        # Optional object whose `run(index, block, args, run_block)` runs each block in place of a direct
+        # call (memory features: block swap, activation offload); None runs the blocks directly.
+        self.block_runner = None
         # 1. Patch, text and time embeddings
         self.patch_embedding = nn.Conv3d(v.in_dim, v.dim, kernel_size=v.patch_size, stride=v.patch_size)
         self.text_embedding = nn.Sequential(
@@ -361,6 +364,12 @@ class WanModel(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, c, F, pt, H, ph, W, pw]
         return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
 
+    def run_block(self, block: WanBlock, args: tuple) -> torch.Tensor:
+        """One block, checkpointed when gradient checkpointing is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     # ---- forward ------------------------------------------------------------------------------------
 
     def forward(
@@ -386,11 +395,11 @@ class WanModel(nn.Module):
         e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
         ctx = self._context(context, clip_fea, dtype)
         rope = self._rope(grid, x.device)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             args = (x, e0, ctx, rope, self.attention_backend, self.split_attn, dtype)
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, *args, use_reentrant=False)
+            if self.block_runner is not None:
+                x = self.block_runner.run(i, block, args, self.run_block)
             else:
-                x = block(*args)
+                x = self.run_block(block, args)
         out = self.head(x, e, dtype)  # [B, L, pt*ph*pw*out_dim]
         return self._unpatchify(out.float(), grid)

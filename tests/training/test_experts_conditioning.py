@@ -85,7 +85,7 @@ def test_state_save_load_latest_and_prune(tmp_path):
 
 
 def test_loss_log_csv_png_and_resume(tmp_path):
-    log = LossLog(tmp_path, plot_every=5)
+    log = LossLog(tmp_path, plot_seconds=0)
     for step in range(1, 21):
         log.add(step, 0, 1.0 / step, 1e-4)
     log.add(20, 0, 0.3, 1e-4, kind="val")

@@ -1,0 +1,197 @@
+"""Cache files: names, fingerprints, atomic safetensors / JSON writes and staleness checks.
+
+Layout inside a dataset's `cache_directory`:
+  `{item_key}_{wan21|wan22}.safetensors`   latents [z, T, h, w] bf16 (+ image_latents for I2V tasks)
+  `t5/{caption_hash}_t5.safetensors`        t5 [L, d] bf16 at the true token length
+  `skipped_{wan21|wan22}_r{rank}.json`      items the latent cacher skipped, with reasons
+Every safetensors file carries string metadata (see `latent_metadata` / `text_metadata`) that records
+the fingerprints of its source and settings; a cache whose fingerprints do not match the current
+source and config is stale and is rebuilt (caching) or refused (training), never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+LATENT_FORMAT = "wan-trainer-latents/1"
+TEXT_FORMAT = "wan-trainer-t5/1"
+STORE_DTYPE = torch.bfloat16  # halves disk and read time; training upcasts to float32 in `collate`
+HEAD_BYTES = 1 << 20
+
+
+def vae_tag(vae_kind: str) -> str:
+    return {"2.1": "wan21", "2.2": "wan22"}[vae_kind]
+
+
+def latent_cache_path(cache_dir: Path, item_key: str, vae_kind: str) -> Path:
+    return Path(cache_dir) / f"{item_key}_{vae_tag(vae_kind)}.safetensors"
+
+
+def clean_caption(caption: str) -> str:
+    """The text the encoder really sees (the official WAN prompt cleaning)."""
+    from library.wan.text_encoder import clean_prompt
+
+    return clean_prompt(caption)
+
+
+def caption_hash(caption: str) -> str:
+    """Hash of the cleaned caption: the text-cache file name, shared by identical captions."""
+    return hashlib.sha256(clean_caption(caption).encode("utf-8")).hexdigest()[:32]
+
+
+def text_cache_path(cache_dir: Path, caption: str) -> Path:
+    return Path(cache_dir) / "t5" / f"{caption_hash(caption)}_t5.safetensors"
+
+
+def skip_list_path(cache_dir: Path, vae_kind: str, rank: int) -> Path:
+    return Path(cache_dir) / f"skipped_{vae_tag(vae_kind)}_r{rank}.json"
+
+
+# ---- fingerprints ---------------------------------------------------------------------------------
+
+
+def file_head_sha256(path: Path, nbytes: int = HEAD_BYTES) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read(nbytes)).hexdigest()
+
+
+def source_fingerprint(path: Path) -> dict:
+    """size, mtime and a hash of the first MB; a frame folder is summarised over its files."""
+    path = Path(path)
+    if path.is_dir():
+        from .video_io import frame_files
+
+        files = frame_files(path)
+        stats = [f.stat() for f in files]
+        digest = hashlib.sha256("\n".join(f.name for f in files).encode())
+        if files:
+            digest.update(file_head_sha256(files[0]).encode())
+        return {"size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0),
+                "sha256_1mb": digest.hexdigest()}
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_1mb": file_head_sha256(path)}
+
+
+def source_matches(recorded: dict, path: Path) -> bool:
+    """Same size and (same mtime, or the same first-MB hash when only the mtime moved)."""
+    try:
+        path = Path(path)
+        if path.is_dir():
+            return source_fingerprint(path) == recorded
+        stat = path.stat()
+    except OSError:
+        return False
+    if stat.st_size != recorded.get("size"):
+        return False
+    return stat.st_mtime_ns == recorded.get("mtime_ns") or file_head_sha256(path) == recorded.get("sha256_1mb")
+
+
+def settings_json(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
+
+
+# ---- atomic writes and reads ----------------------------------------------------------------------
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, then rename: a killed run never leaves half a file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_json_atomic(data, path: Path) -> None:
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8"))
+
+
+def read_metadata(path: Path) -> dict | None:
+    """The safetensors metadata, or None when the file is missing or unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = dict(handle.metadata() or {})
+            meta["__keys__"] = ",".join(sorted(handle.keys()))
+            return meta
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not a usable cache
+        return None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# ---- latent caches --------------------------------------------------------------------------------
+
+
+def latent_metadata(item, settings: dict, vae_hash: str, source_fp: dict) -> dict[str, str]:
+    return {
+        "format": LATENT_FORMAT, "item_key": item.key, "source_path": str(item.media_path),
+        "source_fingerprint": json.dumps(source_fp, sort_keys=True), "caption_source": item.caption_source,
+        "settings": settings_json(settings),
+        "settings_hash": hashlib.sha256(settings_json(settings).encode()).hexdigest()[:16],
+        "vae_sha256_1mb": vae_hash, "dtype": str(STORE_DTYPE).replace("torch.", ""),
+    }
+
+
+def latent_cache_problem(path: Path, item, settings: dict, *, need_image_latents: bool,
+                         vae_hash: str | None = None) -> str | None:
+    """None when the cache at `path` is fresh for `item`, else why it cannot be used."""
+    meta = read_metadata(path)
+    if meta is None:
+        return "missing" if not Path(path).exists() else "unreadable (corrupt or partial file)"
+    if meta.get("format") != LATENT_FORMAT:
+        return f"written by another tool or format ({meta.get('format')!r})"
+    if meta.get("settings") != settings_json(settings):
+        return f"settings changed (cached {meta.get('settings')}, now {settings_json(settings)})"
+    if not source_matches(json.loads(meta.get("source_fingerprint", "{}")), item.media_path):
+        return f"source {item.media_path} changed since it was cached"
+    if vae_hash is not None and meta.get("vae_sha256_1mb") != vae_hash:
+        return "cached with a different VAE file"
+    if need_image_latents and "image_latents" not in meta["__keys__"].split(","):
+        return "has no image_latents (cached for a non-I2V task)"
+    return None
+
+
+# ---- text caches ----------------------------------------------------------------------------------
+
+
+def text_metadata(caption: str, encoder_fp: str, length: int) -> dict[str, str]:
+    return {"format": TEXT_FORMAT, "caption": clean_caption(caption), "caption_hash": caption_hash(caption),
+            "encoder_fingerprint": encoder_fp, "length": str(length)}
+
+
+def text_cache_problem(path: Path, caption: str, encoder_fp: str | None = None) -> str | None:
+    """None when the text cache is fresh for `caption` (and `encoder_fp` when given)."""
+    meta = read_metadata(path)
+    if meta is None:
+        return "missing" if not Path(path).exists() else "unreadable (corrupt or partial file)"
+    if meta.get("format") != TEXT_FORMAT or meta.get("caption") != clean_caption(caption):
+        return "holds another caption or format"
+    if encoder_fp is not None and meta.get("encoder_fingerprint") != encoder_fp:
+        return "encoded with a different text encoder or tokenizer"
+    return None

@@ -1,0 +1,54 @@
+"""Command-line pieces shared by the two caching tools: the musubi-compatible flags, the process split
+under `accelerate launch`, and running a caching function with a summary and an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dataset_config", required=True, help="dataset TOML (musubi-tuner schema)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the process's accelerator, else cpu)")
+    parser.add_argument("--batch_size", type=int, default=None, help="items (or captions) encoded together")
+    parser.add_argument("--num_workers", type=int, default=2, help="threads decoding media ahead of the VAE")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="accepted for musubi compatibility: fresh caches are always reused, stale ones rebuilt")
+    parser.add_argument("--strict", action="store_true", help="fail on the first skipped file instead of reporting it")
+    parser.add_argument("--task", default=None, help="WAN task (t2v-A14B, i2v-A14B, ti2v-5B, ...): target fps and VAE checks")
+    parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+    return parser
+
+
+def process_split(device: str | None) -> tuple[int, int, str]:
+    """(rank, world_size, device): from accelerate when launched with several processes, else (0, 1, ...)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, device or str(state.device)
+    return 0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_and_report(function, *args, **kwargs) -> int:
+    """Run a caching function, print its summary; 0 when every dataset has usable items, else 1."""
+    from .latent_caching import CachingError
+    from .dataset_config import DatasetConfigError
+
+    try:
+        summary = function(*args, **kwargs)
+    except (CachingError, DatasetConfigError) as exc:
+        logger.error("%s", exc)
+        print(f"error: {exc}")
+        return 1
+    print(summary.report())
+    return 0 if summary.ok else 1

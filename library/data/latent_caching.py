@@ -1,0 +1,223 @@
+"""Caching VAE latents: every item of every dataset, one safetensors file each, resumable.
+
+`cache_latents(config, vae_path, ...)` is what `tools/cache_latents.py` runs; `run_latent_caching`
+takes an already-loaded VAE (tests and scripts). Fresh caches are reused, stale ones rebuilt; a file
+that cannot be used is skipped with its reason and everything else is still cached (`strict=True`
+turns the first skip into a failure). With several processes, process `rank` takes the items with
+index % world_size == rank. Media decoding runs in `num_workers` threads ahead of the VAE.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import cache
+from .dataset_config import DatasetConfig, DatasetSpec
+from .datasets import TaskInfo, latent_settings, task_info
+from .items import MediaItem, Skip, enumerate_dataset
+from .video_io import MediaError, load_image, read_video_frames, resize_and_crop
+
+logger = logging.getLogger(__name__)
+
+
+class CachingError(RuntimeError):
+    """Caching stopped: a skip under `strict`, or a setting that cannot work."""
+
+
+@dataclass
+class CacheSummary:
+    """What a caching run did; `report()` is the text printed at the end."""
+
+    what: str
+    cached: int = 0
+    reused: int = 0
+    skipped: list[Skip] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def report(self) -> str:
+        lines = [f"{self.what}: {self.cached} cached, {self.reused} reused (fresh), {len(self.skipped)} skipped"]
+        lines += [f"  skipped {skip}" for skip in self.skipped]
+        lines += [f"  ERROR {error}" for error in self.errors]
+        return "\n".join(lines)
+
+
+def split_for_rank(entries: list, rank: int, world_size: int) -> list:
+    """This process's share: entries i with i % world_size == rank."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return [entry for i, entry in enumerate(entries) if i % world_size == rank]
+
+
+def collect_items(config: DatasetConfig, info: TaskInfo, summary: CacheSummary,
+                  strict: bool) -> list[tuple[DatasetSpec, MediaItem]]:
+    """Every item of every dataset (training and validation), skips and empty datasets recorded."""
+    entries = []
+    for spec in config.all:
+        try:
+            items, skips = enumerate_dataset(spec, info.step, info.fps)
+        except MediaError as exc:  # the dataset's directory or JSONL file is missing
+            summary.errors.append(str(exc))
+            continue
+        summary.skipped.extend(skips)
+        if strict and skips:
+            raise CachingError(f"--strict: {spec.where()}: skipped {skips[0]}")
+        if not items:
+            summary.errors.append(f"{spec.where()}: no usable item (see the skips above)")
+        entries.extend((spec, item) for item in items)
+    return entries
+
+
+def load_pixels(item: MediaItem) -> torch.Tensor:
+    """Decode, resize and centre-crop one item -> [3, F, H, W] float32 in [-1, 1]."""
+    width, height, _ = item.bucket
+    if item.is_image:
+        frames = resize_and_crop(load_image(item.media_path), (width, height))[None]
+    else:
+        frames = read_video_frames(item.media_path, list(item.frames), (width, height))
+    if frames.shape[0] != item.bucket[2]:
+        raise MediaError(f"{item.media_path}: decoded {frames.shape[0]} frames, expected {item.bucket[2]}")
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)  # [3, F, H, W] uint8
+    return video.float().div_(127.5).sub_(1.0)
+
+
+def _decode(item: MediaItem):
+    try:
+        return load_pixels(item)
+    except (MediaError, OSError) as exc:
+        return exc
+
+
+def _batches(todo: list[tuple[DatasetSpec, MediaItem]], batch_size: int):
+    """Consecutive runs of at most batch_size entries of one bucket (todo is sorted by bucket)."""
+    batch = []
+    for entry in todo:
+        if batch and (len(batch) == batch_size or batch[-1][1].bucket != entry[1].bucket):
+            yield batch
+            batch = []
+        batch.append(entry)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def encode_batch(vae, videos: torch.Tensor, is_i2v: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, 3, F, H, W] -> latents [B, z, T, h, w] and, for I2V, the latents of (first frame, zeros)."""
+    latents = vae.encode(videos)
+    if not is_i2v:
+        return latents, None
+    condition = torch.zeros_like(videos)
+    condition[:, :, :1] = videos[:, :, :1]  # the official I2V conditioning video: frame 0, then black
+    return latents, vae.encode(condition)
+
+
+def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str) -> None:
+    tensors = {"latents": latents.to(cache.STORE_DTYPE)}
+    if image_latents is not None:
+        tensors["image_latents"] = image_latents.to(cache.STORE_DTYPE)
+    meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind), vae_hash,
+                                 cache.source_fingerprint(item.media_path))
+    cache.write_safetensors_atomic(tensors, cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind), meta)
+
+
+def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary):
+    todo = []
+    for spec, item in entries:
+        path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
+        problem = cache.latent_cache_problem(path, item, latent_settings(item, info.vae_kind),
+                                             need_image_latents=info.is_i2v, vae_hash=vae_hash)
+        if problem is None:
+            summary.reused += 1
+            continue
+        if problem != "missing":
+            logger.info("rebuilding %s: %s", path.name, problem)
+        todo.append((spec, item))
+    return sorted(todo, key=lambda e: e[1].bucket)
+
+
+def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo, *, batch_size: int = 1,
+                       num_workers: int = 2, strict: bool = False, rank: int = 0, world_size: int = 1,
+                       progress: bool = True) -> CacheSummary:
+    """Cache the latents of this process's share of all items with a loaded VAE."""
+    from tqdm import tqdm
+
+    summary = CacheSummary("latents")
+    entries = split_for_rank(collect_items(config, info, summary, strict), rank, world_size)
+    todo = _find_todo(entries, info, vae_hash, summary)
+    failed: dict[Path, dict] = {spec.cache_directory: {} for spec in config.all}
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    with ThreadPoolExecutor(max(1, num_workers)) as pool, \
+            tqdm(total=len(todo), desc=f"latents (rank {rank})", disable=not progress) as bar:
+        pending = deque()
+        queue = iter(todo)
+        for batch in _batches(todo, batch_size):
+            while len(pending) < len(batch) + 2 * max(1, num_workers):
+                entry = next(queue, None)
+                if entry is None:
+                    break
+                pending.append(pool.submit(_decode, entry[1]))
+            decoded = [pending.popleft().result() for _ in batch]
+            good = []
+            for (spec, item), pixels in zip(batch, decoded):
+                if isinstance(pixels, Exception):
+                    reason = str(pixels).removeprefix(f"{item.media_path}: ")
+                    skip = Skip(str(item.media_path), reason, spec.where(), item.key)
+                    if strict:
+                        raise CachingError(f"--strict: {spec.where()}: skipped {skip}")
+                    summary.skipped.append(skip)
+                    failed[spec.cache_directory][item.key] = {
+                        "source": str(item.media_path), "reason": reason,
+                        "fingerprint": cache.source_fingerprint(item.media_path)}
+                else:
+                    good.append((spec, item, pixels))
+            if good:
+                videos = torch.stack([g[2] for g in good]).to(device=device, dtype=dtype)
+                latents, image_latents = encode_batch(vae, videos, info.is_i2v)
+                for j, (spec, item, _) in enumerate(good):
+                    _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j],
+                                info, vae_hash)
+                    summary.cached += 1
+            bar.update(len(batch))
+    _write_skip_lists(failed, info, rank)
+    return summary
+
+
+def _write_skip_lists(failed: dict[Path, dict], info: TaskInfo, rank: int) -> None:
+    for cache_dir, entries in failed.items():
+        path = cache.skip_list_path(cache_dir, info.vae_kind, rank)
+        if entries or path.exists():
+            cache.write_json_atomic(entries, path)
+
+
+def resolve_task(vae_kind: str, task: str | None, i2v: bool) -> TaskInfo:
+    """TaskInfo from --task, or from the VAE kind (2.1: 16 fps, 2.2: 24 fps) and --i2v."""
+    if task is None:
+        return TaskInfo(task="<TASK>", vae_kind=vae_kind, fps=16.0 if vae_kind == "2.1" else 24.0, is_i2v=i2v)
+    info = task_info(task)
+    if info.vae_kind != vae_kind:
+        raise CachingError(f"task {task} uses the WAN {info.vae_kind} VAE but the VAE file is a WAN {vae_kind} "
+                           "VAE; pass the matching VAE")
+    if i2v and not info.is_i2v:
+        raise CachingError(f"--i2v was given but task {task} is not an I2V task")
+    return info
+
+
+def cache_latents(config: DatasetConfig, vae_path: str | Path, *, task: str | None = None, i2v: bool = False,
+                  device: str = "cpu", vae_dtype: torch.dtype = torch.float32, **kwargs) -> CacheSummary:
+    """Load the VAE, work out the task settings, and cache every item's latents."""
+    from library.wan.loading import load_vae
+
+    vae = load_vae(vae_path, device=device, dtype=vae_dtype)
+    info = resolve_task("2.1" if vae.spatial_stride == 8 else "2.2", task, i2v)
+    return run_latent_caching(config, vae, cache.file_head_sha256(Path(vae_path)), info, **kwargs)

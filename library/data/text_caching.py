@@ -1,0 +1,141 @@
+"""Caching umT5 outputs: one safetensors file per unique caption (and the empty caption when any
+dataset uses caption dropout), at the true token length, resumable.
+
+`cache_text_encoder_outputs(config, t5_path, ...)` is what `tools/cache_text_encoder_outputs.py` runs;
+`run_text_caching` takes a loaded encoder (or a loader callable, so nothing is loaded when every cache
+is fresh). A caption is encoded once however many items or datasets share it. Files are keyed by the
+hash of the cleaned caption; the encoder fingerprint (weights and tokenizer) is in the metadata and a
+cache from another encoder is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from . import cache
+from .dataset_config import DatasetConfig
+from .items import captioned_sources
+from .latent_caching import CacheSummary, CachingError, split_for_rank
+from .video_io import MediaError
+
+logger = logging.getLogger(__name__)
+
+TEXT_LEN = 512
+TOKENIZER_CANDIDATES = ("google/umt5-xxl", "umt5-xxl", "tokenizer")
+
+
+def find_tokenizer(t5_path: Path, tokenizer: str | Path | None) -> Path:
+    """The tokenizer folder: given, or `google/umt5-xxl` (or `umt5-xxl`, `tokenizer`) beside the weights."""
+    if tokenizer:
+        path = Path(tokenizer).expanduser()
+        if not path.exists():
+            raise CachingError(f"tokenizer {path} does not exist")
+        return path
+    folder = t5_path if t5_path.is_dir() else t5_path.parent
+    for candidate in TOKENIZER_CANDIDATES:
+        if (folder / candidate).is_dir():
+            return folder / candidate
+    raise CachingError(f"{t5_path}: no tokenizer found beside it ({', '.join(TOKENIZER_CANDIDATES)}); "
+                       "pass --tokenizer with the local google/umt5-xxl tokenizer folder")
+
+
+def encoder_fingerprint(t5_path: Path, tokenizer_path: Path) -> str:
+    """Hash of the weights' first MB and of the tokenizer files."""
+    digest = hashlib.sha256()
+    weights = sorted(t5_path.glob("*.safetensors")) if t5_path.is_dir() else [t5_path]
+    for path in weights:
+        digest.update(cache.file_head_sha256(path).encode())
+    files = sorted(p for p in tokenizer_path.rglob("*") if p.is_file()) if tokenizer_path.is_dir() else [tokenizer_path]
+    for path in files:
+        digest.update(path.name.encode() + cache.file_head_sha256(path).encode())
+    return digest.hexdigest()[:32]
+
+
+def collect_captions(config: DatasetConfig, summary: CacheSummary, strict: bool) -> dict[str, dict]:
+    """{cleaned caption: {"dirs": [cache dirs], "source": a caption file}} over all datasets, with ""
+    when a dataset uses caption dropout."""
+    captions: dict[str, dict] = {}
+    for spec in config.all:
+        try:
+            sources, skips = captioned_sources(spec)
+        except MediaError as exc:  # the dataset's directory or JSONL file is missing
+            summary.errors.append(str(exc))
+            continue
+        summary.skipped.extend(skips)
+        if strict and skips:
+            raise CachingError(f"--strict: {spec.where()}: skipped {skips[0]}")
+        if not sources:
+            summary.errors.append(f"{spec.where()}: no usable item (see the skips above)")
+        texts = [(caption, source) for _, caption, source in sources]
+        if spec.caption_dropout_rate > 0:
+            texts.append(("", "caption_dropout_rate"))
+        for caption, source in texts:
+            caption = cache.clean_caption(caption)  # captions that clean to the same text share one cache
+            entry = captions.setdefault(caption, {"dirs": [], "source": source})
+            if spec.cache_directory not in entry["dirs"]:
+                entry["dirs"].append(spec.cache_directory)
+    return captions
+
+
+def warn_long_captions(captions: dict[str, dict], tokenizer) -> None:
+    for caption, entry in captions.items():
+        count = len(tokenizer(cache.clean_caption(caption), add_special_tokens=True).input_ids)
+        if count > TEXT_LEN:
+            logger.warning("%s: caption has %d tokens; it will be truncated to %d", entry["source"], count, TEXT_LEN)
+
+
+def run_text_caching(config: DatasetConfig, get_encoder, encoder_fp: str, tokenizer, *, batch_size: int = 16,
+                     strict: bool = False, rank: int = 0, world_size: int = 1, progress: bool = True) -> CacheSummary:
+    """Encode this process's share of the unique captions whose caches are missing or stale."""
+    from tqdm import tqdm
+
+    summary = CacheSummary("text encoder outputs")
+    captions = collect_captions(config, summary, strict)
+    warn_long_captions(captions, tokenizer)
+    todo = []
+    for caption in split_for_rank(sorted(captions), rank, world_size):
+        stale = [d for d in captions[caption]["dirs"]
+                 if cache.text_cache_problem(cache.text_cache_path(d, caption), caption, encoder_fp)]
+        if stale:
+            todo.append((caption, stale))
+        else:
+            summary.reused += 1
+    encoder = get_encoder() if todo else None
+    with tqdm(total=len(todo), desc=f"text (rank {rank})", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            with torch.no_grad():
+                outputs = encoder.encode([caption for caption, _ in batch])  # each [L_i, d]
+            for (caption, dirs), context in zip(batch, outputs):
+                meta = cache.text_metadata(caption, encoder_fp, context.shape[0])
+                for cache_dir in dirs:
+                    cache.write_safetensors_atomic({"t5": context.to(cache.STORE_DTYPE)},
+                                                   cache.text_cache_path(cache_dir, caption), meta)
+                summary.cached += 1
+            bar.update(len(batch))
+    return summary
+
+
+def cache_text_encoder_outputs(config: DatasetConfig, t5_path: str | Path, *, tokenizer: str | Path | None = None,
+                               device: str = "cpu", dtype: torch.dtype = torch.bfloat16, fp8_t5: bool = False,
+                               **kwargs) -> CacheSummary:
+    """Resolve the tokenizer, fingerprint the encoder, and cache every caption's umT5 output."""
+    from library.wan.loading import load_text_encoder
+    from library.wan.text_encoder import load_tokenizer
+
+    t5_path = Path(t5_path).expanduser()
+    if not t5_path.exists():
+        raise CachingError(f"text encoder {t5_path} does not exist")
+    tokenizer_path = find_tokenizer(t5_path, tokenizer)
+    if fp8_t5:
+        logger.warning("--fp8_t5: fp8 umT5 weights arrive with the memory work; encoding in %s for now", dtype)
+
+    def get_encoder():
+        return load_text_encoder(t5_path, tokenizer_path, device=device, dtype=dtype)
+
+    return run_text_caching(config, get_encoder, encoder_fingerprint(t5_path, tokenizer_path),
+                            load_tokenizer(tokenizer_path), **kwargs)

@@ -1,0 +1,234 @@
+"""Reading media: images (png, jpg, webp, 16-bit, alpha, grayscale, EXIF rotation), video files
+(OpenCV) and folders of frames, plus fps resampling by frame selection and resize-then-centre-crop.
+
+Everything returns RGB uint8 numpy arrays (`[H, W, 3]` per frame). Failures raise `MediaError`, whose
+message says what is wrong with which file, so callers can skip the item and report it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
+
+
+class MediaError(ValueError):
+    """A media file that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What enumeration needs to know about a source without decoding it."""
+
+    width: int
+    height: int
+    frame_count: int  # 1 for an image
+    fps: float | None  # None for images and frame folders
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_video_source(path: Path) -> bool:
+    """A video file or a folder holding image frames."""
+    return path.suffix.lower() in VIDEO_EXTENSIONS or path.is_dir()
+
+
+def _pil_to_rgb(image) -> np.ndarray:
+    """Any PIL mode -> RGB uint8: 16-bit scaled to 8-bit, alpha composited onto white, gray expanded."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
+        array = (array.astype(np.float32) / (65535.0 if array.max() > 255 else 255.0) * 255.0).round()
+        image = Image.fromarray(array.clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        image = background
+    return np.asarray(image.convert("RGB"))
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to RGB uint8 [H, W, 3], applying its EXIF orientation."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: zero-byte file")
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return _pil_to_rgb(image)
+    except UnidentifiedImageError:
+        raise MediaError(f"{path}: not an image (unreadable as {path.suffix or 'an image'})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, reading only the header."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: zero-byte file")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except UnidentifiedImageError:
+        raise MediaError(f"{path}: not an image (unreadable as {path.suffix or 'an image'})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"{path}: corrupt image header ({exc})") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """Image files of a frame folder in name order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def probe(path: Path) -> MediaInfo:
+    """Size, frame count and fps of an image, a video file or a frame folder (header only)."""
+    if path.is_dir():
+        frames = frame_files(path)
+        if not frames:
+            raise MediaError(f"{path}: folder of frames holds no image files")
+        width, height = image_size(frames[0])
+        return MediaInfo(width, height, len(frames), None)
+    if is_image_file(path):
+        width, height = image_size(path)
+        return MediaInfo(width, height, 1, None)
+    return _probe_video(path)
+
+
+def _probe_video(path: Path) -> MediaInfo:
+    import cv2
+
+    if path.stat().st_size == 0:
+        raise MediaError(f"{path}: zero-byte file")
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise MediaError(f"{path}: cannot open as a video (corrupt or unsupported format)")
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps = float(capture.get(cv2.CAP_PROP_FPS))
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    finally:
+        capture.release()
+    if count <= 0 or width <= 0 or height <= 0:
+        raise MediaError(f"{path}: corrupt video (no frames or no size in its header)")
+    return MediaInfo(width, height, count, fps if fps > 0 else None)
+
+
+def resample_indices(frame_count: int, source_fps: float | None, target_fps: float | None) -> list[int]:
+    """Source frame indices that play the clip at `target_fps` with its real speed (frame selection).
+
+    Frame i of the result shows time i / target_fps, taken from the nearest earlier source frame.
+    Without both rates, or when they match, every frame is kept.
+    """
+    if not source_fps or not target_fps or abs(source_fps - target_fps) < 1e-3:
+        return list(range(frame_count))
+    step = source_fps / target_fps
+    count = int(np.floor((frame_count - 1) / step + 1e-6)) + 1
+    return [min(frame_count - 1, int(np.floor(i * step + 1e-6))) for i in range(count)]
+
+
+def crop_box(width: int, height: int, target: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of the centred source region with the target's aspect ratio."""
+    tw, th = target
+    scale = max(tw / width, th / height)
+    cw, ch = min(width, round(tw / scale)), min(height, round(th / scale))
+    return (width - cw) // 2, (height - ch) // 2, cw, ch
+
+
+def resize_and_crop(frame: np.ndarray, target: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Resize to cover `target` (W, H) keeping the aspect ratio, then centre-crop to it.
+
+    Implemented as crop-then-resize of the same region (identical result, less work). Shrinking by 2x
+    or more uses area averaging; by less than 2x, bilinear (its 2-pixel footprint still covers the
+    sample spacing, so no source pixel is skipped, at a quarter of area's cost); enlarging uses bicubic."""
+    import cv2
+
+    height, width = frame.shape[:2]
+    x, y, cw, ch = crop_box(width, height, target)
+    region = frame[y:y + ch, x:x + cw]
+    if (cw, ch) == tuple(target):
+        if out is None:
+            return np.ascontiguousarray(region)
+        out[...] = region
+        return out
+    factor = min(cw / target[0], ch / target[1])
+    interpolation = cv2.INTER_AREA if factor >= 2 else cv2.INTER_LINEAR if factor >= 1 else cv2.INTER_CUBIC
+    return cv2.resize(region, tuple(target), dst=out, interpolation=interpolation)  # into `out` when given
+
+
+def read_video_frames(path: Path, indices: list[int], target: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode the given source frame indices (ascending, repeats allowed) of a video file or frame folder
+    -> [N, H, W, 3] RGB uint8, each frame resized and centre-cropped to `target` when given."""
+    if path.is_dir():
+        files = frame_files(path)
+        frames = [load_image(files[i]) if i < len(files) else None for i in indices]
+        if any(f is None for f in frames):
+            raise MediaError(f"{path}: folder has {len(files)} frames, frame {max(indices)} requested")
+        return np.stack([resize_and_crop(f, target) if target else f for f in frames])
+    return _read_file_frames(path, indices, target)
+
+
+def _finish_frame(frame: np.ndarray, target, slot: np.ndarray) -> None:
+    """Resize + crop a decoded BGR frame straight into its output slot, then convert it to RGB in place."""
+    import cv2
+
+    resize_and_crop(frame, target, out=slot) if target else np.copyto(slot, frame)
+    cv2.cvtColor(slot, cv2.COLOR_BGR2RGB, dst=slot)
+
+
+def _read_file_frames(path: Path, indices: list[int], target) -> np.ndarray:
+    """Decode on this thread while one helper thread resizes the previous frames into the output.
+    Skipped frames are only grabbed (never converted); at most 8 decoded frames wait for the helper."""
+    import cv2
+    from concurrent.futures import ThreadPoolExecutor
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise MediaError(f"{path}: cannot open as a video (corrupt or unsupported format)")
+    wanted: dict[int, int] = {}
+    for i in indices:
+        wanted[i] = wanted.get(i, 0) + 1
+    out, slots, futures, position, last = None, [], [], 0, max(indices)
+    try:
+        with ThreadPoolExecutor(1) as helper:
+            while position <= last:
+                ok = capture.grab() if position not in wanted else None
+                if ok is None:
+                    ok, frame = capture.read()
+                    if ok:
+                        if out is None:
+                            size = (target[1], target[0]) if target else frame.shape[:2]
+                            out = np.empty((len(indices), *size, 3), np.uint8)
+                        if len(futures) >= 8:
+                            futures[-8].result()
+                        futures.append(helper.submit(_finish_frame, frame, target, out[len(futures)]))
+                        slots.extend([len(futures) - 1] * wanted[position])  # output -> decoded frame
+                if not ok:
+                    break
+                position += 1
+            for future in futures:
+                future.result()
+    finally:
+        capture.release()
+    if position <= last:
+        raise MediaError(f"{path}: truncated or corrupt video: decoding stopped at frame {position}, "
+                         f"frame {last} was needed (the header promised more)")
+    return out if len(futures) == len(slots) else out[slots]  # repeated indices repeat frames

@@ -1,0 +1,112 @@
+"""Command-line plumbing shared by `generate_video_wan.py` and `tools/compare_checkpoints.py`.
+
+Argument groups (models, prompts and sampling), loading the models a command names, and turning the
+prompt flags into `SampleRequest`s. Per-line values of a prompt file win over the command line, which wins
+over the variant's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from .generate import SamplingModels, encode_requests
+from .prompts import PromptError, SampleRequest, read_prompt_file
+from .schedules import CONVENTIONS, SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models")
+    g.add_argument("--task", required=True, help="variant: t2v-A14B, i2v-A14B, ti2v-5B, t2v-14B, t2v-1.3B, ...")
+    g.add_argument("--dit", required=True, help="DiT file or folder (the low-noise expert for WAN 2.2 A14B)")
+    g.add_argument("--dit_high_noise", help="the high-noise expert of WAN 2.2 A14B")
+    g.add_argument("--vae", required=True, help="WAN VAE (2.1 for A14B / 2.1 models, 2.2 for TI2V-5B)")
+    g.add_argument("--t5", required=True, help="umT5-XXL encoder weights")
+    g.add_argument("--tokenizer", help="umT5 tokenizer folder (default: google/umt5-xxl beside the weights)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="DiT dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("prompts and sampling (defaults: the variant's)")
+    g.add_argument("--prompt", action="append", help="a prompt (Kohya options allowed); repeatable")
+    g.add_argument("--from_file", help="prompt file: .txt (Kohya sample-prompt lines), .toml or .json")
+    g.add_argument("--negative_prompt", help="default: the official WAN negative prompt")
+    g.add_argument("--image", help="start image for I2V / TI2V (a line's --i wins)")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--frames", type=int, help="frame count, 1 + 4k (others are rounded with a warning)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--seed", type=int, help="default: a random seed, recorded in the sidecar")
+    g.add_argument("--guidance_scale", type=float, help="CFG scale (both experts unless the next flag is set)")
+    g.add_argument("--guidance_scale_high_noise", type=float, help="CFG scale of the A14B high-noise expert")
+    g.add_argument("--flow_shift", type=float)
+    g.add_argument("--sampler", choices=SAMPLERS, default="unipc")
+    g.add_argument("--schedule", choices=CONVENTIONS, default="wan",
+                   help="sigma list: the official WAN code's, or diffusers' (to reproduce diffusers outputs)")
+    g.add_argument("--save_frames", action="store_true", help="also write every frame as PNG")
+
+
+def build_requests(args) -> tuple[list[SampleRequest], list[PromptError]]:
+    """Requests from --prompt / --from_file with the command line's values as defaults."""
+    from .prompts import parse_prompt_line
+
+    requests, errors = [], []
+    if args.from_file:
+        requests, errors = read_prompt_file(args.from_file)
+    for i, text in enumerate(args.prompt or [], 1):
+        try:
+            requests.append(parse_prompt_line(text, f"--prompt {i}"))
+        except PromptError as exc:
+            errors.append(exc)
+    defaults = dict(negative_prompt=args.negative_prompt, image=args.image, width=args.width, height=args.height,
+                    frames=args.frames, steps=args.steps, seed=args.seed, guidance=args.guidance_scale,
+                    guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift)
+    return [r.with_defaults(**defaults) for r in requests], errors
+
+
+def load_models(args) -> tuple[SamplingModels, dict]:
+    """Load the DiT expert(s), the VAE and the text encoder the arguments name; returns them and the
+    file list for the sidecar."""
+    from library.wan.loading import load_dit, load_text_encoder, load_vae
+    from library.wan.variants import get_variant
+
+    variant = get_variant(args.task)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    experts = {}
+    if variant.two_experts:
+        if args.dit_high_noise:
+            experts["high_noise"] = load_dit(args.dit_high_noise, device, dtype, variant.name)
+        experts["low_noise"] = load_dit(args.dit, device, dtype, variant.name)
+    else:
+        if args.dit_high_noise:
+            raise ValueError(f"--dit_high_noise is only for the two-expert WAN 2.2 A14B models, not {variant.name}")
+        experts["dit"] = load_dit(args.dit, device, dtype, variant.name)
+    vae = load_vae(args.vae, device=device)
+    text_encoder = load_text_encoder(args.t5, args.tokenizer, device=device,
+                                     dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+    files = {"task": variant.name, "dit": str(args.dit), "dit_high_noise": args.dit_high_noise, "vae": str(args.vae),
+             "t5": str(args.t5), "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
+    return SamplingModels(variant, experts, vae, text_encoder), files
+
+
+def encode_and_free(models: SamplingModels, requests: list[SampleRequest]) -> list[SampleRequest]:
+    """Encode every prompt once, then drop the text encoder (it is the largest model after the DiT)."""
+    requests = encode_requests(models.text_encoder, requests, models.variant)
+    models.text_encoder = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return requests
+
+
+def report_errors(errors: list) -> None:
+    for exc in errors:
+        logger.error("%s", exc)

@@ -1,0 +1,202 @@
+"""`generate`: one video from already-loaded models, for the CLI, the evaluation grids and samples during training.
+
+The caller owns the models: `SamplingModels` holds the DiT expert(s) (with any LoRA hooks attached), the
+VAE, optionally the text encoder, and the LoRA networks to keep in eval mode while sampling. `generate`
+never touches the global random state (its noise comes from its own `torch.Generator` seeded by the
+request), runs without gradients, and puts every module back in the train / eval mode it found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .denoise import Conditioning, Expert, denoise, i2v_y
+from .prompts import PromptError, SampleRequest
+from .schedules import flow_schedule
+
+logger = logging.getLogger(__name__)
+
+# shared_config.sample_neg_prompt of the official code; WAN 2.1 I2V prepends "镜头晃动，"
+OFFICIAL_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def default_negative_prompt(variant) -> str:
+    return ("镜头晃动，" if variant.version == "2.1" and variant.is_i2v else "") + OFFICIAL_NEGATIVE_PROMPT
+
+
+@dataclass
+class SamplingModels:
+    """Loaded models. `experts`: {"high_noise": dit, "low_noise": dit} (A14B; one of them alone is allowed)
+    or {"dit": dit}. `networks`: LoRA networks put in eval mode while sampling (and restored after)."""
+
+    variant: object  # library.wan.variants.WanVariant
+    experts: dict[str, torch.nn.Module]
+    vae: torch.nn.Module
+    text_encoder: object | None = None  # `.encode(list[str]) -> list of [L, d]`
+    networks: list = field(default_factory=list)
+    boundary: float | None = None  # None: the variant's
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.experts.values())).patch_embedding.weight.device
+
+
+@dataclass
+class Sample:
+    request: SampleRequest
+    settings: dict  # everything needed to reproduce it
+    latents: torch.Tensor  # [1, z, T, h, w] fp32, CPU
+    video: torch.Tensor | None  # [3, F, H, W] in [-1, 1], CPU
+
+
+def _round_frames(frames: int, source: str) -> int:
+    if frames >= 1 and (frames - 1) % 4 == 0:
+        return frames
+    rounded = 4 * max(0, round((frames - 1) / 4)) + 1
+    logger.warning("%s: %d frames is not 1 + 4k (the VAE packs 4 frames per latent); using %d", source, frames, rounded)
+    return rounded
+
+
+def _round_size(value: int, multiple: int, what: str, source: str) -> int:
+    rounded = max(multiple, value // multiple * multiple)
+    if rounded != value:
+        logger.warning("%s: %s %d is not a multiple of %d; using %d", source, what, value, multiple, rounded)
+    return rounded
+
+
+def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: str = "wan",
+            boundary: float | None = None) -> dict:
+    """The complete settings of a request: the variant's defaults filled in, sizes and frames rounded."""
+    multiple = variant.vae_stride[1] * variant.patch_size[1]
+    width, height = request.width or variant.resolution[0], request.height or variant.resolution[1]
+    low = request.guidance if request.guidance is not None else variant.guidance[0]
+    high = request.guidance_high if request.guidance_high is not None else (
+        request.guidance if request.guidance is not None else variant.guidance[1])
+    if variant.is_i2v and not request.image:
+        raise PromptError(f"{request.source}: {variant.name} is an image-to-video model and needs a start image; "
+                          "add `--i image.png` to the prompt line or pass --image")
+    if variant.image_embedding:
+        raise PromptError(f"{request.source}: {variant.name} needs CLIP image features, which this generator "
+                          "does not compute; use a WAN 2.2 model")
+    return dict(
+        prompt=request.prompt,
+        negative_prompt=(default_negative_prompt(variant) if request.negative_prompt is None
+                         else request.negative_prompt),
+        task=variant.name, width=_round_size(width, multiple, "width", request.source),
+        height=_round_size(height, multiple, "height", request.source),
+        frames=_round_frames(request.frames or variant.num_frames, request.source), fps=variant.fps,
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        steps=request.steps or variant.sample_steps, sampler=sampler, schedule=schedule,
+        flow_shift=request.flow_shift if request.flow_shift is not None else variant.flow_shift,
+        guidance_low_noise=float(low), guidance_high_noise=float(high),
+        boundary=boundary if boundary is not None else variant.boundary, image=request.image, source=request.source,
+    )
+
+
+def load_image(path: str, width: int, height: int, source: str = "prompt") -> torch.Tensor:
+    """An image file -> [1, 3, 1, height, width] in [-1, 1]: scaled to cover the size, centre-cropped."""
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise PromptError(f"{source}: cannot read the start image {path} (missing or not an image file)")
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    rgb = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LANCZOS4 if scale > 1 else cv2.INTER_AREA)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    rgb = np.ascontiguousarray(rgb[top:top + height, left:left + width])
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1.0
+
+
+def _text(models: SamplingModels, request: SampleRequest, prompt: str, key: str) -> torch.Tensor:
+    """The embedding of `prompt`: precomputed in request.extra[key], or from the text encoder."""
+    if key in request.extra:
+        return request.extra[key]
+    if models.text_encoder is None:
+        raise ValueError(f"{request.source}: no text encoder loaded and no precomputed `{key}`; "
+                         "encode the prompts first (encode_requests) or pass a text encoder")
+    (emb,) = models.text_encoder.encode([prompt])
+    return emb
+
+
+def encode_requests(text_encoder, requests: list[SampleRequest], variant) -> list[SampleRequest]:
+    """Requests with their prompt and negative prompt embeddings precomputed (request.extra), so the
+    text encoder can be freed before sampling (training does this once, before the first step)."""
+    out, cache = [], {}
+    for r in requests:
+        negative = default_negative_prompt(variant) if r.negative_prompt is None else r.negative_prompt
+        for text in (r.prompt, negative):
+            if text not in cache:
+                (cache[text],) = text_encoder.encode([text])
+                cache[text] = cache[text].cpu()
+        out.append(SampleRequest(**{**r.__dict__, "extra": {**r.extra, "context": cache[r.prompt],
+                                                              "negative_context": cache[negative]}}))
+    return out
+
+
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """Put modules in eval mode and restore each one's train / eval flag afterwards (children included)."""
+    saved = [(m, [(sub, sub.training) for sub in m.modules()]) for m in modules if isinstance(m, torch.nn.Module)]
+    try:
+        for m, _ in saved:
+            m.eval()
+        yield
+    finally:
+        for _, flags in saved:
+            for sub, flag in flags:
+                sub.training = flag
+
+
+def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, device) -> Conditioning:
+    variant, vae = models.variant, models.vae
+    context = _text(models, request, s["prompt"], "context").to(device)
+    negative = _text(models, request, s["negative_prompt"], "negative_context").to(device)
+    cond = Conditioning([context], [negative])
+    if s["image"] and variant.model_type in ("i2v", "ti2v"):
+        image = load_image(s["image"], s["width"], s["height"], request.source)  # the VAE moves and casts it
+        if variant.is_i2v:  # the image, then black frames, encoded as one clip
+            clip = torch.cat([image, torch.zeros_like(image).expand(-1, -1, s["frames"] - 1, -1, -1)], dim=2)
+            cond.y = i2v_y(vae.encode(clip).float()).to(device)
+        else:  # TI2V: the clean first latent frame
+            cond.first_frame = vae.encode(image).float().to(device)
+    return cond
+
+
+@torch.no_grad()
+def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "unipc", schedule: str = "wan",
+             decode: bool = True, progress: Callable[[int, int, str], None] | None = None) -> Sample:
+    """Render one request. Returns the latents, the decoded video (when `decode`) and its settings."""
+    variant = models.variant
+    s = resolve(request, variant, sampler, schedule, models.boundary)
+    device = models.device
+    with eval_mode(*models.experts.values(), models.vae, *models.networks):
+        cond = _conditioning(models, request, s, device)
+        stride_t, stride_s = variant.vae_stride[0], variant.vae_stride[1]
+        shape = (1, variant.out_dim, (s["frames"] - 1) // stride_t + 1, s["height"] // stride_s, s["width"] // stride_s)
+        generator = torch.Generator(device="cpu").manual_seed(s["seed"])  # never the global stream
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        guidance = {"high_noise": s["guidance_high_noise"], "low_noise": s["guidance_low_noise"],
+                    "dit": s["guidance_low_noise"]}
+        experts = [Expert(name, model, guidance[name]) for name, model in models.experts.items()]
+        if variant.two_experts and len(experts) == 1:
+            logger.warning("%s: only the %s expert is loaded; it denoises every step", variant.name, experts[0].name)
+        plan = flow_schedule(s["steps"], s["flow_shift"], sampler, schedule)
+        latents = denoise(noise, plan, experts, cond, sampler, s["boundary"], progress)
+        video = None
+        if decode:
+            video = models.vae.decode(latents)[0].cpu()  # [3, F, H, W] fp32
+    s["high_noise_steps"] = sum(1 for t in plan.timesteps if s["boundary"] is not None and t >= s["boundary"] * 1000)
+    return Sample(request=request, settings=s, latents=latents.cpu(), video=video)

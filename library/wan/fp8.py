@@ -1,0 +1,349 @@
+"""fp8 weights for the frozen DiT Linear layers: quantisation, the `FP8Linear` layer, converting a loaded
+model, and loading a checkpoint straight into fp8.
+
+A weight is stored as float8 e4m3fn with an optional fp32 scale (one per tensor, or one per output
+channel: `W ~ W_fp8 * scale`). `FP8Linear` is an `nn.Linear`, so LoRA hooks attach to it as to any
+Linear; it dequantises its own weight for the duration of one matmul (fp32 math, then the compute
+dtype), so at most one layer's weight exists in high precision at a time, and its backward pass keeps
+only the fp8 weight (the dequantised copy is recomputed). On CUDA GPUs with fp8 tensor cores (compute
+capability 8.9+) the forward matmul can instead run in fp8 with `torch._scaled_mm` (`use_scaled_mm`),
+quantising the activations per token on the fly.
+
+As musubi does, only the Linear layers inside the transformer blocks are converted: patch / text / time
+embeddings, the time projection, norms, modulation and the output head keep their precision. ComfyUI
+`fp8_scaled` files are used as stored (no round trip through bf16); other files are quantised one layer
+at a time while loading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint_files import CheckpointError
+from .loading import _check_keys, _materialise, _target_dtype, open_dit_checkpoint
+from .model import WanModel
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Module-name fragments that are never converted (musubi's exclusions), even inside a block.
+DEFAULT_EXCLUDE = ("norm", "modulation", "embedding", "head", "img_emb")
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """How to store the DiT Linear weights in fp8 (`fp8_base`; `scaled` is `fp8_scaled`)."""
+
+    scaled: bool = True  # fp32 scale per tensor (or channel); unscaled casts the weights as they are
+    per_channel: bool = False  # one scale per output channel instead of one per tensor
+    use_scaled_mm: bool = False  # fp8 x fp8 forward matmul on GPUs that support it (activations quantised)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+    @property
+    def mode(self) -> str:
+        if not self.scaled:
+            return "unscaled"
+        return "per-channel scaled" if self.per_channel else "per-tensor scaled"
+
+
+# ---- quantisation ------------------------------------------------------------------------------------
+
+
+def quantize_weight(weight: torch.Tensor, scaled: bool = True, per_channel: bool = False):
+    """[out, in] weight -> (e4m3fn weight, fp32 scale [] or [out], or None when unscaled).
+
+    The scale maps each tensor's (or row's) largest magnitude onto the fp8 maximum (448); unscaled
+    weights are clamped into the fp8 range and cast."""
+    w = weight.float()
+    if not scaled:
+        return w.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), None
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
+    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero row stays zero
+    q = (w / _broadcast(scale, w)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 weight and its scale -> `dtype`, the product taken in fp32 (one rounding, like the loaders)."""
+    if scale is None:
+        return weight.to(dtype)
+    return (weight.float() * _broadcast(scale.float(), weight)).to(dtype)
+
+
+def relative_error(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> float:
+    """||W - dequant(q)||_F / ||W||_F, in fp32."""
+    w = weight.float()
+    return float((w - dequantize_weight(q, scale, torch.float32)).norm() / w.norm().clamp_min(1e-30))
+
+
+def _broadcast(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return scale.reshape(-1, *([1] * (weight.dim() - 1))) if scale.dim() else scale
+
+
+def _normalise_scale(scale: torch.Tensor | None, out_features: int) -> torch.Tensor | None:
+    """A file's scale ([], [1], [out] or [out, 1]) -> fp32 [] or [out]."""
+    if scale is None:
+        return None
+    scale = scale.float()
+    if scale.numel() == 1:
+        return scale.reshape(())
+    if scale.numel() != out_features:
+        raise ValueError(f"fp8 scale has {scale.numel()} values for a layer with {out_features} outputs")
+    return scale.reshape(-1)
+
+
+# ---- the layer ---------------------------------------------------------------------------------------
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T + b with W = dequant(W_fp8); the backward pass saves and re-dequantises the fp8 weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, dtype, use_scaled_mm):
+        ctx.save_for_backward(weight, scale)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        b = None if bias is None else bias.to(dtype)
+        if use_scaled_mm:
+            return _scaled_mm_linear(x, weight, scale, b, dtype)
+        return F.linear(x.to(dtype), dequantize_weight(weight, scale, dtype), b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, scale = ctx.saved_tensors
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("FP8Linear weights are frozen; train a LoRA over them instead")
+        grad_x = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out.to(ctx.dtype) @ dequantize_weight(weight, scale, ctx.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, None, grad_b, None, None
+
+
+def scaled_mm_supported(device: torch.device, in_features: int, out_features: int) -> bool:
+    """fp8 tensor-core matmuls: a CUDA GPU of compute capability 8.9+ (Ada, Hopper) and sizes % 16 == 0."""
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm") or in_features % 16 or out_features % 16:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _scaled_mm_linear(x, weight, scale, bias, dtype):
+    """Forward matmul in fp8: activations quantised per token (per-channel weights) or per tensor."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # [M, in]
+    per_row = scale is not None and scale.dim() == 1
+    amax = x2.abs().amax(dim=1, keepdim=True) if per_row else x2.abs().amax()
+    x_scale = (amax / FP8_MAX).clamp_min(1e-12)  # [M, 1] or []
+    xq = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    w_scale = torch.ones((), device=x.device) if scale is None else scale.float()
+    w_scale = w_scale.view(1, -1) if per_row else w_scale
+    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], -1)
+
+
+class FP8Linear(nn.Linear):
+    """A frozen Linear whose weight is fp8 (+ fp32 `scale_weight`); computes in the input's dtype (or the
+    autocast dtype). Still an `nn.Linear`, so LoRA hooks and `isinstance` checks work unchanged."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                 use_scaled_mm: bool = False):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no full-precision weight is ever allocated
+        if weight.dtype not in _FP8_DTYPES:
+            raise TypeError(f"FP8Linear needs a float8 weight, got {weight.dtype}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("scale_weight", _normalise_scale(scale, self.out_features))
+        self.use_scaled_mm = use_scaled_mm
+        self._scaled_mm_failed = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: FP8Config = FP8Config(), work_device=None):
+        """(FP8Linear, relative weight error) from a Linear; the maths runs on `work_device` when given and
+        the result is stored where the Linear's weight lives."""
+        home = linear.weight.device
+        weight = linear.weight.detach().to(work_device or home)
+        q, scale = quantize_weight(weight, config.scaled, config.per_channel)
+        error = relative_error(weight, q, scale)
+        scale = None if scale is None else scale.to(home)
+        layer = cls(q.to(home), scale, None if linear.bias is None else linear.bias.detach(), config.use_scaled_mm)
+        return layer, error
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype if x.dtype in _COMPUTE_DTYPES else torch.bfloat16
+
+    def _fast_path(self, x: torch.Tensor) -> bool:
+        if not self.use_scaled_mm or self._scaled_mm_failed:
+            return False
+        return scaled_mm_supported(x.device, self.in_features, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            if self._fast_path(x):
+                try:
+                    return _FP8LinearFunction.apply(x, self.weight, self.scale_weight, self.bias, dtype, True)
+                except RuntimeError as exc:  # an unsupported shape or build: fall back for good, once
+                    self._scaled_mm_failed = True
+                    logger.warning("fp8 matmul (torch._scaled_mm) failed (%s); dequantising instead", exc)
+            return _FP8LinearFunction.apply(x, self.weight, self.scale_weight, self.bias, dtype, False)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves as usual, but a dtype cast never converts the fp8 weight or its fp32 scale
+        (casting an fp8 value to a wider float and back is exact)."""
+        fp8_dtype, scale = self.weight.dtype, self.scale_weight
+        super()._apply(fn, recurse)
+        if self.weight.dtype != fp8_dtype:
+            self.weight.data = self.weight.data.to(fp8_dtype)
+        if scale is not None and self.scale_weight.dtype != torch.float32:
+            self.scale_weight = scale.to(self.scale_weight.device)
+        return self
+
+    def extra_repr(self) -> str:
+        kind = "unscaled" if self.scale_weight is None else ("per-channel" if self.scale_weight.dim() else "per-tensor")
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"{self.weight.dtype}, {kind}"
+
+
+# ---- whole models ------------------------------------------------------------------------------------
+
+
+@dataclass
+class FP8Report:
+    """What a conversion did: per-layer relative weight error, bytes of the converted weights."""
+
+    mode: str
+    errors: dict[str, float] = field(default_factory=dict)  # layer -> ||W - dequant||_F / ||W||_F
+    layers: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def mean_error(self) -> float:
+        return sum(self.errors.values()) / len(self.errors) if self.errors else float("nan")
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values()) if self.errors else float("nan")
+
+    def summary(self) -> str:
+        size = f"{self.bytes_before / 2**30:.2f} -> {self.bytes_after / 2**30:.2f} GiB"
+        if not self.errors:
+            return f"fp8 ({self.mode}): {self.layers} Linear layers, {size}"
+        return (f"fp8 ({self.mode}): {self.layers} Linear layers, {size}, relative weight error mean "
+                f"{self.mean_error:.4f}, max {self.max_error:.4f}")
+
+
+def _excluded(name: str, exclude) -> bool:
+    return any(part in name for part in exclude)
+
+
+def fp8_targets(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> list[str]:
+    """Names of the Linear layers inside `model.blocks` that fp8 converts (norms etc. are excluded)."""
+    return [name for name, m in model.blocks.named_modules(prefix="blocks")
+            if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear) and not _excluded(name, exclude)]
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def quantize_model_fp8(model: nn.Module, scaled: bool = True, per_channel: bool = False,
+                       exclude=DEFAULT_EXCLUDE, use_scaled_mm: bool = False, work_device=None) -> FP8Report:
+    """Replace the block Linear layers of a loaded WAN model by `FP8Linear`, one layer at a time (the
+    maths on `work_device` when given, e.g. the GPU for a model still on the CPU). The model keeps
+    computing in the dtype it used before. Returns the per-layer relative error report."""
+    config = FP8Config(scaled, per_channel, use_scaled_mm, tuple(exclude))
+    if getattr(model, "compute_dtype", "absent") is None:
+        model.compute_dtype = model._dtype()  # fp8 weights would otherwise make the model guess bf16
+    report = FP8Report(config.mode)
+    for name in fp8_targets(model, config.exclude):
+        linear = model.get_submodule(name)
+        layer, report.errors[name] = FP8Linear.from_linear(linear, config, work_device)
+        report.bytes_before += _nbytes(linear.weight)
+        report.bytes_after += _nbytes(layer.weight, layer.scale_weight)
+        model.set_submodule(name, layer)
+        report.layers += 1
+    logger.info("%s", report.summary())
+    return report
+
+
+def load_dit_fp8(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.bfloat16,
+                 task: str | None = None, config: FP8Config = FP8Config()):
+    """`load_dit` with the block Linear weights in fp8. fp8 tensors in the file (ComfyUI `fp8_scaled`,
+    either scale spelling, or plain fp8) are used byte for byte with their scales; other weights are
+    quantised layer by layer as they are read (on the GPU when one is available). Everything else is
+    loaded as `load_dit` loads it. The model computes in `dtype` and carries `model.fp8_report`."""
+    ckpt, layout, variant = open_dit_checkpoint(path, task)
+    with torch.device("meta"):
+        model = WanModel(variant)
+    expected = model.state_dict()
+    _check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
+    device = torch.device(device)
+    work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
+    targets = fp8_targets(model, config.exclude)
+    weight_keys = {f"{t}.weight" for t in targets}
+    state = {}
+    for name, ref in expected.items():
+        file_key = layout.key_map[name]
+        if ckpt.shape(file_key) != tuple(ref.shape):
+            raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
+                                  f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
+        if name not in weight_keys:
+            state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype))
+    report = FP8Report(config.mode)
+    for target in targets:
+        layer = _fp8_layer(ckpt, layout, target, state.pop(f"{target}.bias", None), device, work, config, report)
+        model.set_submodule(target, layer)
+    _load_rest(model, state, targets)
+    model.compute_dtype = dtype if dtype in _COMPUTE_DTYPES else torch.bfloat16
+    model.requires_grad_(False).eval()
+    model.fp8_report = report
+    logger.info("loaded %s from %s: %s", variant.name, ckpt.source, report.summary())
+    return model
+
+
+def _fp8_layer(ckpt, layout, target: str, bias, device, work, config: FP8Config, report: FP8Report) -> FP8Linear:
+    """One block Linear as FP8Linear: the file's fp8 bytes as they are, or this layer quantised now."""
+    name = f"{target}.weight"
+    file_key = layout.key_map[name]
+    source = ckpt.read(file_key)
+    if source.dtype in _FP8_DTYPES:
+        scale_key = layout.scales.get(name)
+        scale = ckpt.read(scale_key).to(device) if scale_key else None
+        report.mode = "from file, " + ("scaled" if scale_key else "unscaled")
+        weight = source.to(device)
+    else:
+        original = source.to(work)
+        weight, scale = quantize_weight(original, config.scaled, config.per_channel)
+        report.errors[target] = relative_error(original, weight, scale)
+        del original
+        weight, scale = weight.to(device), None if scale is None else scale.to(device)
+    if weight.data_ptr() != source.data_ptr():
+        ckpt.release(file_key)
+    report.layers += 1
+    report.bytes_before += source.numel() * 2  # what the layer costs in bf16
+    report.bytes_after += _nbytes(weight, scale)
+    return FP8Linear(weight, scale, bias, config.use_scaled_mm)
+
+
+def _load_rest(model: nn.Module, state: dict, targets: list[str]) -> None:
+    """Assign every non-fp8 tensor; the only keys allowed to be missing are the fp8 layers' own."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    own = {f"{t}.{leaf}" for t in targets for leaf in ("weight", "bias", "scale_weight")}
+    stray = [k for k in result.missing_keys if k not in own] + list(result.unexpected_keys)
+    if stray:
+        raise RuntimeError(f"fp8 load left keys unassigned or unexpected: {stray[:5]}")

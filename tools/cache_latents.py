@@ -1,0 +1,42 @@
+"""Cache WAN VAE latents for every item of a dataset TOML (musubi-tuner compatible flags).
+
+    python tools/cache_latents.py --dataset_config data.toml --vae Wan2.1_VAE.pth --task i2v-A14B
+    accelerate launch --num_processes 2 tools/cache_latents.py --dataset_config data.toml --vae ...
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our `library`, not sd-scripts'
+
+
+def main(argv=None) -> int:
+    from library.data.caching_args import DTYPES, common_parser, process_split, run_and_report
+    from library.data.dataset_config import load_dataset_config
+    from library.data.latent_caching import cache_latents
+
+    parser = common_parser("Cache VAE latents (and I2V image latents) for a dataset TOML.")
+    parser.add_argument("--vae", required=True, help="WAN 2.1 or 2.2 VAE file (.pth or .safetensors)")
+    parser.add_argument("--vae_dtype", default=None, choices=sorted(DTYPES),
+                        help="VAE precision (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--i2v", action="store_true", help="also cache image_latents (implied by an I2V --task)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank, world_size, device = process_split(args.device)
+    dtype = DTYPES[args.vae_dtype] if args.vae_dtype else (torch_dtype_for(device))
+    return run_and_report(
+        lambda: cache_latents(load_dataset_config(args.dataset_config), args.vae, task=args.task, i2v=args.i2v,
+                              device=device, vae_dtype=dtype, batch_size=args.batch_size or 1,
+                              num_workers=args.num_workers, strict=args.strict, rank=rank,
+                              world_size=world_size, progress=not args.no_progress))
+
+
+def torch_dtype_for(device: str):
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Cache umT5 outputs for every caption of a dataset TOML (musubi-tuner compatible flags).
+
+    python tools/cache_text_encoder_outputs.py --dataset_config data.toml --t5 models_t5_umt5-xxl-enc-bf16.pth
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our `library`, not sd-scripts'
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from library.data.caching_args import common_parser, process_split, run_and_report
+    from library.data.dataset_config import load_dataset_config
+    from library.data.text_caching import cache_text_encoder_outputs
+
+    parser = common_parser("Cache umT5 text-encoder outputs for every caption of a dataset TOML.")
+    parser.add_argument("--t5", required=True, help="umT5-XXL encoder weights (.pth or .safetensors)")
+    parser.add_argument("--tokenizer", default=None, help="umT5 tokenizer folder (default: google/umt5-xxl beside --t5)")
+    parser.add_argument("--fp8_t5", action="store_true", help="accepted; fp8 umT5 comes with the memory work")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank, world_size, device = process_split(args.device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return run_and_report(
+        lambda: cache_text_encoder_outputs(load_dataset_config(args.dataset_config), args.t5, tokenizer=args.tokenizer,
+                                           device=device, dtype=dtype, fp8_t5=args.fp8_t5,
+                                           batch_size=args.batch_size or 16, strict=args.strict, rank=rank,
+                                           world_size=world_size, progress=not args.no_progress))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
