@@ -3,12 +3,15 @@ weights written in the official formats) from a synthetic captioned dataset, wit
 
     1. tiny models and a dataset of clips and stills  (library/wan/tiny.py, library/prep/demo_dataset.py)
     2. tools/cache_latents.py, tools/cache_text_encoder_outputs.py
-    3. train_network_wan.py --config_file demo_output/demo_lora.toml
+    3. train_network_wan.py --config_file demo_output/demo_lora.toml   (with samples during training)
+    4. generate_video_wan.py: base model and the LoRA at strengths 0.5 / 0.7 / 0.9 / 1.0, side by side
 
     python demo.py [--output demo_output] [--steps 60]
 
-Outputs land in OUTPUT/train/: one LoRA per expert (`demo_lora_high_noise.safetensors`,
-`demo_lora_low_noise.safetensors`), step checkpoints, loss.csv and loss.png, the resolved config.
+Outputs: OUTPUT/train/ holds one LoRA per expert (`demo_lora_high_noise.safetensors`,
+`demo_lora_low_noise.safetensors`), step checkpoints, loss.csv and loss.png, the resolved config and
+sample/ (videos rendered during training); OUTPUT/eval/ holds the strength-sweep grid video and contact
+sheet.
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ def run(args: list[str], what: str) -> None:
     subprocess.run([sys.executable, *args], check=True)
 
 
-def write_training_toml(path: Path, models, dataset: Path, out: Path, steps: int) -> Path:
+PROMPTS = ("# Kohya sample-prompt syntax: --w/--h size, --f frames, --d seed, --s steps\n"
+           "a colourful abstract painting, the camera pans right slowly --w 64 --h 64 --f 9 --d 1 --s 8\n"
+           "a mosaic of discs and squares, still image --w 64 --h 64 --f 1 --d 2 --s 8\n")
+
+
+def write_training_toml(path: Path, models, dataset: Path, out: Path, steps: int, prompts: Path) -> Path:
     path.write_text(
         "# Written by demo.py: a flat TOML as the Kohya GUIs write it.\n"
         'task = "t2v-tiny"\n'
@@ -44,6 +52,8 @@ def write_training_toml(path: Path, models, dataset: Path, out: Path, steps: int
         f"max_train_steps = {steps}\nsave_every_n_steps = {max(1, steps // 2)}\nsave_state = true\n"
         'timestep_sampling = "shift"\ndiscrete_flow_shift = 3.0\n'
         'mixed_precision = "no"\ngradient_checkpointing = true\nseed = 42\nmax_data_loader_n_workers = 0\n'
+        f'vae = "{models.vae.as_posix()}"\nt5 = "{models.t5.as_posix()}"\n'
+        f'sample_prompts = "{prompts.as_posix()}"\nsample_every_n_steps = {max(1, steps // 2)}\n'
     )
     return path
 
@@ -67,10 +77,20 @@ def main() -> int:
     run([str(REPO / "tools" / "cache_text_encoder_outputs.py"), "--dataset_config", str(dataset), "--t5",
          str(models.t5), "--tokenizer", str(models.tokenizer), "--task", "t2v-tiny", "--no_progress"],
         "cache text encoder outputs")
-    toml = write_training_toml(out / "demo_lora.toml", models, dataset, out / "train", args.steps)
+    prompts = out / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    toml = write_training_toml(out / "demo_lora.toml", models, dataset, out / "train", args.steps, prompts)
     run([str(REPO / "train_network_wan.py"), "--config_file", str(toml)], "train")
-    loras = sorted(p.name for p in (out / "train").glob("demo_lora_*noise.safetensors"))
-    print(f"\ndone in {time.perf_counter() - start:.0f} s: {', '.join(loras)}; loss curve {out / 'train' / 'loss.png'}")
+    train = out / "train"
+    run([str(REPO / "generate_video_wan.py"), "--task", "t2v-tiny", "--dit", str(models.dit), "--dit_high_noise",
+         str(models.dit_high_noise), "--vae", str(models.vae), "--t5", str(models.t5), "--from_file", str(prompts),
+         "--lora", str(train / "demo_lora_high_noise.safetensors"), "--lora", str(train / "demo_lora_low_noise.safetensors"),
+         "--lora_strength_sweep", "0.5,0.7,0.9,1.0", "--compare_base", "--output_dir", str(out / "eval"),
+         "--output_name", "demo"], "strength sweep")
+    loras = sorted(p.name for p in train.glob("demo_lora_*noise.safetensors"))
+    print(f"\ndone in {time.perf_counter() - start:.0f} s:\n  LoRAs: {', '.join(loras)} in {train}\n"
+          f"  loss curve: {train / 'loss.png'}\n  samples during training: {train / 'sample'}\n"
+          f"  strength sweep (base, 0.5, 0.7, 0.9, 1.0): {out / 'eval'}")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,9 @@ from tests.sampling.conftest import load_models, make_tiny_sets, write_lora
 
 
 def _run(script, *args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny models: threads only add overhead
     proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
+                          timeout=300, cwd=cwd, env=env)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -101,8 +103,6 @@ def test_bad_inputs_fail_clearly(tiny_sets, tmp_path):
 
 def test_entry_scripts_import_this_repos_library(tmp_path):
     """With another `library` package first on the path (sd-scripts installs one), --help still works."""
-    import os
-
     fake = tmp_path / "site" / "library"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('the wrong library package was imported')\n")

@@ -46,6 +46,7 @@ class ModelArgs:
     vae: str | None = arg(None, "VAE checkpoint (WAN 2.1 VAE, or the WAN 2.2 VAE for TI2V-5B)")
     vae_dtype: str | None = arg(None, "VAE dtype (default bfloat16)", choices=DTYPES)
     t5: str | None = arg(None, "umT5-XXL text encoder checkpoint")
+    t5_tokenizer: str | None = arg(None, "local umT5 tokenizer folder (default: google/umt5-xxl beside `t5`)")
     clip: str | None = arg(None, "CLIP vision checkpoint (WAN 2.1 I2V only)")
 
 

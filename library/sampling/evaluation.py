@@ -72,7 +72,8 @@ def render_grid(models: SamplingModels, requests: list[SampleRequest], columns: 
     if rows:
         fps = next(iter(cells.values()))[2]
         write_mp4(grid_video(rows), folder / f"{stem}.mp4", fps)
-        sheet_rows = [(f"p{r + 1} {label}", frames) for (r, c), (label, frames, _) in sorted(cells.items())]
+        sheet_rows = [(f"p{r + 1} seed {settings[r]['seed']} | {label}", frames)
+                      for (r, c), (label, frames, _) in sorted(cells.items())]
         write_png(contact_sheet(sheet_rows), folder / f"{stem}.png")
         sidecar["files"] = {"video": f"{stem}.mp4", "contact_sheet": f"{stem}.png"}
         if save_cells:

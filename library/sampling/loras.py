@@ -137,7 +137,9 @@ def assign_experts(specs: list[LoraSpec], experts: list[str]) -> list[tuple[Lora
                            spec.path, partner.name, "low_noise" if own == "high_noise" else "high_noise")
     seen, unique = set(), []
     for spec, expert in out:  # both files of a pair given on the command line: attach each once
-        if (spec.path.resolve(), expert) not in seen:
+        if expert not in experts:
+            logger.warning("%s is for the %s expert, which is not loaded; skipped", spec.path.name, expert)
+        elif (spec.path.resolve(), expert) not in seen:
             seen.add((spec.path.resolve(), expert))
             unique.append((spec, expert))
     return unique

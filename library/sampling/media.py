@@ -87,11 +87,12 @@ def label_bar(text: str, width: int, height: int | None = None) -> np.ndarray:
 
     height = height or max(14, min(28, width // 10))
     bar = np.full((height, width, 3), 24, dtype=np.uint8)
-    scale = height / 30
+    scale = height / 34
     while scale > 0.2 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] > width - 4:
         scale *= 0.9
-    (_, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
-    cv2.putText(bar, text, (2, (height + th) // 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
+    (_, th), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    y = (height + th - baseline) // 2  # text and descenders centred in the bar
+    cv2.putText(bar, text, (2, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return bar
 
 

@@ -28,8 +28,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class LossLog:
-    """Appends one CSV row per optimizer step (and per validation run) and redraws the curve at most
-    every `plot_seconds` (and after each validation, and when asked)."""
+    """One CSV row per optimizer step (and per validation run); rows are appended and the curve redrawn
+    at most every `plot_seconds`, after each validation, and on `flush()` / `plot()` (every save)."""
 
     def __init__(self, folder: str | os.PathLike, ema: float = 0.98, plot_seconds: float = 30.0, resume_step: int = 0):
         self.folder = Path(folder)
@@ -37,6 +37,7 @@ class LossLog:
         self.csv_path = self.folder / "loss.csv"
         self.png_path = self.folder / "loss.png"
         self.ema, self.plot_seconds, self._plotted = ema, plot_seconds, 0.0
+        self._pending: list[dict] = []  # rows not yet appended to loss.csv
         self.rows: list[dict] = self._read_existing(resume_step)
         self._avg = self.rows[-1]["avg_loss"] if self.rows else None
         self._rewrite()
@@ -67,15 +68,22 @@ class LossLog:
         row = {"step": step, "epoch": epoch, "loss": loss, "avg_loss": self._avg if kind == "train" else loss,
                "lr": lr, "kind": kind}
         self.rows.append(row)
-        with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(row)
+        self._pending.append(row)
         if kind != "train" or time.monotonic() - self._plotted >= self.plot_seconds:
             self.plot()
         return row["avg_loss"]
 
+    def flush(self) -> None:
+        """Append the pending rows to loss.csv (done with every plot and every save)."""
+        if self._pending:
+            with open(self.csv_path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=CSV_FIELDS).writerows(self._pending)
+            self._pending.clear()
+
     def plot(self, width: int = 900, height: int = 420) -> None:
         import cv2
 
+        self.flush()
         train = [r for r in self.rows if r["kind"] == "train" and math.isfinite(r["loss"])]
         val = [r for r in self.rows if r["kind"] != "train" and math.isfinite(r["loss"])]
         if not train:

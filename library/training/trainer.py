@@ -32,6 +32,7 @@ from .flow_matching import add_noise
 from .advice import RunFacts, log_report
 from .logs import LossLog
 from .monitor import LossMonitor
+from .samples import TrainingSampler
 from .components import RunState, build_data, build_experts, build_optimization, make_accelerator, resolve_run
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Trainer:
         self.committed = replace(self.state)  # the state as of the last optimizer step
         self.log = LossLog(self.run_info.output_dir, resume_step=self.state.global_step) if self.is_main else None
         self.monitor = LossMonitor(self.opt.total_steps, self.run_info.output_dir if self.is_main else None)
+        self.sampler = TrainingSampler(cfg, self.experts, self.device) if cfg.sampling.sample_prompts else None
         if self.is_main:
             self._report()
         if self.is_main:
@@ -114,6 +116,8 @@ class Trainer:
 
         total, accum = self.opt.total_steps, self.cfg.loop.gradient_accumulation_steps
         bar = tqdm(total=total, initial=self.state.global_step, disable=not self.is_main, desc="steps")
+        if self.sampler and self.cfg.sampling.sample_at_first and self.state.global_step == 0:
+            self.sample()
         while self.state.global_step < total:
             loader = self.data.loader(self.state.epoch, skip=self.state.batch_in_epoch)
             for batch in loader:
@@ -190,7 +194,9 @@ class Trainer:
         opt = self.opt
         opt.average_gradients(self.accelerator)
         if self.cfg.optimizer.max_grad_norm:
-            self.accelerator.clip_grad_norm_(opt.trainable, self.cfg.optimizer.max_grad_norm)
+            clip = self.accelerator.clip_grad_norm_ if self.cfg.loop.mixed_precision == "fp16" else \
+                torch.nn.utils.clip_grad_norm_  # fp16: accelerate unscales first
+            clip(opt.trainable, self.cfg.optimizer.max_grad_norm)
         opt.optimizer.step()
         self.last_lr = opt.scheduler.get_last_lr()[0]  # the rate this step used
         opt.scheduler.step()
@@ -210,10 +216,18 @@ class Trainer:
         every = self.cfg.loop.validate_every_n_steps
         if every and self.data.validation and st.global_step % every == 0:
             self.validate()
+        if self.sampler and self.sampler.due(st.global_step):
+            self.sample()
         if saving.save_every_n_steps and st.global_step % saving.save_every_n_steps == 0:
             self.save(kind="step")
 
+    def sample(self) -> None:
+        self.sampler.render(self.accelerator, self.run_info.output_dir, self.run_info.output_name,
+                            self.state.global_step, self.state.epoch)
+
     def after_epoch(self) -> None:
+        if self.sampler and self.sampler.due(self.state.global_step, epoch_end=self.state.epoch):
+            self.sample()
         every = self.cfg.saving.save_every_n_epochs
         if every and self.state.epoch % every == 0 and self.state.global_step < self.opt.total_steps:
             self.save(kind="epoch")
@@ -277,6 +291,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return
+        self.log.plot()  # loss.csv and loss.png up to date with every save
         st, saving, info = self.committed, self.cfg.saving, self.run_info
         step = st.global_step if kind in ("step", "interrupt") else None
         epoch = st.epoch if kind == "epoch" else None

@@ -130,7 +130,7 @@ def write_tiny_model_set(folder: str | os.PathLike, task: str = "t2v-tiny", seed
     if not t5_path.exists():
         sd = tiny_t5_state_dict(variant.text_dim, seed=seed)
         _save_atomic(lambda p: torch.save(sd, p), t5_path)
-    tokenizer = folder / "umt5_tiny_tokenizer"
+    tokenizer = folder / "google" / "umt5-xxl"  # where the official release keeps it, beside the T5 file
     if not (tokenizer / "tokenizer_config.json").exists():
         write_tiny_tokenizer(tokenizer)
     return TinyModelSet(dit=dits.get("low_noise", dits.get("dit")), dit_high_noise=dits.get("high_noise"),

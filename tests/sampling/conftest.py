@@ -8,6 +8,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread: intra-op threads only add overhead (and 10x slowdowns when the
+    machine is busy). Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tiny_sets(root: Path) -> dict:
     """{task: TinyModelSet} for t2v-tiny (two experts), i2v-tiny and ti2v-tiny."""
     from library.wan.tiny import write_tiny_model_set

@@ -62,6 +62,7 @@ def test_pairing_by_name_and_metadata(t2v, tmp_path):
     assert [e for _, e in assign_experts([LoraSpec(shared)], experts)] == experts  # no expert: both
     tagged = write_lora(t2v.experts["low_noise"], tmp_path / "tagged.safetensors", t2v.variant, "low_noise")
     assert [e for _, e in assign_experts([LoraSpec(tagged)], experts)] == ["low_noise"]  # ss_expert metadata
+    assert [e for _, e in assign_experts([LoraSpec(high)], ["low_noise"])] == ["low_noise"]  # high not loaded
 
 
 def test_lora_for_another_variant_names_the_keys(t2v, tmp_path):

@@ -132,12 +132,14 @@ def test_gui_toml_parses_and_trains(workspace, tmp_path):
     """The golden musubi-tuner-gui TOML, with this machine's paths appended on the command line."""
     m = workspace["models"]
     fixture = REPO / "tests" / "fixtures" / "musubi_gui_wan_lora.toml"
+    prompts = tmp_path / "prompt.txt"  # the GUI's prompt file lives on the GUI's machine: point at one here
+    prompts.write_text("a test prompt --w 32 --h 32 --f 1 --s 2\n")
     cfg = validate(load_config([
         "--config_file", str(fixture), "--task", "t2v-tiny", "--dit", str(m.dit), "--dit_high_noise",
         str(m.dit_high_noise), "--vae", str(m.vae), "--t5", str(m.t5), "--dataset_config", str(workspace["dataset"]),
         "--output_dir", str(tmp_path), "--max_train_steps", "2", "--max_train_epochs", "0",
         "--mixed_precision", "no", "--optimizer_type", "AdamW", "--max_data_loader_n_workers", "0",
-        "--sample_prompts", "", "--xformers", "false", "--sdpa", "true", "--gradient_checkpointing", "true",
+        "--sample_prompts", str(prompts), "--xformers", "false", "--sdpa", "true", "--gradient_checkpointing", "true",
         "--save_every_n_epochs", "0", "--logging_dir", str(tmp_path / "logs"), "--log_with", "tensorboard",
     ]))
     assert Trainer(cfg).run() == 0
@@ -220,3 +222,18 @@ def test_validation_loss_is_fixed_and_logged(workspace, tmp_path):
     assert [int(r["step"]) for r in val_rows] == [2, 4]
     assert trainer.validate() == pytest.approx(trainer.validate())  # same weights, same number
     assert trainer.validate() == pytest.approx(float(val_rows[-1]["loss"]), rel=1e-6)
+
+
+def test_samples_during_training_do_not_change_the_losses(workspace, tmp_path):
+    m = workspace["models"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# samples\na panning shot of shapes --w 32 --h 32 --f 5 --d 3 --s 2\n"
+                       "a still image --w 32 --h 32 --f 1 --d 4 --s 2 --l 2.0\n")
+    common = dict(max_train_steps=4, network_dropout=0.1)
+    train(workspace, tmp_path / "plain", **common)
+    train(workspace, tmp_path / "sampled", **common, sample_prompts=str(prompts), sample_every_n_steps=2,
+          sample_at_first=True, vae=str(m.vae), t5=str(m.t5), logging_dir=str(tmp_path / "logs"))
+    assert losses(tmp_path / "sampled") == losses(tmp_path / "plain")
+    names = sorted(p.name for p in (tmp_path / "sampled" / "sample").glob("*.mp4"))
+    assert names == [f"lora_step{s:08d}_{i:02d}.mp4" for s in (0, 2, 4) for i in (0, 1)]
+    assert list((tmp_path / "logs").rglob("events.*"))

@@ -1,0 +1,70 @@
+"""Samples during training: the prompt file encoded once at the start (the text encoder is then freed),
+the VAE kept for decoding, and every expert with its current LoRA rendered into OUTPUT_DIR/sample/
+with step numbers, logged to TensorBoard when it is on.
+
+Sampling draws from its own generators (library/sampling) and restores train / eval modes, and the
+training draws are keyed by position (trainer.py), so samples never change the training numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+import torch
+
+from library.config.schema import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingSampler:
+    def __init__(self, cfg: TrainConfig, experts: list, device):
+        from library.sampling.generate import SamplingModels, encode_requests
+        from library.sampling.prompts import read_prompt_file
+        from library.wan.loading import load_text_encoder, load_vae
+
+        s, m = cfg.sampling, cfg.model
+        if not (m.vae and m.t5):
+            raise ValueError("sample_prompts needs `vae` and `t5` (the prompts are encoded once at the start)")
+        requests, errors = read_prompt_file(s.sample_prompts)
+        for error in errors:
+            logger.error("sample_prompts: %s (that prompt is skipped)", error)
+        if not requests:
+            raise ValueError(f"{s.sample_prompts}: no usable prompt")
+        variant = experts[0].model.variant
+        encoder = load_text_encoder(m.t5, m.t5_tokenizer, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.requests = encode_requests(encoder, requests, variant)
+        del encoder
+        gc.collect()
+        vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.models = SamplingModels(
+            variant=variant, experts={e.name: e.model for e in experts}, vae=load_vae(m.vae, device=device, dtype=vae_dtype),
+            networks=[e.network for e in experts], boundary=cfg.timesteps.timestep_boundary,
+        )
+        self.cfg = cfg
+        logger.info("samples: %d prompt(s) from %s", len(self.requests), s.sample_prompts)
+
+    def due(self, step: int, epoch_end: int | None = None) -> bool:
+        s = self.cfg.sampling
+        if epoch_end is not None:
+            return bool(s.sample_every_n_epochs) and epoch_end % s.sample_every_n_epochs == 0
+        return bool(s.sample_every_n_steps) and not s.sample_every_n_epochs and step % s.sample_every_n_steps == 0
+
+    def render(self, accelerator, output_dir, output_name: str, step: int, epoch: int) -> None:
+        """Render every prompt (main process only). An expert offloaded by `offload_inactive_dit` comes back
+        to the device for sampling; the next training step offloads it again."""
+        from library.sampling.save import sample_during_training
+
+        if not accelerator.is_main_process:
+            return
+        for expert_model in self.models.experts.values():
+            expert_model.to(accelerator.device)
+        results = sample_during_training(self.models, self.requests, output_dir, step=step, epoch=epoch,
+                                         output_name=output_name)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                for r in results:
+                    if r.contact_sheet is not None:
+                        tracker.writer.add_image(f"samples/{r.index:02d}", r.contact_sheet, step, dataformats="HWC")
+        logger.info("step %d: %d sample(s) in %s/sample", step, sum(r.error is None for r in results), output_dir)
