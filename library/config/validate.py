@@ -38,9 +38,6 @@ def _models(cfg: TrainConfig, variant, errors: list[str]) -> None:
         errors.append("`fp8_scaled` needs `fp8_base = true`")
     if mem.gradient_checkpointing_cpu_offload and not mem.gradient_checkpointing:
         errors.append("`gradient_checkpointing_cpu_offload` needs `gradient_checkpointing = true`")
-    if mem.blocks_to_swap > 0 and mem.offload_inactive_dit:
-        errors.append("`blocks_to_swap` and `offload_inactive_dit` cannot be used together: block swap already "
-                      "keeps most of each expert on the CPU; pick one")
     if mem.offload_inactive_dit and not m.dit_high_noise:
         errors.append("`offload_inactive_dit` needs two experts: set `dit_high_noise` too")
     if variant is None:

@@ -174,6 +174,12 @@ def build_data(cfg: TrainConfig, variant: WanVariant, accelerator, seed: int) ->
     datasets = build_train_datasets(load_dataset_config(cfg.run.dataset_config), cfg.model.task, seed=seed)
     for ds in datasets:
         ds.check_caches()
+        if variant.is_i2v and any(item.is_image for item in ds.items):
+            raise ValueError(
+                f"{ds.spec.where()}: {variant.name} is image-to-video and learns the frames that follow the "
+                "first one; single images give it nothing to learn (the first frame is its own target). Use "
+                "clips for I2V, or train a T2V / TI2V task on images"
+            )
     workers = min(cfg.loop.max_data_loader_n_workers, os.cpu_count() or 1)
     data = TrainData(datasets, seed, accelerator.process_index, accelerator.num_processes, workers)
     config = load_dataset_config(cfg.run.dataset_config)
@@ -214,7 +220,29 @@ def _attach_network(expert: Expert, cfg: TrainConfig, share_with: Expert | None 
     expert.network = net
 
 
-def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device) -> list[Expert]:
+def resolve_memory(cfg: TrainConfig, variant: WanVariant, data: TrainData, device, n_experts: int):
+    """The memory settings to use: the configured ones, or with `auto_memory` the planner's choice for
+    this card and the largest bucket of the dataset."""
+    if not cfg.memory.auto_memory:
+        return cfg.memory
+    from .memory_plan import detect_vram_gb, plan_memory
+
+    vram = detect_vram_gb(device)
+    if vram is None:
+        logger.warning("auto_memory: no CUDA device, keeping the configured memory settings")
+        return cfg.memory
+    width, height, frames = max((item.bucket for ds in data.datasets for item in ds.items),
+                                key=lambda b: b[0] * b[1] * b[2])
+    batch = max(ds.batch_size for ds in data.datasets)
+    plan = plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
+                       cfg.optimizer.optimizer_type, experts=n_experts)
+    logger.info("auto_memory plan for %.0f GiB:\n%s", vram, plan.table())
+    return plan.apply(cfg.memory)
+
+
+def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, data: TrainData) -> list[Expert]:
+    from .memory import apply_memory_features, fp8_config
+
     m, t = cfg.model, cfg.timesteps
     paths = {"low_noise": m.dit, "high_noise": m.dit_high_noise} if variant.two_experts else {"dit": m.dit}
     paths = {k: v for k, v in paths.items() if v}
@@ -225,11 +253,14 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device) 
     ranges = expert_ranges(variant, boundary, "low_noise" in paths, "high_noise" in paths,
                            t.min_timestep if configured else None, t.max_timestep if configured else None)
     samplers = make_samplers(base_sampler(cfg), ranges)
+    memory = resolve_memory(cfg, variant, data, device, len(paths))
+    on_host = memory.blocks_to_swap > 0 or memory.offload_inactive_dit  # load to host RAM, place afterwards
     experts = []
     for name, path in paths.items():
-        model = load_dit(path, device=device, dtype=info.base_dtype, task=m.task)
+        model = load_dit(path, device="cpu" if on_host else device, dtype=info.base_dtype, task=m.task,
+                         fp8=fp8_config(memory))
         model.set_attention_backend(cfg.attention.attention_backend, cfg.attention.split_attn)
-        model.enable_gradient_checkpointing(cfg.memory.gradient_checkpointing)
+        apply_memory_features(model, memory, device, place=not memory.offload_inactive_dit)
         high = name == "high_noise"
         experts.append(Expert(
             name=name, model=model, sampler=samplers[name],
@@ -240,6 +271,7 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device) 
         ))
     for i, expert in enumerate(experts):
         _attach_network(expert, cfg, experts[0] if cfg.network.shared_expert_lora and i else None)
+        expert.network.to(device)  # LoRA weights always live on the accelerator, swapped blocks or not
         logger.info("expert %s: %s, timesteps %g-%g, lr %g, rank %d", expert.name, expert.model.variant.name,
                     expert.sampler.min_timestep, expert.sampler.max_timestep, expert.learning_rate, expert.network_dim)
     return experts
@@ -276,10 +308,12 @@ class Optimization:
         """With `offload_inactive_dit`, only the expert in use sits on the accelerator."""
         if not self.offload_inactive or len(self.experts) == 1:
             return
+        from .memory import place_model
+
         for other in self.experts:
             target = self.device if other is expert else torch.device("cpu")
-            if next(other.model.parameters()).device != target:
-                other.model.to(target)
+            if other.model.patch_embedding.weight.device != target:
+                place_model(other.model, target)
 
     def average_gradients(self, accelerator) -> None:
         """Mean of the LoRA gradients over processes, in one collective."""

@@ -261,6 +261,23 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def quantize_block_fp8(block: nn.Module, prefix: str, config: FP8Config = FP8Config(), work_device=None,
+                      report: FP8Report | None = None) -> FP8Report:
+    """Replace the Linear layers of one block (named `prefix.<name>` for the exclusion rules) by
+    `FP8Linear`, one layer at a time; adds to `report` and returns it."""
+    report = report if report is not None else FP8Report(config.mode)
+    for name, linear in list(block.named_modules()):
+        full = f"{prefix}.{name}"
+        if not isinstance(linear, nn.Linear) or isinstance(linear, FP8Linear) or _excluded(full, config.exclude):
+            continue
+        layer, report.errors[full] = FP8Linear.from_linear(linear, config, work_device)
+        report.bytes_before += _nbytes(linear.weight)
+        report.bytes_after += _nbytes(layer.weight, layer.scale_weight)
+        block.set_submodule(name, layer)
+        report.layers += 1
+    return report
+
+
 def quantize_model_fp8(model: nn.Module, scaled: bool = True, per_channel: bool = False,
                        exclude=DEFAULT_EXCLUDE, use_scaled_mm: bool = False, work_device=None) -> FP8Report:
     """Replace the block Linear layers of a loaded WAN model by `FP8Linear`, one layer at a time (the
@@ -270,13 +287,8 @@ def quantize_model_fp8(model: nn.Module, scaled: bool = True, per_channel: bool 
     if getattr(model, "compute_dtype", "absent") is None:
         model.compute_dtype = model._dtype()  # fp8 weights would otherwise make the model guess bf16
     report = FP8Report(config.mode)
-    for name in fp8_targets(model, config.exclude):
-        linear = model.get_submodule(name)
-        layer, report.errors[name] = FP8Linear.from_linear(linear, config, work_device)
-        report.bytes_before += _nbytes(linear.weight)
-        report.bytes_after += _nbytes(layer.weight, layer.scale_weight)
-        model.set_submodule(name, layer)
-        report.layers += 1
+    for i, block in enumerate(model.blocks):
+        quantize_block_fp8(block, f"blocks.{i}", config, work_device, report)
     logger.info("%s", report.summary())
     return report
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from safetensors import safe_open
 
 from library.config import config_from_dict, load_config, validate
 from library.training.trainer import NonFiniteLossError, Trainer
+from library.wan.variants import get_variant
 from tests.helpers import REPO
 
 
@@ -237,3 +239,82 @@ def test_samples_during_training_do_not_change_the_losses(workspace, tmp_path):
     names = sorted(p.name for p in (tmp_path / "sampled" / "sample").glob("*.mp4"))
     assert names == [f"lora_step{s:08d}_{i:02d}.mp4" for s in (0, 2, 4) for i in (0, 1)]
     assert list((tmp_path / "logs").rglob("events.*"))
+
+
+def test_lora_trains_over_an_fp8_base(workspace, tmp_path):
+    from library.wan.fp8 import FP8Linear
+
+    trainer = train(workspace, tmp_path, fp8_base=True, fp8_scaled=True, max_train_steps=3)
+    model = trainer.experts[0].model
+    assert isinstance(model.blocks[0].self_attn.q, FP8Linear)
+    assert model.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+    up = lora(tmp_path / "lora_low_noise.safetensors")["lora_unet_blocks_0_self_attn_q.lora_up.weight"]
+    assert up.dtype == torch.float32 and up.abs().sum() > 0  # fp32 LoRA, trained
+
+
+def test_each_expert_trains_only_on_its_own_timesteps(workspace, tmp_path):
+    trainer = Trainer(validate(config_from_dict(settings(workspace, tmp_path, max_train_steps=40,
+                                                         timestep_sampling="sigmoid"))))
+    trainer.setup()
+    seen = {e.name: [] for e in trainer.experts}
+    for expert in trainer.experts:
+        expert.model.register_forward_pre_hook(
+            lambda module, args, name=expert.name: seen[name].extend(args[1].flatten().tolist()))
+    trainer.train()
+    trainer.cleanup()
+    boundary = 875.0  # t2v-tiny, like T2V-A14B
+    assert seen["high_noise"] and min(seen["high_noise"]) >= boundary
+    assert seen["low_noise"] and max(seen["low_noise"]) < boundary
+    # the boundary splits the sigmoid distribution: the high-noise expert gets its share of the steps
+    share = len(seen["high_noise"]) / (len(seen["high_noise"]) + len(seen["low_noise"]))
+    assert 0.02 < share < 0.5
+
+
+def _task_workspace(root: Path, task: str, images: int = 0):
+    from library.data.dataset_config import load_dataset_config
+    from library.data.latent_caching import cache_latents
+    from library.data.text_caching import cache_text_encoder_outputs
+    from library.prep.demo_dataset import write_demo_dataset
+    from library.wan.tiny import write_tiny_model_set
+
+    models = write_tiny_model_set(root / "models", task)
+    toml = write_demo_dataset(root / "data", clips=2, images=images, width=64, height=64, frames=9)
+    if not images:  # drop the (empty) image dataset
+        text = toml.read_text()
+        toml.write_text(text[: text.index("[[datasets]]", text.index("[[datasets]]") + 1)])
+    config = load_dataset_config(toml)
+    cache_latents(config, models.vae, task=task, progress=False)
+    cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32, progress=False)
+    return {"models": models, "dataset": toml}
+
+
+@pytest.mark.parametrize("task,extra", [("i2v-tiny", {}), ("ti2v-tiny", {"i2v_probability": 0.5})])
+def test_image_to_video_tasks_train(tmp_path, task, extra):
+    ws = _task_workspace(tmp_path, task)
+    seen = []
+    trainer = Trainer(validate(config_from_dict(settings(ws, tmp_path / "out", task=task, max_train_steps=6,
+                                                         **({} if get_variant(task).two_experts else
+                                                            {"dit_high_noise": None}), **extra))))
+    trainer.setup()
+    for expert in trainer.experts:
+        expert.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    trainer.train()
+    trainer.cleanup()
+    args, kwargs = seen[0]
+    if task == "i2v-tiny":  # 36 channels: 16 noisy + 4 mask + 16 image latent
+        y = kwargs["y"]
+        assert y.shape[1] == 20 and (y[:, :4, 0] == 1).all() and (y[:, :4, 1:] == 0).all()
+    else:  # TI2V: per-token timesteps, 0 on the first frame when the image conditions the step
+        timesteps = [a[1] for a, _ in seen]
+        assert all(t.dim() == 2 for t in timesteps)
+        per_frame = timesteps[0].shape[1] // 3  # 9 frames -> 3 latent frames
+        assert any((t[:, :per_frame] == 0).all() and (t[:, per_frame:] > 0).all() for t in timesteps)
+        assert any((t > 0).all() for t in timesteps)
+    assert losses(tmp_path / "out") and all(math.isfinite(x) for x in losses(tmp_path / "out"))
+
+
+def test_images_for_i2v_are_a_clear_error(tmp_path):
+    ws = _task_workspace(tmp_path, "i2v-tiny", images=2)
+    trainer = Trainer(validate(config_from_dict(settings(ws, tmp_path / "out", task="i2v-tiny"))))
+    with pytest.raises(ValueError, match="single images give it nothing to learn"):
+        trainer.run()

@@ -1,0 +1,223 @@
+"""Memory features of a training run, applied to each loaded expert by one call:
+
+    apply_memory_features(model, cfg.memory, device)
+
+- fp8 (`fp8_base`, `fp8_scaled`): block Linear weights in float8 (see `library.wan.fp8`); best done while
+  loading (`load_dit(..., fp8=fp8_config(cfg.memory))`), otherwise the loaded model is converted here.
+- gradient checkpointing per block (`gradient_checkpointing`), with the checkpointed block inputs (the
+  fp32 residual stream, the only activations checkpointing keeps) copied to host memory on a side stream
+  and brought back for the recomputation (`gradient_checkpointing_cpu_offload`).
+- block swap (`blocks_to_swap`, `use_pinned_memory_for_block_swap`): see `block_swap.py`.
+
+Block swap and activation offload need CUDA; elsewhere they are no-ops with a log line. They work
+through `WanModel.block_runner`, the one hook the model offers around each block.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from library.wan.fp8 import FP8Config, FP8Linear, FP8Report, quantize_model_fp8
+
+from .block_swap import BlockSwapper, CudaTransport
+
+logger = logging.getLogger(__name__)
+
+
+def fp8_config(memory) -> FP8Config | None:
+    """The `load_dit(fp8=...)` argument for a `MemoryArgs`: None unless `fp8_base`."""
+    return FP8Config(scaled=bool(memory.fp8_scaled)) if memory.fp8_base else None
+
+
+# ---- activation offload ------------------------------------------------------------------------------
+
+
+class _Offloaded:
+    __slots__ = ("host", "device", "event")
+
+    def __init__(self, host, device, event):
+        self.host, self.device, self.event = host, device, event
+
+
+class ActivationOffloader:
+    """Saved-tensor hooks that move one tensor (a checkpointed block's input) to host memory while the
+    forward pass goes on, and back when the backward pass recomputes the block. On CUDA the copies run
+    on a side stream; on a CPU device the 'host copy' is a clone (the same code path, for tests)."""
+
+    def __init__(self, device: torch.device, pin_memory: bool = True):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.pin_memory = pin_memory and self.cuda
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.offloaded = 0  # tensors sent to the host so far (for logs and tests)
+
+    def hooks(self, x: torch.Tensor):
+        """A context in which saving `x` (and only `x`) for backward keeps a host copy instead."""
+        key = (x.data_ptr(), tuple(x.shape), x.dtype)
+
+        def pack(t: torch.Tensor):
+            if (t.data_ptr(), tuple(t.shape), t.dtype) != key:
+                return t
+            return self._to_host(t)
+
+        def unpack(packed):
+            return self._to_device(packed) if isinstance(packed, _Offloaded) else packed
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def _to_host(self, t: torch.Tensor) -> _Offloaded:
+        self.offloaded += 1
+        if not self.cuda:
+            return _Offloaded(t.detach().clone(), t.device, None)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory)
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete
+        with torch.cuda.stream(self.stream):
+            host.copy_(t.detach(), non_blocking=self.pin_memory)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        t.record_stream(self.stream)  # t's memory is not reused before the copy has read it
+        return _Offloaded(host, t.device, event)
+
+    def _to_device(self, packed: _Offloaded) -> torch.Tensor:
+        if not self.cuda:
+            return packed.host
+        compute = torch.cuda.current_stream(packed.device)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(packed.event)
+            tensor = packed.host.to(packed.device, non_blocking=self.pin_memory)
+        compute.wait_stream(self.stream)
+        tensor.record_stream(compute)
+        return tensor
+
+
+# ---- the block runner ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class BlockRunner:
+    """`WanModel.block_runner`: runs each block with block swap and / or activation offload around it."""
+
+    swapper: BlockSwapper | None = None
+    offloader: ActivationOffloader | None = None
+
+    def run(self, i: int, block: nn.Module, args: tuple, run_block) -> torch.Tensor:
+        x = args[0]  # [B, L, C] fp32 residual stream
+        if self.swapper is not None:
+            self.swapper.before_forward(i)
+        if self.offloader is not None and torch.is_grad_enabled():
+            with self.offloader.hooks(x):
+                out = run_block(block, args)
+        else:
+            out = run_block(block, args)
+        if self.swapper is not None:
+            training = torch.is_grad_enabled() and out.requires_grad
+            self.swapper.after_forward(i, keep_for_backward=training)
+            if training:
+                self._hook_backward(i, x, out)
+        return out
+
+    def _hook_backward(self, i: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The gradient of a block's output arrives just before its backward (and recomputation) runs;
+        the gradient of its input is complete just after."""
+        swapper = self.swapper
+        out.register_hook(lambda grad: swapper.before_backward(i))
+        if x.requires_grad:
+            x.register_hook(lambda grad: swapper.after_backward(i))
+
+
+# ---- placing a model -----------------------------------------------------------------------------------
+
+
+def place_model(model: nn.Module, device) -> None:
+    """`model.to(device)`, except that blocks handled by a block swapper stay in host memory. Use this in
+    place of `.to()` to move an expert in and out of the GPU (`offload_inactive_dit`)."""
+    device = torch.device(device)
+    runner = getattr(model, "block_runner", None)
+    swapper = runner.swapper if isinstance(runner, BlockRunner) else None
+    if swapper is None:
+        model.to(device)
+        return
+    swapper.reset()
+    for name, child in model.named_children():
+        if name != "blocks":
+            child.to(device)
+    for i, block in enumerate(model.blocks):
+        if i not in swapper.swapped:
+            block.to(device)
+
+
+# ---- the entry point --------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemorySetup:
+    """What `apply_memory_features` did, for the start-of-run log."""
+
+    device: str
+    fp8: FP8Report | None = None
+    gradient_checkpointing: bool = False
+    activation_offload: bool = False
+    blocks_to_swap: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [self.fp8.summary() if self.fp8 else "bf16/fp16/fp32 weights",
+                 f"checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+                 + (" (activations offloaded)" if self.activation_offload else ""),
+                 f"{self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "no block swap"]
+        return f"memory on {self.device}: " + "; ".join(parts + self.notes)
+
+
+def _note(setup: MemorySetup, message: str, *args, warn: bool = False) -> None:
+    text = message % args
+    (logger.warning if warn else logger.info)(text)
+    setup.notes.append(text)
+
+
+def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, transport=None,
+                          place: bool = True) -> MemorySetup:
+    """Apply a `MemoryArgs` (or anything with the same fields) to a loaded WAN model and put the model on
+    `device` (swapped blocks stay in host memory; `place=False` leaves the rest where it is, for an expert
+    that waits in host memory until `place_model` brings it in). Call once per expert, after `load_dit`;
+    create the LoRA network afterwards and move it to `device`. `transport` replaces the CUDA side-stream
+    copies of block swap (tests pass `HostTransport()` to run the schedule on the CPU)."""
+    device = torch.device(device)
+    setup = MemorySetup(str(device))
+    # 1. fp8 weights (already there when the loader did it)
+    if memory.fp8_base:
+        if any(isinstance(m, FP8Linear) for m in model.modules()):
+            setup.fp8 = getattr(model, "fp8_report", None)
+        else:
+            work = device if device.type == "cuda" else None
+            setup.fp8 = quantize_model_fp8(model, scaled=bool(memory.fp8_scaled), work_device=work)
+    # 2. checkpointing and what rides on it
+    swap, checkpointing = int(memory.blocks_to_swap or 0), bool(memory.gradient_checkpointing)
+    offload = bool(getattr(memory, "gradient_checkpointing_cpu_offload", False)) and checkpointing
+    if swap and device.type != "cuda" and transport is None:
+        _note(setup, "block swap needs a CUDA device: blocks_to_swap = %d is ignored on %s", swap, device)
+        swap = 0
+    if offload and device.type != "cuda":
+        _note(setup, "activation offload needs a CUDA device: gradient_checkpointing_cpu_offload is ignored "
+                     "on %s", device)
+        offload = False
+    if swap and not checkpointing:
+        _note(setup, "blocks_to_swap = %d: turning on gradient_checkpointing (without it autograd would keep "
+                     "every swapped block's weights on the GPU until the backward pass)", swap, warn=True)
+        checkpointing = True
+    model.enable_gradient_checkpointing(checkpointing)
+    setup.gradient_checkpointing, setup.activation_offload, setup.blocks_to_swap = checkpointing, offload, swap
+    # 3. the runner around each block, then placement
+    swapper = None
+    if swap:
+        swapper = BlockSwapper(model.blocks, swap, transport or CudaTransport(device), prefetch=prefetch,
+                               pin_memory=bool(memory.use_pinned_memory_for_block_swap))
+    offloader = ActivationOffloader(device) if offload else None
+    model.block_runner = BlockRunner(swapper, offloader) if (swapper or offloader) else None
+    if place:
+        place_model(model, device)
+    logger.info("%s", setup.summary())
+    return setup

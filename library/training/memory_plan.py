@@ -1,0 +1,254 @@
+"""The memory planner: from the GPU's memory and the training job, estimate weights, LoRA + optimizer
+state, activations and workspace, and choose fp8 / block swap / checkpointing (`auto_memory`,
+`tools/plan_memory.py`).
+
+Candidates are tried from fastest and most precise to most frugal; the first that fits is the plan:
+
+    1 bf16 weights                 4 fp8 + checkpointing + activation offload
+    2 bf16 + checkpointing         5 ... + block swap of N blocks, the smallest N that fits
+    3 bf16 + checkpointing + activation offload
+
+With two experts (WAN 2.2 A14B) each candidate is tried with both experts on the GPU, then with the
+inactive one in host memory (`offload_inactive_dit`). A bigger card never gets a later candidate, so the
+plan only adds features as the card gets smaller. When nothing fits, the plan says how many frames would.
+
+The activation figures are per token and per block, in bytes, for this repo's DiT and LoRA (fp32 LoRA
+maths) with a flash-style attention kernel (saves q, k, v, out and the log-sum-exp). They were measured
+on the CPU with saved-tensor hooks and a dispatch-level allocation tracker on scaled-down blocks (see
+tests/memory/test_plan.py, which re-measures them); the full-size figures are estimates until the GPU
+benchmark (`tools/benchmark_wan.py`) measures them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from library.wan.variants import WanVariant, get_variant
+
+GIB = 2**30
+# Saved for backward by one block, per token: ~64 C + 6 F bytes, plus 40 bytes per LoRA rank unit.
+ACT_PER_C, ACT_PER_F, ACT_PER_RANK = 64, 6, 40
+# Transient gradients while one block runs its backward pass, per token.
+WORK_PER_C, WORK_PER_F = 26, 3
+FIXED_WORKSPACE_GIB = 0.25  # cuBLAS / attention kernel workspaces
+CUDA_CONTEXT_GIB = 0.6  # the CUDA context and kernels: outside PyTorch's allocator, inside the card
+FRAGMENTATION = 0.95  # the share of the rest the caching allocator can really use
+OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "adam8bit": 2, "pagedadamw8bit": 2, "lion": 4,
+                   "lion8bit": 1, "adafactor": 1, "prodigy": 16, "sgd": 0, "sgdnesterov": 4}
+SWAP_IN_FLIGHT = 3  # swapped blocks on the GPU at once with one block of prefetch (see block_swap.py)
+
+
+@dataclass(frozen=True)
+class Workload:
+    variant: WanVariant
+    width: int
+    height: int
+    frames: int
+    batch_size: int = 1
+    rank: int = 32
+    optimizer: str = "adamw"
+    experts: int = 1  # 2: both WAN 2.2 A14B experts are trained in one run
+
+    @property
+    def tokens(self) -> int:
+        """Video tokens per sample: latent frames x (latent H / 2) x (latent W / 2)."""
+        st, sh, sw = self.variant.vae_stride
+        pt, ph, pw = self.variant.patch_size
+        return ((self.frames - 1) // st + 1) // pt * (self.height // sh // ph) * (self.width // sw // pw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    fp8: bool = False
+    checkpointing: bool = False
+    offload_activations: bool = False
+    blocks_to_swap: int = 0
+    offload_inactive: bool = False
+
+    def label(self) -> str:
+        parts = ["fp8" if self.fp8 else "bf16"]
+        if self.checkpointing:
+            parts.append("ckpt" + ("+offload" if self.offload_activations else ""))
+        if self.blocks_to_swap:
+            parts.append(f"swap {self.blocks_to_swap}")
+        if self.offload_inactive:
+            parts.append("inactive expert on CPU")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """GiB on the GPU at the peak (the backward pass of one block)."""
+
+    weights: float
+    lora: float  # LoRA weights, gradients and optimizer state
+    activations: float
+    workspace: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.lora + self.activations + self.workspace
+
+
+# ---- sizes -----------------------------------------------------------------------------------------------
+
+
+def block_linear_params(v: WanVariant) -> int:
+    """Weights of the Linear layers of one block (what fp8 converts and MFU counts)."""
+    image = 2 * v.dim * v.dim if v.image_embedding else 0
+    return 8 * v.dim * v.dim + image + 2 * v.dim * v.ffn_dim
+
+
+def block_other_params(v: WanVariant) -> tuple[int, int]:
+    """(bf16 biases, fp32 norms + modulation) of one block."""
+    linears = 10 if v.image_embedding else 8
+    biases = linears * v.dim + v.ffn_dim + v.dim
+    fp32 = 6 * v.dim + 2 * v.dim + (5 if v.image_embedding else 4) * v.dim
+    return biases, fp32
+
+
+def outer_params(v: WanVariant) -> tuple[int, int]:
+    """(bf16, fp32) parameters outside the blocks: embeddings, time MLPs (fp32), head, CLIP projection."""
+    c, patch = v.dim, math.prod(v.patch_size)
+    bf16 = v.in_dim * patch * c + c + v.text_dim * c + c + c * c + c + c * patch * v.out_dim + patch * v.out_dim
+    fp32 = v.freq_dim * c + c + c * c + c + 6 * c * c + 6 * c + 2 * c
+    if v.image_embedding:
+        d = v.clip_dim
+        bf16 += d * d + d + d * c + c + 2 * d + 2 * c  # the CLIP projection's LayerNorms load in bf16 too
+    return bf16, fp32
+
+
+def lora_params(v: WanVariant, rank: int) -> int:
+    """LoRA parameters over the WAN targets of every block: rank x (in + out) per Linear."""
+    per_block = 8 * 2 * v.dim + (4 * v.dim if v.image_embedding else 0) + 2 * (v.dim + v.ffn_dim)
+    return rank * per_block * v.num_layers
+
+
+def _block_bytes(v: WanVariant, fp8: bool) -> float:
+    biases, fp32 = block_other_params(v)
+    scales = 12 * 4 if fp8 else 0
+    return block_linear_params(v) * (1 if fp8 else 2) + scales + biases * 2 + fp32 * 4
+
+
+def estimate(w: Workload, s: Settings) -> Estimate:
+    v, t, b = w.variant, w.tokens, w.batch_size
+    c, f = v.dim, v.ffn_dim
+    bf16, fp32 = outer_params(v)
+    resident_blocks = v.num_layers - s.blocks_to_swap + min(s.blocks_to_swap, SWAP_IN_FLIGHT)
+    experts_on_gpu = 1 if (s.offload_inactive or w.experts == 1) else w.experts
+    weights = experts_on_gpu * (bf16 * 2 + fp32 * 4 + resident_blocks * _block_bytes(v, s.fp8))
+    lora = w.experts * lora_params(v, w.rank) * (8 + OPTIMIZER_BYTES.get(w.optimizer.lower(), 8))
+    per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b
+    context = 16 * c * v.text_len * b * (1 if s.checkpointing else v.num_layers)
+    shared = (4 * v.head_dim + 4 * c) * t * b  # RoPE tables, the incoming fp32 gradient
+    if not s.checkpointing:
+        activations = v.num_layers * per_block + context + shared
+    else:
+        stored = 4 * c * t * b * (2 if s.offload_activations else v.num_layers)  # fp32 block inputs
+        activations = per_block + stored + context + shared
+    workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB
+    return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB)
+
+
+# ---- the plan --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    vram_gb: float
+    budget_gb: float  # what the allocator can use: (VRAM - CUDA context) x fragmentation margin
+    workload: Workload
+    settings: Settings
+    estimate: Estimate
+    fits: bool
+    candidates: tuple[tuple[Settings, Estimate], ...]
+
+    def apply(self, memory):
+        """A copy of a `MemoryArgs` with the planned settings (`auto_memory`)."""
+        s = self.settings
+        return dataclasses.replace(
+            memory, fp8_base=s.fp8, fp8_scaled=s.fp8, gradient_checkpointing=s.checkpointing,
+            gradient_checkpointing_cpu_offload=s.offload_activations, blocks_to_swap=s.blocks_to_swap,
+            use_pinned_memory_for_block_swap=s.blocks_to_swap > 0 or memory.use_pinned_memory_for_block_swap,
+            offload_inactive_dit=s.offload_inactive,
+        )
+
+    def table(self) -> str:
+        w = self.workload
+        head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
+                f"{w.tokens} tokens, LoRA rank {w.rank}, {w.optimizer}; {self.vram_gb:g} GiB card, "
+                f"{self.budget_gb:.1f} GiB usable (estimates)")
+        cols = ("", "settings", "weights", "LoRA+opt", "activations", "workspace", "total", "fits")
+        rows = [cols]
+        for s, e in self.candidates:
+            mark = "->" if s == self.settings else ""
+            rows.append((mark, s.label(), *(f"{x:.1f}" for x in (e.weights, e.lora, e.activations, e.workspace,
+                                                                  e.total)), "yes" if e.total <= self.budget_gb else "no"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+        lines = [head] + ["  ".join(cell.ljust(wd) if i < 2 else cell.rjust(wd) for i, (cell, wd) in
+                                    enumerate(zip(r, widths))) for r in rows]
+        if self.fits:
+            verdict = f"plan: {self.settings.label()} ({self.estimate.total:.1f} GiB)"
+        else:
+            frames = largest_frames(self.vram_gb, w)
+            hint = f"at {w.width}x{w.height} up to {frames} frames fit" if frames else "no frame count fits"
+            verdict = (f"does not fit even with {self.settings.label()} ({self.estimate.total:.1f} GiB > "
+                       f"{self.budget_gb:.1f}); {hint}; or lower the resolution, batch size or rank")
+        return "\n".join(lines + [verdict])
+
+
+def _candidates(w: Workload):
+    base = [Settings(), Settings(checkpointing=True), Settings(checkpointing=True, offload_activations=True),
+            Settings(fp8=True, checkpointing=True, offload_activations=True)]
+    swaps = [Settings(True, True, True, n) for n in range(1, w.variant.num_layers)]
+    for s in base + swaps:
+        yield s
+        if w.experts > 1:
+            yield dataclasses.replace(s, offload_inactive=True)
+
+
+def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int,
+                batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1) -> MemoryPlan:
+    """The first candidate (see the module docstring) whose estimated peak fits the card."""
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts)
+    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    tried = []
+    for s in _candidates(w):
+        e = estimate(w, s)
+        tried.append((s, e))
+        if e.total <= budget:
+            return MemoryPlan(vram_gb, budget, w, s, e, True, _shown(tried))
+    s, e = tried[-1]
+    return MemoryPlan(vram_gb, budget, w, s, e, False, _shown(tried))
+
+
+def largest_frames(vram_gb: float, w: Workload) -> int:
+    """The most frames (4k + 1) that fit with the most frugal settings, 0 when not even 1 frame does."""
+    frugal = Settings(True, True, True, w.variant.num_layers - 1, w.experts > 1)
+    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    best = 0
+    for frames in range(1, w.frames + 1, 4):
+        if estimate(dataclasses.replace(w, frames=frames), frugal).total > budget:
+            break
+        best = frames
+    return best
+
+
+def _shown(tried: list) -> tuple:
+    """The table's rows: the non-swap candidates and the last one tried (the plan)."""
+    keep = [(s, e) for s, e in tried if not s.blocks_to_swap]
+    if tried[-1][0].blocks_to_swap:
+        keep.append(tried[-1])
+    return tuple(keep)
+
+
+def detect_vram_gb(device=None) -> float | None:
+    """Total memory of the CUDA device in GiB, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device or torch.cuda.current_device()).total_memory / GIB

@@ -1,0 +1,139 @@
+"""Benchmark LoRA training steps of a full-size WAN DiT with random weights (no download).
+
+    python tools/benchmark_wan.py --task t2v-A14B --width 832 --height 480 --frames 81
+    python tools/benchmark_wan.py --task ti2v-5B --width 1280 --height 704 --frames 121 --vram_cap_gb 24 --plan
+    python tools/benchmark_wan.py --task t2v-A14B --compare_cap 24      # capped vs uncapped, target <= 2x
+    python tools/benchmark_wan.py --task t2v-A14B --two_experts --plan  # host RAM with offload_inactive_dit
+    python tools/benchmark_wan.py --cpu                                 # tiny model on the CPU (CI)
+
+Builds the model block by block directly on the GPU, applies the memory features exactly as training
+does (`apply_memory_features`), runs warm-up then timed steps (forward, MSE loss, backward, AdamW on the
+LoRA) and prints s/step, tokens/s, peak VRAM, host RAM and MFU (formula: library/training/benchmark.py).
+`--vram_cap_gb` caps PyTorch's allocator with `torch.cuda.set_per_process_memory_fraction`; `--plan`
+takes fp8 / checkpointing / offload / block swap from the memory planner for that cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # our `library`, never another package of that name (sd-scripts has one)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", default="t2v-A14B")
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--network_dim", type=int, default=32, help="LoRA rank")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--attention", default="sdpa", help="sdpa, flash_attn, flash3, xformers")
+    p.add_argument("--fp8_base", action="store_true", help="block Linear weights in fp8")
+    p.add_argument("--fp8_scaled", action="store_true", help="with per-tensor scales (implies --fp8_base)")
+    p.add_argument("--fp8_scaled_mm", action="store_true", help="fp8 x fp8 forward matmuls (Ada / Hopper)")
+    p.add_argument("--blocks_to_swap", type=int, default=0)
+    p.add_argument("--no_gradient_checkpointing", action="store_true")
+    p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--two_experts", action="store_true", help="both A14B experts, alternating, inactive on the CPU")
+    p.add_argument("--vram_cap_gb", type=float, help="cap PyTorch's GPU memory at this many GiB")
+    p.add_argument("--plan", action="store_true", help="memory settings from the planner for the cap / the GPU")
+    p.add_argument("--compare_cap", type=float, metavar="GB", help="run uncapped, then capped with --plan; print the slowdown")
+    p.add_argument("--peak_tflops", type=float, help="dense bf16 peak of the GPU (default: known GPUs, e.g. H100 SXM 989)")
+    p.add_argument("--cpu", action="store_true", help="tiny variant on the CPU (keeps this script tested)")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    return p.parse_args(argv)
+
+
+def _config(args):
+    import torch
+
+    from library.config.schema import MemoryArgs
+    from library.training.benchmark import BenchConfig
+    from library.training.memory_plan import detect_vram_gb, plan_memory
+    from library.wan.variants import get_variant
+
+    variant = get_variant(args.task)
+    memory = MemoryArgs(fp8_base=args.fp8_base or args.fp8_scaled, fp8_scaled=args.fp8_scaled,
+                        blocks_to_swap=args.blocks_to_swap, use_pinned_memory_for_block_swap=True,
+                        gradient_checkpointing=not args.no_gradient_checkpointing,
+                        gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload)
+    if args.plan:
+        vram = args.vram_cap_gb or detect_vram_gb() or 24.0
+        plan = plan_memory(vram, variant, args.width, args.height, args.frames, args.batch_size,
+                           args.network_dim, "adamw", 2 if args.two_experts else 1)
+        print(plan.table())
+        memory = plan.apply(memory)
+    return BenchConfig(
+        variant=variant, width=args.width, height=args.height, frames=args.frames, batch_size=args.batch_size,
+        rank=args.network_dim, steps=args.steps, warmup=args.warmup, device="cpu" if args.cpu else "cuda",
+        dtype=torch.float32 if args.cpu else torch.bfloat16, memory=memory, attention=args.attention,
+        fp8_scaled_mm=args.fp8_scaled_mm, compile=args.compile, two_experts=args.two_experts,
+        peak_tflops=args.peak_tflops,
+    )
+
+
+def _cap(gb: float) -> None:
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gb * 2**30 / total), 0)
+    print(f"GPU memory capped at {gb:g} GiB of {total / 2**30:.1f}")
+
+
+def _compare(args, argv) -> int:
+    """Uncapped, then capped with the planner's settings, each in a fresh process."""
+    rest = list(argv if argv is not None else sys.argv[1:])
+    i = rest.index("--compare_cap")
+    rest = rest[:i] + rest[i + 2:]
+    results = {}
+    for label, extra in (("uncapped", []), ("capped", ["--vram_cap_gb", str(args.compare_cap), "--plan"])):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "result.json")
+            code = subprocess.call([sys.executable, __file__, *rest, *extra, "--json", out])
+            if code:
+                print(f"{label} run failed (exit {code})")
+                return code
+            results[label] = json.loads(Path(out).read_text())
+    ratio = results["capped"]["seconds_per_step"] / results["uncapped"]["seconds_per_step"]
+    print(f"capped at {args.compare_cap:g} GiB: {ratio:.2f}x the uncapped step time (target <= 2x): "
+          f"{'met' if ratio <= 2 else 'NOT met'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.compare_cap:
+        return _compare(args, argv)
+    if args.cpu:
+        defaults = parse_args([])
+        for name, value in (("task", "t2v-tiny"), ("width", 64), ("height", 64), ("frames", 9), ("steps", 3),
+                            ("warmup", 1), ("network_dim", 4)):
+            if getattr(args, name) == getattr(defaults, name):
+                setattr(args, name, value)
+    elif args.vram_cap_gb:
+        _cap(args.vram_cap_gb)
+    from library.training.benchmark import run_benchmark
+
+    cfg = _config(args)
+    print(f"{cfg.variant.name} {cfg.width}x{cfg.height}x{cfg.frames}, batch {cfg.batch_size}, rank {cfg.rank}, "
+          f"{cfg.warmup} warm-up + {cfg.steps} timed steps on {cfg.device}")
+    result = run_benchmark(cfg)
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(vars(result), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

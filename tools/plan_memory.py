@@ -1,0 +1,58 @@
+"""Plan the memory features for a training job and print the estimates as a table.
+
+    python tools/plan_memory.py --task t2v-A14B --width 832 --height 480 --frames 81 [--vram_gb 24]
+    python tools/plan_memory.py --config_file my_lora.toml --width 1280 --height 704 --frames 121
+
+The GPU's memory is detected when `--vram_gb` is not given. With `--config_file`, the task, LoRA rank,
+optimizer and number of experts come from the training TOML (command-line values win). Figures are
+estimates (see library/training/memory_plan.py); `tools/benchmark_wan.py` measures the real peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # our `library`, never another package of that name (sd-scripts has one)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config_file", help="training TOML to take task, network_dim, optimizer_type and experts from")
+    p.add_argument("--task", help="WAN task / variant (default t2v-A14B)")
+    p.add_argument("--vram_gb", type=float, help="GPU memory in GiB (default: the detected GPU)")
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--network_dim", type=int, help="LoRA rank (default 32)")
+    p.add_argument("--optimizer_type", help="AdamW, AdamW8bit, Lion, AdaFactor, Prodigy ... (default AdamW)")
+    p.add_argument("--experts", type=int, choices=(1, 2), help="2: train both WAN 2.2 A14B experts in one run")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from library.training.memory_plan import detect_vram_gb, plan_memory
+
+    args = parse_args(argv)
+    task, rank, optimizer, experts = "t2v-A14B", 32, "AdamW", 1
+    if args.config_file:
+        from library.config import load_config
+
+        cfg = load_config(["--config_file", args.config_file])
+        task, rank, optimizer = cfg.model.task, cfg.network.network_dim, cfg.optimizer.optimizer_type
+        experts = 2 if cfg.model.dit_high_noise else 1
+    vram = args.vram_gb or detect_vram_gb()
+    if vram is None:
+        print("no CUDA device found: pass --vram_gb (e.g. 24)", file=sys.stderr)
+        return 2
+    plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
+                       args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts)
+    print(plan.table())
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
