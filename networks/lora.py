@@ -84,12 +84,19 @@ class LoRAModule(nn.Module):
             self.scale = float(state_dict[prefix + "alpha"]) / self.lora_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] in the base dtype -> the fp32 delta [..., out]."""
+        """x [..., in] in the base dtype -> the fp32 delta [..., out]. LoRA weights are fp32 parameters."""
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):
                 return self.forward(x)
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))  # [..., r]
+        down = self.lora_down.weight
+        if x.dtype in (torch.float16, torch.bfloat16) and down.dtype == torch.float32:
+            # down-projection in the input's precision: autograd then keeps a reference to the base layer's
+            # input instead of an fp32 copy per LoRA (q, k and v would each hold one), the largest share of
+            # activation memory at video lengths; the rank-r result and everything after it are fp32
+            h = F.linear(x, down.to(x.dtype)).float()  # [..., r]
+        else:
+            h = self.lora_down(x.to(down.dtype))  # [..., r]
         scale = self.scale
         if self.training and self.dropout:
             h = F.dropout(h, p=self.dropout)

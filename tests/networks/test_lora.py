@@ -370,3 +370,20 @@ def test_lora_matches_diffusers(tmp_path, name):
     fresh.apply_to()
     assert fresh.load_weights(diffusers_sd, strict=True).loaded == len(net.loras)
     assert rel_err(run_ours(model, variant, inputs), ours) <= TOL
+
+
+def test_bf16_base_keeps_no_fp32_copy_of_the_input():
+    """Over a bf16 base, the LoRA down-projection must not save an fp32 copy of the layer input for
+    backward (at video lengths that copy, once per q / k / v LoRA, dominates activation memory)."""
+    from networks.lora import LoRANetwork
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(torch.bfloat16).requires_grad_(False)
+    net = LoRANetwork(model, ["0"], dim=4, alpha=4)
+    net.apply_to()
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    assert not [t for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()]
+    out.float().sum().backward()
+    assert net.loras[0].lora_down.weight.grad.dtype == torch.float32
