@@ -107,3 +107,16 @@ def test_optimizers_by_name_and_path():
     except ImportError:
         with pytest.raises(RuntimeError, match="pip install prodigyopt"):
             build_optimizer(p, "Prodigy", 1.0)
+
+
+@pytest.mark.parametrize("name", ["AdamW8bit", "PagedAdamW8bit", "Lion"])
+def test_bitsandbytes_optimizers(name):
+    pytest.importorskip("bitsandbytes")
+    p = torch.nn.Parameter(torch.randn(256, 256))  # large enough for the 8-bit block-wise state
+    before = p.detach().clone()
+    opt = build_optimizer([p], name, 1e-3)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert not torch.equal(p.detach(), before)
+    if "8bit" in name:
+        assert any(t.dtype == torch.uint8 for t in opt.state[p].values() if torch.is_tensor(t))
