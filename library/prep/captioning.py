@@ -109,7 +109,7 @@ class BlipCaptioner:
 
 
 class QwenVLCaptioner:
-    """Qwen2.5-VL (and Qwen2-VL): a chat prompt with image placeholders expanded to the patch count."""
+    """Qwen2.5-VL (and Qwen2-VL): a chat prompt whose image tokens are expanded to the patch count."""
 
     def __init__(self, model: str, family: str, device: str, dtype, max_new_tokens: int, prompt: str | None):
         import transformers

@@ -14,21 +14,11 @@ from pathlib import Path
 
 import cv2
 
-from .synthetic import ClipSpec, make_clip, make_image
+from .synthetic import ClipSpec, make_clip, make_image, write_video
 
 _DIRECTIONS = {(1.5, 0.0): "pans right", (-1.5, 0.0): "pans left", (0.0, 1.5): "tilts down", (0.0, -1.5): "tilts up"}
 _SUBJECTS = ["a colourful abstract painting", "a field of bright shapes", "a mosaic of discs and squares",
              "a patterned wall", "a textured canvas"]
-
-
-def _write_mp4(path: Path, frames, fps: int) -> None:
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
-    if not writer.isOpened():
-        raise RuntimeError(f"{path}: OpenCV cannot write mp4v here")
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
 
 
 def write_demo_dataset(root: str | Path, clips: int = 6, images: int = 6, width: int = 64, height: int = 64,
@@ -43,7 +33,7 @@ def write_demo_dataset(root: str | Path, clips: int = 6, images: int = 6, width:
         path = root / "videos" / f"clip_{i:03d}.mp4"
         if not path.exists():
             spec = ClipSpec(frames=frames, width=width, height=height, seed=seed + i, pan=pan)
-            _write_mp4(path, make_clip(spec), fps)
+            write_video(path, make_clip(spec), fps, "mp4v")
         (root / "captions" / f"clip_{i:03d}.txt").write_text(f"{rng.choice(_SUBJECTS)}, the camera {motion} slowly")
     for i in range(images):
         path = root / "images" / f"img_{i:03d}.png"

@@ -107,12 +107,17 @@ def make_image(seed: int = 0, width: int = 96, height: int = 64, **defects) -> n
 
 def write_lossless_video(path: Path, frames: list[np.ndarray], fps: float = 24.0) -> Path:
     """Write FFV1 in .mkv or .avi (lossless, so the defects are exactly the drawn ones)."""
+    return write_video(path, frames, fps, "FFV1")
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: float, fourcc: str) -> Path:
+    """BGR frames to a video file with OpenCV's `fourcc` encoder (FFV1 lossless, mp4v for .mp4)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"FFV1"), float(fps), (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), float(fps), (width, height))
     if not writer.isOpened():
-        raise RuntimeError(f"{path}: OpenCV has no FFV1 writer here")
+        raise RuntimeError(f"{path}: OpenCV has no {fourcc} writer here")
     for frame in frames:
         writer.write(frame)
     writer.release()

@@ -15,6 +15,7 @@ Coefficients are computed in float64; tensors keep their dtype (fp32 latents).
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -36,7 +37,7 @@ def _phi(sigma_from: float, sigma_to: float) -> float:
     return -1.0 if math.isinf(h) else math.expm1(-h)
 
 
-class FlowSolver:
+class FlowSolver(ABC):
     """Base: holds the schedule; `step(i, x, flow)` returns the sample at sigmas[i + 1]."""
 
     name = "base"
@@ -45,8 +46,9 @@ class FlowSolver:
         self.schedule = schedule
         self.sigmas = [float(s) for s in schedule.sigmas]
 
+    @abstractmethod
     def step(self, i: int, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The sample at sigmas[i + 1] from the sample x at sigmas[i] and the model's flow there."""
 
     def x0(self, i: int, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         return x - self.sigmas[i] * flow
