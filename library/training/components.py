@@ -59,16 +59,25 @@ class RunInfo:
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
-    log_with = cfg.logging.log_with or ("tensorboard" if cfg.logging.logging_dir else None)
-    project_dir = cfg.logging.logging_dir or None
+    log = cfg.logging
+    log_with = log.log_with or ("tensorboard" if log.logging_dir else None)
+    project_dir = log.logging_dir or (str(Path(cfg.saving.output_dir or "output") / "logs") if log_with else None)
     # several processes without CUDA: data parallel on the CPU over gloo (accelerate needs cpu=True for it)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     acc = Accelerator(mixed_precision=cfg.loop.mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu)
     if log_with:
-        name = cfg.logging.log_tracker_name or "network_train"
-        init = {"wandb": {"name": cfg.logging.wandb_run_name}} if cfg.logging.wandb_run_name else {}
-        acc.init_trackers(name, init_kwargs=init)
+        name = (log.log_prefix or "") + (log.log_tracker_name or "network_train")
+        init = {"wandb": {"name": log.wandb_run_name}} if log.wandb_run_name else {}
+        acc.init_trackers(name, config=_tracker_config(cfg), init_kwargs=init)
     return acc
+
+
+def _tracker_config(cfg: TrainConfig) -> dict:
+    """The config as flat scalars (TensorBoard hparams and wandb accept only those)."""
+    from library.config import config_to_dict
+
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+            for k, v in config_to_dict(cfg).items() if v is not None}
 
 
 def resolve_run(cfg: TrainConfig, accelerator) -> RunInfo:
