@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from library.wan.variants import WanVariant, get_variant
 
 GIB = 2**30
-# Saved for backward by one block, per token: ~64 C + 6 F bytes, plus 40 bytes per LoRA rank unit.
-ACT_PER_C, ACT_PER_F, ACT_PER_RANK = 64, 6, 40
+# Saved for backward by one block, per token: 43 C + 4 F bytes, plus 49 bytes per LoRA rank unit (measured
+# on a bf16 block with LoRA by tests/memory/test_plan.py; the LoRA down-projection runs in bf16 and
+# keeps no fp32 copy of its input).
+ACT_PER_C, ACT_PER_F, ACT_PER_RANK = 43, 4, 49
 # Transient gradients while one block runs its backward pass, per token.
 WORK_PER_C, WORK_PER_F = 26, 3
 FIXED_WORKSPACE_GIB = 0.25  # cuBLAS / attention kernel workspaces
