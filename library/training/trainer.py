@@ -107,7 +107,13 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def cleanup(self) -> None:
+        """End the trackers and forget accelerate's process-wide state, so another run in the same process
+        (a notebook, a test, a sweep) may use other settings, such as another mixed precision."""
+        from accelerate.state import AcceleratorState
+
         self.accelerator.end_training()
+        if self.accelerator.num_processes == 1:
+            AcceleratorState._reset_state(reset_partial_state=True)
 
     # ---- the loop -----------------------------------------------------------------------------------
 
@@ -181,8 +187,10 @@ class Trainer:
             use_image = torch.tensor([torch.rand(1, generator=g).item() < self.cfg.loop.i2v_probability for g in gens])
             x_t, timestep, mask = ti2v_condition(x0, x_t, sigma, use_image.to(dev), self.variant.patch_size)
         context = [c.to(dev) for c in batch["context"]]
+        clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame
+        clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
         with self.accelerator.autocast():
-            pred = expert.model(x_t, timestep, context, y=y)  # [B, z, T, h, w] fp32
+            pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea)  # [B, z, T, h, w] fp32
         err = (pred.float() - target) ** 2
         if mask is not None:
             per_sample = (err * mask).sum(dim=(1, 2, 3, 4)) / (mask.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel())

@@ -318,3 +318,14 @@ def test_images_for_i2v_are_a_clear_error(tmp_path):
     trainer = Trainer(validate(config_from_dict(settings(ws, tmp_path / "out", task="i2v-tiny"))))
     with pytest.raises(ValueError, match="single images give it nothing to learn"):
         trainer.run()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(workspace, tmp_path, precision):
+    """bf16 / fp16 base weights with fp32 LoRA (fp16 goes through accelerate's optimizer wrapper and its
+    gradient unscaling; the loss scaler itself only exists on CUDA)."""
+    trainer = train(workspace, tmp_path, mixed_precision=precision, max_train_steps=3)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert trainer.experts[0].model.blocks[0].ffn[0].weight.dtype == dtype
+    assert all(math.isfinite(x) for x in losses(tmp_path))
+    assert lora(tmp_path / "lora_low_noise.safetensors")["lora_unet_blocks_0_ffn_0.lora_up.weight"].abs().sum() > 0
