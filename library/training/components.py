@@ -58,7 +58,12 @@ class RunInfo:
 
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # a single process may run several trainings (a notebook, a sweep, the tests): forget the previous
+        # run's process-wide accelerate state so this one may use other settings (mixed precision, cpu)
+        AcceleratorState._reset_state(reset_partial_state=True)
     log = cfg.logging
     log_with = log.log_with or ("tensorboard" if log.logging_dir else None)
     project_dir = log.logging_dir or (str(Path(cfg.saving.output_dir or "output") / "logs") if log_with else None)

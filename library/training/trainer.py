@@ -107,13 +107,7 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def cleanup(self) -> None:
-        """End the trackers and forget accelerate's process-wide state, so another run in the same process
-        (a notebook, a test, a sweep) may use other settings, such as another mixed precision."""
-        from accelerate.state import AcceleratorState
-
         self.accelerator.end_training()
-        if self.accelerator.num_processes == 1:
-            AcceleratorState._reset_state(reset_partial_state=True)
 
     # ---- the loop -----------------------------------------------------------------------------------
 
