@@ -85,7 +85,8 @@ class AttentionArgs:
 @dataclass(frozen=True)
 class TimestepArgs:
     timestep_sampling: str = arg("sigma", "how training timesteps are drawn",
-                                 choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift", "logsnr"))
+                                 choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift", "logsnr",
+                                          "logit_normal"))
     discrete_flow_shift: float = arg(1.0, "flow shift for `shift` sampling and the sigma schedule")
     sigmoid_scale: float = arg(1.0, "scale of the logits for `sigmoid` and `shift` sampling")
     weighting_scheme: str = arg("none", "loss weighting over timesteps",

@@ -84,10 +84,11 @@ def make_samplers(base: TimestepSampler, ranges: dict[str, tuple[float, float]])
             for name, (a, z) in ranges.items()}
 
 
-def pick_expert(experts: list[Expert], base: TimestepSampler, boundary: float | None, gen: torch.Generator) -> Expert:
+def pick_expert(experts: list[Expert], base: TimestepSampler, boundary: float | None, gen: torch.Generator,
+                tokens: int | None = None) -> Expert:
     """The expert that trains this step: the owner of one draw from the full distribution."""
     if len(experts) == 1:
         return experts[0]
-    sigma = base.sample(1, gen).item()
+    sigma = base.sample(1, gen, tokens).item()
     name = "high_noise" if sigma >= boundary else "low_noise"
     return next(e for e in experts if e.name == name)

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("sigma", "uniform", "sigmoid", "shift", "logsnr", "logit_normal")
+METHODS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift", "logsnr", "logit_normal")
+# flux_shift: the log of the shift grows with the tokens per frame, linearly from 0.5 at 256 to 1.15 at 4096
+_FLUX_SLOPE = (1.15 - 0.5) / (4096 - 256)
+_FLUX_BIAS = 0.5 - _FLUX_SLOPE * 256
 WEIGHTINGS = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
 
 
@@ -47,8 +50,12 @@ class TimestepSampler:
 
     # ---- the base distributions on (0, 1) -----------------------------------------------------------
 
-    def _raw(self, n: int, gen: torch.Generator) -> torch.Tensor:
+    def _raw(self, n: int, gen: torch.Generator, tokens: int | None = None) -> torch.Tensor:
         normal = lambda: torch.randn(n, generator=gen)  # noqa: E731
+        if self.method == "flux_shift":  # resolution-dependent shift: longer videos spend more time at high noise
+            if tokens is None:
+                raise ValueError("flux_shift sampling needs the token count of the batch")
+            return shift_sigma(torch.sigmoid(self.sigmoid_scale * normal()), flux_shift_for(tokens))
         if self.method == "uniform":
             return torch.rand(n, generator=gen)
         if self.method == "sigmoid":
@@ -72,18 +79,19 @@ class TimestepSampler:
 
     # ---- public -------------------------------------------------------------------------------------
 
-    def sample(self, n: int, gen: torch.Generator) -> torch.Tensor:
-        """n noise levels sigma in [min_timestep/1000, max_timestep/1000], float32 [n].
+    def sample(self, n: int, gen: torch.Generator, tokens: int | None = None) -> torch.Tensor:
+        """n noise levels sigma in [min_timestep/1000, max_timestep/1000], float32 [n]. `tokens` (the
+        batch's tokens per frame) is needed by `flux_shift` only.
 
         Restricting the range either rescales the whole distribution into it (default, as musubi does) or,
         with `preserve_distribution_shape`, keeps the shape and rejects draws outside the range.
         """
         lo, hi = self.min_timestep / 1000.0, self.max_timestep / 1000.0
         if not self.preserve_distribution_shape or (lo == 0.0 and hi == 1.0):
-            return (self._raw(n, gen) * (hi - lo) + lo).clamp(1e-5, 1.0).float()
+            return (self._raw(n, gen, tokens) * (hi - lo) + lo).clamp(1e-5, 1.0).float()
         out = torch.empty(0)
         for _ in range(1000):  # rejection sampling; the range always has mass for these distributions
-            draw = self._raw(max(64, 4 * n), gen)
+            draw = self._raw(max(64, 4 * n), gen, tokens)
             out = torch.cat([out, draw[(draw >= lo) & (draw <= hi)]])
             if out.numel() >= n:
                 return out[:n].clamp(1e-5, 1.0).float()
@@ -99,6 +107,11 @@ class TimestepSampler:
         if self.weighting_scheme == "cosmap":
             return (2.0 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))).float()
         return torch.ones_like(sigma, dtype=torch.float32)
+
+
+def flux_shift_for(tokens: int) -> float:
+    """The `flux_shift` flow shift for `tokens` tokens per frame (832x480 -> 1560 tokens -> shift 2.05)."""
+    return math.exp(_FLUX_SLOPE * tokens + _FLUX_BIAS)
 
 
 def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:

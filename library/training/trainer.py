@@ -142,7 +142,9 @@ class Trainer:
         """Forward and backward of one batch; returns the loss (NaN when the batch was skipped)."""
         st, cfg = self.state, self.cfg
         pos = (st.seed, st.global_step, st.batch_in_epoch % cfg.loop.gradient_accumulation_steps)
-        expert = pick_expert(self.experts, self.opt.base_sampler, self.opt.boundary, generator(*pos, "expert"))
+        shape = batch["latents"].shape  # [B, z, T, h, w]
+        tokens = (shape[3] // 2) * (shape[4] // 2)  # tokens per frame, for flux_shift
+        expert = pick_expert(self.experts, self.opt.base_sampler, self.opt.boundary, generator(*pos, "expert"), tokens)
         self.opt.activate(expert)
         self._seed_dropout(derive_seed(*pos, "dropout"))
         loss = self.loss(batch, expert, pos)
@@ -169,7 +171,8 @@ class Trainer:
         keys = batch["keys"]  # draws keyed by item, not by position: any process split sees the same numbers
         gens = [generator(*pos, "sample", key, keys[:i].count(key)) for i, key in enumerate(keys)]
         if sigma is None:
-            sigma = torch.cat([expert.sampler.sample(1, g) for g in gens]).to(dev)  # [B]
+            tokens = (x0.shape[3] // 2) * (x0.shape[4] // 2)  # tokens per frame, for flux_shift
+            sigma = torch.cat([expert.sampler.sample(1, g, tokens) for g in gens]).to(dev)  # [B]
         else:
             sigma = torch.full((len(keys),), float(sigma), device=dev)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)

@@ -120,3 +120,12 @@ def test_bitsandbytes_optimizers(name):
     assert not torch.equal(p.detach(), before)
     if "8bit" in name:
         assert any(t.dtype == torch.uint8 for t in opt.state[p].values() if torch.is_tensor(t))
+
+
+def test_flux_shift_grows_with_the_token_count():
+    sampler = TimestepSampler(method="flux_shift")
+    short = sampler.sample(20000, gen(), tokens=256).mean()
+    large = sampler.sample(20000, gen(), tokens=4096).mean()
+    assert large > short + 0.1  # larger frames spend more of training at high noise
+    with pytest.raises(ValueError, match="needs the token count"):
+        sampler.sample(4, gen())
