@@ -1,6 +1,8 @@
 """Cache WAN VAE latents for every item of a dataset TOML (musubi-tuner compatible flags).
 
     python tools/cache_latents.py --dataset_config data.toml --vae Wan2.1_VAE.pth --task i2v-A14B
+    python tools/cache_latents.py --dataset_config data.toml --vae Wan2.1_VAE.pth --task i2v-14B \
+        --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth
     accelerate launch --num_processes 2 tools/cache_latents.py --dataset_config data.toml --vae ...
 """
 
@@ -21,13 +23,16 @@ def main(argv=None) -> int:
     parser.add_argument("--vae_dtype", default=None, choices=sorted(DTYPES),
                         help="VAE precision (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--i2v", action="store_true", help="also cache image_latents (implied by an I2V --task)")
+    parser.add_argument("--clip", default=None,
+                        help="CLIP vision file for WAN 2.1 I2V (i2v-14B; required there): official "
+                             "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     rank, world_size, device = process_split(args.device)
     dtype = DTYPES[args.vae_dtype] if args.vae_dtype else (torch_dtype_for(device))
     return run_and_report(
         lambda: cache_latents(load_dataset_config(args.dataset_config), args.vae, task=args.task, i2v=args.i2v,
-                              device=device, vae_dtype=dtype, batch_size=args.batch_size or 1,
+                              clip_path=args.clip, device=device, vae_dtype=dtype, batch_size=args.batch_size or 1,
                               num_workers=args.num_workers, strict=args.strict, rank=rank,
                               world_size=world_size, progress=not args.no_progress))
 

@@ -1,7 +1,8 @@
 """Cache files: names, fingerprints, atomic safetensors / JSON writes and staleness checks.
 
 Layout inside a dataset's `cache_directory`:
-  `{item_key}_{wan21|wan22}.safetensors`   latents [z, T, h, w] bf16 (+ image_latents for I2V tasks)
+  `{item_key}_{wan21|wan22}.safetensors`   latents [z, T, h, w] bf16 (+ image_latents for I2V tasks,
+                                            + clip_fea [257, width] for WAN 2.1 I2V)
   `t5/{caption_hash}_t5.safetensors`        t5 [L, d] bf16 at the true token length
   `skipped_{wan21|wan22}_r{rank}.json`      items the latent cacher skipped, with reasons
 Every safetensors file carries string metadata (see `latent_metadata` / `text_metadata`) that records
@@ -62,6 +63,15 @@ def skip_list_path(cache_dir: Path, vae_kind: str, rank: int) -> Path:
 def file_head_sha256(path: Path, nbytes: int = HEAD_BYTES) -> str:
     with open(path, "rb") as handle:
         return hashlib.sha256(handle.read(nbytes)).hexdigest()
+
+
+def weights_fingerprint(path: Path) -> str:
+    """`file_head_sha256` of a model file; for a folder (HF layout), over its weight files' heads."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_head_sha256(path)
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
+    return hashlib.sha256("".join(f.name + file_head_sha256(f) for f in files).encode()).hexdigest()
 
 
 def source_fingerprint(path: Path) -> dict:
@@ -148,19 +158,25 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 # ---- latent caches --------------------------------------------------------------------------------
 
 
-def latent_metadata(item, settings: dict, vae_hash: str, source_fp: dict) -> dict[str, str]:
-    return {
+def latent_metadata(item, settings: dict, vae_hash: str, source_fp: dict,
+                    clip_hash: str | None = None) -> dict[str, str]:
+    meta = {
         "format": LATENT_FORMAT, "item_key": item.key, "source_path": str(item.media_path),
         "source_fingerprint": json.dumps(source_fp, sort_keys=True), "caption_source": item.caption_source,
         "settings": settings_json(settings),
         "settings_hash": hashlib.sha256(settings_json(settings).encode()).hexdigest()[:16],
         "vae_sha256_1mb": vae_hash, "dtype": str(STORE_DTYPE).replace("torch.", ""),
     }
+    if clip_hash is not None:
+        meta["clip_sha256_1mb"] = clip_hash
+    return meta
 
 
 def latent_cache_problem(path: Path, item, settings: dict, *, need_image_latents: bool,
-                         vae_hash: str | None = None) -> str | None:
-    """None when the cache at `path` is fresh for `item`, else why it cannot be used."""
+                         vae_hash: str | None = None, need_clip_fea: bool = False,
+                         clip_hash: str | None = None) -> str | None:
+    """None when the cache at `path` is fresh for `item`, else why it cannot be used (a `vae_hash` /
+    `clip_hash` given must match the files the cache was made with)."""
     meta = read_metadata(path)
     if meta is None:
         return "missing" if not Path(path).exists() else "unreadable (corrupt or partial file)"
@@ -174,6 +190,10 @@ def latent_cache_problem(path: Path, item, settings: dict, *, need_image_latents
         return "cached with a different VAE file"
     if need_image_latents and "image_latents" not in meta["__keys__"].split(","):
         return "has no image_latents (cached for a non-I2V task)"
+    if need_clip_fea and "clip_fea" not in meta["__keys__"].split(","):
+        return "has no clip_fea (cached without --clip, which WAN 2.1 I2V needs)"
+    if need_clip_fea and clip_hash is not None and meta.get("clip_sha256_1mb") != clip_hash:
+        return "cached with a different CLIP file"
     return None
 
 

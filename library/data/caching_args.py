@@ -41,12 +41,14 @@ def process_split(device: str | None) -> tuple[int, int, str]:
 
 def run_and_report(function, *args, **kwargs) -> int:
     """Run a caching function, print its summary; 0 when every dataset has usable items, else 1."""
+    from library.wan.checkpoint_files import CheckpointError
+
     from .latent_caching import CachingError
     from .dataset_config import DatasetConfigError
 
     try:
         summary = function(*args, **kwargs)
-    except (CachingError, DatasetConfigError) as exc:
+    except (CachingError, DatasetConfigError, CheckpointError) as exc:  # a wrong model file too
         logger.error("%s", exc)
         print(f"error: {exc}")
         return 1

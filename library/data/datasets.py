@@ -8,8 +8,9 @@
 deterministically from (seed, epoch); `collate` stacks one batch. Caption dropout is decided per
 (seed, epoch, item key), so a run and its resume see the same empty captions; build a new loader (or
 call `set_epoch`) each epoch. Conditioning: I2V tasks get `image_latents` (the VAE latents of the
-first frame followed by black frames, as the official I2V sampler builds them); TI2V needs no extra
-tensor because its first-frame latent is `latents[:, :, :1]` (the VAE is causal).
+first frame followed by black frames, as the official I2V sampler builds them); WAN 2.1 I2V also gets
+`clip_fea` (the CLIP vision tokens of the first frame); TI2V needs no extra tensor because its
+first-frame latent is `latents[:, :, :1]` (the VAE is causal).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class TaskInfo:
     vae_kind: str
     fps: float
     is_i2v: bool
+    needs_clip: bool = False  # WAN 2.1 I2V: CLIP image tokens of the first frame (`clip_fea`)
 
     @property
     def step(self) -> int:
@@ -59,7 +61,8 @@ def task_info(task: str) -> TaskInfo:
     from library.wan.variants import get_variant
 
     variant = get_variant(task)
-    return TaskInfo(task=variant.name, vae_kind=variant.vae, fps=float(variant.fps), is_i2v=variant.is_i2v)
+    return TaskInfo(task=variant.name, vae_kind=variant.vae, fps=float(variant.fps), is_i2v=variant.is_i2v,
+                    needs_clip=variant.image_embedding)
 
 
 def latent_settings(item: MediaItem, vae_kind: str) -> dict:
@@ -78,8 +81,9 @@ def read_skip_lists(cache_dir: Path, vae_kind: str) -> dict[str, dict]:
     return merged
 
 
-def cache_commands(config_path: Path, task: str) -> str:
-    return (f"python tools/cache_latents.py --dataset_config {config_path} --vae <VAE> --task {task}\n"
+def cache_commands(config_path: Path, task: str, needs_clip: bool = False) -> str:
+    clip = " --clip <CLIP>" if needs_clip else ""
+    return (f"python tools/cache_latents.py --dataset_config {config_path} --vae <VAE> --task {task}{clip}\n"
             f"python tools/cache_text_encoder_outputs.py --dataset_config {config_path} --t5 <T5>")
 
 
@@ -130,15 +134,18 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def cache_problems(self) -> list[str]:
         """Every missing or stale cache of this dataset ("latents PATH: why" / "text PATH ...: why")."""
-        problems, vae_hashes, encoders = [], set(), set()
+        problems, vae_hashes, clip_hashes, encoders = [], set(), set(), set()
         for item in self.items:
             path = self.latent_path(item)
             problem = cache.latent_cache_problem(path, item, latent_settings(item, self.info.vae_kind),
-                                                 need_image_latents=self.info.is_i2v)
+                                                 need_image_latents=self.info.is_i2v,
+                                                 need_clip_fea=self.info.needs_clip)
             if problem:
                 problems.append(f"latents {path}: {problem}")
             else:
-                vae_hashes.add(cache.read_metadata(path).get("vae_sha256_1mb"))
+                meta = cache.read_metadata(path)
+                vae_hashes.add(meta.get("vae_sha256_1mb"))
+                clip_hashes.add(meta.get("clip_sha256_1mb"))
         for caption in self.captions_needed():
             path = cache.text_cache_path(self.spec.cache_directory, caption)
             problem = cache.text_cache_problem(path, caption)
@@ -148,6 +155,9 @@ class CachedDataset(torch.utils.data.Dataset):
                 encoders.add(cache.read_metadata(path).get("encoder_fingerprint"))
         if len(vae_hashes) > 1:
             problems.append(f"latents in {self.spec.cache_directory} come from {len(vae_hashes)} different VAE files")
+        if self.info.needs_clip and len(clip_hashes) > 1:
+            problems.append(f"clip_fea in {self.spec.cache_directory} come from {len(clip_hashes)} different "
+                            "CLIP files")
         if len(encoders) > 1:
             problems.append(f"text caches in {self.spec.cache_directory} come from {len(encoders)} different encoders")
         return problems
@@ -158,7 +168,7 @@ class CachedDataset(torch.utils.data.Dataset):
         if problems:
             shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
             raise CacheError(f"{self.spec.where()}: {len(problems)} cache problem(s):\n  {shown}\n"
-                             f"Run:\n{cache_commands(self.spec.config_path, self.info.task)}")
+                             f"Run:\n{cache_commands(self.spec.config_path, self.info.task, self.info.needs_clip)}")
 
     def drop_caption(self, item: MediaItem, epoch: int) -> bool:
         """Deterministic per (seed, epoch, item) caption dropout."""
@@ -175,6 +185,7 @@ class CachedDataset(torch.utils.data.Dataset):
         return {
             "latents": tensors["latents"],  # [z, T, h, w] bf16 as stored
             "image_latents": tensors.get("image_latents") if self.info.is_i2v else None,
+            "clip_fea": tensors.get("clip_fea") if self.info.needs_clip else None,  # [257, width] or None
             "context": context,  # [L, d]
             "key": item.key, "caption": caption, "is_image": item.is_image, "bucket": item.bucket,
         }
@@ -209,14 +220,17 @@ def make_batches(datasets, seed: int, epoch: int) -> list[list[tuple[int, int]]]
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack one bucket-pure batch: latents [B, z, T, h, w] float32, contexts kept at their lengths."""
+    """Stack one bucket-pure batch: latents [B, z, T, h, w] float32, contexts kept at their lengths;
+    image_latents / clip_fea [B, 257, width] are None unless every item has them."""
     buckets = {tuple(item["bucket"]) for item in items}
     if len(buckets) != 1:
         raise ValueError(f"a batch must hold one bucket, got {sorted(buckets)}")
     image = [item["image_latents"] for item in items]
+    clip = [item.get("clip_fea") for item in items]
     return {
         "latents": torch.stack([item["latents"] for item in items]).float(),  # [B, z, T, h, w]
         "image_latents": None if any(x is None for x in image) else torch.stack(image).float(),
+        "clip_fea": None if any(x is None for x in clip) else torch.stack(clip).float(),  # [B, 257, width]
         "context": [item["context"].float() for item in items],  # B x [L_i, d]
         "keys": [item["key"] for item in items],
         "captions": [item["caption"] for item in items],

@@ -3,8 +3,11 @@
 `cache_latents(config, vae_path, ...)` is what `tools/cache_latents.py` runs; `run_latent_caching`
 takes an already-loaded VAE (tests and scripts). Fresh caches are reused, stale ones rebuilt; a file
 that cannot be used is skipped with its reason and everything else is still cached (`strict=True`
-turns the first skip into a failure). With several processes, process `rank` takes the items with
-index % world_size == rank. Media decoding runs in `num_workers` threads ahead of the VAE.
+turns the first skip into a failure). WAN 2.1 I2V tasks also need the CLIP vision encoder (`clip_path`
+/ `clip`): each item's first frame is encoded into `clip_fea` [257, width], and the CLIP file's
+fingerprint is recorded so that a changed CLIP file marks the cache stale. With several processes,
+process `rank` takes the items with index % world_size == rank. Media decoding runs in `num_workers`
+threads ahead of the VAE.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ logger = logging.getLogger(__name__)
 
 class CachingError(RuntimeError):
     """Caching stopped: a skip under `strict`, or a setting that cannot work."""
+
+
+_NEEDS_CLIP = ("task {task} (WAN 2.1 I2V) also caches the CLIP image tokens of each item's first frame: pass the "
+               "CLIP vision file with --clip (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or "
+               "clip_vision_h.safetensors)")
 
 
 @dataclass
@@ -121,21 +129,38 @@ def encode_batch(vae, videos: torch.Tensor, is_i2v: bool) -> tuple[torch.Tensor,
     return latents, vae.encode(condition)
 
 
-def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str) -> None:
+def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str,
+                clip_fea=None, clip_hash: str | None = None) -> None:
     tensors = {"latents": latents.to(cache.STORE_DTYPE)}
     if image_latents is not None:
         tensors["image_latents"] = image_latents.to(cache.STORE_DTYPE)
+    if clip_fea is not None:
+        tensors["clip_fea"] = clip_fea.to(cache.STORE_DTYPE)  # [257, width]
     meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind), vae_hash,
-                                 cache.source_fingerprint(item.media_path))
+                                 cache.source_fingerprint(item.media_path), clip_hash)
     cache.write_safetensors_atomic(tensors, cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind), meta)
 
 
-def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary):
+def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, str | None],
+                      summary: CacheSummary) -> None:
+    """Encode decoded items of one bucket together and write one cache file each."""
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    videos = torch.stack([g[2] for g in good]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
+    latents, image_latents = encode_batch(vae, videos, info.is_i2v)
+    clip_fea = clip.encode(videos[:, :, 0]) if clip is not None else None  # first frames -> [B, 257, width]
+    for j, (spec, item, _) in enumerate(good):
+        _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j], info, hashes[0],
+                    None if clip_fea is None else clip_fea[j], hashes[1])
+        summary.cached += 1
+
+
+def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, clip_hash: str | None = None):
     todo = []
     for spec, item in entries:
         path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
         problem = cache.latent_cache_problem(path, item, latent_settings(item, info.vae_kind),
-                                             need_image_latents=info.is_i2v, vae_hash=vae_hash)
+                                             need_image_latents=info.is_i2v, vae_hash=vae_hash,
+                                             need_clip_fea=info.needs_clip, clip_hash=clip_hash)
         if problem is None:
             summary.reused += 1
             continue
@@ -147,16 +172,18 @@ def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary):
 
 def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo, *, batch_size: int = 1,
                        num_workers: int = 2, strict: bool = False, rank: int = 0, world_size: int = 1,
-                       progress: bool = True) -> CacheSummary:
-    """Cache the latents of this process's share of all items with a loaded VAE."""
+                       progress: bool = True, clip=None, clip_hash: str | None = None) -> CacheSummary:
+    """Cache the latents of this process's share of all items with a loaded VAE (and, for WAN 2.1 I2V,
+    a loaded CLIP vision encoder `clip` with its file fingerprint `clip_hash`)."""
     from tqdm import tqdm
 
+    if info.needs_clip and clip is None:
+        raise CachingError(_NEEDS_CLIP.format(task=info.task))
     summary = CacheSummary("latents")
     entries = split_for_rank(collect_items(config, info, summary, strict), rank, world_size)
-    todo = _find_todo(entries, info, vae_hash, summary)
+    todo = _find_todo(entries, info, vae_hash, summary, clip_hash if info.needs_clip else None)
     failed: dict[Path, dict] = {spec.cache_directory: {} for spec in config.all}
-    device = next(vae.parameters()).device
-    dtype = next(vae.parameters()).dtype
+    clip = clip if info.needs_clip else None
     with ThreadPoolExecutor(max(1, num_workers)) as pool, \
             tqdm(total=len(todo), desc=f"latents (rank {rank})", disable=not progress) as bar:
         pending = deque()
@@ -182,12 +209,7 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
                 else:
                     good.append((spec, item, pixels))
             if good:
-                videos = torch.stack([g[2] for g in good]).to(device=device, dtype=dtype)
-                latents, image_latents = encode_batch(vae, videos, info.is_i2v)
-                for j, (spec, item, _) in enumerate(good):
-                    _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j],
-                                info, vae_hash)
-                    summary.cached += 1
+                _encode_and_write(good, vae, clip, info, (vae_hash, clip_hash), summary)
             bar.update(len(batch))
     _write_skip_lists(failed, info, rank)
     return summary
@@ -200,10 +222,14 @@ def _write_skip_lists(failed: dict[Path, dict], info: TaskInfo, rank: int) -> No
             cache.write_json_atomic(entries, path)
 
 
-def resolve_task(vae_kind: str, task: str | None, i2v: bool) -> TaskInfo:
-    """TaskInfo from --task, or from the VAE kind (2.1: 16 fps, 2.2: 24 fps) and --i2v."""
+def resolve_task(vae_kind: str, task: str | None, i2v: bool, clip: bool = False) -> TaskInfo:
+    """TaskInfo from --task, or from the VAE kind (2.1: 16 fps, 2.2: 24 fps), --i2v and --clip (a CLIP file
+    without a task means WAN 2.1 I2V, the only model that uses one)."""
     if task is None:
-        return TaskInfo(task="<TASK>", vae_kind=vae_kind, fps=16.0 if vae_kind == "2.1" else 24.0, is_i2v=i2v)
+        if clip and vae_kind != "2.1":
+            raise CachingError("--clip is only for WAN 2.1 I2V, which uses the WAN 2.1 VAE; this VAE is WAN 2.2")
+        return TaskInfo(task="<TASK>", vae_kind=vae_kind, fps=16.0 if vae_kind == "2.1" else 24.0,
+                        is_i2v=i2v or clip, needs_clip=clip)
     info = task_info(task)
     if info.vae_kind != vae_kind:
         raise CachingError(f"task {task} uses the WAN {info.vae_kind} VAE but the VAE file is a WAN {vae_kind} "
@@ -214,10 +240,22 @@ def resolve_task(vae_kind: str, task: str | None, i2v: bool) -> TaskInfo:
 
 
 def cache_latents(config: DatasetConfig, vae_path: str | Path, *, task: str | None = None, i2v: bool = False,
-                  device: str = "cpu", vae_dtype: torch.dtype = torch.float32, **kwargs) -> CacheSummary:
-    """Load the VAE, work out the task settings, and cache every item's latents."""
-    from library.wan.loading import load_vae
+                  device: str = "cpu", vae_dtype: torch.dtype = torch.float32, clip_path: str | Path | None = None,
+                  clip_dtype: torch.dtype | None = None, **kwargs) -> CacheSummary:
+    """Load the VAE (and the CLIP vision encoder for WAN 2.1 I2V), work out the task settings, and cache
+    every item's latents. `clip_dtype` defaults to float16 on CUDA (as WAN runs it), float32 elsewhere."""
+    from library.wan.loading import load_clip_vision, load_vae
 
     vae = load_vae(vae_path, device=device, dtype=vae_dtype)
-    info = resolve_task("2.1" if vae.spatial_stride == 8 else "2.2", task, i2v)
-    return run_latent_caching(config, vae, cache.file_head_sha256(Path(vae_path)), info, **kwargs)
+    info = resolve_task("2.1" if vae.spatial_stride == 8 else "2.2", task, i2v, clip=clip_path is not None)
+    if info.needs_clip and clip_path is None:
+        raise CachingError(_NEEDS_CLIP.format(task=info.task))
+    clip = clip_hash = None
+    if clip_path is not None and not info.needs_clip:
+        logger.warning("--clip is only used by WAN 2.1 I2V (i2v-14B); ignored for %s", info.task)
+    elif clip_path is not None:
+        dtype = clip_dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+        clip = load_clip_vision(clip_path, device=device, dtype=dtype)
+        clip_hash = cache.weights_fingerprint(Path(clip_path))
+    return run_latent_caching(config, vae, cache.file_head_sha256(Path(vae_path)), info, clip=clip,
+                              clip_hash=clip_hash, **kwargs)

@@ -30,6 +30,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", required=True, help="WAN VAE (2.1 for A14B / 2.1 models, 2.2 for TI2V-5B)")
     g.add_argument("--t5", required=True, help="umT5-XXL encoder weights")
     g.add_argument("--tokenizer", help="umT5 tokenizer folder (default: google/umt5-xxl beside the weights)")
+    g.add_argument("--clip", help="CLIP vision file, WAN 2.1 I2V only (i2v-14B): the official models_clip_open-"
+                                  "clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="DiT dtype (default: bfloat16 on GPU, float32 on CPU)")
 
@@ -73,14 +75,15 @@ def build_requests(args) -> tuple[list[SampleRequest], list[PromptError]]:
 
 
 def load_models(args) -> tuple[SamplingModels, dict]:
-    """Load the DiT expert(s), the VAE and the text encoder the arguments name; returns them and the
-    file list for the sidecar."""
+    """Load the DiT expert(s), the VAE, the text encoder (and the CLIP vision encoder of WAN 2.1 I2V) the
+    arguments name; returns them and the file list for the sidecar."""
     from library.wan.loading import load_dit, load_text_encoder, load_vae
     from library.wan.variants import get_variant
 
     variant = get_variant(args.task)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    clip = _load_clip(args, variant, device)  # first: a missing --clip fails before the large models load
     experts = {}
     if variant.two_experts:
         if args.dit_high_noise:
@@ -95,7 +98,24 @@ def load_models(args) -> tuple[SamplingModels, dict]:
                                      dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     files = {"task": variant.name, "dit": str(args.dit), "dit_high_noise": args.dit_high_noise, "vae": str(args.vae),
              "t5": str(args.t5), "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
-    return SamplingModels(variant, experts, vae, text_encoder), files
+    if clip is not None:
+        files["clip"] = str(args.clip)
+    return SamplingModels(variant, experts, vae, text_encoder, clip=clip), files
+
+
+def _load_clip(args, variant, device: torch.device):
+    """The CLIP vision encoder for WAN 2.1 I2V (float16 on GPU as the official code runs it), else None."""
+    from library.wan.loading import load_clip_vision
+
+    path = getattr(args, "clip", None)
+    if not variant.image_embedding:
+        if path:
+            logger.warning("--clip is only used by WAN 2.1 I2V (i2v-14B); ignored for %s", variant.name)
+        return None
+    if not path:
+        raise ValueError(f"--task {variant.name} (WAN 2.1 I2V) needs --clip, the CLIP vision file "
+                         "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors)")
+    return load_clip_vision(path, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
 
 
 def encode_and_free(models: SamplingModels, requests: list[SampleRequest]) -> list[SampleRequest]:

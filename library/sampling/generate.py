@@ -1,7 +1,9 @@
 """`generate`: one video from already-loaded models, for the CLI, the evaluation grids and samples during training.
 
 The caller owns the models: `SamplingModels` holds the DiT expert(s) (with any LoRA hooks attached), the
-VAE, optionally the text encoder, and the LoRA networks to keep in eval mode while sampling. `generate`
+VAE, optionally the text encoder, the CLIP vision encoder (WAN 2.1 I2V: the start image's `clip_fea`, taken
+from the resized and cropped first frame as the latent cache does), and the LoRA networks to keep in eval
+mode while sampling. `generate`
 never touches the global random state (its noise comes from its own `torch.Generator` seeded by the
 request), runs without gradients, and puts every module back in the train / eval mode it found.
 """
@@ -45,6 +47,7 @@ class SamplingModels:
     text_encoder: object | None = None  # `.encode(list[str]) -> list of [L, d]`
     networks: list = field(default_factory=list)
     boundary: float | None = None  # None: the variant's
+    clip: object | None = None  # WAN 2.1 I2V: `library.wan.clip_vision.WanClipVision`
 
     @property
     def device(self) -> torch.device:
@@ -85,9 +88,6 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
     if variant.is_i2v and not request.image:
         raise PromptError(f"{request.source}: {variant.name} is an image-to-video model and needs a start image; "
                           "add `--i image.png` to the prompt line or pass --image")
-    if variant.image_embedding:
-        raise PromptError(f"{request.source}: {variant.name} needs CLIP image features, which this generator "
-                          "does not compute; use a WAN 2.2 model")
     return dict(
         prompt=request.prompt,
         negative_prompt=(default_negative_prompt(variant) if request.negative_prompt is None
@@ -170,9 +170,19 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
         if variant.is_i2v:  # the image, then black frames, encoded as one clip
             clip = torch.cat([image, torch.zeros_like(image).expand(-1, -1, s["frames"] - 1, -1, -1)], dim=2)
             cond.y = i2v_y(vae.encode(clip).float()).to(device)
+            if variant.image_embedding:
+                cond.clip_fea = _clip_features(models, image[:, :, 0], request.source).to(device)
         else:  # TI2V: the clean first latent frame
             cond.first_frame = vae.encode(image).float().to(device)
     return cond
+
+
+def _clip_features(models: SamplingModels, image: torch.Tensor, source: str) -> torch.Tensor:
+    """WAN 2.1 I2V: the CLIP tokens [1, 257, width] of the start image [1, 3, H, W] in [-1, 1]."""
+    if models.clip is None:
+        raise PromptError(f"{source}: {models.variant.name} (WAN 2.1 I2V) needs the CLIP vision encoder for its "
+                          "start image; load it with --clip models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
+    return models.clip.encode(image)
 
 
 @torch.no_grad()
@@ -182,7 +192,7 @@ def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "
     variant = models.variant
     s = resolve(request, variant, sampler, schedule, models.boundary)
     device = models.device
-    with eval_mode(*models.experts.values(), models.vae, *models.networks):
+    with eval_mode(*models.experts.values(), models.vae, models.clip, *models.networks):
         cond = _conditioning(models, request, s, device)
         stride_t, stride_s = variant.vae_stride[0], variant.vae_stride[1]
         shape = (1, variant.out_dim, (s["frames"] - 1) // stride_t + 1, s["height"] // stride_s, s["width"] // stride_s)

@@ -22,7 +22,7 @@ class TrainingSampler:
     def __init__(self, cfg: TrainConfig, experts: list, device):
         from library.sampling.generate import SamplingModels, encode_requests
         from library.sampling.prompts import read_prompt_file
-        from library.wan.loading import load_text_encoder, load_vae
+        from library.wan.loading import load_clip_vision, load_text_encoder, load_vae
 
         s, m = cfg.sampling, cfg.model
         if not (m.vae and m.t5):
@@ -38,9 +38,16 @@ class TrainingSampler:
         del encoder
         gc.collect()
         vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        clip = None
+        if variant.image_embedding:  # WAN 2.1 I2V: the start image's CLIP tokens, encoded per sample
+            if not m.clip:
+                raise ValueError(f"sample_prompts with {variant.name} (WAN 2.1 I2V) needs `clip`, the CLIP vision "
+                                 "file (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) for the start images")
+            clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
+            clip = load_clip_vision(m.clip, device=device, dtype=clip_dtype)
         self.models = SamplingModels(
             variant=variant, experts={e.name: e.model for e in experts}, vae=load_vae(m.vae, device=device, dtype=vae_dtype),
-            networks=[e.network for e in experts], boundary=cfg.timesteps.timestep_boundary,
+            networks=[e.network for e in experts], boundary=cfg.timesteps.timestep_boundary, clip=clip,
         )
         self.cfg = cfg
         logger.info("samples: %d prompt(s) from %s", len(self.requests), s.sample_prompts)

@@ -70,10 +70,13 @@ def describe_checkpoint(keys: list[str]) -> str:
         return "a LoRA"
     if has("decoder.middle.0.residual", "decoder.conv_in", "encoder.downsamples", "post_quant_conv"):
         return "a WAN VAE"
+    if has("visual.transformer", "vision_model.", "textual.", "pre_layrnorm.") and \
+            not has("head.modulation", "condition_embedder.", "scale_shift_table"):
+        # official WAN / open_clip / transformers names; tested before umT5 because the official WAN
+        # CLIP file also holds an XLM-RoBERTa text tower (`textual.token_embedding`)
+        return "a CLIP model"
     if has("token_embedding.weight", "encoder.final_layer_norm", "SelfAttention.relative_attention_bias"):
         return "a umT5 text encoder"
-    if has("visual.transformer", "vision_model.", "textual.") and not has("patch_embedding"):
-        return "a CLIP model"
     if has("head.modulation", "condition_embedder.", "patch_embedding.weight"):
         return "a WAN DiT"
     return "an unknown model"

@@ -1,6 +1,6 @@
 """Public loaders: one entry per model kind, each detecting the file format by itself.
 
-`load_dit`, `load_vae` and `load_text_encoder` take a file or a folder in any supported format (see
+`load_dit`, `load_vae`, `load_text_encoder` and `load_clip_vision` (from `clip_vision.py`) take a file or a folder in any supported format (see
 `dit_formats.py` and `checkpoint_files.py`), build the model on the `meta` device and assign each
 tensor as it is read and cast, so a 14B expert never sits twice in host RAM.
 """
@@ -21,7 +21,7 @@ from .variants import get_variant
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_dit", "load_text_encoder", "load_vae", "open_dit_checkpoint"]
+__all__ = ["CheckpointError", "load_clip_vision", "load_dit", "load_text_encoder", "load_vae", "open_dit_checkpoint"]
 
 
 def _resolve_dit_path(path: Path) -> Path:
@@ -231,3 +231,8 @@ def load_text_encoder(
         return build_text_encoder(state, tokenizer, device=device, dtype=dtype)
     except CheckpointError as exc:
         raise CheckpointError(f"{ckpt.source}: {exc}") from None
+
+
+# ---- CLIP vision encoder (WAN 2.1 I2V) -------------------------------------------------------------
+
+from .clip_vision import load_clip_vision  # noqa: E402  (official .pth, open_clip, ComfyUI / HF names)

@@ -3,7 +3,8 @@
 Nothing here is a shortcut around the real code: the files are what a user downloads (a DiT safetensors
 per expert, the VAE `.pth`, the umT5 `.pth` and a tokenizer folder), only small, and everything that
 reads them goes through `library.wan.loading` like real weights do. No downloads: the tokenizer is a
-sentencepiece model trained on a built-in word list.
+sentencepiece model trained on a built-in word list. WAN 2.1 I2V sets also get a CLIP vision `.pth` in the
+official WAN naming (`visual.*`, plus a token text tower that the loader ignores).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class TinyModelSet:
     t5: Path
     tokenizer: Path
     task: str
+    clip: Path | None = None  # CLIP vision file (WAN 2.1 I2V variants only)
 
 
 def _sentences(count: int = 400, seed: int = 0) -> list[str]:
@@ -86,6 +88,40 @@ def tiny_t5_state_dict(d_model: int, vocab: int = 160, layers: int = 2, heads: i
     return sd
 
 
+def tiny_clip_state_dict(hidden: int = 40, layers: int = 3, mlp: int = 160, patch: int = 14, image: int = 224,
+                         out_dim: int = 24, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random CLIP weights in the official WAN `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`
+    naming: the vision tower (`visual.*`, 4 heads at width 40 by `clip_vision.HEADS_BY_WIDTH`) and a
+    token-sized text tower (`textual.*`, `log_scale`) that only shows the loader skips it."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = (image // patch) ** 2 + 1
+    shapes = {"visual.patch_embedding.weight": (hidden, 3, patch, patch), "visual.cls_embedding": (1, 1, hidden),
+              "visual.pos_embedding": (1, tokens, hidden), "visual.pre_norm.weight": (hidden,),
+              "visual.pre_norm.bias": (hidden,), "visual.post_norm.weight": (hidden,),
+              "visual.post_norm.bias": (hidden,), "visual.head": (hidden, out_dim),
+              "textual.token_embedding.weight": (16, 8), "textual.head.0.weight": (8, 8), "log_scale": ()}
+    for i in range(layers):
+        block = f"visual.transformer.{i}."
+        shapes |= {block + "norm1.weight": (hidden,), block + "norm1.bias": (hidden,),
+                   block + "attn.to_qkv.weight": (3 * hidden, hidden), block + "attn.to_qkv.bias": (3 * hidden,),
+                   block + "attn.proj.weight": (hidden, hidden), block + "attn.proj.bias": (hidden,),
+                   block + "norm2.weight": (hidden,), block + "norm2.bias": (hidden,),
+                   block + "mlp.0.weight": (mlp, hidden), block + "mlp.0.bias": (mlp,),
+                   block + "mlp.2.weight": (hidden, mlp), block + "mlp.2.bias": (hidden,)}
+    sd = {}
+    for key, shape in shapes.items():
+        noise = torch.randn(shape, generator=g)
+        if "norm" in key and key.endswith("weight"):
+            sd[key] = 1.0 + 0.1 * noise
+        elif key.endswith("bias") or key == "log_scale":
+            sd[key] = 0.05 * noise
+        elif key.endswith(("embedding", "token_embedding.weight")):
+            sd[key] = 0.5 * noise
+        else:  # Linear / conv weights: unit-variance outputs
+            sd[key] = noise * (noise[0].numel() if len(shape) > 1 else 1) ** -0.5
+    return sd
+
+
 def tiny_dit_state_dict(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random DiT weights for a tiny variant, official names, with a non-zero output head."""
     from .model import WanModel
@@ -133,5 +169,11 @@ def write_tiny_model_set(folder: str | os.PathLike, task: str = "t2v-tiny", seed
     tokenizer = folder / "google" / "umt5-xxl"  # where the official release keeps it, beside the T5 file
     if not (tokenizer / "tokenizer_config.json").exists():
         write_tiny_tokenizer(tokenizer)
+    clip_path = None
+    if variant.image_embedding:
+        clip_path = folder / "clip_vision_tiny.pth"
+        if not clip_path.exists():
+            sd = tiny_clip_state_dict(hidden=variant.clip_dim, seed=seed)
+            _save_atomic(lambda p: torch.save(sd, p), clip_path)
     return TinyModelSet(dit=dits.get("low_noise", dits.get("dit")), dit_high_noise=dits.get("high_noise"),
-                        vae=vae_path, t5=t5_path, tokenizer=tokenizer, task=task)
+                        vae=vae_path, t5=t5_path, tokenizer=tokenizer, task=task, clip=clip_path)
