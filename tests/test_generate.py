@@ -123,3 +123,15 @@ def test_compare_checkpoints_cli(tiny_sets, t2v_lora, tmp_path):
     assert [c["label"] for c in sidecar["columns"]] == ["base", "step 5", "step 10"]
     assert sidecar["columns"][1]["experts"] == ["high_noise", "low_noise"]
     assert sidecar_path.with_suffix(".mp4").is_file() and sidecar_path.with_suffix(".png").is_file()
+
+
+def test_fp8_base_generation(tiny_sets, tmp_path):
+    """--fp8_base / --fp8_scaled load the DiT experts through the training code's fp8 path."""
+    rc, log = _run("generate_video_wan.py", *_model_args(tiny_sets["t2v-tiny"]), "--prompt", "a cat --d 3",
+                   "--steps", "2", "--frames", "5", "--fp8_base", "--fp8_scaled", "--output_dir", tmp_path / "out",
+                   "--output_name", "f")
+    assert rc == 0, log
+    assert (tmp_path / "out" / "f_00_seed3.mp4").stat().st_size > 0
+    rc, log = _run("generate_video_wan.py", *_model_args(tiny_sets["t2v-tiny"]), "--prompt", "x", "--fp8_scaled",
+                   "--output_dir", tmp_path / "out")
+    assert rc != 0 and "--fp8_scaled needs --fp8_base" in log

@@ -12,6 +12,7 @@ source and config is stale and is rebuilt (caching) or refused (training), never
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -44,8 +45,10 @@ def clean_caption(caption: str) -> str:
     return clean_prompt(caption)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def caption_hash(caption: str) -> str:
-    """Hash of the cleaned caption: the text-cache file name, shared by identical captions."""
+    """Hash of the cleaned caption: the text-cache file name, shared by identical captions. Memoised:
+    the training loader asks for it once per item per epoch, and the cleaning (ftfy) is not free."""
     return hashlib.sha256(clean_caption(caption).encode("utf-8")).hexdigest()[:32]
 
 

@@ -34,6 +34,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                                   "clip-xlm-roberta-large-vit-huge-14.pth or clip_vision_h.safetensors")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="DiT dtype (default: bfloat16 on GPU, float32 on CPU)")
+    m = parser.add_argument_group("memory (as in training)")
+    m.add_argument("--fp8_base", action="store_true", help="DiT Linear weights in fp8 (ComfyUI fp8_scaled files as they are)")
+    m.add_argument("--fp8_scaled", action="store_true", help="scaled fp8 (with --fp8_base)")
+    m.add_argument("--blocks_to_swap", type=int, default=0, help="DiT blocks kept in host memory and streamed in (CUDA)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -87,12 +91,12 @@ def load_models(args) -> tuple[SamplingModels, dict]:
     experts = {}
     if variant.two_experts:
         if args.dit_high_noise:
-            experts["high_noise"] = load_dit(args.dit_high_noise, device, dtype, variant.name)
-        experts["low_noise"] = load_dit(args.dit, device, dtype, variant.name)
+            experts["high_noise"] = _load_expert(args, args.dit_high_noise, device, dtype, variant.name)
+        experts["low_noise"] = _load_expert(args, args.dit, device, dtype, variant.name)
     else:
         if args.dit_high_noise:
             raise ValueError(f"--dit_high_noise is only for the two-expert WAN 2.2 A14B models, not {variant.name}")
-        experts["dit"] = load_dit(args.dit, device, dtype, variant.name)
+        experts["dit"] = _load_expert(args, args.dit, device, dtype, variant.name)
     vae = load_vae(args.vae, device=device)
     text_encoder = load_text_encoder(args.t5, args.tokenizer, device=device,
                                      dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -101,6 +105,25 @@ def load_models(args) -> tuple[SamplingModels, dict]:
     if clip is not None:
         files["clip"] = str(args.clip)
     return SamplingModels(variant, experts, vae, text_encoder, clip=clip), files
+
+
+def _load_expert(args, path, device: torch.device, dtype, task: str):
+    """One DiT with the memory features the flags ask for (the same code as training uses)."""
+    from types import SimpleNamespace
+
+    from library.training.memory import apply_memory_features, fp8_config
+    from library.wan.loading import load_dit
+
+    if getattr(args, "fp8_scaled", False) and not getattr(args, "fp8_base", False):
+        raise ValueError("--fp8_scaled needs --fp8_base")
+    memory = SimpleNamespace(fp8_base=getattr(args, "fp8_base", False), fp8_scaled=getattr(args, "fp8_scaled", False),
+                             blocks_to_swap=getattr(args, "blocks_to_swap", 0), gradient_checkpointing=False,
+                             gradient_checkpointing_cpu_offload=False, use_pinned_memory_for_block_swap=True)
+    swap = memory.blocks_to_swap > 0 and device.type == "cuda"
+    model = load_dit(path, "cpu" if swap else device, dtype, task, fp8=fp8_config(memory))
+    if memory.fp8_base or memory.blocks_to_swap:
+        apply_memory_features(model, memory, device)
+    return model
 
 
 def _load_clip(args, variant, device: torch.device):
