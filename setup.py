@@ -23,8 +23,11 @@ setup(
     extras_require={
         # GPU-only attention kernels: never pulled by a plain install (each would bring its own torch).
         "gpu": ["xformers", "flash-attn", "sageattention"],
+        # PyAV: the second video decoder, tried when OpenCV cannot open or decode a clip (AV1 with OpenCV's
+        # wheels); WAN_VIDEO_DECODER=pyav makes it the first choice (variable-frame-rate clips).
+        "video": ["av>=14"],
         # diffusers is the independent reference implementation the parity tests compare against.
-        # peft backs diffusers' LoRA loading, used by the LoRA parity test.
-        "test": ["pytest>=7.4", "diffusers>=0.35", "peft>=0.17"],
+        # peft backs diffusers' LoRA loading, used by the LoRA parity test; av tests the PyAV decoder.
+        "test": ["pytest>=7.4", "diffusers>=0.35", "peft>=0.17", "av>=14"],
     },
 )

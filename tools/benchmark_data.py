@@ -66,22 +66,29 @@ def h264_copy(clip: Path) -> Path | None:
 
 
 def compare_decode(clip: Path, label: str, repeats: int) -> None:
+    from library.data import video_pyav
     from library.data.video_io import read_video_frames
 
-    bare, ours = [], []
-    for _ in range(repeats):  # interleaved, so both see the same machine load
+    bare, ours, pyav = [], [], []
+    for _ in range(repeats):  # interleaved, so all see the same machine load
         start = time.perf_counter()
         count = bare_decode(clip)
         bare.append(time.perf_counter() - start)
         start = time.perf_counter()
         out = read_video_frames(clip, list(range(count)), (832, 480))
         ours.append(time.perf_counter() - start)
+        if video_pyav.import_av() is not None:  # the optional decoder (WAN_VIDEO_DECODER=pyav), same work
+            start = time.perf_counter()
+            video_pyav.read_frames(clip, list(range(count)), (832, 480))
+            pyav.append(time.perf_counter() - start)
     assert out.shape == (count, 480, 832, 3)
     b, o = min(bare), min(ours)
     median = sorted(x / y for x, y in zip(bare, ours))[repeats // 2]
     print(f"(a) 1280x720 {label} clip, {count} frames (best of {repeats}, interleaved)")
     print(f"    bare OpenCV decode:                {count / b:7.1f} frames/s")
     print(f"    decode + resize + crop to 832x480: {count / o:7.1f} frames/s")
+    if pyav:
+        print(f"    the same with PyAV:                {count / min(pyav):7.1f} frames/s")
     print(f"    ratio {b / o:.2f}x best-to-best, {median:.2f}x median pair (target >= 0.8x)")
 
 

@@ -34,7 +34,9 @@ def process_split(device: str | None) -> tuple[int, int, str]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        # without CUDA (or with --device cpu) accelerate needs cpu=True for its multi-CPU mode, else every
+        # process takes itself for rank 0 of 1 and caches everything
+        state = PartialState(cpu=not torch.cuda.is_available() or (device or "").startswith("cpu"))
         return state.process_index, state.num_processes, device or str(state.device)
     return 0, 1, device or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -1,13 +1,24 @@
 """Reading media: images (png, jpg, webp, 16-bit, alpha, grayscale, EXIF rotation), video files
-(OpenCV) and folders of frames, plus fps resampling by frame selection and resize-then-centre-crop.
+(OpenCV, PyAV optional) and folders of frames, plus fps resampling by frame selection and
+resize-then-centre-crop.
 
 Everything returns RGB uint8 numpy arrays (`[H, W, 3]` per frame). Failures raise `MediaError`, whose
 message says what is wrong with which file, so callers can skip the item and report it.
+
+Video decoders: OpenCV by default. When it cannot open or decode a file and PyAV is installed
+(`pip install av`, `video_pyav.py`), PyAV is tried next (a debug log says so). The environment variable
+`WAN_VIDEO_DECODER=pyav` makes PyAV the first choice, with OpenCV as the fallback: for codecs OpenCV
+mishandles, and for variable-frame-rate clips in containers without a frame count (Matroska, WebM),
+where OpenCV estimates the count from duration x nominal rate (PyAV counts the frames and takes their
+average rate); `WAN_VIDEO_DECODER=opencv` is the default. When
+both fail, the first decoder's reason is reported. The variable is read at every call, so it reaches
+worker threads and launched processes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,12 +26,18 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+DECODER_ENV = "WAN_VIDEO_DECODER"
+DECODERS = ("opencv", "pyav")  # the default first
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
 
 
 class MediaError(ValueError):
     """A media file that cannot be used; the message names the file and the reason."""
+
+
+class VideoDecoderError(RuntimeError):
+    """A decoder setting that cannot work (an unknown name, or PyAV asked for but not installed)."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +73,7 @@ def _pil_to_rgb(image) -> np.ndarray:
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         image = background
-    return np.asarray(image.convert("RGB"))
+    return np.array(image.convert("RGB"))  # a writable copy (np.asarray would give a read-only view)
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -112,18 +129,58 @@ def probe(path: Path) -> MediaInfo:
     return _probe_video(path)
 
 
+def decoder_order() -> tuple[str, ...]:
+    """Video decoders to try, in order: the one `WAN_VIDEO_DECODER` names (default opencv), then the
+    other one; PyAV only when it is installed (asking for it without it installed is an error)."""
+    from .video_pyav import import_av, require_av
+
+    first = os.environ.get(DECODER_ENV, "").strip().lower() or DECODERS[0]
+    if first not in DECODERS:
+        raise VideoDecoderError(f"{DECODER_ENV}={os.environ[DECODER_ENV]!r} is not a video decoder; "
+                                f"use one of {', '.join(DECODERS)} (or unset it for {DECODERS[0]})")
+    if first == "pyav":
+        require_av()
+        return ("pyav", "opencv")
+    return ("opencv", "pyav") if import_av() is not None else ("opencv",)
+
+
+def _with_fallback(path: Path, work: dict):
+    """Run `work[decoder]()` for each decoder in order until one succeeds; when all fail, raise the first
+    decoder's MediaError (its reason is the one users know)."""
+    errors: list[MediaError] = []
+    order = decoder_order()
+    for name in order:
+        try:
+            result = work[name]()
+        except MediaError as exc:
+            errors.append(exc)
+            if len(errors) < len(order):
+                logger.debug("%s: %s failed (%s); trying %s", path, name, exc, order[len(errors)])
+            continue
+        if errors:
+            logger.debug("%s: decoded with %s", path, name)
+        return result
+    raise errors[0]
+
+
 def _probe_video(path: Path) -> MediaInfo:
-    import cv2
+    from . import video_pyav
 
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: zero-byte file")
+    return _with_fallback(path, {"opencv": lambda: _probe_opencv(path), "pyav": lambda: video_pyav.probe(path)})
+
+
+def _probe_opencv(path: Path) -> MediaInfo:
+    import cv2
+
     capture = cv2.VideoCapture(str(path))
     try:
         if not capture.isOpened():
             raise MediaError(f"{path}: cannot open as a video (corrupt or unsupported format)")
         count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         fps = float(capture.get(cv2.CAP_PROP_FPS))
-        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))  # upright: OpenCV applies the rotation metadata
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     finally:
         capture.release()
@@ -183,7 +240,10 @@ def read_video_frames(path: Path, indices: list[int], target: tuple[int, int] | 
         if any(f is None for f in frames):
             raise MediaError(f"{path}: folder has {len(files)} frames, frame {max(indices)} requested")
         return np.stack([resize_and_crop(f, target) if target else f for f in frames])
-    return _read_file_frames(path, indices, target)
+    from . import video_pyav
+
+    return _with_fallback(path, {"opencv": lambda: _read_file_frames(path, indices, target),
+                                 "pyav": lambda: video_pyav.read_frames(path, indices, target)})
 
 
 def _finish_frame(frame: np.ndarray, target, slot: np.ndarray) -> None:
