@@ -120,6 +120,7 @@ class TrainData:
     workers: int
     batches_per_epoch: int = 0
     validation: list = field(default_factory=list)  # validation datasets (may be empty)
+    read_ahead: bool = False  # prefetch batches in a thread (when training on a GPU)
 
     def sample_counts(self) -> tuple[int, int]:
         """(images, clips) over the training datasets, repeats not counted."""
@@ -143,14 +144,17 @@ class TrainData:
         return batches[self.rank:usable:self.world]
 
     def loader(self, epoch: int, skip: int = 0):
-        """The epoch's batches from `skip` on. With worker processes the DataLoader prefetches; without,
-        a background thread reads the next batch while the current one trains."""
+        """The epoch's batches from `skip` on: a DataLoader with worker processes, else read in this
+        process (ahead, in a thread, when training on a GPU)."""
         from library.data.datasets import collate
 
-        batches = self.epoch_batches(epoch)[skip:]
-        loader = torch.utils.data.DataLoader(_Batches(self.datasets, batches, collate, epoch), batch_size=None,
-                                             shuffle=False, num_workers=self.workers)
-        return loader if self.workers else prefetch(loader)
+        view = _Batches(self.datasets, self.epoch_batches(epoch)[skip:], collate, epoch)
+        if not self.workers:  # in-process loading without DataLoader machinery
+            batches = (view[i] for i in range(len(view)))
+            # on a GPU the Python thread mostly waits for kernels: read the next batch meanwhile; on the CPU the
+            # model already uses every core and a reader thread only contends with it
+            return prefetch(batches) if self.read_ahead else batches
+        return torch.utils.data.DataLoader(view, batch_size=None, shuffle=False, num_workers=self.workers)
 
 
 def prefetch(iterable, depth: int = 2):
@@ -195,7 +199,8 @@ def build_data(cfg: TrainConfig, variant: WanVariant, accelerator, seed: int) ->
                 "clips for I2V, or train a T2V / TI2V task on images"
             )
     workers = min(cfg.loop.max_data_loader_n_workers, os.cpu_count() or 1)
-    data = TrainData(datasets, seed, accelerator.process_index, accelerator.num_processes, workers)
+    data = TrainData(datasets, seed, accelerator.process_index, accelerator.num_processes, workers,
+                     read_ahead=accelerator.device.type == "cuda")
     config = load_dataset_config(cfg.run.dataset_config)
     if config.validation:
         data.validation = build_train_datasets(config, cfg.model.task, validation=True, seed=seed)

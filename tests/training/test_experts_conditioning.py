@@ -94,3 +94,18 @@ def test_loss_log_csv_png_and_resume(tmp_path):
     with open(tmp_path / "loss.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and resumed.rows[-1]["step"] == 10
+
+
+def test_prefetch_keeps_order_and_raises_errors():
+    from library.training.components import prefetch
+
+    assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def broken():
+        yield 1
+        raise OSError("cache file vanished")
+
+    it = prefetch(broken())
+    assert next(it) == 1
+    with pytest.raises(OSError, match="cache file vanished"):
+        next(it)
