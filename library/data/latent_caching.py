@@ -67,23 +67,29 @@ def split_for_rank(entries: list, rank: int, world_size: int) -> list:
     return [entry for i, entry in enumerate(entries) if i % world_size == rank]
 
 
-def collect_items(config: DatasetConfig, info: TaskInfo, summary: CacheSummary,
-                  strict: bool) -> list[tuple[DatasetSpec, MediaItem]]:
-    """Every item of every dataset (training and validation), skips and empty datasets recorded."""
-    entries = []
+def scan_datasets(config: DatasetConfig, summary: CacheSummary, strict: bool, scan):
+    """Yield (spec, found) for every dataset (training and validation) where `scan(spec)` returns
+    (found, skips): skips and empty datasets are recorded in `summary`, a missing source folder or JSONL
+    is an error there, and `strict` turns the first skip into a failure. Shared by both caching tools."""
     for spec in config.all:
         try:
-            items, skips = enumerate_dataset(spec, info.step, info.fps)
+            found, skips = scan(spec)
         except MediaError as exc:  # the dataset's directory or JSONL file is missing
             summary.errors.append(str(exc))
             continue
         summary.skipped.extend(skips)
         if strict and skips:
             raise CachingError(f"--strict: {spec.where()}: skipped {skips[0]}")
-        if not items:
+        if not found:
             summary.errors.append(f"{spec.where()}: no usable item (see the skips above)")
-        entries.extend((spec, item) for item in items)
-    return entries
+        yield spec, found
+
+
+def collect_items(config: DatasetConfig, info: TaskInfo, summary: CacheSummary,
+                  strict: bool) -> list[tuple[DatasetSpec, MediaItem]]:
+    """Every item of every dataset (training and validation), skips and empty datasets recorded."""
+    scan = lambda spec: enumerate_dataset(spec, info.step, info.fps)  # noqa: E731
+    return [(spec, item) for spec, items in scan_datasets(config, summary, strict, scan) for item in items]
 
 
 def load_pixels(item: MediaItem) -> torch.Tensor:

@@ -19,8 +19,7 @@ import torch
 from . import cache
 from .dataset_config import DatasetConfig
 from .items import captioned_sources
-from .latent_caching import CacheSummary, CachingError, split_for_rank
-from .video_io import MediaError
+from .latent_caching import CacheSummary, CachingError, scan_datasets, split_for_rank
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +58,7 @@ def collect_captions(config: DatasetConfig, summary: CacheSummary, strict: bool)
     """{cleaned caption: {"dirs": [cache dirs], "source": a caption file}} over all datasets, with ""
     when a dataset uses caption dropout."""
     captions: dict[str, dict] = {}
-    for spec in config.all:
-        try:
-            sources, skips = captioned_sources(spec)
-        except MediaError as exc:  # the dataset's directory or JSONL file is missing
-            summary.errors.append(str(exc))
-            continue
-        summary.skipped.extend(skips)
-        if strict and skips:
-            raise CachingError(f"--strict: {spec.where()}: skipped {skips[0]}")
-        if not sources:
-            summary.errors.append(f"{spec.where()}: no usable item (see the skips above)")
+    for spec, sources in scan_datasets(config, summary, strict, captioned_sources):
         texts = [(caption, source) for _, caption, source in sources]
         if spec.caption_dropout_rate > 0:
             texts.append(("", "caption_dropout_rate"))
