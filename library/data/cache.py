@@ -158,6 +158,38 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+class TensorMemo:
+    """Cache files kept in memory after their first read, most recently used first, within a byte budget
+    (`WAN_CACHE_MEMORY_MB`, default 1024; 0 turns it off). Keyed by path, size and mtime, so a rebuilt
+    cache file is read again. The returned tensors are shared: callers must not modify them in place."""
+
+    def __init__(self, budget_bytes: int | None = None):
+        from collections import OrderedDict
+
+        if budget_bytes is None:
+            budget_bytes = int(float(os.environ.get("WAN_CACHE_MEMORY_MB", "1024")) * 2**20)
+        self.budget, self.used = budget_bytes, 0
+        self._items: OrderedDict = OrderedDict()
+
+    def load(self, path: Path) -> dict[str, torch.Tensor]:
+        if self.budget <= 0:
+            return load_tensors(path)
+        st = os.stat(path)
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        tensors = load_tensors(path)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if size <= self.budget:
+            self._items[key] = (tensors, size)
+            self.used += size
+            while self.used > self.budget:
+                _, (_, old) = self._items.popitem(last=False)
+                self.used -= old
+        return tensors
+
+
 # ---- latent caches --------------------------------------------------------------------------------
 
 

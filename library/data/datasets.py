@@ -92,6 +92,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __init__(self, spec: DatasetSpec, info: TaskInfo, seed: int = 0):
         self.spec, self.info, self.seed, self.epoch = spec, info, seed, 0
+        self._memo = cache.TensorMemo()  # small datasets are read from disk once
         self.batch_size, self.num_repeats = spec.batch_size, spec.num_repeats
         self.caption_dropout_rate = spec.caption_dropout_rate
         try:
@@ -179,9 +180,9 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def get(self, index: int, epoch: int) -> dict:
         item = self.items[index]
-        tensors = cache.load_tensors(self.latent_path(item))
+        tensors = self._memo.load(self.latent_path(item))
         caption = "" if self.drop_caption(item, epoch) else item.caption
-        context = cache.load_tensors(cache.text_cache_path(self.spec.cache_directory, caption))["t5"]
+        context = self._memo.load(cache.text_cache_path(self.spec.cache_directory, caption))["t5"]
         return {
             "latents": tensors["latents"],  # [z, T, h, w] bf16 as stored
             "image_latents": tensors.get("image_latents") if self.info.is_i2v else None,

@@ -132,3 +132,29 @@ def test_dataloader_with_workers(cached):
     assert len(batches) == len(make_batches(datasets, 3, 2))
     assert sum(len(b["keys"]) for b in batches) == 5 * 3 + 2
     assert all(b["latents"].shape[0] == len(b["keys"]) for b in batches)
+
+
+def test_tensor_memo_rereads_rebuilt_files_and_keeps_its_budget(tmp_path):
+    import os
+    import time
+
+    import torch
+    from safetensors.torch import save_file
+
+    from library.data.cache import TensorMemo
+
+    memo = TensorMemo(budget_bytes=3 * 4 * 256)  # three 256-float files
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file({"x": torch.full((256,), float(i))}, str(paths[-1]))
+    for p in paths:
+        memo.load(p)
+    assert memo.used == 3 * 4 * 256 and len(memo._items) == 3  # the oldest was evicted
+    assert memo.load(paths[3]) is memo.load(paths[3])  # served from memory
+    time.sleep(0.01)
+    save_file({"x": torch.full((256,), 9.0)}, str(paths[3]))  # the cache was rebuilt
+    os.utime(paths[3], None)
+    assert memo.load(paths[3])["x"][0].item() == 9.0
+    off = TensorMemo(budget_bytes=0)
+    assert off.load(paths[0]) is not off.load(paths[0])
