@@ -98,7 +98,6 @@ class Trainer:
         self.sampler = TrainingSampler(cfg, self.experts, self.device) if cfg.sampling.sample_prompts else None
         if self.is_main:
             self._report()
-        if self.is_main:
             save_config(cfg, self.run_info.output_dir / f"{self.run_info.output_name}_config.toml")
         self.bad_steps = 0
 
