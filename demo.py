@@ -90,7 +90,9 @@ def main() -> int:
     loras = sorted(p.name for p in train.glob("demo_lora_*noise.safetensors"))
     print(f"\ndone in {time.perf_counter() - start:.0f} s:\n  LoRAs: {', '.join(loras)} in {train}\n"
           f"  loss curve: {train / 'loss.png'}\n  samples during training: {train / 'sample'}\n"
-          f"  strength sweep (base, 0.5, 0.7, 0.9, 1.0): {out / 'eval'}")
+          f"  strength sweep (base, 0.5, 0.7, 0.9, 1.0): {out / 'eval'}\n"
+          "(the weights are random: the videos are structured noise, and the loss monitor may report a plateau,\n"
+          " which is true of a random tiny model after a few dozen steps; with real weights both mean something)")
     return 0
 
 
