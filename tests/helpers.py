@@ -50,3 +50,17 @@ def random_official_dit_state(variant, seed: int = 0, dtype=torch.float32) -> di
             elif "head.head" in name:
                 p.normal_(0, 0.2)
     return {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
+
+
+def diffusers_transformer(variant):
+    """diffusers' WanTransformer3DModel with the shapes of one of our variants (random init; build it under
+    `torch.device("meta")` when only its key names are needed)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=variant.patch_size, num_attention_heads=variant.num_heads, attention_head_dim=variant.head_dim,
+        in_channels=variant.in_dim, out_channels=variant.out_dim, text_dim=variant.text_dim,
+        freq_dim=variant.freq_dim, ffn_dim=variant.ffn_dim, num_layers=variant.num_layers,
+        image_dim=variant.clip_dim if variant.image_embedding else None,
+        added_kv_proj_dim=variant.dim if variant.image_embedding else None,
+    )

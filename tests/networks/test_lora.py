@@ -15,7 +15,7 @@ from library.wan.model import WanModel
 from library.wan.variants import get_variant
 from networks import lora_wan
 from networks.lora import LoRAModule, LoRANetwork, split_lora_key
-from tests.helpers import random_official_dit_state
+from tests.helpers import diffusers_transformer, random_official_dit_state
 
 TOL = 1e-4  # max abs error relative to the reference output's max abs value
 
@@ -197,11 +197,7 @@ def test_key_forms_map_to_one_module_name():
 
 
 def test_diffusers_module_map_agrees_with_the_checkpoint_map():
-    from diffusers import WanTransformer3DModel
-
-    ref = WanTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=36, out_channels=16,
-                                text_dim=64, freq_dim=32, ffn_dim=64, num_layers=1, image_dim=40,
-                                added_kv_proj_dim=32)
+    ref = diffusers_transformer(get_variant("i2v-tiny-2.1"))  # every Linear kind, k_img / v_img included
     for name, module in ref.named_modules():
         if isinstance(module, nn.Linear) and not name.startswith("condition_embedder.image"):
             assert lora_wan.diffusers_module_to_official(name) == diffusers_to_official(name + ".weight")[:-7]
@@ -308,15 +304,7 @@ class _MinimalWanPipeline:
 
 
 def diffusers_model(variant, state):
-    from diffusers import WanTransformer3DModel
-
-    ref = WanTransformer3DModel(
-        patch_size=variant.patch_size, num_attention_heads=variant.num_heads, attention_head_dim=variant.head_dim,
-        in_channels=variant.in_dim, out_channels=variant.out_dim, text_dim=variant.text_dim,
-        freq_dim=variant.freq_dim, ffn_dim=variant.ffn_dim, num_layers=variant.num_layers,
-        image_dim=variant.clip_dim if variant.image_embedding else None,
-        added_kv_proj_dim=variant.dim if variant.image_embedding else None,
-    ).eval()
+    ref = diffusers_transformer(variant).eval()
     ref.load_state_dict({k: state[diffusers_to_official(k)] for k in ref.state_dict()}, strict=True)
     return ref
 

@@ -13,7 +13,7 @@ from library.wan.checkpoint_files import CheckpointError
 from library.wan.loading import load_dit
 from library.wan.model import WanModel
 from library.wan.variants import get_variant
-from tests.helpers import random_official_dit_state
+from tests.helpers import diffusers_transformer, random_official_dit_state
 
 FP8_LINEARS = ("self_attn.q.", "self_attn.k.", "self_attn.v.", "self_attn.o.", "cross_attn.q.",
                "cross_attn.k.", "cross_attn.v.", "cross_attn.o.", "ffn.0.", "ffn.2.", "text_embedding",
@@ -48,16 +48,10 @@ def to_fp8_scaled(sd: dict, spelling: str) -> dict:
 
 
 def to_diffusers_names(sd: dict, variant) -> dict:
-    from diffusers import WanTransformer3DModel
-
     from library.wan.dit_formats import diffusers_to_official
 
     with torch.device("meta"):
-        ref = WanTransformer3DModel(
-            num_attention_heads=variant.num_heads, attention_head_dim=variant.head_dim, in_channels=variant.in_dim,
-            out_channels=variant.out_dim, text_dim=variant.text_dim, freq_dim=variant.freq_dim,
-            ffn_dim=variant.ffn_dim, num_layers=variant.num_layers,
-        )
+        ref = diffusers_transformer(variant)
     return {k: sd[diffusers_to_official(k)] for k in ref.state_dict()}
 
 

@@ -8,7 +8,7 @@ import torch
 from library.wan.dit_formats import diffusers_to_official
 from library.wan.model import WanModel, rope_axis_dims
 from library.wan.variants import VARIANTS, get_variant
-from tests.helpers import parse_key_sections, reference_file
+from tests.helpers import diffusers_transformer, parse_key_sections, reference_file
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -17,16 +17,8 @@ TOL = 1e-4  # max abs error relative to the reference output's max abs value
 
 def diffusers_twin(variant, seed=0):
     """A diffusers WanTransformer3DModel with random weights, and our model holding the same weights."""
-    from diffusers import WanTransformer3DModel
-
     torch.manual_seed(seed)
-    ref = WanTransformer3DModel(
-        patch_size=variant.patch_size, num_attention_heads=variant.num_heads, attention_head_dim=variant.head_dim,
-        in_channels=variant.in_dim, out_channels=variant.out_dim, text_dim=variant.text_dim,
-        freq_dim=variant.freq_dim, ffn_dim=variant.ffn_dim, num_layers=variant.num_layers,
-        image_dim=variant.clip_dim if variant.image_embedding else None,
-        added_kv_proj_dim=variant.dim if variant.image_embedding else None,
-    ).eval()
+    ref = diffusers_transformer(variant).eval()
     with torch.no_grad():  # make norms and the output head non-trivial so every path is tested
         for name, p in ref.named_parameters():
             if p.dim() == 1 and "norm" in name:
