@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -237,3 +238,75 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         f"{path}: {len(files)} checkpoint files and no shard index (*.safetensors.index.json); "
         "pass the file you mean, or restore the index that came with the shards"
     )
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: str | os.PathLike, tensors, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file one tensor at a time, atomically (a temp file beside it, then a rename).
+
+    `tensors` is a mapping or an iterable of (name, tensor) pairs; a value may also be a `LazyTensor`
+    (shape and dtype up front, values made when written), so a caller can produce each tensor (cast,
+    merged, copied off the GPU) only when it is written and a multi-GiB model never exists twice in host
+    memory. Tensors on an accelerator are copied to the host one at a time. Entries keep their order. A failure leaves any earlier file at `path` untouched.
+    """
+    path = Path(path)
+    items = list(tensors.items() if hasattr(tensors, "items") else tensors)
+    specs, offset = {}, 0
+    for name, value in items:
+        shape, dtype = _spec_of(name, value)
+        if dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        specs[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header = dict(specs)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for name, value in items:
+                tensor = value.tensor() if isinstance(value, LazyTensor) else value
+                tensor = tensor.detach().to("cpu").contiguous()
+                if tuple(tensor.shape) != tuple(specs[name]["shape"]) or _DTYPE_NAMES[tensor.dtype] != specs[name]["dtype"]:
+                    raise CheckpointError(f"{path}: tensor {name!r} came out as {tuple(tensor.shape)} "
+                                          f"{tensor.dtype}, not the announced {specs[name]}")
+                if tensor.numel():
+                    f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+                del tensor
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class LazyTensor:
+    """A tensor produced only when written: its shape and dtype up front, the values from `make()`."""
+
+    __slots__ = ("shape", "dtype", "make")
+
+    def __init__(self, shape, dtype: torch.dtype, make):
+        self.shape, self.dtype, self.make = tuple(shape), dtype, make
+
+    def tensor(self) -> torch.Tensor:
+        return self.make()
+
+
+def _spec_of(name: str, value) -> tuple[tuple[int, ...], torch.dtype]:
+    if isinstance(value, LazyTensor):
+        return value.shape, value.dtype
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.dtype
+    raise TypeError(f"tensor {name!r}: expected a torch.Tensor or a LazyTensor, got {type(value).__name__}")
