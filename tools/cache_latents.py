@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", required=True, help="WAN 2.1 or 2.2 VAE file (.pth or .safetensors)")
     parser.add_argument("--vae_dtype", default=None, choices=sorted(DTYPES),
                         help="VAE precision (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--vae_cache_cpu", action="store_true",
+                        help="keep the VAE's causal chunk cache in host memory (less VRAM, same latents)")
     parser.add_argument("--i2v", action="store_true", help="also cache image_latents (implied by an I2V --task)")
     parser.add_argument("--clip", default=None,
                         help="CLIP vision file for WAN 2.1 I2V (i2v-14B; required there): official "
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.vae_dtype] if args.vae_dtype else (torch_dtype_for(device))
     return run_and_report(
         lambda: cache_latents(load_dataset_config(args.dataset_config), args.vae, task=args.task, i2v=args.i2v,
-                              clip_path=args.clip, device=device, vae_dtype=dtype, batch_size=args.batch_size or 1,
+                              clip_path=args.clip, device=device, vae_dtype=dtype, vae_cache_cpu=args.vae_cache_cpu, batch_size=args.batch_size or 1,
                               num_workers=args.num_workers, strict=args.strict, rank=rank,
                               world_size=world_size, progress=not args.no_progress))
 

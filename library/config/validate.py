@@ -152,6 +152,17 @@ def _optimizer(cfg: TrainConfig, errors: list[str]) -> None:
     ratio = sch.lr_scheduler_min_lr_ratio
     if not 0.0 <= ratio <= 1.0:
         errors.append(f"`lr_scheduler_min_lr_ratio` = {ratio} must be between 0 and 1")
+    if not sch.lr_scheduler_type and sch.lr_scheduler == "adafactor" and not (
+            opt.optimizer_type.lower() == "adafactor" and str(opt.optimizer_args.get("relative_step")).lower() == "true"):
+        errors.append("`lr_scheduler` = 'adafactor' reports Adafactor's own step sizes: set `optimizer_type` = "
+                      "'AdaFactor' with `optimizer_args` = [\"relative_step=True\"], or pick another schedule")
+    if not sch.lr_scheduler_type and sch.lr_scheduler == "piecewise_constant" and "step_rules" not in sch.lr_scheduler_args:
+        errors.append("`lr_scheduler` = 'piecewise_constant' needs `lr_scheduler_args` = [\"step_rules=1:100,0.1:200,0.01\"] "
+                      "(a factor before each step, then the final factor)")
+    if sch.lr_decay_steps and sch.lr_scheduler != "warmup_stable_decay":
+        logger.warning("`lr_decay_steps` is used by lr_scheduler 'warmup_stable_decay' only; it is ignored here")
+    if sch.lr_scheduler_timescale and sch.lr_scheduler != "inverse_sqrt":
+        logger.warning("`lr_scheduler_timescale` is used by lr_scheduler 'inverse_sqrt' only; it is ignored here")
     if sch.lr_warmup_steps and sch.lr_scheduler == "constant":
         logger.warning("`lr_warmup_steps` is set but `lr_scheduler` is 'constant'; use 'constant_with_warmup'")
 

@@ -184,13 +184,16 @@ def _fit(path: Path, sd: dict, meta: dict, model, expert: str, variant) -> tuple
     return report, keep
 
 
-def attach_loras(specs: list[LoraSpec], models: dict[str, torch.nn.Module], variant) -> list[LoadedLora]:
-    """Check, build and attach every LoRA (hooks) at its strength; on any error nothing stays attached."""
+def attach_loras(specs: list[LoraSpec], models: dict[str, torch.nn.Module], variant,
+                 assigned: list[tuple[LoraSpec, str]] | None = None) -> list[LoadedLora]:
+    """Check, build and attach every LoRA (hooks) at its strength; on any error nothing stays attached.
+    `assigned` gives the (spec, expert) pairs directly (from `assign_experts` over more experts than
+    `models` holds) instead of `specs`."""
     from networks.lora_wan import create_network_from_weights
 
     loaded: list[LoadedLora] = []
     try:
-        for spec, expert in assign_experts(specs, list(models)):
+        for spec, expert in assign_experts(specs, list(models)) if assigned is None else assigned:
             sd, meta = read_lora(spec.path)
             report, tensors = _fit(spec.path, sd, meta, models[expert], expert, variant)
             network, _ = create_network_from_weights(spec.strength, None, None, None, models[expert],

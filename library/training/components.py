@@ -22,6 +22,8 @@ from library.config.schema import TrainConfig
 from library.wan.loading import load_dit
 from library.wan.variants import WanVariant
 
+from .base_weights import assign_base_weights, merge_base_weights
+from .compiling import compile_blocks, set_cuda_flags
 from .experts import Expert, boundary_of, expert_ranges, make_samplers
 from .flow_matching import TimestepSampler
 from .optim import build_optimizer, build_scheduler
@@ -274,10 +276,13 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, 
     samplers = make_samplers(base_sampler(cfg), ranges)
     memory = resolve_memory(cfg, variant, data, device, len(paths))
     on_host = memory.blocks_to_swap > 0 or memory.offload_inactive_dit  # load to host RAM, place afterwards
+    merges = assign_base_weights(cfg.network, list(paths))
     experts = []
     for name, path in paths.items():
+        merging = any(expert == name for _, expert in merges)  # merge in full precision, then fp8 if asked
         model = load_dit(path, device="cpu" if on_host else device, dtype=info.base_dtype, task=m.task,
-                         fp8=fp8_config(memory))
+                         fp8=None if merging else fp8_config(memory))
+        merge_base_weights(model, name, merges, variant)
         model.set_attention_backend(cfg.attention.attention_backend, cfg.attention.split_attn)
         apply_memory_features(model, memory, device, place=not memory.offload_inactive_dit)
         high = name == "high_noise"
@@ -288,9 +293,11 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, 
             network_dim=(cfg.network.network_dim_high_noise if high and cfg.network.network_dim_high_noise
                          else cfg.network.network_dim),
         ))
+    set_cuda_flags(cfg.compilation)
     for i, expert in enumerate(experts):
         _attach_network(expert, cfg, experts[0] if cfg.network.shared_expert_lora and i else None)
         expert.network.to(device)  # LoRA weights always live on the accelerator, swapped blocks or not
+        compile_blocks(expert.model, cfg.compilation)  # after the LoRA hooks, so the graphs include them
         logger.info("expert %s: %s, timesteps %g-%g, lr %g, rank %d", expert.name, expert.model.variant.name,
                     expert.sampler.min_timestep, expert.sampler.max_timestep, expert.learning_rate, expert.network_dim)
     return experts
@@ -399,7 +406,7 @@ def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData,
     s = cfg.scheduler
     scheduler = build_scheduler(optimizer, s.lr_scheduler, total, s.lr_warmup_steps, s.lr_scheduler_num_cycles,
                                 s.lr_scheduler_power, s.lr_scheduler_min_lr_ratio or 0.0, s.lr_scheduler_type,
-                                s.lr_scheduler_args)
+                                s.lr_scheduler_args, s.lr_decay_steps, s.lr_scheduler_timescale)
     if cfg.loop.mixed_precision == "fp16":
         optimizer = accelerator.prepare(optimizer)  # fp16 needs loss scaling; the wrapper costs ~1 ms a step
     logger.info("%d trainable LoRA tensors, %d steps (%d per epoch)", len(trainable), total, steps_per_epoch)

@@ -3,8 +3,11 @@
 Optimizers: AdamW, AdamW8bit / PagedAdamW8bit (bitsandbytes), AdaFactor (transformers), Lion
 (lion-pytorch, else bitsandbytes), Prodigy (prodigyopt), or any dotted class path. Optional packages are
 imported only when asked for, and a missing one is an error that says what to install.
-Schedules: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, each with
-warmup given as steps or as a ratio of the total, as a `LambdaLR` of plain functions below.
+Schedules: constant, constant_with_warmup, linear, cosine, cosine_with_min_lr, cosine_with_restarts,
+polynomial, inverse_sqrt (`lr_scheduler_timescale`), warmup_stable_decay (`lr_decay_steps`) and
+piecewise_constant (`lr_scheduler_args = ["step_rules=1:100,0.1:200,0.01"]`), each with warmup given as
+steps or as a ratio of the total, as a `LambdaLR` of the plain functions below (the meanings of the
+names are transformers', which Kohya's scripts use); `adafactor` reports Adafactor's relative steps.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -75,42 +79,107 @@ def warmup_steps_from(value: float, total_steps: int) -> int:
     return int(value)
 
 
-def _lambda(name: str, warmup: int, total: int, cycles: float, power: float, min_ratio: float) -> Callable[[int], float]:
-    span = max(1, total - warmup)
+@dataclass(frozen=True)
+class Schedule:
+    """The shape of a learning-rate schedule, in the Kohya / transformers meanings of the names."""
 
-    def progress(step: int) -> float:
-        return min(1.0, max(0.0, (step - warmup) / span))
+    name: str
+    total: int
+    warmup: int = 0
+    cycles: float = 1.0
+    power: float = 1.0
+    min_ratio: float = 0.0
+    decay: int = 0  # warmup_stable_decay: the final steps that decay
+    timescale: int = 0  # inverse_sqrt: 0 means the warmup steps (or 10,000 without warmup)
+    rules: str = ""  # piecewise_constant: "1:100,0.1:200,0.01" = x1 before step 100, x0.1 before 200, then x0.01
 
-    def floor(x: float) -> float:
-        return min_ratio + (1 - min_ratio) * x
+    def factor(self) -> Callable[[int], float]:
+        warmup, total, min_ratio = self.warmup, self.total, self.min_ratio
+        span = max(1, total - warmup)
 
-    def warm(step: int) -> float | None:
-        return (step + 1) / (warmup + 1) if step < warmup else None
+        def progress(step: int) -> float:
+            return min(1.0, max(0.0, (step - warmup) / span))
 
-    schedules = {
-        "constant": lambda s: 1.0,
-        "constant_with_warmup": lambda s: warm(s) or 1.0,
-        "linear": lambda s: warm(s) or floor(1 - progress(s)),
-        "cosine": lambda s: warm(s) or floor(0.5 * (1 + math.cos(math.pi * progress(s)))),
-        "cosine_with_restarts": lambda s: warm(s) or (
-            floor(0.0) if progress(s) >= 1.0 else floor(0.5 * (1 + math.cos(math.pi * ((cycles * progress(s)) % 1.0))))
-        ),
-        "polynomial": lambda s: warm(s) or floor((1 - progress(s)) ** power),
-    }
-    if name not in schedules:
-        raise ValueError(f"lr_scheduler {name!r} is not one of {', '.join(schedules)} (or use lr_scheduler_type)")
-    if name == "constant" and warmup:
-        return schedules["constant_with_warmup"]
-    return schedules[name]
+        def floor(x: float) -> float:
+            return min_ratio + (1 - min_ratio) * x
+
+        def warm(step: int) -> float | None:
+            return (step + 1) / (warmup + 1) if step < warmup else None
+
+        def cosine(x: float) -> float:
+            return 0.5 * (1 + math.cos(math.pi * x))
+
+        schedules = {
+            "constant": lambda s: 1.0,
+            "constant_with_warmup": lambda s: warm(s) or 1.0,
+            "linear": lambda s: warm(s) or floor(1 - progress(s)),
+            "cosine": lambda s: warm(s) or floor(cosine(progress(s))),
+            "cosine_with_min_lr": lambda s: warm(s) or floor(cosine(progress(s))),
+            "cosine_with_restarts": lambda s: warm(s) or (
+                floor(0.0) if progress(s) >= 1.0 else floor(cosine((self.cycles * progress(s)) % 1.0))
+            ),
+            "polynomial": lambda s: warm(s) or floor((1 - progress(s)) ** self.power),
+            "inverse_sqrt": self._inverse_sqrt(warm),
+            "warmup_stable_decay": self._warmup_stable_decay(warm, floor, cosine),
+            "piecewise_constant": self._piecewise(),
+        }
+        if self.name not in schedules:
+            raise ValueError(f"lr_scheduler {self.name!r} is not one of {', '.join(schedules)}, 'adafactor' "
+                             "(with optimizer_type AdaFactor) or a class in lr_scheduler_type")
+        if self.name == "constant" and warmup:
+            return schedules["constant_with_warmup"]
+        return schedules[self.name]
+
+    def _inverse_sqrt(self, warm):
+        timescale = self.timescale or self.warmup or 10_000
+        shift = timescale - self.warmup
+        return lambda s: warm(s) or 1.0 / math.sqrt(max(1.0, (s + shift)) / timescale)
+
+    def _warmup_stable_decay(self, warm, floor, cosine):
+        decay = min(self.decay, self.total - self.warmup)
+        start = self.total - decay  # the stable phase ends here
+
+        def wsd(s: int) -> float:
+            if s < self.warmup:
+                return warm(s)
+            if s < start or decay == 0:
+                return 1.0
+            return floor(cosine(min(1.0, (s - start) / decay)))
+
+        return wsd
+
+    def _piecewise(self):
+        if self.name != "piecewise_constant":
+            return None
+        rules = [r.strip() for r in self.rules.split(",") if r.strip()]
+        if not rules or ":" in rules[-1]:
+            raise ValueError(f"piecewise_constant needs lr_scheduler_args step_rules like '1:100,0.1:200,0.01' (a "
+                             f"factor before each step, then the final factor); got {self.rules!r}")
+        steps = []
+        for rule in rules[:-1]:
+            factor, _, before = rule.partition(":")
+            steps.append((int(before), float(factor)))
+        last = float(rules[-1])
+        return lambda s: next((f for before, f in steps if s < before), last)
 
 
 def build_scheduler(
     optimizer, name: str, total_steps: int, warmup_steps: float = 0, num_cycles: float = 1.0,
     power: float = 1.0, min_lr_ratio: float = 0.0, scheduler_type: str = "", scheduler_args: dict | None = None,
+    decay_steps: float = 0, timescale: int = 0,
 ):
     """A per-step LR schedule. `scheduler_type` (a dotted class path) overrides `name`."""
+    args = dict(scheduler_args or {})
     if scheduler_type:
-        return _dotted(scheduler_type)(optimizer, **(scheduler_args or {}))
-    warmup = warmup_steps_from(warmup_steps, total_steps)
-    fn = _lambda(name, warmup, total_steps, num_cycles, power, min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+        return _dotted(scheduler_type)(optimizer, **args)
+    if name == "adafactor":  # Adafactor's own relative step sizes; the schedule only reports them
+        from transformers.optimization import Adafactor, AdafactorSchedule
+
+        if not isinstance(optimizer, Adafactor) or not optimizer.defaults.get("relative_step"):
+            raise ValueError("lr_scheduler 'adafactor' reports Adafactor's own step sizes: it needs optimizer_type "
+                             "AdaFactor with optimizer_args relative_step=True (else pick another schedule)")
+        return AdafactorSchedule(optimizer, initial_lr=float(args.get("initial_lr", 0.0)))
+    schedule = Schedule(name, total_steps, warmup_steps_from(warmup_steps, total_steps), num_cycles, power,
+                        min_lr_ratio, warmup_steps_from(decay_steps, total_steps), timescale,
+                        str(args.get("step_rules", "")))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor())

@@ -156,10 +156,12 @@ def _vae_config(sd_shapes: dict[str, tuple], kind: str) -> dict:
                 dim_mult=dim_mult, num_res_blocks=per_level, temporal_downsample=temporal)
 
 
-def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             cache_cpu: bool = False):
     """Load the WAN 2.1 VAE (`Wan2.1_VAE.pth`, ComfyUI `wan_2.1_vae.safetensors`) or the WAN 2.2 VAE
     (`Wan2.2_VAE.pth`, `wan2.2_vae.safetensors`), official or diffusers names; the kind is detected from
-    the keys. Returns `WanVAE` or `Wan22VAE` in eval mode, frozen, with `encode` / `decode`."""
+    the keys. Returns `WanVAE` or `Wan22VAE` in eval mode, frozen, with `encode` / `decode`. `cache_cpu`
+    (`vae_cache_cpu`) keeps the causal chunk cache in host memory: less VRAM, the same numbers."""
     from .vae import WanVAE, vae21_state_dict_from_diffusers
     from .vae22 import Wan22VAE, vae22_state_dict_from_diffusers
 
@@ -190,6 +192,7 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
         state[name] = ckpt.read(names[name]).to(device=device, dtype=dtype)
     vae.load_state_dict(state, strict=True, assign=True)
     vae.to(device)  # the latent statistics buffers
+    vae.cache_device = torch.device("cpu") if cache_cpu else None
     logger.info("loaded WAN %s VAE from %s%s", kind, ckpt.source, " [diffusers names]" if diffusers else "")
     return vae.requires_grad_(False).eval()
 
@@ -212,12 +215,17 @@ def _find_tokenizer(t5_path: Path) -> Path:
 
 def load_text_encoder(
     path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, fp8=False,
 ):
     """Load umT5-XXL from the official `models_t5_umt5-xxl-enc-bf16.pth`, a ComfyUI / HF
     `umt5_xxl_*.safetensors` (fp16, fp8, fp8_scaled) or an HF folder, plus the tokenizer from a local
     folder (default: `google/umt5-xxl/` beside the weights). Returns a `WanTextEncoder` whose
-    `encode(prompts)` gives one [L_i, 4096] tensor per prompt."""
+    `encode(prompts)` gives one [L_i, 4096] tensor per prompt.
+
+    `fp8` (`fp8_t5`: True, or a `library.wan.fp8.FP8Config`) keeps the attention and FFN Linear weights
+    of every block in fp8 e4m3fn with per-channel scales, quantised layer by layer as they are read; fp8
+    files are used as stored. Embeddings, relative attention bias and norms stay in `dtype`, which the
+    model computes in. Without it, fp8 files are dequantised to `dtype`."""
     from .text_encoder import build_text_encoder
 
     path = Path(path).expanduser()
@@ -227,8 +235,14 @@ def load_text_encoder(
         raise CheckpointError(f"{ckpt.source}: this is {what}, not a umT5 text encoder; pass it as `t5`")
     tokenizer = Path(tokenizer_path).expanduser() if tokenizer_path else _find_tokenizer(path)
     state = {k: ckpt.read(k) for k in ckpt.keys()}  # zero-copy views of the mapped file
+    file_keys = {id(tensor): key for key, tensor in state.items()}
+
+    def release(tensor: torch.Tensor) -> None:  # a tensor copied elsewhere: drop its mapped pages
+        if id(tensor) in file_keys:
+            ckpt.release(file_keys[id(tensor)])
+
     try:
-        return build_text_encoder(state, tokenizer, device=device, dtype=dtype)
+        return build_text_encoder(state, tokenizer, device=device, dtype=dtype, fp8=fp8 or None, release=release)
     except CheckpointError as exc:
         raise CheckpointError(f"{ckpt.source}: {exc}") from None
 

@@ -79,9 +79,18 @@ class ChunkCache:
       zeros, not the first chunk, as its past (the official 'Rep' marker).
     """
 
-    def __init__(self):
+    def __init__(self, store_device: str | torch.device | None = None):
         self._past: dict[nn.Module, torch.Tensor] = {}
         self.chunk_index = 0
+        # `vae_cache_cpu`: the remembered frames wait in host memory between chunks (less VRAM, some copies)
+        self.store = None if store_device is None else torch.device(store_device)
+
+    def _keep(self, layer: nn.Module, t: torch.Tensor) -> None:
+        self._past[layer] = t if self.store is None else t.to(self.store)
+
+    def _get(self, layer: nn.Module, device: torch.device) -> torch.Tensor | None:
+        past = self._past.get(layer)
+        return None if past is None else past.to(device)
 
     @property
     def first_chunk(self) -> bool:
@@ -91,26 +100,26 @@ class ChunkCache:
         self.chunk_index += 1
 
     def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
-        past = self._past.get(conv)
+        past = self._get(conv, x.device)
         tail = x[:, :, -CACHE_FRAMES:].clone()  # [B, C, <=2, H, W]
         if tail.shape[2] < CACHE_FRAMES and past is not None:
-            tail = torch.cat([past[:, :, -1:].to(tail.device), tail], dim=2)
+            tail = torch.cat([past[:, :, -1:], tail], dim=2)
         out = conv(x, past)
-        self._past[conv] = tail
+        self._keep(conv, tail)
         return out
 
     def time_downsample(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
         # x [B, C, T, H, W] -> [B, C, T, ...] on the first chunk, else [B, C, T/2, ...]
-        past = self._past.get(conv)
-        self._past[conv] = x[:, :, -1:].clone()
+        past = self._get(conv, x.device)
+        self._keep(conv, x[:, :, -1:].clone())
         if past is None:
             return x
-        return conv(torch.cat([past.to(x.device), x], dim=2))
+        return conv(torch.cat([past, x], dim=2))
 
     def time_upsample(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
         # x [B, C, T, H, W] -> [B, C, T, ...] on the first chunk, else [B, C, 2T, ...]
         if conv not in self._past:
-            self._past[conv] = torch.zeros_like(x[:, :, -1:])  # the official 'Rep': zeros as the past
+            self._keep(conv, torch.zeros_like(x[:, :, -1:]))  # the official 'Rep': zeros as the past
             return x
         x = self.conv(conv, x)  # [B, 2C, T, H, W]: two output frames per input frame
         return rearrange(x, "b (two c) t h w -> b c (t two) h w", two=2)
@@ -267,6 +276,7 @@ class CausalVideoVAE(nn.Module):
     z_dim: int
     temporal_stride = 4
     spatial_stride = 8
+    cache_device: torch.device | None = None  # set to "cpu" to keep the causal chunk cache in host memory
 
     def _register_latent_stats(self, mean: Sequence[float] | None, std: Sequence[float] | None, default) -> None:
         # explicit CPU tensors: built under `torch.device("meta")` they must still hold the real numbers,
@@ -314,7 +324,7 @@ class CausalVideoVAE(nn.Module):
         self._check_video(video)
         weight = self.conv1.weight
         x = self._to_encoder_input(video.to(device=weight.device, dtype=weight.dtype))
-        cache = ChunkCache()
+        cache = ChunkCache(self.cache_device)
         bounds = [(0, 1)] + [(s, s + 4) for s in range(1, x.shape[2], 4)]  # frame 0 alone, then 4 at a time
         chunks = []
         for start, end in bounds:
@@ -332,7 +342,7 @@ class CausalVideoVAE(nn.Module):
         mean, std = self._latent_stats(weight.device)
         z = latents.to(device=weight.device, dtype=torch.float32) * std + mean
         x = self.conv2(z.to(weight.dtype))  # [B, z, T, h, w]
-        cache = ChunkCache()
+        cache = ChunkCache(self.cache_device)
         frames = []
         for t in range(x.shape[2]):  # one latent frame at a time: 1 frame first, then 4 each
             frames.append(self.decoder(x[:, :, t : t + 1], cache))

@@ -94,6 +94,55 @@ def test_schedules():
         lrs("cosine_annealing")
 
 
+def _reference(fn, total=100, **kw):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = fn(opt, **kw)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_more_schedules_match_transformers_after_warmup():
+    """inverse_sqrt, cosine_with_min_lr, warmup_stable_decay and piecewise_constant follow transformers' and
+    diffusers' definitions (the ones Kohya's scripts use); warmup differs by design ((s + 1) / (w + 1), never 0)."""
+    tr = pytest.importorskip("transformers.optimization")
+    mine = lrs("inverse_sqrt", warmup_steps=10, timescale=20)
+    ref = _reference(tr.get_inverse_sqrt_schedule, num_warmup_steps=10, timescale=20)
+    assert mine[10:] == pytest.approx(ref[10:])
+    mine = lrs("cosine_with_min_lr", warmup_steps=10, min_lr_ratio=0.2)
+    ref = _reference(tr.get_cosine_with_min_lr_schedule_with_warmup, num_warmup_steps=10, num_training_steps=100,
+                     min_lr_rate=0.2)
+    assert mine[10:] == pytest.approx(ref[10:])
+    mine = lrs("warmup_stable_decay", warmup_steps=10, decay_steps=0.3, min_lr_ratio=0.1)
+    ref = _reference(tr.get_wsd_schedule, num_warmup_steps=10, num_decay_steps=30, num_stable_steps=60,
+                     min_lr_ratio=0.1)
+    assert mine[10:] == pytest.approx(ref[10:])
+    assert mine[10:70] == [1.0] * 60 and mine[-1] < 0.11
+    rules = "1:10,0.1:20,0.01"
+    mine = lrs("piecewise_constant", scheduler_args={"step_rules": rules})
+    ref = _reference(pytest.importorskip("diffusers.optimization").get_piecewise_constant_schedule, step_rules=rules)
+    assert mine == pytest.approx(ref) and mine[9] == 1.0 and mine[15] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="step_rules like"):
+        lrs("piecewise_constant")
+
+
+def test_adafactor_schedule_needs_relative_steps():
+    p = [torch.nn.Parameter(torch.randn(4))]
+    ada = build_optimizer(p, "AdaFactor", 1e-3, {"relative_step": True, "warmup_init": True})
+    sched = build_scheduler(ada, "adafactor", 10)
+    p[0].grad = torch.ones(4)
+    ada.step()
+    sched.step()
+    assert sched.get_last_lr()[0] > 0
+    plain = torch.optim.SGD(p, lr=1.0)
+    with pytest.raises(ValueError, match="relative_step=True"):
+        build_scheduler(plain, "adafactor", 10)
+
+
 def test_optimizers_by_name_and_path():
     p = [torch.nn.Parameter(torch.randn(4))]
     assert type(build_optimizer(p, "AdamW", 1e-3, {"weight_decay": 0.01})).__name__ == "AdamW"

@@ -329,3 +329,87 @@ def test_mixed_precision_runs(workspace, tmp_path, precision):
     assert trainer.experts[0].model.blocks[0].ffn[0].weight.dtype == dtype
     assert all(math.isfinite(x) for x in losses(tmp_path))
     assert lora(tmp_path / "lora_low_noise.safetensors")["lora_unet_blocks_0_ffn_0.lora_up.weight"].abs().sum() > 0
+
+
+def test_compiled_blocks_train_like_eager_ones(workspace, tmp_path):
+    """`compile` really compiles the blocks (with the LoRA hooks inside the graphs) and changes no loss.
+    aot_eager runs dynamo and AOT autograd (where hooks and checkpointing could break) without a C++
+    toolchain; inductor is the default on a GPU."""
+    import torch._dynamo
+
+    eager = train(workspace, tmp_path / "eager", max_train_steps=3, gradient_checkpointing=True)
+    torch._dynamo.reset()
+    compiled = train(workspace, tmp_path / "compiled", max_train_steps=3, gradient_checkpointing=True,
+                     compile=True, compile_backend="aot_eager", compile_dynamic="true")
+    for expert in compiled.experts:
+        assert all(block._compiled_call_impl is not None for block in expert.model.blocks)
+    assert all(block._compiled_call_impl is None for e in eager.experts for block in e.model.blocks)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    torch._dynamo.reset()
+
+
+def test_cuda_flags_are_set(monkeypatch):
+    from library.config.schema import CompileArgs
+    from library.training.compiling import set_cuda_flags
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    set_cuda_flags(CompileArgs())
+    assert not torch.backends.cuda.matmul.allow_tf32
+    set_cuda_flags(CompileArgs(cuda_allow_tf32=True, cuda_cudnn_benchmark=True))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
+
+
+def _random_lora(model, path: Path, seed: int, rank: int = 2, expert: str | None = None) -> dict:
+    """A LoRA file with non-zero up weights for `model`; returns {module: fp32 delta at strength 1}."""
+    from networks import lora_wan
+
+    torch.manual_seed(seed)
+    net = lora_wan.create_network(1.0, rank, rank, None, None, model)
+    for lo in net.loras:
+        torch.nn.init.normal_(lo.lora_up.weight, std=0.05)
+    meta = {"ss_expert": expert} if expert else {}
+    net.save_weights(path, dtype=torch.float32, metadata=meta)
+    return {lo.official_name: lo.delta_weight() for lo in net.loras}
+
+
+def test_base_weights_are_merged_per_expert_before_training(workspace, tmp_path):
+    from library.training.base_weights import assign_base_weights
+    from library.wan.loading import load_dit
+
+    m = workspace["models"]
+    low, high = (load_dit(p, dtype=torch.float32, task="t2v-tiny") for p in (m.dit, m.dit_high_noise))
+    shared = _random_lora(low, tmp_path / "shared.safetensors", 1)
+    only_high = _random_lora(high, tmp_path / "style_high_noise.safetensors", 2)
+    cfg = validate(config_from_dict(settings(workspace, tmp_path / "out", base_weights=[
+        str(tmp_path / "shared.safetensors"), str(tmp_path / "style_high_noise.safetensors")],
+        base_weights_multiplier=[0.5, 1.0])))
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        got = {e.name: dict(e.model.named_parameters()) for e in trainer.experts}
+        name = "blocks.1.cross_attn.v"
+        want_low = low.get_parameter(name + ".weight") + 0.5 * shared[name]
+        want_high = high.get_parameter(name + ".weight") + 0.5 * shared[name] + only_high[name]
+        torch.testing.assert_close(got["low_noise"][name + ".weight"], want_low)
+        torch.testing.assert_close(got["high_noise"][name + ".weight"], want_high)
+        assert all(lo._handle is not None for e in trainer.experts for lo in e.network.loras)  # the LoRA to train
+    finally:
+        trainer.cleanup()
+    assert [(s.path.name, e) for s, e in assign_base_weights(cfg.network, ["low_noise", "high_noise"])] == [
+        ("shared.safetensors", "low_noise"), ("shared.safetensors", "high_noise"),
+        ("style_high_noise.safetensors", "high_noise")]
+
+
+def test_base_weights_for_another_model_are_a_clear_error(workspace, tmp_path):
+    from library.sampling.loras import LoraError
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(2, 5120),
+               "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(5120, 2)}, tmp_path / "big.safetensors",
+              metadata={"modelspec.architecture": "wan2.2-t2v-a14b/lora"})
+    trainer = Trainer(validate(config_from_dict(settings(workspace, tmp_path / "out",
+                                                         base_weights=[str(tmp_path / "big.safetensors")]))))
+    with pytest.raises(LoraError, match=r"big.safetensors: this LoRA was made for another model .*wan2.2-t2v-a14b"):
+        trainer.setup()
+    trainer.cleanup()

@@ -165,3 +165,28 @@ def test_converter_rejects_official_names(version):
 def test_bad_video_is_a_clear_error(shape, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("+", r"\+")):
         WanVAE(dim=8).encode(torch.zeros(shape))
+
+
+def test_chunk_cache_in_host_memory_gives_the_same_bits(twins, monkeypatch):
+    """`vae_cache_cpu`: every remembered frame goes to the store device and comes back for the next chunk.
+    On this CPU-only machine the store is a distinct "device" we can watch: the copies are recorded."""
+    from library.wan import vae as vae_module
+
+    _, _, ours, size = twins
+    video = _video(9, size)
+    with torch.no_grad():
+        latents = ours.encode(video)
+        decoded = ours.decode(latents)
+    kept = []
+    original = vae_module.ChunkCache._keep
+
+    def spy(self, layer, t):
+        original(self, layer, t)
+        kept.append((self.store, self._past[layer].device))
+
+    monkeypatch.setattr(vae_module.ChunkCache, "_keep", spy)
+    monkeypatch.setattr(ours, "cache_device", torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(ours.encode(video), latents)
+        assert torch.equal(ours.decode(latents), decoded)
+    assert kept and all(store == torch.device("cpu") and dev.type == "cpu" for store, dev in kept)
