@@ -204,6 +204,22 @@ class SamplingArgs:
 
 
 @dataclass(frozen=True)
+class FineTuneArgs:
+    full_fine_tune: bool = arg(False, "train the DiT weights themselves instead of a LoRA (finetune/fine_tune_wan.py "
+                                      "turns it on)")
+    full_bf16: bool = arg(False, "full fine-tuning: weights, gradients and optimizer state in bf16, no fp32 master "
+                                 "weights (less memory; updates far below a weight's bf16 step are lost)")
+    fused_backward_pass: bool = arg(False, "full fine-tuning: update each weight as soon as its gradient is ready and "
+                                           "free the gradient (needs gradient_accumulation_steps = 1; max_grad_norm "
+                                           "clips each tensor)")
+    trainable_patterns: tuple[str, ...] = arg((), "full fine-tuning: regexes of DiT parameter names to train "
+                                                  "(empty: all), e.g. 'blocks\\.(1[0-9]|2[0-9])\\.'")
+    frozen_patterns: tuple[str, ...] = arg((), "full fine-tuning: regexes of DiT parameter names to keep frozen")
+    save_model_format: str = arg("official", "full fine-tuning: saved DiT keys: official (blocks.0...) or comfyui "
+                                             "(model.diffusion_model.blocks.0...)", choices=("official", "comfyui"))
+
+
+@dataclass(frozen=True)
 class CompileArgs:
     compile: bool = arg(False, "torch.compile the DiT blocks")
     compile_backend: str = arg("inductor", "torch.compile backend")
@@ -233,6 +249,7 @@ class TrainConfig:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
     sampling: SamplingArgs = field(default_factory=SamplingArgs)
     compilation: CompileArgs = field(default_factory=CompileArgs)
+    finetune: FineTuneArgs = field(default_factory=FineTuneArgs)
 
     def get(self, name: str) -> Any:
         """A field by its flat name, wherever it lives (`cfg.get("learning_rate")`)."""

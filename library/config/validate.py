@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 
 from .coerce import ConfigError
 from .schema import TrainConfig
@@ -189,6 +190,42 @@ def _loop(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append("sampling is requested but `sample_prompts` (the prompt file) is not set")
 
 
+_LORA_ONLY = ("network_weights", "base_weights", "scale_weight_norms", "shared_expert_lora", "network_dim_high_noise",
+              "fp8_base", "blocks_to_swap", "offload_inactive_dit", "auto_memory")
+
+
+def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
+    ft = cfg.finetune
+    if not ft.full_fine_tune:
+        for name in ("full_bf16", "fused_backward_pass", "trainable_patterns", "frozen_patterns"):
+            if cfg.get(name):
+                errors.append(f"`{name}` is for full fine-tuning: run finetune/fine_tune_wan.py (or set "
+                              "`full_fine_tune` = true), or remove it")
+        return
+    why = {"fp8_base": "fp8 weights cannot be trained", "blocks_to_swap": "swapped blocks would need their "
+           "gradients and optimizer state on the host", "offload_inactive_dit": "the optimizer state of the "
+           "inactive expert stays on the GPU; train one expert per run instead", "auto_memory": "the memory "
+           "planner plans LoRA training"}
+    for name in _LORA_ONLY:
+        if cfg.get(name):
+            errors.append(f"`{name}` cannot be used with full fine-tuning"
+                          + (f" ({why[name]})" if name in why else " (it is a LoRA setting)"))
+    if ft.full_bf16 and cfg.loop.mixed_precision != "bf16":
+        errors.append("`full_bf16` needs `mixed_precision` = 'bf16'")
+    if ft.fused_backward_pass:
+        if cfg.loop.gradient_accumulation_steps != 1:
+            errors.append("`fused_backward_pass` updates weights during the backward pass, so it cannot accumulate "
+                          "gradients: set `gradient_accumulation_steps` = 1 (raise the batch size instead)")
+        if cfg.loop.mixed_precision == "fp16":
+            errors.append("`fused_backward_pass` cannot use fp16 loss scaling: use `mixed_precision` = 'bf16'")
+    for name in ("trainable_patterns", "frozen_patterns"):
+        for pattern in cfg.get(name):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                errors.append(f"`{name}`: {pattern!r} is not a valid regular expression ({exc})")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check the cross-field rules; raise one ConfigError listing every problem, else return cfg."""
     errors: list[str] = []
@@ -200,6 +237,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _network(cfg, errors)
     _optimizer(cfg, errors)
     _loop(cfg, errors)
+    _finetune(cfg, errors)
     if errors:
         where = f" ({cfg.run.config_file})" if cfg.run.config_file else ""
         raise ConfigError(f"invalid training config{where}:\n  - " + "\n  - ".join(errors))

@@ -32,7 +32,8 @@ def report(facts: RunFacts) -> tuple[list[str], list[str]]:
     ep_lo, ep_hi = row_for(EPOCHS_BY_SIZE, samples)
     lines = [
         f"dataset: {samples} samples ({facts.images} images, {facts.clips} clips)",
-        f"rank {facts.network_dim} (guide for {samples} samples: {rank_lo}-{rank_hi}), {facts.epochs} epochs "
+        (f"rank {facts.network_dim} (guide for {samples} samples: {rank_lo}-{rank_hi}), " if facts.network_dim
+         else "full fine-tuning, ") + f"{facts.epochs} epochs "
         f"(guide: {ep_lo}-{ep_hi}), {facts.total_steps} steps, learning rate {facts.learning_rate:g}",
     ]
     warnings = []
@@ -47,7 +48,9 @@ def report(facts: RunFacts) -> tuple[list[str], list[str]]:
         if not lr_lo <= facts.learning_rate <= lr_hi:
             warnings.append(f"learning rate {facts.learning_rate:g} is outside the guide's {lr_lo:g}-{lr_hi:g} "
                             f"for {facts.preset}")
-    if facts.network_dim > rank_hi * 1.5:
+    if not facts.network_dim:  # full fine-tuning: no rank to judge
+        pass
+    elif facts.network_dim > rank_hi * 1.5:
         warnings.append(f"rank {facts.network_dim} is high for {samples} samples (guide: {rank_lo}-{rank_hi}): "
                         "high rank on little data overfits (memorised poses)")
     elif facts.network_dim < rank_lo / 2:

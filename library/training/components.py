@@ -92,7 +92,7 @@ def resolve_run(cfg: TrainConfig, accelerator) -> RunInfo:
     output_dir = Path(cfg.saving.output_dir or "output").expanduser()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    return RunInfo(seed=seed, output_dir=output_dir, output_name=cfg.saving.output_name or "wan_lora",
+    return RunInfo(seed=seed, output_dir=output_dir, output_name=cfg.saving.output_name or ("wan_finetune" if cfg.finetune.full_fine_tune else "wan_lora"),
                    base_dtype=BASE_DTYPES[cfg.loop.mixed_precision],
                    save_dtype=SAVE_DTYPES[cfg.saving.save_precision])
 
@@ -223,6 +223,9 @@ def _attach_network(expert: Expert, cfg: TrainConfig, share_with: Expert | None 
     from networks import lora_wan
 
     n = cfg.network
+    if cfg.finetune.full_fine_tune:
+        _attach_full(expert, cfg)
+        return
     if n.network_weights and n.dim_from_weights and share_with is None:
         net, weights = lora_wan.create_network_from_weights(1.0, n.network_weights, None, None, expert.model,
                                                             **n.network_args)
@@ -239,6 +242,19 @@ def _attach_network(expert: Expert, cfg: TrainConfig, share_with: Expert | None 
             net.load_weights(n.network_weights)
     net.apply_to()
     expert.network = net
+
+
+def _attach_full(expert: Expert, cfg: TrainConfig) -> None:
+    """Full fine-tuning: the expert's own weights train (fp32 masters, or bf16 with `full_bf16`)."""
+    from .full import FullNetwork, select_trainable
+
+    ft = cfg.finetune
+    names = select_trainable(expert.model, ft.trainable_patterns, ft.frozen_patterns)
+    expert.network = FullNetwork(expert.model, names, None if ft.full_bf16 else torch.float32)
+    expert.network_dim = 0
+    compute = BASE_DTYPES[cfg.loop.mixed_precision]
+    if compute != torch.float32:
+        expert.model.compute_dtype = compute  # fp32 masters, bf16 / fp16 maths under autocast
 
 
 def resolve_memory(cfg: TrainConfig, variant: WanVariant, data: TrainData, device, n_experts: int):
@@ -277,10 +293,13 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, 
     memory = resolve_memory(cfg, variant, data, device, len(paths))
     on_host = memory.blocks_to_swap > 0 or memory.offload_inactive_dit  # load to host RAM, place afterwards
     merges = assign_base_weights(cfg.network, list(paths))
+    full = cfg.finetune.full_fine_tune
+    # full fine-tuning keeps fp32 master weights: read them in fp32 (the official files are fp32), not rounded
+    load_dtype = torch.float32 if full and not cfg.finetune.full_bf16 else info.base_dtype
     experts = []
     for name, path in paths.items():
         merging = any(expert == name for _, expert in merges)  # merge in full precision, then fp8 if asked
-        model = load_dit(path, device="cpu" if on_host else device, dtype=info.base_dtype, task=m.task,
+        model = load_dit(path, device="cpu" if on_host else device, dtype=load_dtype, task=m.task,
                          fp8=None if merging else fp8_config(memory))
         merge_base_weights(model, name, merges, variant)
         model.set_attention_backend(cfg.attention.attention_backend, cfg.attention.split_attn)
@@ -298,8 +317,9 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, 
         _attach_network(expert, cfg, experts[0] if cfg.network.shared_expert_lora and i else None)
         expert.network.to(device)  # LoRA weights always live on the accelerator, swapped blocks or not
         compile_blocks(expert.model, cfg.compilation)  # after the LoRA hooks, so the graphs include them
-        logger.info("expert %s: %s, timesteps %g-%g, lr %g, rank %d", expert.name, expert.model.variant.name,
-                    expert.sampler.min_timestep, expert.sampler.max_timestep, expert.learning_rate, expert.network_dim)
+        logger.info("expert %s: %s, timesteps %g-%g, lr %g, %s", expert.name, expert.model.variant.name,
+                    expert.sampler.min_timestep, expert.sampler.max_timestep, expert.learning_rate,
+                    "full fine-tuning" if full else f"rank {expert.network_dim}")
     return experts
 
 
@@ -329,6 +349,7 @@ class Optimization:
     total_steps: int
     offload_inactive: bool
     device: torch.device
+    fused: bool = False  # fused_backward_pass: steps, averaging and clipping happen in the backward pass
 
     def activate(self, expert: Expert) -> None:
         """With `offload_inactive_dit`, only the expert in use sits on the accelerator."""
@@ -341,21 +362,40 @@ class Optimization:
             if other.model.patch_embedding.weight.device != target:
                 place_model(other.model, target)
 
-    def average_gradients(self, accelerator) -> None:
-        """Mean of the LoRA gradients over processes, in one collective."""
-        if accelerator.num_processes == 1:
+    def average_gradients(self, accelerator, bucket_elements: int = 1 << 26) -> None:
+        """Mean of the gradients over processes: one collective per bucket of up to `bucket_elements`
+        (a LoRA fits in one; full fine-tuning never needs a second copy of every gradient)."""
+        if accelerator.num_processes == 1 or self.fused:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
-        flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
-        offset = 0
-        for p, g in zip(self.trainable, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+        for p in self.trainable:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.nn.Parameter] = []
+        for i, p in enumerate(self.trainable):
+            bucket.append(p)
+            size = sum(q.numel() for q in bucket)
+            last = i == len(self.trainable) - 1
+            if size >= bucket_elements or last or self.trainable[i + 1].grad.dtype != p.grad.dtype:
+                flat = accelerator.reduce(torch.cat([q.grad.flatten() for q in bucket]), reduction="mean")
+                offset = 0
+                for q in bucket:
+                    q.grad = flat[offset:offset + q.numel()].view_as(q.grad).clone()
+                    offset += q.numel()
+                bucket = []
 
-    def save_lora(self, expert: Expert, path: Path, cfg: TrainConfig, variant: WanVariant, state: RunState) -> None:
-        meta = build_lora_metadata(cfg, variant, expert, state)
-        expert.network.save_weights(path, dtype=SAVE_DTYPES[cfg.saving.save_precision], metadata=meta,
-                                    fmt=cfg.saving.save_lora_format)
+    def save_weights(self, expert: Expert, path: Path, cfg: TrainConfig, variant: WanVariant, state: RunState) -> None:
+        """The expert's LoRA file, or with full fine-tuning its whole DiT."""
+        if cfg.finetune.full_fine_tune:
+            from .full import model_metadata
+
+            meta = model_metadata(variant, None if expert.name == "dit" else expert.name, cfg, state,
+                                  expert.learning_rate)
+            dtype = SAVE_DTYPES[cfg.saving.save_precision] if cfg.saving.save_precision else torch.bfloat16
+            expert.network.save_weights(path, dtype=dtype, metadata=meta, fmt=cfg.finetune.save_model_format)
+        else:
+            meta = build_lora_metadata(cfg, variant, expert, state)
+            expert.network.save_weights(path, dtype=SAVE_DTYPES[cfg.saving.save_precision], metadata=meta,
+                                        fmt=cfg.saving.save_lora_format)
         logger.info("saved %s", path)
 
     def state_payload(self, state: RunState) -> dict:
@@ -399,8 +439,18 @@ def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData,
             if params:
                 groups.append({**group, "params": params})
     trainable = [p for g in groups for p in g["params"]]
-    optimizer = build_optimizer(groups, cfg.optimizer.optimizer_type, cfg.optimizer.learning_rate,
-                                cfg.optimizer.optimizer_args)
+    o, fused = cfg.optimizer, cfg.finetune.full_fine_tune and cfg.finetune.fused_backward_pass
+    if fused:
+        from .full import FusedBackwardOptimizer
+
+        reduce = (lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None
+        optimizer = FusedBackwardOptimizer(
+            groups, lambda g: build_optimizer(g, o.optimizer_type, o.learning_rate, o.optimizer_args, quiet=True),
+            reduce=reduce, max_norm=o.max_grad_norm)
+        logger.info("fused backward pass: one %s per tensor (%d), stepped as gradients arrive", o.optimizer_type,
+                    len(optimizer.inner))
+    else:
+        optimizer = build_optimizer(groups, o.optimizer_type, o.learning_rate, o.optimizer_args)
     steps_per_epoch = math.ceil(data.batches_per_epoch / cfg.loop.gradient_accumulation_steps)
     total = cfg.loop.max_train_epochs * steps_per_epoch if cfg.loop.max_train_epochs else cfg.loop.max_train_steps
     s = cfg.scheduler
@@ -409,7 +459,8 @@ def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData,
                                 s.lr_scheduler_args, s.lr_decay_steps, s.lr_scheduler_timescale)
     if cfg.loop.mixed_precision == "fp16":
         optimizer = accelerator.prepare(optimizer)  # fp16 needs loss scaling; the wrapper costs ~1 ms a step
-    logger.info("%d trainable LoRA tensors, %d steps (%d per epoch)", len(trainable), total, steps_per_epoch)
+    logger.info("%d trainable %s tensors, %d steps (%d per epoch)", len(trainable),
+                "DiT" if cfg.finetune.full_fine_tune else "LoRA", total, steps_per_epoch)
     return Optimization(experts, optimizer, scheduler, trainable, base_sampler(cfg),
                         boundary_of(experts[0].model.variant, cfg.timesteps.timestep_boundary), total,
-                        cfg.memory.offload_inactive_dit, accelerator.device)
+                        cfg.memory.offload_inactive_dit, accelerator.device, fused)

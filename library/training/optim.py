@@ -57,8 +57,10 @@ _OPTIMIZERS: dict[str, Callable[[], type]] = {
 }
 
 
-def build_optimizer(params: Iterable, optimizer_type: str, learning_rate: float, optimizer_args: dict | None = None):
-    """An optimizer over `params` (tensors or param groups with their own `lr`)."""
+def build_optimizer(params: Iterable, optimizer_type: str, learning_rate: float, optimizer_args: dict | None = None,
+                    quiet: bool = False):
+    """An optimizer over `params` (tensors or param groups with their own `lr`); `quiet` logs nothing (one
+    optimizer per tensor with `fused_backward_pass`)."""
     args = dict(optimizer_args or {})
     key = optimizer_type.lower().replace("_", "")
     cls = _OPTIMIZERS[key]() if key in _OPTIMIZERS else _dotted(optimizer_type)
@@ -68,7 +70,8 @@ def build_optimizer(params: Iterable, optimizer_type: str, learning_rate: float,
         args.setdefault("warmup_init", False)
         if args["relative_step"]:
             learning_rate = None
-    logger.info("optimizer %s.%s lr=%s args=%s", cls.__module__, cls.__name__, learning_rate, args)
+    logger.log(logging.DEBUG if quiet else logging.INFO, "optimizer %s.%s lr=%s args=%s", cls.__module__,
+               cls.__name__, learning_rate, args)
     return cls(list(params), lr=learning_rate, **args) if learning_rate is not None else cls(list(params), **args)
 
 

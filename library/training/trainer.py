@@ -197,16 +197,29 @@ class Trainer:
     def optimizer_step(self) -> None:
         opt = self.opt
         opt.average_gradients(self.accelerator)
-        if self.cfg.optimizer.max_grad_norm:
+        if self.cfg.optimizer.max_grad_norm and not opt.fused:  # fused: each tensor was clipped in the backward
             clip = self.accelerator.clip_grad_norm_ if self.cfg.loop.mixed_precision == "fp16" else \
                 torch.nn.utils.clip_grad_norm_  # fp16: accelerate unscales first
             clip(opt.trainable, self.cfg.optimizer.max_grad_norm)
         opt.optimizer.step()
+        if self.cfg.network.scale_weight_norms:
+            self._scale_weight_norms()
         self.last_lr = opt.scheduler.get_last_lr()[0]  # the rate this step used
         opt.scheduler.step()
         opt.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
         self.committed = replace(self.state)
+
+    def _scale_weight_norms(self) -> None:
+        """Kohya's max-norm regularisation: each LoRA module's delta scaled down to `scale_weight_norms`."""
+        scaled, norms = 0, []
+        for expert in self.experts:
+            n, mean, top = expert.network.apply_max_norm_regularization(self.cfg.network.scale_weight_norms)
+            scaled, norms = scaled + n, norms + [(mean, top)]
+        if self.is_main:
+            self.accelerator.log({"max_norm/keys_scaled": scaled,
+                                  "max_norm/average_key_norm": sum(m for m, _ in norms) / len(norms),
+                                  "max_norm/max_key_norm": max(t for _, t in norms)}, step=self.state.global_step + 1)
 
     def after_step(self, loss: float, bar) -> None:
         st, saving = self.state, self.cfg.saving
@@ -302,7 +315,7 @@ class Trainer:
         if kind != "interrupt":
             for expert in self.experts:
                 path = ckpt.lora_path(info.output_dir, info.output_name, expert.suffix, epoch, step)
-                self.opt.save_lora(expert, path, self.cfg, self.variant, st)
+                self.opt.save_weights(expert, path, self.cfg, self.variant, st)
             suffixes = tuple(e.suffix for e in self.experts)
             ckpt.prune(info.output_dir, info.output_name, "step", saving.save_last_n_steps, suffixes)
             ckpt.prune(info.output_dir, info.output_name, "epoch", saving.save_last_n_epochs, suffixes)

@@ -1,0 +1,221 @@
+"""Full fine-tuning (`finetune/fine_tune_wan.py`): which weights train, what is saved and how it loads,
+fused backward pass = the plain step, full_bf16, exact resume, data parallel, and the config errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from library.config import ConfigError, config_from_dict, validate
+from library.training.trainer import Trainer
+from library.wan.loading import load_dit
+from tests.helpers import REPO
+from tests.training.test_trainer import losses, workspace  # noqa: F401 - the shared tiny models and caches
+
+
+def ft_settings(ws, out: Path, **over) -> dict:
+    m = ws["models"]
+    return {"task": "t2v-tiny", "dit": str(m.dit), "dataset_config": str(ws["dataset"]), "output_dir": str(out),
+            "output_name": "ft", "full_fine_tune": True, "learning_rate": 1e-3, "optimizer_type": "AdamW",
+            "max_train_steps": 4, "seed": 3, "max_data_loader_n_workers": 0, "timestep_sampling": "uniform",
+            "save_precision": "fp32", **over}
+
+
+def finetune(ws, out: Path, **over) -> Trainer:
+    trainer = Trainer(validate(config_from_dict(ft_settings(ws, out, **over))))
+    assert trainer.run() == 0
+    return trainer
+
+
+def tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_selected_weights_train_and_the_saved_dit_loads(workspace, tmp_path):
+    finetune(workspace, tmp_path, trainable_patterns=[r"blocks\.1\."], frozen_patterns=["norm", "modulation"])
+    saved, meta = tensors(tmp_path / "ft_low_noise.safetensors")
+    base = load_dit(workspace["models"].dit, dtype=torch.float32, task="t2v-tiny").state_dict()
+    assert set(saved) == set(base)
+    changed = {k for k in base if not torch.equal(saved[k], base[k])}
+    assert changed and all(k.startswith("blocks.1.") and "norm" not in k and "modulation" not in k for k in changed)
+    assert "blocks.1.ffn.0.weight" in changed and "blocks.1.self_attn.q.weight" in changed
+    assert meta["modelspec.architecture"] == "wan2.2-t2v-tiny" and meta["ss_training_type"] == "full_fine_tune"
+    assert meta["ss_expert"] == "low_noise" and meta["ss_steps"] == "4" and "ss_network_dim" not in meta
+    tuned = load_dit(tmp_path / "ft_low_noise.safetensors", task="t2v-tiny")  # our loader (and ComfyUI's names)
+    torch.testing.assert_close(tuned.get_parameter("blocks.1.ffn.0.weight"), saved["blocks.1.ffn.0.weight"])
+
+
+def test_comfyui_names_and_bf16_by_default(workspace, tmp_path):
+    finetune(workspace, tmp_path, max_train_steps=1, save_model_format="comfyui", save_precision=None)
+    saved, _ = tensors(tmp_path / "ft_low_noise.safetensors")
+    assert all(k.startswith("model.diffusion_model.") for k in saved)
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    load_dit(tmp_path / "ft_low_noise.safetensors", task="t2v-tiny")
+
+
+def test_two_experts_each_save_a_whole_dit(workspace, tmp_path):
+    finetune(workspace, tmp_path, max_train_steps=2, dit_high_noise=str(workspace["models"].dit_high_noise))
+    for expert in ("high_noise", "low_noise"):
+        _, meta = tensors(tmp_path / f"ft_{expert}.safetensors")
+        assert meta["ss_expert"] == expert
+
+
+def test_fused_backward_pass_equals_the_plain_step(workspace, tmp_path):
+    """One AdamW per tensor, stepped in the backward pass, gives the weights of one AdamW stepped after it
+    (no clipping: fused clipping is per tensor by design)."""
+    plain = finetune(workspace, tmp_path / "plain", max_grad_norm=0)
+    fused = finetune(workspace, tmp_path / "fused", max_grad_norm=0, fused_backward_pass=True)
+    assert type(fused.opt.optimizer).__name__ == "FusedBackwardOptimizer"
+    assert all(p.grad is None for p in fused.opt.trainable)  # freed as soon as each tensor stepped
+    assert losses(tmp_path / "fused") == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
+    a, _ = tensors(tmp_path / "plain" / "ft_low_noise.safetensors")
+    b, _ = tensors(tmp_path / "fused" / "ft_low_noise.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+    assert plain.opt.optimizer.param_groups[0]["lr"] == fused.opt.optimizer.param_groups[0]["lr"]
+
+
+def test_fused_schedule_reaches_every_tensor(workspace, tmp_path):
+    trainer = finetune(workspace, tmp_path, fused_backward_pass=True, lr_scheduler="linear", max_train_steps=3)
+    rates = {g["lr"] for opt in trainer.opt.optimizer.inner for g in opt.param_groups}
+    assert rates == {trainer.opt.scheduler.get_last_lr()[0]} and 1e-3 not in rates  # the schedule moved them all
+
+
+def test_full_bf16_keeps_weights_and_optimizer_state_in_bf16(workspace, tmp_path):
+    trainer = finetune(workspace, tmp_path, full_bf16=True, mixed_precision="bf16", max_train_steps=2,
+                       fused_backward_pass=True)
+    trained = trainer.experts[0].network.params
+    assert {p.dtype for p in trained} == {torch.bfloat16, torch.float32}  # fp32: norms and modulation, as loaded
+    pairs = [(p, opt.state[p]) for opt in trainer.opt.optimizer.inner for p in opt.param_groups[0]["params"]]
+    assert len(pairs) == len(trained) and all(state for _, state in pairs)
+    assert all(state["exp_avg"].dtype == state["exp_avg_sq"].dtype == p.dtype for p, state in pairs)
+    assert sum(p.dtype == torch.bfloat16 for p, _ in pairs) > len(pairs) / 2
+
+
+def test_fp32_masters_compute_in_bf16(workspace, tmp_path):
+    trainer = finetune(workspace, tmp_path, mixed_precision="bf16", max_train_steps=1)
+    model = trainer.experts[0].model
+    assert model.compute_dtype == torch.bfloat16
+    assert model.get_parameter("blocks.0.self_attn.q.weight").dtype == torch.float32
+
+
+def test_interrupted_and_resumed_fine_tune_equals_an_uninterrupted_one(workspace, tmp_path, monkeypatch):
+    finetune(workspace, tmp_path / "whole", max_train_steps=6, fused_backward_pass=True)
+    original = Trainer.after_step
+
+    def interrupt_at_3(self, loss, bar):
+        original(self, loss, bar)
+        if self.state.global_step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "after_step", interrupt_at_3)
+    part = tmp_path / "part"
+    assert Trainer(validate(config_from_dict(ft_settings(workspace, part, max_train_steps=6,
+                                                         fused_backward_pass=True)))).run() == 130
+    monkeypatch.setattr(Trainer, "after_step", original)
+    finetune(workspace, part, max_train_steps=6, fused_backward_pass=True, resume="latest")
+    assert losses(part) == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+    a, _ = tensors(tmp_path / "whole" / "ft_low_noise.safetensors")
+    b, _ = tensors(part / "ft_low_noise.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+
+
+def test_resume_with_another_trainable_set_is_a_clear_error(workspace, tmp_path):
+    finetune(workspace, tmp_path, max_train_steps=1, save_state=True)
+    with pytest.raises(ValueError, match="resume with the same trainable_patterns"):
+        finetune(workspace, tmp_path, max_train_steps=2, resume="latest", trainable_patterns=[r"blocks\.0\."])
+
+
+def test_bucketed_gradient_averaging():
+    """Averaging over processes in buckets gives each gradient back in place (a fake 2-process mean)."""
+    from library.training.components import Optimization
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 5, 2, 7)]
+    for i, p in enumerate(params[:3]):
+        p.grad = torch.full_like(p, float(i + 1))
+    calls = []
+
+    class TwoProcesses:
+        num_processes = 2
+
+        def reduce(self, t, reduction):
+            calls.append(t.numel())
+            return t * 0.5  # the other process contributed zeros
+
+    opt = Optimization([], None, None, params, None, None, 1, False, torch.device("cpu"))
+    opt.average_gradients(TwoProcesses(), bucket_elements=6)
+    assert calls == [8, 9]  # [3 + 5], [2 + 7]
+    assert [p.grad.tolist() for p in params] == [[0.5] * 3, [1.0] * 5, [1.5] * 2, [0.0] * 7]
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"fp8_base": True}, "`fp8_base` cannot be used with full fine-tuning (fp8 weights cannot be trained)"),
+    ({"blocks_to_swap": 4}, "`blocks_to_swap` cannot be used with full fine-tuning"),
+    ({"network_weights": "x.safetensors"}, "`network_weights` cannot be used with full fine-tuning (it is a LoRA"),
+    ({"full_bf16": True}, "`full_bf16` needs `mixed_precision` = 'bf16'"),
+    ({"fused_backward_pass": True, "gradient_accumulation_steps": 2}, "cannot accumulate gradients"),
+    ({"fused_backward_pass": True, "mixed_precision": "fp16"}, "cannot use fp16 loss scaling"),
+    ({"trainable_patterns": ["blocks.(("]}, r"`trainable_patterns`: 'blocks.\(\(' is not a valid regular"),
+    ({"full_fine_tune": False, "fused_backward_pass": True}, "`fused_backward_pass` is for full fine-tuning"),
+])
+def test_config_errors(workspace, tmp_path, over, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       if "\\" not in message else message):
+        validate(config_from_dict(ft_settings(workspace, tmp_path, **over)))
+
+
+def test_patterns_that_select_nothing_are_a_clear_error(workspace, tmp_path):
+    with pytest.raises(ValueError, match="leave no DiT parameter to train"):
+        finetune(workspace, tmp_path, trainable_patterns=["no_such_layer"])
+
+
+def test_fine_tune_script_in_a_subprocess(workspace, tmp_path):
+    s = ft_settings(workspace, tmp_path, max_train_steps=2)
+    del s["full_fine_tune"]  # the entry script turns it on
+    out = subprocess.run([sys.executable, str(REPO / "finetune" / "fine_tune_wan.py"),
+                          *sum(([f"--{k}", str(v)] for k, v in s.items()), [])],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "ft_low_noise.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_fused_backward_pass(workspace, tmp_path):
+    """gloo on the CPU: the per-tensor averaging inside the backward pass equals one process on the
+    same global batch (SGD: the update is linear in the gradient)."""
+    root = tmp_path / "data2"
+    shutil.copytree(workspace["dataset"].parent, root)
+    base = workspace["dataset"].read_text().replace(str(workspace["dataset"].parent), str(root))
+    images_only = base.split("[[datasets]]")[0] + "[[datasets]]" + base.split("[[datasets]]")[2]
+    for name, batch in (("one.toml", 2), ("two.toml", 1)):
+        (root / name).write_text(images_only.replace("batch_size = 1", f"batch_size = {batch}"))
+    for img in sorted((root / "images").iterdir())[2:]:
+        img.unlink()
+
+    def flags(out, toml):
+        s = ft_settings(workspace, out, dataset_config=str(root / toml), max_train_steps=2, fused_backward_pass=True,
+                        optimizer_type="torch.optim.SGD", learning_rate=0.1, max_grad_norm=0)
+        return sum(([f"--{k}", str(v)] for k, v in s.items()), [])
+
+    script = str(REPO / "train_network_wan.py")
+    single = subprocess.run([sys.executable, script, *flags(tmp_path / "a", "one.toml")], capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29519", script, *flags(tmp_path / "b", "two.toml")], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    a, _ = tensors(tmp_path / "a" / "ft_low_noise.safetensors")
+    b, _ = tensors(tmp_path / "b" / "ft_low_noise.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
