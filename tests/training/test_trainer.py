@@ -413,3 +413,9 @@ def test_base_weights_for_another_model_are_a_clear_error(workspace, tmp_path):
     with pytest.raises(LoraError, match=r"big.safetensors: this LoRA was made for another model .*wan2.2-t2v-a14b"):
         trainer.setup()
     trainer.cleanup()
+
+
+def test_scale_weight_norms_caps_every_module_delta(workspace, tmp_path):
+    trainer = train(workspace, tmp_path, max_train_steps=3, learning_rate=5e-2, scale_weight_norms=1e-3)
+    norms = [lo.delta_weight().norm().item() for e in trainer.experts for lo in e.network.loras]
+    assert max(norms) <= 1e-3 * (1 + 1e-4) and max(norms) > 0.5e-3  # capped, and the cap was reached
