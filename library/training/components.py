@@ -1,15 +1,13 @@
 """The parts a training run is assembled from, built from a `TrainConfig`: the accelerator, the run's
-identity (seed, output folder, dtypes), the cached data, the experts with their LoRA networks, and the
-optimisation state (optimizer, schedule, gradient averaging, saving and restoring).
+identity (seed, output folder, dtypes), the cached data, and the experts with their LoRA networks (or,
+for full fine-tuning, their own trainable weights). The optimisation state lives in `optimization.py`.
 
 Kept apart from `trainer.py` so that the loop stays one screen and each piece is testable alone.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
 import time
@@ -26,7 +24,6 @@ from .base_weights import assign_base_weights, merge_base_weights
 from .compiling import compile_blocks, set_cuda_flags
 from .experts import Expert, boundary_of, expert_ranges, make_samplers
 from .flow_matching import TimestepSampler
-from .optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -333,134 +330,3 @@ def base_sampler(cfg: TrainConfig) -> TimestepSampler:
         max_timestep=1000.0 if t.max_timestep is None else float(t.max_timestep),
         preserve_distribution_shape=t.preserve_distribution_shape,
     )
-
-
-# ---- optimisation -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Optimization:
-    experts: list[Expert]
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    trainable: list[torch.nn.Parameter]
-    base_sampler: TimestepSampler
-    boundary: float | None
-    total_steps: int
-    offload_inactive: bool
-    device: torch.device
-    fused: bool = False  # fused_backward_pass: steps, averaging and clipping happen in the backward pass
-
-    def activate(self, expert: Expert) -> None:
-        """With `offload_inactive_dit`, only the expert in use sits on the accelerator."""
-        if not self.offload_inactive or len(self.experts) == 1:
-            return
-        from .memory import place_model
-
-        for other in self.experts:
-            target = self.device if other is expert else torch.device("cpu")
-            if other.model.patch_embedding.weight.device != target:
-                place_model(other.model, target)
-
-    def average_gradients(self, accelerator, bucket_elements: int = 1 << 26) -> None:
-        """Mean of the gradients over processes: one collective per bucket of up to `bucket_elements`
-        (a LoRA fits in one; full fine-tuning never needs a second copy of every gradient)."""
-        if accelerator.num_processes == 1 or self.fused:
-            return
-        for p in self.trainable:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket: list[torch.nn.Parameter] = []
-        for i, p in enumerate(self.trainable):
-            bucket.append(p)
-            size = sum(q.numel() for q in bucket)
-            last = i == len(self.trainable) - 1
-            if size >= bucket_elements or last or self.trainable[i + 1].grad.dtype != p.grad.dtype:
-                flat = accelerator.reduce(torch.cat([q.grad.flatten() for q in bucket]), reduction="mean")
-                offset = 0
-                for q in bucket:
-                    q.grad = flat[offset:offset + q.numel()].view_as(q.grad).clone()
-                    offset += q.numel()
-                bucket = []
-
-    def save_weights(self, expert: Expert, path: Path, cfg: TrainConfig, variant: WanVariant, state: RunState) -> None:
-        """The expert's LoRA file, or with full fine-tuning its whole DiT."""
-        if cfg.finetune.full_fine_tune:
-            from .full import model_metadata
-
-            meta = model_metadata(variant, None if expert.name == "dit" else expert.name, cfg, state,
-                                  expert.learning_rate)
-            dtype = SAVE_DTYPES[cfg.saving.save_precision] if cfg.saving.save_precision else torch.bfloat16
-            expert.network.save_weights(path, dtype=dtype, metadata=meta, fmt=cfg.finetune.save_model_format)
-        else:
-            meta = build_lora_metadata(cfg, variant, expert, state)
-            expert.network.save_weights(path, dtype=SAVE_DTYPES[cfg.saving.save_precision], metadata=meta,
-                                        fmt=cfg.saving.save_lora_format)
-        logger.info("saved %s", path)
-
-    def state_payload(self, state: RunState) -> dict:
-        return {
-            "run_state": asdict(state),
-            "networks": {e.name: e.network.state_dict() for e in self.experts},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-
-    def load_state_payload(self, payload: dict) -> None:
-        for expert in self.experts:
-            expert.network.load_state_dict(payload["networks"][expert.name])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-
-
-def build_lora_metadata(cfg: TrainConfig, variant: WanVariant, expert: Expert, state: RunState) -> dict:
-    from library.config import config_to_dict
-    from networks.lora_wan import build_lora_metadata as wan_metadata
-
-    s, n = cfg.saving, cfg.network
-    return wan_metadata(
-        variant.name, variant.version, expert=None if expert.name == "dit" else expert.name,
-        network_dim=expert.network_dim, network_alpha=n.network_alpha or expert.network_dim,
-        network_args=n.network_args, output_name=s.output_name, training_started_at=state.started_at,
-        steps=state.global_step, epoch=state.epoch, learning_rate=expert.learning_rate, seed=state.seed,
-        title=s.metadata_title, author=s.metadata_author,
-        description=s.metadata_description, license=s.metadata_license, tags=s.metadata_tags,
-        training_comment=s.training_comment, minimal=s.no_metadata,
-        extra={"ss_training_config": json.dumps(config_to_dict(cfg), default=str)},
-    )
-
-
-def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData, accelerator) -> Optimization:
-    groups, seen = [], set()
-    for expert in experts:
-        for group in expert.network.prepare_optimizer_params(expert.learning_rate):
-            params = [p for p in group["params"] if id(p) not in seen]  # shared LoRA: once
-            seen.update(id(p) for p in params)
-            if params:
-                groups.append({**group, "params": params})
-    trainable = [p for g in groups for p in g["params"]]
-    o, fused = cfg.optimizer, cfg.finetune.full_fine_tune and cfg.finetune.fused_backward_pass
-    if fused:
-        from .full import FusedBackwardOptimizer
-
-        reduce = (lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None
-        optimizer = FusedBackwardOptimizer(
-            groups, lambda g: build_optimizer(g, o.optimizer_type, o.learning_rate, o.optimizer_args, quiet=True),
-            reduce=reduce, max_norm=o.max_grad_norm)
-        logger.info("fused backward pass: one %s per tensor (%d), stepped as gradients arrive", o.optimizer_type,
-                    len(optimizer.inner))
-    else:
-        optimizer = build_optimizer(groups, o.optimizer_type, o.learning_rate, o.optimizer_args)
-    steps_per_epoch = math.ceil(data.batches_per_epoch / cfg.loop.gradient_accumulation_steps)
-    total = cfg.loop.max_train_epochs * steps_per_epoch if cfg.loop.max_train_epochs else cfg.loop.max_train_steps
-    s = cfg.scheduler
-    scheduler = build_scheduler(optimizer, s.lr_scheduler, total, s.lr_warmup_steps, s.lr_scheduler_num_cycles,
-                                s.lr_scheduler_power, s.lr_scheduler_min_lr_ratio or 0.0, s.lr_scheduler_type,
-                                s.lr_scheduler_args, s.lr_decay_steps, s.lr_scheduler_timescale)
-    if cfg.loop.mixed_precision == "fp16":
-        optimizer = accelerator.prepare(optimizer)  # fp16 needs loss scaling; the wrapper costs ~1 ms a step
-    logger.info("%d trainable %s tensors, %d steps (%d per epoch)", len(trainable),
-                "DiT" if cfg.finetune.full_fine_tune else "LoRA", total, steps_per_epoch)
-    return Optimization(experts, optimizer, scheduler, trainable, base_sampler(cfg),
-                        boundary_of(experts[0].model.variant, cfg.timesteps.timestep_boundary), total,
-                        cfg.memory.offload_inactive_dit, accelerator.device, fused)

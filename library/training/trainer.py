@@ -33,7 +33,8 @@ from .advice import RunFacts, log_report
 from .logs import LossLog
 from .monitor import LossMonitor
 from .samples import TrainingSampler
-from .components import RunState, build_data, build_experts, build_optimization, make_accelerator, resolve_run
+from .components import RunState, build_data, build_experts, make_accelerator, resolve_run
+from .optimization import build_optimization
 
 logger = logging.getLogger(__name__)
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops

@@ -137,7 +137,7 @@ def test_resume_with_another_trainable_set_is_a_clear_error(workspace, tmp_path)
 
 def test_bucketed_gradient_averaging():
     """Averaging over processes in buckets gives each gradient back in place (a fake 2-process mean)."""
-    from library.training.components import Optimization
+    from library.training.optimization import Optimization
 
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 5, 2, 7)]
     for i, p in enumerate(params[:3]):

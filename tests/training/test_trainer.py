@@ -77,6 +77,10 @@ def test_two_experts_train_save_and_carry_metadata(workspace, tmp_path):
         assert meta["modelspec.architecture"] == "wan2.2-t2v-tiny/lora" and meta["ss_expert"] == expert
         assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "8"
         assert json.loads(meta["ss_training_config"])["network_dim"] == 4
+        assert meta["ss_num_train_items"] == "6" and meta["ss_total_batch_size"] == "1"  # 3 clips + 3 stills
+        assert meta["ss_optimizer"] == "torch.optim.adamw.AdamW" and meta["ss_lr_scheduler"] == "constant"
+        assert meta["ss_mixed_precision"] == "no" and meta["ss_max_train_steps"] == "8"
+        assert sorted(d["kind"] for d in json.loads(meta["ss_datasets"])) == ["image", "video"]
         assert len(keys) == 2 * 10 * 3  # 2 blocks x 10 Linear targets x (down, up, alpha)
         assert "lora_unet_blocks_0_self_attn_q.lora_down.weight" in keys
         assert any(t.abs().sum() > 0 for k, t in lora(path).items() if "lora_up" in k)  # it trained
