@@ -37,6 +37,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     m = parser.add_argument_group("memory (as in training)")
     m.add_argument("--fp8_base", action="store_true", help="DiT Linear weights in fp8 (ComfyUI fp8_scaled files as they are)")
     m.add_argument("--fp8_scaled", action="store_true", help="scaled fp8 (with --fp8_base)")
+    m.add_argument("--fp8_t5", action="store_true",
+                   help="umT5 block Linear weights in fp8 with per-channel scales (about 4.6 GB less for umT5-XXL)")
     m.add_argument("--blocks_to_swap", type=int, default=0, help="DiT blocks kept in host memory and streamed in (CUDA)")
 
 
@@ -98,10 +100,12 @@ def load_models(args) -> tuple[SamplingModels, dict]:
             raise ValueError(f"--dit_high_noise is only for the two-expert WAN 2.2 A14B models, not {variant.name}")
         experts["dit"] = _load_expert(args, args.dit, device, dtype, variant.name)
     vae = load_vae(args.vae, device=device)
-    text_encoder = load_text_encoder(args.t5, args.tokenizer, device=device,
+    text_encoder = load_text_encoder(args.t5, args.tokenizer, device=device, fp8=getattr(args, "fp8_t5", False),
                                      dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     files = {"task": variant.name, "dit": str(args.dit), "dit_high_noise": args.dit_high_noise, "vae": str(args.vae),
              "t5": str(args.t5), "dtype": str(dtype).replace("torch.", ""), "device": str(device)}
+    if getattr(args, "fp8_t5", False):
+        files["t5_fp8"] = True
     if clip is not None:
         files["clip"] = str(args.clip)
     return SamplingModels(variant, experts, vae, text_encoder, clip=clip), files

@@ -33,7 +33,8 @@ class TrainingSampler:
         if not requests:
             raise ValueError(f"{s.sample_prompts}: no usable prompt")
         variant = experts[0].model.variant
-        encoder = load_text_encoder(m.t5, m.t5_tokenizer, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        encoder = load_text_encoder(m.t5, m.t5_tokenizer, device=device, fp8=cfg.memory.fp8_t5,
+                                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.requests = encode_requests(encoder, requests, variant)
         del encoder
         gc.collect()
