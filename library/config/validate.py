@@ -197,7 +197,8 @@ _LORA_ONLY = ("network_weights", "base_weights", "scale_weight_norms", "shared_e
 def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
     ft = cfg.finetune
     if not ft.full_fine_tune:
-        for name in ("full_bf16", "fused_backward_pass", "trainable_patterns", "frozen_patterns"):
+        for name in ("full_bf16", "fused_backward_pass", "trainable_patterns", "frozen_patterns", "fsdp",
+                     "fsdp_cpu_offload"):
             if cfg.get(name):
                 errors.append(f"`{name}` is for full fine-tuning: run finetune/fine_tune_wan.py (or set "
                               "`full_fine_tune` = true), or remove it")
@@ -218,6 +219,16 @@ def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
                           "gradients: set `gradient_accumulation_steps` = 1 (raise the batch size instead)")
         if cfg.loop.mixed_precision == "fp16":
             errors.append("`fused_backward_pass` cannot use fp16 loss scaling: use `mixed_precision` = 'bf16'")
+    if ft.fsdp and ft.fused_backward_pass:
+        errors.append("`fused_backward_pass` and `fsdp` cannot be combined (FSDP reduces the gradients after the "
+                      "backward pass); sharding already removes most of the gradient memory: drop one of them")
+    s = cfg.sampling
+    if ft.fsdp and (s.sample_every_n_steps or s.sample_every_n_epochs or s.sample_at_first):
+        errors.append("samples during training are not available with `fsdp` (every process holds only shards of "
+                      "the model): render the saved checkpoints with generate_video_wan.py or "
+                      "tools/compare_checkpoints.py instead, and keep `validate_every_n_steps` for a loss curve")
+    if ft.fsdp_cpu_offload and not ft.fsdp:
+        errors.append("`fsdp_cpu_offload` needs `fsdp` = true")
     for name in ("trainable_patterns", "frozen_patterns"):
         for pattern in cfg.get(name):
             try:

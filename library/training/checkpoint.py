@@ -42,21 +42,36 @@ def state_dir(output_dir: Path, output_name: str, epoch: int | None = None, step
     return Path(output_dir) / (stem(output_name, epoch, step) + "-state")
 
 
-def save_state(folder: Path, payload: dict, info: dict) -> None:
-    """Write `payload` (tensors, optimizer state ...) and a readable JSON summary; atomic as a folder."""
+def state_file(rank: int = 0) -> str:
+    """The payload file of one process: the main one's is `training_state.pt`, a sharded run adds one per
+    further process (`training_state.rank1.pt`, ...)."""
+    return STATE_FILE if rank == 0 else f"training_state.rank{rank}.pt"
+
+
+def save_state(folder: Path, payload: dict, info: dict, rank: int = 0, world: int = 1, barrier=None) -> None:
+    """Write `payload` (tensors, optimizer state ...) and a readable JSON summary; atomic as a folder.
+    Sharded runs call this on every process (`rank`, `world`, and `barrier` to wait for the others): each
+    writes its own payload file, the main process creates and publishes the folder."""
     folder = Path(folder)
+    wait = barrier or (lambda: None)
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(payload, tmp / STATE_FILE)
-    (tmp / STATE_INFO).write_text(json.dumps(info, indent=2, default=str))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    wait()
+    torch.save(payload, tmp / state_file(rank))
+    wait()
+    if rank == 0:
+        (tmp / STATE_INFO).write_text(json.dumps({**info, "processes": world, "sharded": world > 1}, indent=2,
+                                                 default=str))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    logger.info("saved training state to %s", folder)
+        logger.info("saved training state to %s", folder)
+    wait()
 
 
 def find_latest_state(output_dir: Path, output_name: str) -> Path | None:
@@ -71,8 +86,10 @@ def find_latest_state(output_dir: Path, output_name: str) -> Path | None:
     return best
 
 
-def load_state(folder: str | os.PathLike, output_dir: Path | None = None, output_name: str | None = None) -> dict:
-    """Read a state folder (`resume = "latest"` picks the newest in output_dir). Clear errors otherwise."""
+def load_state(folder: str | os.PathLike, output_dir: Path | None = None, output_name: str | None = None,
+               rank: int = 0, world: int = 1, sharded: bool = False) -> dict:
+    """Read a state folder (`resume = "latest"` picks the newest in output_dir); a sharded run reads this
+    process's payload and needs the process count it was saved with. Clear errors otherwise."""
     if str(folder) == "latest":
         found = find_latest_state(output_dir, output_name) if output_dir and output_name else None
         if found is None:
@@ -84,6 +101,16 @@ def load_state(folder: str | os.PathLike, output_dir: Path | None = None, output
             f"resume: {folder} is not a training state folder (no {STATE_FILE}); pass a *-state folder "
             "written with save_state = true, or 'latest'"
         )
+    info = Path(folder) / STATE_INFO
+    saved_sharded = info.is_file() and json.loads(info.read_text()).get("sharded", False)
+    if sharded or saved_sharded:
+        saved = json.loads(info.read_text()).get("processes", 1) if info.is_file() else 1
+        if not saved_sharded:
+            raise ValueError(f"resume: {folder} was saved without fsdp sharding; resume it without `fsdp`")
+        if saved != world or not sharded:
+            raise ValueError(f"resume: {folder} holds the shards of {saved} processes but this run has {world}; "
+                             f"resume a sharded (fsdp) run with {saved} processes")
+        path = Path(folder) / state_file(rank)
     logger.info("resuming from %s", folder)
     return torch.load(path, map_location="cpu", weights_only=False)
 

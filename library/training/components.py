@@ -214,14 +214,14 @@ def build_data(cfg: TrainConfig, variant: WanVariant, accelerator, seed: int) ->
 # ---- experts and networks ---------------------------------------------------------------------------
 
 
-def _attach_network(expert: Expert, cfg: TrainConfig, share_with: Expert | None = None) -> None:
+def _attach_network(expert: Expert, cfg: TrainConfig, device, share_with: Expert | None = None) -> None:
     """Create the expert's LoRA through the Kohya entry point (WAN targets and default excludes), tie it
     to `share_with` for a shared LoRA, or start it from `network_weights`; then attach the hooks."""
     from networks import lora_wan
 
     n = cfg.network
     if cfg.finetune.full_fine_tune:
-        _attach_full(expert, cfg)
+        _attach_full(expert, cfg, device)
         return
     if n.network_weights and n.dim_from_weights and share_with is None:
         net, weights = lora_wan.create_network_from_weights(1.0, n.network_weights, None, None, expert.model,
@@ -241,17 +241,30 @@ def _attach_network(expert: Expert, cfg: TrainConfig, share_with: Expert | None 
     expert.network = net
 
 
-def _attach_full(expert: Expert, cfg: TrainConfig) -> None:
-    """Full fine-tuning: the expert's own weights train (fp32 masters, or bf16 with `full_bf16`)."""
-    from .full import FullNetwork, select_trainable
+def _attach_full(expert: Expert, cfg: TrainConfig, device) -> None:
+    """Full fine-tuning: the expert's own weights train (fp32 masters, or bf16 with `full_bf16`), sharded
+    over the processes with `fsdp`."""
+    from .full import FullNetwork, select_trainable, shard_model
 
     ft = cfg.finetune
     names = select_trainable(expert.model, ft.trainable_patterns, ft.frozen_patterns)
-    expert.network = FullNetwork(expert.model, names, None if ft.full_bf16 else torch.float32)
-    expert.network_dim = 0
     compute = BASE_DTYPES[cfg.loop.mixed_precision]
+    master = None if ft.full_bf16 else torch.float32
+    frozen = compute if compute != torch.float32 else None
+    if sharding(cfg):
+        shard_model(expert.model, names, master, frozen, torch.device(device), ft.fsdp_cpu_offload)
+    expert.network = FullNetwork(expert.model, names, master, frozen)
+    expert.network_dim = 0
     if compute != torch.float32:
         expert.model.compute_dtype = compute  # fp32 masters, bf16 / fp16 maths under autocast
+
+
+def sharding(cfg: TrainConfig) -> bool:
+    """`fsdp` with more than one process (one process has nothing to shard across)."""
+    import torch.distributed as dist
+
+    return bool(cfg.finetune.full_fine_tune and cfg.finetune.fsdp and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1)
 
 
 def resolve_memory(cfg: TrainConfig, variant: WanVariant, data: TrainData, device, n_experts: int):
@@ -288,7 +301,11 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, 
                            t.min_timestep if configured else None, t.max_timestep if configured else None)
     samplers = make_samplers(base_sampler(cfg), ranges)
     memory = resolve_memory(cfg, variant, data, device, len(paths))
-    on_host = memory.blocks_to_swap > 0 or memory.offload_inactive_dit  # load to host RAM, place afterwards
+    shard = sharding(cfg)
+    if cfg.finetune.fsdp and not shard:
+        logger.warning("fsdp: a single process has nothing to shard across; training unsharded")
+    # load to host RAM and place afterwards (FSDP places each process's shards itself)
+    on_host = memory.blocks_to_swap > 0 or memory.offload_inactive_dit or shard
     merges = assign_base_weights(cfg.network, list(paths))
     full = cfg.finetune.full_fine_tune
     # full fine-tuning keeps fp32 master weights: read them in fp32 (the official files are fp32), not rounded
@@ -300,7 +317,7 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, 
                          fp8=None if merging else fp8_config(memory))
         merge_base_weights(model, name, merges, variant)
         model.set_attention_backend(cfg.attention.attention_backend, cfg.attention.split_attn)
-        apply_memory_features(model, memory, device, place=not memory.offload_inactive_dit)
+        apply_memory_features(model, memory, device, place=not (memory.offload_inactive_dit or shard))
         high = name == "high_noise"
         experts.append(Expert(
             name=name, model=model, sampler=samplers[name],
@@ -311,7 +328,7 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, 
         ))
     set_cuda_flags(cfg.compilation)
     for i, expert in enumerate(experts):
-        _attach_network(expert, cfg, experts[0] if cfg.network.shared_expert_lora and i else None)
+        _attach_network(expert, cfg, device, experts[0] if cfg.network.shared_expert_lora and i else None)
         expert.network.to(device)  # LoRA weights always live on the accelerator, swapped blocks or not
         compile_blocks(expert.model, cfg.compilation)  # after the LoRA hooks, so the graphs include them
         logger.info("expert %s: %s, timesteps %g-%g, lr %g, %s", expert.name, expert.model.variant.name,

@@ -14,7 +14,12 @@ resuming are the LoRA trainer's own. What differs:
   complete, by one optimizer per tensor (`FusedBackwardOptimizer`), so a full set of gradients never exists;
   `max_grad_norm` then clips each tensor on its own (global clipping needs every gradient at once);
 - saving: the whole DiT as one safetensors file with official (or ComfyUI-prefixed) names in
-  `save_precision` (bf16 when unset), streamed tensor by tensor, with a model-spec header.
+  `save_precision` (bf16 when unset), streamed tensor by tensor, with a model-spec header;
+- `fsdp`: with several processes, each block's weights, gradients and optimizer state are split across them
+  (PyTorch FSDP2, `shard_model`); a block is gathered for its forward and backward pass only. Gradients
+  are averaged by the sharding itself; saving gathers one tensor at a time and the main process writes;
+  training states are saved per process (`sharded_payload` / `restore_sharded`), to be resumed with the
+  same number of processes.
 
 Memory per weight, AdamW: fp32 master 4 + grad 4 + states 8 = 16 bytes (a 1.3B model: ~21 GiB; 5B: ~80 GiB);
 `full_bf16`: 2 + 2 + 4 = 8 bytes; `fused_backward_pass` removes the gradient term (one tensor at a time).
@@ -49,21 +54,65 @@ def select_trainable(model: torch.nn.Module, include: tuple[str, ...] = (), excl
     return names
 
 
+def prepare_parameters(module: torch.nn.Module, prefix: str, wanted: set[str], master_dtype: torch.dtype | None,
+                       frozen_dtype: torch.dtype | None) -> None:
+    """Mark `module`'s parameters trainable or frozen; trainable ones become `master_dtype` (fp32 masters),
+    frozen ones `frozen_dtype` (the compute dtype) unless the model keeps them in fp32."""
+    from library.wan.model import WanModel
+
+    for local, param in module.named_parameters():
+        name = prefix + local
+        train = name in wanted
+        dtype = master_dtype if train else (None if WanModel.is_fp32_param(name) else frozen_dtype)
+        if dtype is not None and param.dtype != dtype and param.is_floating_point():
+            param.data = param.data.to(dtype)  # a copy, off the mapped file
+        param.requires_grad_(train)
+
+
+def shard_model(model: torch.nn.Module, names: list[str], master_dtype: torch.dtype | None,
+                frozen_dtype: torch.dtype | None, device: torch.device, cpu_offload: bool = False) -> None:
+    """FSDP2 over every process: each block, then the rest of the model, is cast and sharded in turn, so a
+    host holds at most one converted block beside the (memory-mapped) checkpoint."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    options = {"mesh": mesh}
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    wanted = set(names)
+    for i, block in enumerate(model.blocks):
+        prepare_parameters(block, f"blocks.{i}.", wanted, master_dtype, frozen_dtype)
+        fully_shard(block, **options)
+    prepare_parameters(model, "", wanted, master_dtype, frozen_dtype)  # embeddings, time MLPs, head
+    fully_shard(model, **options)
+    logger.info("fsdp: %d blocks and the rest of the model sharded over %d processes%s", len(model.blocks),
+                dist.get_world_size(), " (shards in host memory)" if cpu_offload else "")
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _local(value):
+    return value.to_local() if is_sharded(value) else value
+
+
 class FullNetwork:
     """The DiT of one expert with (some of) its weights trainable, behind the LoRA network interface."""
 
     network_dim = 0  # no rank: full fine-tuning
 
-    def __init__(self, model: torch.nn.Module, names: list[str], master_dtype: torch.dtype | None):
+    def __init__(self, model: torch.nn.Module, names: list[str], master_dtype: torch.dtype | None,
+                 frozen_dtype: torch.dtype | None = None):
         self.model = model
         self.names = names
-        wanted = set(names)
-        for name, param in model.named_parameters():
-            train = name in wanted
-            if train and master_dtype is not None and param.dtype != master_dtype and param.is_floating_point():
-                param.data = param.data.to(master_dtype)  # fp32 master weights (a copy, off the mapped file)
-            param.requires_grad_(train)
+        prepare_parameters(model, "", set(names), master_dtype, frozen_dtype)  # no-op after shard_model
         self.params = [model.get_parameter(n) for n in names]
+        self.sharded = any(is_sharded(p) for p in self.params)
         count = sum(p.numel() for p in self.params)
         total = sum(p.numel() for p in model.parameters())
         logger.info("full fine-tuning: %d tensors, %.3f B of %.3f B parameters train (%s)", len(names), count / 1e9,
@@ -91,7 +140,8 @@ class FullNetwork:
         pass
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in zip(self.names, self.params)}
+        """The trainable weights (this process's shards when sharded)."""
+        return {n: _local(p.detach()) for n, p in zip(self.names, self.params)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -102,24 +152,59 @@ class FullNetwork:
                              f"missing, e.g. {missing[:3]}; {len(extra)} extra, e.g. {extra[:3]}): resume with the "
                              "same trainable_patterns / frozen_patterns")
         for name, param in zip(self.names, self.params):
-            param.copy_(state[name])
+            _local(param).copy_(state[name])
 
     def save_weights(self, path, dtype: torch.dtype | None = None, metadata: dict | None = None,
-                     fmt: str = "official") -> Path:
-        """The whole DiT (trained and frozen weights) as one safetensors file, one tensor at a time."""
+                     fmt: str = "official", write: bool = True) -> Path:
+        """The whole DiT (trained and frozen weights) as one safetensors file, one tensor at a time. When
+        sharded, every process must call this (each tensor is gathered collectively, in file order) and
+        only the one with `write` writes."""
         from library.wan.checkpoint_files import LazyTensor, write_safetensors
 
         prefix = COMFYUI_PREFIX if fmt == "comfyui" else ""
         target = dtype or torch.bfloat16
+        state = self.model.state_dict(keep_vars=True)
+        if not write:
+            for tensor in state.values():  # take part in every gather, in the writer's order
+                if is_sharded(tensor):
+                    tensor.full_tensor()
+            return Path(path)
         tensors = {}
-        for name, tensor in self.model.state_dict(keep_vars=True).items():
+        for name, tensor in state.items():
             out = target if tensor.is_floating_point() else tensor.dtype
             tensors[prefix + name] = LazyTensor(tensor.shape, out, _copier(tensor, out))
         return write_safetensors(path, tensors, metadata)
 
 
 def _copier(tensor: torch.Tensor, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    return lambda: tensor.detach().to(device="cpu", dtype=dtype)
+    def copy() -> torch.Tensor:
+        value = tensor.detach()
+        return (value.full_tensor() if is_sharded(value) else value).to(device="cpu", dtype=dtype)
+
+    return copy
+
+
+def sharded_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with this process's local shards instead of DTensors (picklable)."""
+    sd = optimizer.state_dict()
+    sd["state"] = {i: {k: _local(v) for k, v in st.items()} for i, st in sd["state"].items()}
+    return sd
+
+
+def restore_sharded_optimizer(optimizer: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a `sharded_optimizer_state` back and turn each local shard into a DTensor like its parameter."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer.load_state_dict(sd)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not is_sharded(param):
+                continue
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and not is_sharded(value) and value.shape == param.to_local().shape:
+                    state[key] = DTensor.from_local(value.to(param.to_local().device), param.device_mesh,
+                                                    param.placements, shape=param.shape, stride=param.stride())
 
 
 def model_metadata(variant, expert: str | None, cfg, state, learning_rate: float) -> dict[str, str]:

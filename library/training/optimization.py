@@ -37,6 +37,7 @@ class Optimization:
     device: torch.device
     fused: bool = False  # fused_backward_pass: steps, averaging and clipping happen in the backward pass
     facts: dict = field(default_factory=dict)  # Kohya `ss_*` facts of the run for the saved files' metadata
+    sharded: bool = False  # fsdp: gradients are averaged by the sharding, state is saved per process
 
     def activate(self, expert: Expert) -> None:
         """With `offload_inactive_dit`, only the expert in use sits on the accelerator."""
@@ -52,7 +53,7 @@ class Optimization:
     def average_gradients(self, accelerator, bucket_elements: int = 1 << 26) -> None:
         """Mean of the gradients over processes: one collective per bucket of up to `bucket_elements`
         (a LoRA fits in one; full fine-tuning never needs a second copy of every gradient)."""
-        if accelerator.num_processes == 1 or self.fused:
+        if accelerator.num_processes == 1 or self.fused or self.sharded:
             return
         for p in self.trainable:
             if p.grad is None:
@@ -70,8 +71,13 @@ class Optimization:
                     offset += q.numel()
                 bucket = []
 
-    def save_weights(self, expert: Expert, path: Path, cfg: TrainConfig, variant: WanVariant, state: RunState) -> None:
-        """The expert's LoRA file, or with full fine-tuning its whole DiT."""
+    def save_weights(self, expert: Expert, path: Path, cfg: TrainConfig, variant: WanVariant, state: RunState,
+                     write: bool = True) -> None:
+        """The expert's LoRA file, or with full fine-tuning its whole DiT. Sharded, every process calls this
+        (the weights are gathered together) and the one with `write` writes."""
+        if self.sharded and not write:
+            expert.network.save_weights(path, write=False)
+            return
         if cfg.finetune.full_fine_tune:
             from .full import model_metadata
 
@@ -86,17 +92,29 @@ class Optimization:
         logger.info("saved %s", path)
 
     def state_payload(self, state: RunState) -> dict:
+        """What resuming needs (this process's shards when sharded)."""
+        if self.sharded:
+            from .full import sharded_optimizer_state
+
+            optimizer = sharded_optimizer_state(self.optimizer)
+        else:
+            optimizer = self.optimizer.state_dict()
         return {
             "run_state": asdict(state),
             "networks": {e.name: e.network.state_dict() for e in self.experts},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_payload(self, payload: dict) -> None:
         for expert in self.experts:
             expert.network.load_state_dict(payload["networks"][expert.name])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.sharded:
+            from .full import restore_sharded_optimizer
+
+            restore_sharded_optimizer(self.optimizer, payload["optimizer"])
+        else:
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
 
 
@@ -183,4 +201,5 @@ def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData,
     return Optimization(experts, optimizer, scheduler, trainable, base_sampler(cfg),
                         boundary_of(experts[0].model.variant, cfg.timesteps.timestep_boundary), total,
                         cfg.memory.offload_inactive_dit, accelerator.device, fused,
-                        run_facts(cfg, data, optimizer, total, accelerator.num_processes))
+                        run_facts(cfg, data, optimizer, total, accelerator.num_processes),
+                        any(getattr(e.network, "sharded", False) for e in experts))

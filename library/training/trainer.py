@@ -33,7 +33,7 @@ from .advice import RunFacts, log_report
 from .logs import LossLog
 from .monitor import LossMonitor
 from .samples import TrainingSampler
-from .components import RunState, build_data, build_experts, make_accelerator, resolve_run
+from .components import RunState, build_data, build_experts, make_accelerator, resolve_run, sharding
 from .optimization import build_optimization
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,9 @@ class Trainer:
         self.run_info = resolve_run(cfg, self.accelerator)  # seed, output dir/name, dtypes
         payload = None
         if cfg.saving.resume:
-            payload = ckpt.load_state(cfg.saving.resume, self.run_info.output_dir, self.run_info.output_name)
+            acc = self.accelerator
+            payload = ckpt.load_state(cfg.saving.resume, self.run_info.output_dir, self.run_info.output_name,
+                                      acc.process_index, acc.num_processes, sharding(cfg))
             self.run_info = replace(self.run_info, seed=payload["run_state"]["seed"])  # continue the same run
         self.state = RunState(seed=self.run_info.seed)
         self.data = build_data(cfg, self.variant, self.accelerator, self.run_info.seed)
@@ -305,24 +307,34 @@ class Trainer:
     # ---- saving and resuming ------------------------------------------------------------------------
 
     def save(self, kind: str) -> None:
-        """kind: step, epoch, final or interrupt. LoRA files on the main process, state if asked."""
-        self.accelerator.wait_for_everyone()
-        if not self.is_main:
+        """kind: step, epoch, final or interrupt. Weight files on the main process, state if asked. A sharded
+        run (fsdp) saves on every process: the weights are gathered together, each writes its state shard."""
+        acc, sharded = self.accelerator, self.opt.sharded
+        acc.wait_for_everyone()
+        if not (self.is_main or sharded):
             return
-        self.log.plot()  # loss.csv and loss.png up to date with every save
         st, saving, info = self.committed, self.cfg.saving, self.run_info
         step = st.global_step if kind in ("step", "interrupt") else None
         epoch = st.epoch if kind == "epoch" else None
+        if self.is_main:
+            self.log.plot()  # loss.csv and loss.png up to date with every save
         if kind != "interrupt":
             for expert in self.experts:
                 path = ckpt.lora_path(info.output_dir, info.output_name, expert.suffix, epoch, step)
-                self.opt.save_weights(expert, path, self.cfg, self.variant, st)
-            suffixes = tuple(e.suffix for e in self.experts)
-            ckpt.prune(info.output_dir, info.output_name, "step", saving.save_last_n_steps, suffixes)
-            ckpt.prune(info.output_dir, info.output_name, "epoch", saving.save_last_n_epochs, suffixes)
+                self.opt.save_weights(expert, path, self.cfg, self.variant, st, write=self.is_main)
+            if self.is_main:
+                suffixes = tuple(e.suffix for e in self.experts)
+                ckpt.prune(info.output_dir, info.output_name, "step", saving.save_last_n_steps, suffixes)
+                ckpt.prune(info.output_dir, info.output_name, "epoch", saving.save_last_n_epochs, suffixes)
         want_state = saving.save_state or kind == "interrupt" or (kind == "final" and saving.save_state_on_train_end)
         if want_state:
             folder = ckpt.state_dir(info.output_dir, info.output_name, epoch, step)
-            ckpt.save_state(folder, self.opt.state_payload(st), st.info(self.cfg))
-            ckpt.prune(info.output_dir, info.output_name, "step-state", saving.save_last_n_steps_state)
-            ckpt.prune(info.output_dir, info.output_name, "epoch-state", saving.save_last_n_epochs_state)
+            payload = self.opt.state_payload(st)
+            if sharded:
+                ckpt.save_state(folder, payload, st.info(self.cfg), acc.process_index, acc.num_processes,
+                                acc.wait_for_everyone)
+            else:
+                ckpt.save_state(folder, payload, st.info(self.cfg))
+            if self.is_main:
+                ckpt.prune(info.output_dir, info.output_name, "step-state", saving.save_last_n_steps_state)
+                ckpt.prune(info.output_dir, info.output_name, "epoch-state", saving.save_last_n_epochs_state)

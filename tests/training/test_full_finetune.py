@@ -166,6 +166,9 @@ def test_bucketed_gradient_averaging():
     ({"fused_backward_pass": True, "mixed_precision": "fp16"}, "cannot use fp16 loss scaling"),
     ({"trainable_patterns": ["blocks.(("]}, r"`trainable_patterns`: 'blocks.\(\(' is not a valid regular"),
     ({"full_fine_tune": False, "fused_backward_pass": True}, "`fused_backward_pass` is for full fine-tuning"),
+    ({"fsdp": True, "fused_backward_pass": True}, "`fused_backward_pass` and `fsdp` cannot be combined"),
+    ({"fsdp_cpu_offload": True}, "`fsdp_cpu_offload` needs `fsdp` = true"),
+    ({"fsdp": True, "sample_prompts": "p.txt", "sample_every_n_steps": 5}, "samples during training are not available"),
 ])
 def test_config_errors(workspace, tmp_path, over, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")
@@ -219,3 +222,57 @@ def test_two_processes_equal_one_with_the_fused_backward_pass(workspace, tmp_pat
     b, _ = tensors(tmp_path / "b" / "ft_low_noise.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def _torchrun(script: Path, flags: list[str], port: int, timeout: int = 400):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), *flags], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_fsdp_shards_train_like_one_process_and_resume_exactly(workspace, tmp_path):
+    """FSDP2 over 2 gloo processes (batch 1 each) = 1 process with batch 2 on the same items, with global
+    gradient clipping; then a sharded run stopped at step 2 and resumed from its per-process state ends
+    where the uninterrupted sharded run does."""
+    root = tmp_path / "data2"
+    shutil.copytree(workspace["dataset"].parent, root)
+    base = workspace["dataset"].read_text().replace(str(workspace["dataset"].parent), str(root))
+    images_only = base.split("[[datasets]]")[0] + "[[datasets]]" + base.split("[[datasets]]")[2]
+    for name, batch in (("one.toml", 2), ("two.toml", 1)):
+        (root / name).write_text(images_only.replace("batch_size = 1", f"batch_size = {batch}"))
+    for img in sorted((root / "images").iterdir())[2:]:
+        img.unlink()
+    script = REPO / "train_network_wan.py"
+
+    def flags(out, toml, **over):
+        s = ft_settings(workspace, out, dataset_config=str(root / toml), optimizer_type="torch.optim.SGD",
+                        learning_rate=0.1, max_grad_norm=0.05, **over)
+        return sum(([f"--{k}", str(v)] for k, v in s.items()), [])
+
+    single = subprocess.run([sys.executable, str(script), *flags(tmp_path / "a", "one.toml", max_train_steps=4)],
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    sharded = _torchrun(script, flags(tmp_path / "b", "two.toml", max_train_steps=4, fsdp=True), 29521)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert "sharded over 2 processes" in sharded.stderr
+    a, _ = tensors(tmp_path / "a" / "ft_low_noise.safetensors")
+    b, _ = tensors(tmp_path / "b" / "ft_low_noise.safetensors")
+    assert any(not torch.equal(a[k], load) for k, load in
+               load_dit(workspace["models"].dit, dtype=torch.float32, task="t2v-tiny").state_dict().items())
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+    first = _torchrun(script, flags(tmp_path / "c", "two.toml", max_train_steps=2, fsdp=True,
+                                    save_state_on_train_end=True), 29523)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = tmp_path / "c" / "ft-state"
+    assert (state / "training_state.pt").is_file() and (state / "training_state.rank1.pt").is_file()
+    second = _torchrun(script, flags(tmp_path / "c", "two.toml", max_train_steps=4, fsdp=True, resume="latest"), 29525)
+    assert second.returncode == 0, second.stderr[-3000:]
+    c, _ = tensors(tmp_path / "c" / "ft_low_noise.safetensors")
+    for key in b:
+        torch.testing.assert_close(c[key], b[key], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="holds the shards of 2 processes but this run has 1"):
+        finetune(workspace, tmp_path / "c", max_train_steps=5, fsdp=True, resume="latest",
+                 dataset_config=str(root / "two.toml"))
