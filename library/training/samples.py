@@ -59,6 +59,17 @@ class TrainingSampler:
             return bool(s.sample_every_n_epochs) and epoch_end % s.sample_every_n_epochs == 0
         return bool(s.sample_every_n_steps) and not s.sample_every_n_epochs and step % s.sample_every_n_steps == 0
 
+    def _autocast(self, device):
+        """Full fine-tuning keeps fp32 master weights and computes in bf16 / fp16 (`compute_dtype`): sample
+        the way it trains, under autocast. LoRA runs compute in the weights' own dtype: nothing to do."""
+        import contextlib
+
+        for model in self.models.experts.values():
+            compute = getattr(model, "compute_dtype", None)
+            if compute is not None and compute != model.blocks[0].self_attn.q.weight.dtype:
+                return torch.autocast(device.type, dtype=compute)
+        return contextlib.nullcontext()
+
     def render(self, accelerator, output_dir, output_name: str, step: int, epoch: int) -> None:
         """Render every prompt (main process only). An expert offloaded by `offload_inactive_dit` comes back
         to the device for sampling; the next training step offloads it again."""
@@ -68,8 +79,9 @@ class TrainingSampler:
             return
         for expert_model in self.models.experts.values():
             expert_model.to(accelerator.device)
-        results = sample_during_training(self.models, self.requests, output_dir, step=step, epoch=epoch,
-                                         output_name=output_name)
+        with self._autocast(accelerator.device):
+            results = sample_during_training(self.models, self.requests, output_dir, step=step, epoch=epoch,
+                                             output_name=output_name)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 for r in results:

@@ -276,3 +276,13 @@ def test_fsdp_shards_train_like_one_process_and_resume_exactly(workspace, tmp_pa
     with pytest.raises(ValueError, match="holds the shards of 2 processes but this run has 1"):
         finetune(workspace, tmp_path / "c", max_train_steps=5, fsdp=True, resume="latest",
                  dataset_config=str(root / "two.toml"))
+
+
+def test_samples_during_a_bf16_fine_tune(workspace, tmp_path):
+    """fp32 master weights computing in bf16: samples are rendered under the same autocast as training."""
+    m = workspace["models"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a test prompt --w 32 --h 32 --f 1 --s 2\n")
+    finetune(workspace, tmp_path, max_train_steps=1, mixed_precision="bf16", vae=str(m.vae), t5=str(m.t5),
+             sample_prompts=str(prompts), sample_at_first=True)
+    assert list((tmp_path / "sample").glob("ft_step00000000_00.mp4"))
