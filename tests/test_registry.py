@@ -1,4 +1,4 @@
-"""The production LoRA registry (library/registry.py, tools/registry.py): naming, versions, metadata,
+"""The production LoRA registry (library/registry/, tools/registry.py): naming, versions, metadata,
 release gates, promotion, rollback, verification, and every refusal with its message."""
 
 from __future__ import annotations
@@ -469,7 +469,7 @@ def test_a_bad_copy_is_refused_and_leaves_nothing(reg, tmp_path, monkeypatch):
         copy_verified(src, dst, "0" * 64)
     assert list((tmp_path / "out").iterdir()) == []
     # a failure after the first file of a pair was copied removes it again, and the index is unchanged
-    import library.registry as registry
+    import library.registry.operations as registry
 
     calls = []
 

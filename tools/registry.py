@@ -8,7 +8,7 @@
     python tools/registry.py list | show --subject sarah | verify | path --subject sarah
 
 The registry root (`--root`, default ./lora_registry) holds registry.json and one folder per model with its
-files and a generated training_notes.md; see library/registry.py.
+files and a generated training_notes.md; see library/registry/.
 """
 
 from __future__ import annotations

@@ -286,3 +286,17 @@ def test_samples_during_a_bf16_fine_tune(workspace, tmp_path):
     finetune(workspace, tmp_path, max_train_steps=1, mixed_precision="bf16", vae=str(m.vae), t5=str(m.t5),
              sample_prompts=str(prompts), sample_at_first=True)
     assert list((tmp_path / "sample").glob("ft_step00000000_00.mp4"))
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "finetune" / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_examples_are_valid(example, workspace, tmp_path):
+    """Every example parses and validates as given (its model paths swapped for the tiny ones)."""
+    from library.config import load_config
+
+    import tomllib
+
+    tiny = {"ti2v-5B": "ti2v-tiny", "t2v-A14B": "t2v-tiny"}[tomllib.loads(example.read_text())["task"]]
+    m = workspace["models"]
+    cfg = validate(load_config(["--full_fine_tune", "--config_file", str(example), "--task", tiny,
+                                "--dit", str(m.dit), "--dataset_config", str(workspace["dataset"])]))
+    assert cfg.finetune.full_fine_tune and cfg.loop.mixed_precision == "bf16"
