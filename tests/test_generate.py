@@ -135,3 +135,22 @@ def test_fp8_base_generation(tiny_sets, tmp_path):
     rc, log = _run("generate_video_wan.py", *_model_args(tiny_sets["t2v-tiny"]), "--prompt", "x", "--fp8_scaled",
                    "--output_dir", tmp_path / "out")
     assert rc != 0 and "--fp8_scaled needs --fp8_base" in log
+
+
+def test_attention_and_vae_cache_flags(tiny_sets, tmp_path):
+    """musubi's --attn_mode names, --split_attn and --vae_cache_cpu change no pixel; an attention kernel that
+    is not installed is a clear error."""
+    common = [*_model_args(tiny_sets["t2v-tiny"]), "--prompt", "a cat --d 3", "--steps", "2", "--frames", "5",
+              "--save_frames", "--output_name", "g"]
+    rc, log = _run("generate_video_wan.py", *common, "--output_dir", tmp_path / "a")
+    assert rc == 0, log
+    rc, log = _run("generate_video_wan.py", *common, "--output_dir", tmp_path / "b", "--attn_mode", "torch",
+                   "--split_attn", "--vae_cache_cpu")
+    assert rc == 0, log
+    frames = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert frames and all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in frames)
+    try:
+        import sageattention  # noqa: F401
+    except ImportError:
+        rc, log = _run("generate_video_wan.py", *common, "--output_dir", tmp_path / "c", "--attn_mode", "sageattn")
+        assert rc != 0 and "install `sageattention`" in log

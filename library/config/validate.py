@@ -100,6 +100,9 @@ def _attention(cfg: TrainConfig, errors: list[str]) -> None:
     chosen = [name for name in _BACKENDS if getattr(cfg.attention, name)]
     if len(chosen) > 1:
         errors.append(f"more than one attention backend is set ({', '.join(chosen)}); keep one")
+    if cfg.attention.sage_attn:
+        errors.append("`sage_attn`: SageAttention has no backward pass, so it cannot train; use it for generation "
+                      "(generate_video_wan.py --attn_mode sageattn) and train with sdpa, flash_attn, flash3 or xformers")
 
 
 def _check_network_args(cfg: TrainConfig, errors: list[str]) -> None:

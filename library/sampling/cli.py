@@ -18,6 +18,9 @@ from .schedules import CONVENTIONS, SAMPLERS
 
 logger = logging.getLogger(__name__)
 
+# --attn_mode values (ours and musubi-tuner's) -> library.wan.attention backend
+ATTN_MODES = {"sdpa": "sdpa", "torch": "sdpa", "flash": "flash_attn", "flash2": "flash_attn", "flash3": "flash3",
+              "xformers": "xformers", "sageattn": "sage_attn", "sage": "sage_attn"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -40,6 +43,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--fp8_t5", action="store_true",
                    help="umT5 block Linear weights in fp8 with per-channel scales (about 4.6 GB less for umT5-XXL)")
     m.add_argument("--blocks_to_swap", type=int, default=0, help="DiT blocks kept in host memory and streamed in (CUDA)")
+    m.add_argument("--vae_cache_cpu", action="store_true",
+                   help="keep the VAE's causal chunk cache in host memory (less VRAM, the same frames)")
+    s = parser.add_argument_group("speed")
+    s.add_argument("--attn_mode", default="sdpa", choices=sorted(ATTN_MODES),
+                   help="attention kernel: sdpa (default), flash / flash2, flash3, xformers, sageattn (inference only); "
+                        "musubi-tuner's names are accepted")
+    s.add_argument("--split_attn", action="store_true", help="attention one sample at a time (less memory with CFG)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (first steps are slower)")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +110,7 @@ def load_models(args) -> tuple[SamplingModels, dict]:
         if args.dit_high_noise:
             raise ValueError(f"--dit_high_noise is only for the two-expert WAN 2.2 A14B models, not {variant.name}")
         experts["dit"] = _load_expert(args, args.dit, device, dtype, variant.name)
-    vae = load_vae(args.vae, device=device)
+    vae = load_vae(args.vae, device=device, cache_cpu=getattr(args, "vae_cache_cpu", False))
     text_encoder = load_text_encoder(args.t5, args.tokenizer, device=device, fp8=getattr(args, "fp8_t5", False),
                                      dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
     files = {"task": variant.name, "dit": str(args.dit), "dit_high_noise": args.dit_high_noise, "vae": str(args.vae),
@@ -127,6 +138,12 @@ def _load_expert(args, path, device: torch.device, dtype, task: str):
     model = load_dit(path, "cpu" if swap else device, dtype, task, fp8=fp8_config(memory))
     if memory.fp8_base or memory.blocks_to_swap:
         apply_memory_features(model, memory, device)
+    model.set_attention_backend(ATTN_MODES[getattr(args, "attn_mode", "sdpa")], getattr(args, "split_attn", False))
+    if getattr(args, "compile", False):
+        from library.config.schema import CompileArgs
+        from library.training.compiling import compile_blocks
+
+        compile_blocks(model, CompileArgs(compile=True))
     return model
 
 

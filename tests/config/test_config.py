@@ -183,6 +183,7 @@ def test_clip_skip_is_accepted_and_warned_once(tmp_path, caplog):
     ({"task": "t2v-1.3B", "dit_high_noise": "h"}, "`dit_high_noise` is only for WAN 2.2 A14B tasks"),
     ({"task": "t2v-14B", "timestep_boundary": 0.9}, "`timestep_boundary` is only for WAN 2.2 A14B"),
     ({"sdpa": True, "xformers": True, "sage_attn": True}, "more than one attention backend is set (sdpa, xformers, sage_attn)"),
+    ({"sage_attn": True}, "`sage_attn`: SageAttention has no backward pass, so it cannot train"),
     ({"min_timestep": 800, "max_timestep": 200}, "`min_timestep` (800) must be less than `max_timestep` (200)"),
     ({"max_timestep": 1200}, "`max_timestep` = 1200 must be within 0-1000"),
     ({"task": "t2v-A14B", "dit_high_noise": "h", "max_timestep": 800},
