@@ -59,6 +59,13 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    for kind, flag in (("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP")):
+        if os.environ.get(flag, "").lower() in ("1", "true"):
+            raise RuntimeError(
+                f"accelerate was launched with a {kind} config ({flag}), which this trainer does not use: LoRA "
+                "training is plain data parallel, and full fine-tuning shards itself with `fsdp = true`. Launch with "
+                "a multi-GPU config instead: `accelerate launch --multi_gpu --num_processes N ...`"
+            )
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # a single process may run several trainings (a notebook, a sweep, the tests): forget the previous
         # run's process-wide accelerate state so this one may use other settings (mixed precision, cpu)

@@ -300,3 +300,11 @@ def test_shipped_examples_are_valid(example, workspace, tmp_path):
     cfg = validate(load_config(["--full_fine_tune", "--config_file", str(example), "--task", tiny,
                                 "--dit", str(m.dit), "--dataset_config", str(workspace["dataset"])]))
     assert cfg.finetune.full_fine_tune and cfg.loop.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("flag", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_an_accelerate_fsdp_or_deepspeed_launch_is_a_clear_error(workspace, tmp_path, monkeypatch, flag):
+    monkeypatch.setenv(flag, "true")
+    trainer = Trainer(validate(config_from_dict(ft_settings(workspace, tmp_path))))
+    with pytest.raises(RuntimeError, match="accelerate launch --multi_gpu --num_processes N"):
+        trainer.setup()
