@@ -167,7 +167,8 @@ def build_lora_metadata(cfg: TrainConfig, variant: WanVariant, expert: Expert, s
     )
 
 
-def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData, accelerator) -> Optimization:
+def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData, accelerator,
+                       seed: int = 0) -> Optimization:
     groups, seen = [], set()
     for expert in experts:
         for group in expert.network.prepare_optimizer_params(expert.learning_rate):
@@ -183,11 +184,15 @@ def build_optimization(cfg: TrainConfig, experts: list[Expert], data: TrainData,
         reduce = (lambda g: accelerator.reduce(g, reduction="mean")) if accelerator.num_processes > 1 else None
         optimizer = FusedBackwardOptimizer(
             groups, lambda g: build_optimizer(g, o.optimizer_type, o.learning_rate, o.optimizer_args, quiet=True),
-            reduce=reduce, max_norm=o.max_grad_norm)
+            reduce=reduce, max_norm=o.max_grad_norm,
+            stochastic_seed=seed if cfg.finetune.full_bf16 else None)
         logger.info("fused backward pass: one %s per tensor (%d), stepped as gradients arrive", o.optimizer_type,
                     len(optimizer.inner))
     else:
         optimizer = build_optimizer(groups, o.optimizer_type, o.learning_rate, o.optimizer_args)
+        if cfg.finetune.full_bf16:
+            logger.warning("full_bf16 without fused_backward_pass: each update is rounded to the nearest bf16 value, "
+                           "so updates below half a bf16 step are lost; fused_backward_pass rounds stochastically")
     steps_per_epoch = math.ceil(data.batches_per_epoch / cfg.loop.gradient_accumulation_steps)
     total = cfg.loop.max_train_epochs * steps_per_epoch if cfg.loop.max_train_epochs else cfg.loop.max_train_steps
     s = cfg.scheduler

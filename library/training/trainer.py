@@ -89,7 +89,7 @@ class Trainer:
         self.data = build_data(cfg, self.variant, self.accelerator, self.run_info.seed)
         torch.manual_seed(derive_seed(self.run_info.seed, "init"))  # LoRA initialisation depends only on the seed
         self.experts = build_experts(cfg, self.variant, self.run_info, self.device, self.data)
-        self.opt = build_optimization(cfg, self.experts, self.data, self.accelerator)
+        self.opt = build_optimization(cfg, self.experts, self.data, self.accelerator, self.run_info.seed)
         if payload is not None:
             self.opt.load_state_payload(payload)
             self.state = RunState(**payload["run_state"])

@@ -107,8 +107,10 @@ def test_fp32_masters_compute_in_bf16(workspace, tmp_path):
     assert model.get_parameter("blocks.0.self_attn.q.weight").dtype == torch.float32
 
 
-def test_interrupted_and_resumed_fine_tune_equals_an_uninterrupted_one(workspace, tmp_path, monkeypatch):
-    finetune(workspace, tmp_path / "whole", max_train_steps=6, fused_backward_pass=True)
+@pytest.mark.parametrize("extra", [{}, {"full_bf16": True, "mixed_precision": "bf16"}], ids=["fp32", "bf16"])
+def test_interrupted_and_resumed_fine_tune_equals_an_uninterrupted_one(workspace, tmp_path, monkeypatch, extra):
+    """Exact resume, including the stochastic rounding of full_bf16 (keyed by the restored step count)."""
+    finetune(workspace, tmp_path / "whole", max_train_steps=6, fused_backward_pass=True, **extra)
     original = Trainer.after_step
 
     def interrupt_at_3(self, loss, bar):
@@ -119,9 +121,9 @@ def test_interrupted_and_resumed_fine_tune_equals_an_uninterrupted_one(workspace
     monkeypatch.setattr(Trainer, "after_step", interrupt_at_3)
     part = tmp_path / "part"
     assert Trainer(validate(config_from_dict(ft_settings(workspace, part, max_train_steps=6,
-                                                         fused_backward_pass=True)))).run() == 130
+                                                         fused_backward_pass=True, **extra)))).run() == 130
     monkeypatch.setattr(Trainer, "after_step", original)
-    finetune(workspace, part, max_train_steps=6, fused_backward_pass=True, resume="latest")
+    finetune(workspace, part, max_train_steps=6, fused_backward_pass=True, resume="latest", **extra)
     assert losses(part) == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
     a, _ = tensors(tmp_path / "whole" / "ft_low_noise.safetensors")
     b, _ = tensors(part / "ft_low_noise.safetensors")
@@ -308,3 +310,46 @@ def test_an_accelerate_fsdp_or_deepspeed_launch_is_a_clear_error(workspace, tmp_
     trainer = Trainer(validate(config_from_dict(ft_settings(workspace, tmp_path))))
     with pytest.raises(RuntimeError, match="accelerate launch --multi_gpu --num_processes N"):
         trainer.setup()
+
+
+def test_stochastic_rounding_is_unbiased():
+    from library.training.full import stochastic_round_bf16
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((200_000,), 1.0 + 2.0**-10)  # an eighth of the way from 1 to the next bf16 value (1 + 2^-7)
+    out = stochastic_round_bf16(x, gen)
+    assert set(out.unique().tolist()) == {1.0, 1.0 + 2.0**-7}
+    assert out.float().mean().item() == pytest.approx(1.0 + 2.0**-10, abs=2e-5)
+    assert x.to(torch.bfloat16).unique().tolist() == [1.0]  # nearest rounding loses it
+    exact = torch.tensor([1.5, -2.25, 0.0])
+    assert torch.equal(stochastic_round_bf16(exact, gen).float(), exact)
+
+
+def test_bf16_weights_keep_updates_below_the_bf16_step():
+    """SGD steps of 1e-4 on weights at 1.0 (bf16 step 2^-7 = 0.0078): nearest rounding never moves them;
+    the fused optimizer's stochastic rounding moves them by the right amount on average."""
+    from library.training.full import FusedBackwardOptimizer
+
+    def run(seed):
+        w = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16))
+        opt = FusedBackwardOptimizer([{"params": [w], "lr": 1e-4}], lambda g: torch.optim.SGD(g, lr=1e-4),
+                                     stochastic_seed=seed)
+        for _ in range(50):
+            (w.float().sum()).backward()  # gradient 1 everywhere: each step subtracts 1e-4
+            opt.step()
+        return w
+
+    plain = torch.ones(50_000, dtype=torch.bfloat16)
+    for _ in range(50):
+        plain = (plain.float() - 1e-4).to(torch.bfloat16)
+    assert torch.equal(plain, torch.ones_like(plain))
+    w = run(5)
+    assert w.dtype == torch.bfloat16
+    assert w.float().mean().item() == pytest.approx(1.0 - 50 * 1e-4, abs=2e-4)
+    assert torch.equal(run(5), w) and not torch.equal(run(6), w)  # keyed randomness: reproducible
+
+
+def test_adamw_state_stays_bf16_under_stochastic_rounding(workspace, tmp_path):
+    trainer = finetune(workspace, tmp_path, full_bf16=True, mixed_precision="bf16", max_train_steps=2,
+                       fused_backward_pass=True)
+    assert trainer.opt.optimizer.steps == 2 and trainer.opt.optimizer.stochastic_seed == 3
