@@ -154,3 +154,49 @@ def test_attention_and_vae_cache_flags(tiny_sets, tmp_path):
     except ImportError:
         rc, log = _run("generate_video_wan.py", *common, "--output_dir", tmp_path / "c", "--attn_mode", "sageattn")
         assert rc != 0 and "install `sageattention`" in log
+
+
+def test_compare_checkpoints_of_a_full_fine_tune(tiny_sets, tmp_path):
+    """Whole-DiT checkpoints (full fine-tuning) replace the experts' weights column by column."""
+    import torch
+    from safetensors.torch import save_file
+
+    from library.wan.loading import load_dit
+
+    s = tiny_sets["t2v-tiny"]
+    run = tmp_path / "run"
+    run.mkdir()
+    for expert, path in (("high_noise", s.dit_high_noise), ("low_noise", s.dit)):
+        state = load_dit(path, task="t2v-tiny").state_dict()
+        for step in (5, 10):
+            changed = {k: (v + 0.05 * step * torch.randn_like(v)) if k == "head.head.weight" else v
+                       for k, v in state.items()}
+            save_file({k: v.contiguous() for k, v in changed.items()},
+                      run / f"ft_{expert}-step{step:08d}.safetensors", metadata={"ss_steps": str(step)})
+    rc, log = _run("tools/compare_checkpoints.py", run, *_model_args(s), "--prompt", "a cat --d 1", "--steps", "2",
+                   "--frames", "1", "--width", "32", "--height", "32", "--include_base", cwd=tmp_path)
+    assert rc == 0, log
+    (sidecar_path,) = (run / "compare").glob("checkpoints_*.json")
+    columns = json.loads(sidecar_path.read_text())["columns"]
+    assert [c["label"] for c in columns] == ["base", "step 5", "step 10"]
+    assert [c.get("kind") for c in columns] == [None, "whole DiT", "whole DiT"]
+
+
+def test_whole_dit_columns_swap_the_expert_weights(tiny_sets, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from library.sampling.evaluation import checkpoint_columns, find_checkpoints
+
+    s = tiny_sets["t2v-tiny"]
+    models = load_models(s, text_encoder=False)
+    base = models.experts["low_noise"].get_parameter("head.head.weight").clone()
+    state = {k: v.contiguous() for k, v in models.experts["low_noise"].state_dict().items()}
+    save_file({**state, "head.head.weight": state["head.head.weight"] + 1.0}, tmp_path / "ft_low_noise.safetensors")
+    columns = checkpoint_columns(models, find_checkpoints(tmp_path), include_base=True,
+                                 base_files={"low_noise": s.dit, "high_noise": s.dit_high_noise})
+    assert [c.label for c in columns] == ["base", "final"]
+    columns[1].setup()
+    torch.testing.assert_close(models.experts["low_noise"].get_parameter("head.head.weight"), base + 1.0)
+    columns[0].setup()  # back to the base weights
+    torch.testing.assert_close(models.experts["low_noise"].get_parameter("head.head.weight"), base)

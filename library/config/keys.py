@@ -54,6 +54,9 @@ UNSUPPORTED_FLAGS: dict[str, str] = {
     "block_swap_ring_size": "use blocks_to_swap alone",
     "disable_numpy_memmap": "caches are always memory-mapped",
     "fp16_master_weights": "LoRA weights always train in fp32",
+    "full_fp16": "fp16 weights overflow in WAN's DiT; use `full_bf16` (full fine-tuning)",
+    "blockwise_fused_optimizers": "use `fused_backward_pass`, which steps each tensor as its gradient arrives",
+    "fused_optimizer_groups": "use `fused_backward_pass`, which steps each tensor as its gradient arrives",
 }
 
 _DATASET = "belongs in the dataset TOML passed as `dataset_config` ([general] or [[datasets]])"
@@ -70,6 +73,7 @@ MISPLACED_KEYS: dict[str, str] = {
 
 IGNORED_WITH_WARNING: dict[str, str] = {
     "clip_skip": "`clip_skip` has no meaning for WAN's umT5 text encoder and is ignored",
+    "mem_eff_save": "`mem_eff_save`: saves always stream one tensor at a time here; nothing to change",
 }
 
 

@@ -95,8 +95,9 @@ def run_generate(args) -> int:
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Render every saved LoRA checkpoint of a run with the same "
-                                                 "prompts and seeds into one grid labelled by step")
+    parser = argparse.ArgumentParser(description="Render every saved checkpoint of a run (LoRA files, or whole "
+                                                 "DiTs of a full fine-tune) with the same prompts and seeds into one "
+                                                 "grid labelled by step")
     parser.add_argument("run_dir", help="the training OUTPUT_DIR holding the .safetensors checkpoints")
     add_model_args(parser)
     add_sampling_args(parser)
@@ -110,7 +111,7 @@ def compare_parser() -> argparse.ArgumentParser:
 def run_compare(args) -> int:
     checkpoints = find_checkpoints(args.run_dir, args.output_name)
     if not checkpoints:
-        logger.error("%s: no LoRA checkpoints (NAME.safetensors, NAME-000001.safetensors, "
+        logger.error("%s: no checkpoints (NAME.safetensors, NAME-000001.safetensors, "
                      "NAME-step00000100.safetensors, with _high_noise / _low_noise pairs)", args.run_dir)
         return 2
     try:
@@ -119,7 +120,9 @@ def run_compare(args) -> int:
         logger.error("%s", exc)
         return 2
     logger.info("comparing %d checkpoints: %s", len(checkpoints), ", ".join(c.label for c in checkpoints))
-    columns = checkpoint_columns(models, checkpoints, args.strength, args.include_base)
+    base = {"high_noise": args.dit_high_noise, "low_noise": args.dit} if models.variant.two_experts else {"dit": args.dit}
+    columns = checkpoint_columns(models, checkpoints, args.strength, args.include_base,
+                                 {k: Path(v) for k, v in base.items() if v})
     out = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "compare"
     stem = f"checkpoints_{time.strftime('%Y%m%d-%H%M%S')}"
     try:

@@ -145,21 +145,58 @@ def find_checkpoints(folder: str | Path, name: str | None = None) -> list[Checkp
     return sorted(groups.values(), key=order)
 
 
+def is_whole_dit(path: Path) -> bool:
+    """A checkpoint that is a whole DiT (a full fine-tune) rather than a LoRA: judged by its tensor names."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception:  # an unreadable file is reported when its column is set up
+        return False
+    return bool(keys) and not any(".lora_" in k or k.endswith(".alpha") for k in keys)
+
+
 def checkpoint_columns(models: SamplingModels, checkpoints: list[Checkpoint], strength: float = 1.0,
-                       include_base: bool = False) -> list[Column]:
-    """One column per checkpoint: its LoRA file(s) replace the previous column's."""
+                       include_base: bool = False, base_files: dict[str, Path] | None = None) -> list[Column]:
+    """One column per checkpoint: its LoRA file(s) replace the previous column's; a whole-DiT checkpoint
+    (full fine-tuning) replaces the expert's weights instead, loaded like the base (`base_files` lets the
+    base column come back after one)."""
     current: list[LoadedLora] = []
+    swapped: set[str] = set()
+
+    def load_expert(expert: str, path: Path) -> None:
+        from library.wan.loading import load_dit
+
+        old = models.experts[expert]
+        where = old.patch_embedding.weight  # never fp8: the device and dtype the expert runs in
+        models.experts[expert] = None  # let the old weights go before the new ones load
+        del old
+        models.experts[expert] = load_dit(path, device=where.device, dtype=where.dtype, task=models.variant.name)
 
     def use(ckpt: Checkpoint | None):
         def setup():
             detach_loras(current)
             current.clear()
             if ckpt is None:
+                for expert in sorted(swapped):
+                    if not base_files or expert not in base_files:
+                        raise ValueError("the base column after a whole-DiT checkpoint needs the base files")
+                    load_expert(expert, base_files[expert])
+                swapped.clear()
                 return {"checkpoint": None}
-            current.extend(attach_loras([LoraSpec(p, strength) for p in ckpt.files], models.experts, models.variant))
+            dits = [p for p in ckpt.files if is_whole_dit(p)]
+            for path in dits:
+                expert = expert_of_name(path) or ("dit" if "dit" in models.experts else "low_noise")
+                load_expert(expert, path)
+                swapped.add(expert)
+            loras = [p for p in ckpt.files if p not in dits]
+            if loras:
+                current.extend(attach_loras([LoraSpec(p, strength) for p in loras], models.experts, models.variant))
             models.networks[:] = [lo.network for lo in current]
             return {"checkpoint": [str(p) for p in ckpt.files], "step": ckpt.step, "epoch": ckpt.epoch,
-                    "experts": sorted({expert_of_name(p) or "all" for p in ckpt.files})}
+                    "experts": sorted({expert_of_name(p) or "all" for p in ckpt.files}),
+                    "kind": "whole DiT" if dits else "LoRA"}
         return setup
 
     columns = [Column("base", use(None))] if include_base else []
