@@ -2,9 +2,12 @@
 
     python tools/plan_memory.py --task t2v-A14B --width 832 --height 480 --frames 81 [--vram_gb 24]
     python tools/plan_memory.py --config_file my_lora.toml --width 1280 --height 704 --frames 121
+    python tools/plan_memory.py --full --task t2v-A14B --optimizer AdamW8bit --processes 8 --vram_gb 80
 
 The GPU's memory is detected when `--vram_gb` is not given. With `--config_file`, the task, LoRA rank,
-optimizer and number of experts come from the training TOML (command-line values win). Figures are
+optimizer and number of experts come from the training TOML (command-line values win); a TOML with
+`full_fine_tune = true` plans full fine-tuning, with its `trainable_patterns` / `frozen_patterns`. `--full`
+plans full fine-tuning (finetune/fine_tune_wan.py) per process for `--processes` GPUs. Figures are
 estimates (see library/training/memory_plan.py); `tools/benchmark_wan.py` measures the real peak.
 """
 
@@ -28,28 +31,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--network_dim", type=int, help="LoRA rank (default 32)")
-    p.add_argument("--optimizer_type", help="AdamW, AdamW8bit, Lion, AdaFactor, Prodigy ... (default AdamW)")
+    p.add_argument("--optimizer_type", "--optimizer", dest="optimizer_type",
+                   help="AdamW, AdamW8bit, Lion, AdaFactor, Prodigy ... (default AdamW)")
     p.add_argument("--experts", type=int, choices=(1, 2), help="2: train both WAN 2.2 A14B experts in one run")
+    p.add_argument("--full", action="store_true", help="plan full fine-tuning instead of a LoRA")
+    p.add_argument("--processes", type=int, default=1, help="full fine-tuning: GPUs training together (fsdp shards "
+                                                            "over them; default 1)")
+    p.add_argument("--all_candidates", action="store_true", help="full fine-tuning: show every rung of the ladder, "
+                                                                 "not only those tried")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from library.training.memory_plan import detect_vram_gb, plan_memory
+    from library.training.memory_plan import detect_vram_gb, plan_full, plan_memory
 
     args = parse_args(argv)
-    task, rank, optimizer, experts = "t2v-A14B", 32, "AdamW", 1
+    task, rank, optimizer, experts, full, patterns = "t2v-A14B", 32, "AdamW", 1, args.full, ((), ())
     if args.config_file:
         from library.config import load_config
 
         cfg = load_config(["--config_file", args.config_file])
         task, rank, optimizer = cfg.model.task, cfg.network.network_dim, cfg.optimizer.optimizer_type
         experts = 2 if cfg.model.dit_high_noise else 1
+        full = full or cfg.finetune.full_fine_tune
+        patterns = (cfg.finetune.trainable_patterns, cfg.finetune.frozen_patterns)
     vram = args.vram_gb or detect_vram_gb()
     if vram is None:
         print("no CUDA device found: pass --vram_gb (e.g. 24)", file=sys.stderr)
         return 2
-    plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
-                       args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts)
+    if full:
+        if args.processes < 1:
+            print(f"--processes {args.processes}: give the number of GPUs training together (1 or more)",
+                  file=sys.stderr)
+            return 2
+        plan = plan_full(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
+                         args.optimizer_type or optimizer, args.processes, args.experts or experts, *patterns,
+                         show_all=args.all_candidates)
+    else:
+        plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
+                           args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts)
     print(plan.table())
     return 0 if plan.fits else 1
 
