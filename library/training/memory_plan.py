@@ -292,10 +292,11 @@ STEP_TEMPS = {"adafactor": 4, "lion": 1, "prodigy": 2, "sgd": 0, "sgdnesterov": 
 AVERAGING_BUCKET = 1 << 26  # elements per gradient-averaging collective without fsdp (Optimization.average_gradients)
 # With fsdp, unsharded blocks on the GPU at once: the one computing and the one prefetched.
 FSDP_GATHERED_BLOCKS = 2
-# Training autocast caches the bf16 copy of each trainable fp32 Linear / Conv weight for the whole forward pass,
-# checkpointed or not, and under fsdp of the unsharded weight (measured on the CPU with FSDP2). False once the
-# trainer autocasts without the cache.
-AUTOCAST_WEIGHT_CACHE = True
+# Autocast's weight cache would keep the bf16 copy of each trainable fp32 Linear / Conv weight for the whole
+# forward pass, checkpointed or not, and under fsdp of the unsharded weight (measured on the CPU with FSDP2).
+# The trainer autocasts full fine-tuning without the cache (Trainer.autocast_kwargs), so only the copies saved
+# for backward by non-checkpointed layers remain.
+AUTOCAST_WEIGHT_CACHE = False
 
 
 @dataclass(frozen=True)

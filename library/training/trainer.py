@@ -103,6 +103,11 @@ class Trainer:
             self._report()
             save_config(cfg, self.run_info.output_dir / f"{self.run_info.output_name}_config.toml")
         self.bad_steps = 0
+        # full fine-tuning: autocast's weight cache would keep a bf16 copy of every fp32 master weight until the
+        # forward pass ends (2 bytes a parameter, checkpointing or not); recast per use instead
+        from accelerate.utils import AutocastKwargs
+
+        self.autocast_kwargs = AutocastKwargs(cache_enabled=False) if cfg.finetune.full_fine_tune else None
 
     @property
     def is_main(self) -> bool:
@@ -188,7 +193,7 @@ class Trainer:
         context = [c.to(dev) for c in batch["context"]]
         clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame
         clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(self.autocast_kwargs):
             pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea)  # [B, z, T, h, w] fp32
         err = (pred.float() - target) ** 2
         if mask is not None:

@@ -421,7 +421,7 @@ def test_cli_prints_the_full_fine_tuning_table(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert "full fine-tuning, AdamW, 8 process(es)" in lines[0] and "host RAM" in lines[1]
-    assert len(lines) == 2 + len(full_candidates(8)) + 1 and lines[-1].startswith("plan: bf16, ckpt, fsdp")
+    assert len(lines) == 2 + len(full_candidates(8)) + 1 and lines[-1].startswith("plan: fp32 masters, ckpt, fsdp")
     cfg = tmp_path / "ft.toml"
     cfg.write_text('task = "t2v-1.3B"\nfull_fine_tune = true\noptimizer_type = "AdaFactor"\n'
                    "trainable_patterns = ['blocks\\.(1[0-9])\\.']\n")

@@ -353,3 +353,23 @@ def test_adamw_state_stays_bf16_under_stochastic_rounding(workspace, tmp_path):
     trainer = finetune(workspace, tmp_path, full_bf16=True, mixed_precision="bf16", max_train_steps=2,
                        fused_backward_pass=True)
     assert trainer.opt.optimizer.steps == 2 and trainer.opt.optimizer.stochastic_seed == 3
+
+
+def test_full_fine_tuning_autocasts_without_the_weight_cache(workspace, tmp_path):
+    """The bf16 copies of fp32 masters are not cached for the whole forward pass (the planner counts on it);
+    LoRA training keeps the default."""
+    seen = {}
+
+    def spy(name):
+        def hook(module, args):
+            seen[name] = (torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled())
+        return hook
+
+    for name, over in (("full", {}), ("lora", {"full_fine_tune": False, "network_dim": 2})):
+        trainer = Trainer(validate(config_from_dict(ft_settings(workspace, tmp_path / name, max_train_steps=1,
+                                                                mixed_precision="bf16", **over))))
+        trainer.setup()
+        trainer.experts[0].model.blocks[0].register_forward_pre_hook(spy(name))
+        trainer.train()
+        trainer.cleanup()
+    assert seen == {"full": (True, False), "lora": (True, True)}
