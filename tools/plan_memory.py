@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from library.training.memory_plan import detect_vram_gb, plan_full, plan_memory
+    from library.training.memory_plan import detect_vram_gb, plan_memory
+    from library.training.memory_plan_full import plan_full
 
     args = parse_args(argv)
     task, rank, optimizer, experts, full, patterns = "t2v-A14B", 32, "AdamW", 1, args.full, ((), ())

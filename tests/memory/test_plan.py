@@ -14,10 +14,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from library.config.schema import FineTuneArgs, MemoryArgs
-from library.training.memory_plan import (ACT_FULL_PER_C, ACT_FULL_PER_F, ACT_PER_C, ACT_PER_F, ACT_PER_RANK, GIB,
-                                          FullSettings, FullWorkload, Settings, Workload, block_linear_params,
-                                          block_other_params, estimate, estimate_full, full_candidates, lora_params,
-                                          outer_params, plan_full, plan_memory, state_bytes)
+from library.training.memory_plan import (ACT_PER_C, ACT_PER_F, ACT_PER_RANK, GIB, Settings, Workload,
+                                          block_linear_params, block_other_params, estimate, lora_params,
+                                          outer_params, plan_memory)
+from library.training.memory_plan_full import (ACT_FULL_PER_C, ACT_FULL_PER_F, FullSettings, FullWorkload,
+                                               estimate_full, full_candidates, plan_full, state_bytes)
 from library.wan.model import WanModel, rope_tables
 from library.wan.variants import get_variant
 from tests.helpers import REPO

@@ -1,0 +1,352 @@
+"""The memory planner for full fine-tuning (`tools/plan_memory.py --full`, a config with
+`full_fine_tune = true`): per process, the weights, gradients and optimizer state as exact sums over the
+model's tensors, activations and workspace at the peak of a step (end of the forward pass, backward pass,
+optimizer step), with `full_bf16`, `fused_backward_pass`, `fsdp` and `fsdp_cpu_offload`, and a ladder of
+settings from fastest to most frugal. The LoRA planner and the shared constants are in `memory_plan.py`.
+
+The ladder, from fastest and most precise to most frugal; with several processes the sharded rungs follow:
+
+    1 fp32 master weights              6 fsdp, fp32 masters + checkpointing
+    2 fp32 masters + checkpointing     7 fsdp, full_bf16 + checkpointing
+    3 full_bf16 + checkpointing        8 fsdp, full_bf16 + checkpointing + activation offload
+    4 ... + fused_backward_pass        9 ... + fsdp_cpu_offload (shards and optimizer state in host memory)
+    5 ... + activation offload
+
+Its weight, gradient and optimizer-state bytes are exact sums over the DiT's tensors (a meta-device model),
+checked against a real optimizer step in tests/memory/test_plan.py; its activation and workspace figures
+are the LoRA ones re-measured for trainable weights (ACT_FULL_PER_C), still estimates at full size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+from library.wan.variants import WanVariant, get_variant
+
+from .memory_plan import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload
+
+# Saved for backward by one block whose own weights train, per token (measured like ACT_PER_C, on fp32
+# weights under bf16 autocast with a trainable timestep embedding): 22 C more than a LoRA block without its
+# rank term, for the fp32 normalised inputs that the gradients of the norms, the modulation and the gates need.
+ACT_FULL_PER_C, ACT_FULL_PER_F = 65, 4
+# Optimizer states per element in the parameter's own dtype (4 bytes for fp32 masters, 2 with full_bf16).
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1, "prodigy": 4, "sgd": 0, "sgdnesterov": 1}
+# bitsandbytes 8-bit states, 1 byte per element each, plus an fp32 absmax per block of 256; tensors under
+# 4096 elements keep fp32 states.
+OPTIMIZER_8BIT = {"adamw8bit": 2, "adam8bit": 2, "pagedadamw8bit": 2, "lion8bit": 1}
+# Temporaries of the optimizer step. torch's AdamW on CUDA defaults to its multi-tensor (foreach) step, which
+# allocates one tensor list the size of a state (sqrt(v)) for every tensor it steps at once; the others loop
+# over the tensors, with this many fp32 copies of the tensor being stepped.
+FOREACH_STEP = ("adamw", "adam")
+STEP_TEMPS = {"adafactor": 4, "lion": 1, "prodigy": 2, "sgd": 0, "sgdnesterov": 0}
+AVERAGING_BUCKET = 1 << 26  # elements per gradient-averaging collective without fsdp (Optimization.average_gradients)
+# With fsdp, unsharded blocks on the GPU at once: the one computing and the one prefetched.
+FSDP_GATHERED_BLOCKS = 2
+# Autocast's weight cache would keep the bf16 copy of each trainable fp32 Linear / Conv weight for the whole
+# forward pass, checkpointed or not, and under fsdp of the unsharded weight (measured on the CPU with FSDP2).
+# The trainer autocasts full fine-tuning without the cache (Trainer.autocast_kwargs), so only the copies saved
+# for backward by non-checkpointed layers remain.
+AUTOCAST_WEIGHT_CACHE = False
+
+
+@dataclass(frozen=True)
+class FullWorkload(Workload):
+    """A full fine-tuning job (`rank` is unused): the processes training together and the trainable set."""
+
+    processes: int = 1
+    trainable_patterns: tuple[str, ...] = ()
+    frozen_patterns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FullSettings:
+    full_bf16: bool = False
+    checkpointing: bool = False
+    offload_activations: bool = False
+    fused_backward_pass: bool = False
+    fsdp: bool = False
+    fsdp_cpu_offload: bool = False
+
+    def label(self) -> str:
+        parts = ["bf16" if self.full_bf16 else "fp32 masters"]
+        if self.checkpointing:
+            parts.append("ckpt" + ("+offload" if self.offload_activations else ""))
+        if self.fused_backward_pass:
+            parts.append("fused")
+        if self.fsdp:
+            parts.append("fsdp" + (" + cpu offload" if self.fsdp_cpu_offload else ""))
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+    block: int  # the block index, -1 outside the blocks
+    fp32: bool  # kept in fp32 whatever the training precision (WanModel.is_fp32_param)
+    cast: bool  # a Linear / Conv parameter: autocast computes with a bf16 copy of it
+    trainable: bool
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@functools.lru_cache(maxsize=32)
+def param_inventory(v: WanVariant, include: tuple[str, ...] = (),
+                    exclude: tuple[str, ...] = ()) -> tuple[ParamInfo, ...]:
+    """Every DiT parameter (from a meta-device model) and whether it trains (`trainable_patterns` /
+    `frozen_patterns`, chosen exactly as the trainer chooses them)."""
+    import torch
+
+    from library.wan.model import WanModel
+
+    from .full import select_trainable
+
+    with torch.device("meta"):
+        model = WanModel(v)
+    trainable = set(select_trainable(model, include, exclude))
+    layers = (torch.nn.Linear, torch.nn.Conv3d)
+    cast = {f"{m}.{p}".lstrip(".") for m, mod in model.named_modules() if isinstance(mod, layers)
+            for p, _ in mod.named_parameters(recurse=False)}
+    return tuple(ParamInfo(n, tuple(p.shape), int(n.split(".")[1]) if n.startswith("blocks.") else -1,
+                           WanModel.is_fp32_param(n), n in cast, n in trainable) for n, p in model.named_parameters())
+
+
+def optimizer_state_bytes(optimizer: str, shape: tuple[int, ...], dtype_bytes: int) -> int:
+    """Bytes of optimizer state for one trainable tensor stored in `dtype_bytes` per element."""
+    key, n = optimizer.lower().replace("_", ""), math.prod(shape)
+    if key in OPTIMIZER_8BIT:
+        return OPTIMIZER_8BIT[key] * (n + 4 * math.ceil(n / 256) if n >= 4096 else 4 * n)
+    if key == "adafactor":  # transformers' Adafactor without beta1: fp32 row and column means, or a full
+        if len(shape) < 2:  # second moment for vectors
+            return 4 * n
+        return 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+    return OPTIMIZER_STATES.get(key, 2) * dtype_bytes * n
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Exact bytes of one expert's weights, gradients and optimizer state, unsharded, and the pieces the
+    peak is built from."""
+
+    weights: int
+    grads: int  # every trainable tensor's gradient (the dtype of its weight)
+    optimizer: int
+    largest_grad: int  # the largest trainable tensor's gradient: all `fused_backward_pass` keeps at once
+    block_weights: int  # the largest block's parameters (what fsdp gathers)
+    block_grads: int
+    outer_weights: int  # embeddings, time MLPs, head (fsdp's root: stays gathered through the step)
+    outer_grads: int
+    cast: int  # bf16 copies of the trainable fp32 Linear / Conv parameters that autocast computes with
+    block_cast: int  # ... of the largest block
+    outer_cast: int  # ... outside the blocks
+    step: int  # the optimizer step's temporaries
+
+
+@functools.lru_cache(maxsize=256)
+def state_bytes(w: FullWorkload, s: FullSettings) -> StateBytes:
+    params = param_inventory(w.variant, tuple(w.trainable_patterns), tuple(w.frozen_patterns))
+    master = 2 if s.full_bf16 else 4
+
+    def stored(p: ParamInfo) -> int:  # frozen weights are bf16 unless the model keeps them in fp32
+        return 4 if p.fp32 else (master if p.trainable else 2)
+
+    train = [p for p in params if p.trainable]
+    copied = [p for p in train if p.cast and stored(p) == 4]
+
+    def per_block(items, size) -> tuple[int, int]:  # (the largest block's sum, the sum outside the blocks)
+        blocks: dict[int, int] = {}
+        for p in items:
+            blocks[p.block] = blocks.get(p.block, 0) + size(p)
+        outer = blocks.pop(-1, 0)
+        return max(blocks.values(), default=0), outer
+
+    block_w, outer_w = per_block(params, lambda p: p.numel * stored(p))
+    block_g, outer_g = per_block(train, lambda p: p.numel * stored(p))
+    block_c, outer_c = per_block(copied, lambda p: 2 * p.numel)
+    largest = max(train, key=lambda p: p.numel * stored(p))
+    key = w.optimizer.lower().replace("_", "")
+    if key in FOREACH_STEP:
+        step = largest.numel * stored(largest) if s.fused_backward_pass else sum(p.numel * stored(p) for p in train)
+    else:
+        step = 0 if key in OPTIMIZER_8BIT else STEP_TEMPS.get(key, 2) * 4 * largest.numel
+    return StateBytes(
+        weights=sum(p.numel * stored(p) for p in params), grads=sum(p.numel * stored(p) for p in train),
+        optimizer=sum(optimizer_state_bytes(w.optimizer, p.shape, stored(p)) for p in train),
+        largest_grad=largest.numel * stored(largest), block_weights=block_w, block_grads=block_g,
+        outer_weights=outer_w, outer_grads=outer_g, cast=sum(2 * p.numel for p in copied), block_cast=block_c,
+        outer_cast=outer_c, step=step)
+
+
+@dataclass(frozen=True)
+class FullEstimate:
+    """GiB per process at the peak of a step (`peak`: the end of the forward pass, the backward pass or the
+    optimizer step); `host` is the host RAM the process holds for the GPU (offloaded shards, activations)."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    copies: float  # bf16 copies autocast keeps, fsdp's gathered blocks and unsharded block gradients
+    activations: float
+    workspace: float  # backward-pass transients, the optimizer step's temporaries, kernel workspaces
+    host: float
+    peak: str
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.copies + self.activations + self.workspace
+
+
+def estimate_full(w: FullWorkload, s: FullSettings) -> FullEstimate:
+    """The peak GPU memory of one process: the largest of the three moments of a step (see FullEstimate)."""
+    v, t, b, layers = w.variant, w.tokens, w.batch_size, w.variant.num_layers
+    c, f = v.dim, v.ffn_dim
+    sb = state_bytes(w, s)
+    n = w.processes if s.fsdp else 1
+    on_gpu = 0 if s.fsdp_cpu_offload else 1
+    weights, optim = w.experts * sb.weights / n * on_gpu, w.experts * sb.optimizer / n * on_gpu
+    gathered = FSDP_GATHERED_BLOCKS * sb.block_weights + sb.outer_weights if s.fsdp else 0
+    # activations: LoRA's rules with the full fine-tuning coefficients
+    per_block = (ACT_FULL_PER_C * c + ACT_FULL_PER_F * f) * t * b
+    block_input = 4 * c * t * b  # what checkpointing keeps of a block: its fp32 input
+    context = 16 * c * v.text_len * b * (1 if s.checkpointing else layers)
+    shared = (4 * v.head_dim + 4 * c) * t * b
+    work = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + sb.largest_grad
+    if s.checkpointing:  # kept per block through the backward pass: (activations, bf16 copies)
+        kept, kept_copies = (0 if s.offload_activations else block_input), 0
+        fixed = per_block + (2 * block_input if s.offload_activations else 0)  # the recomputed block, inputs in flight
+        fixed_copies = sb.block_cast
+    else:
+        kept, kept_copies, fixed, fixed_copies = per_block, sb.block_cast, 0, 0
+    host = layers * block_input if s.checkpointing and s.offload_activations else 0
+    step = sb.step / n
+    if s.fsdp_cpu_offload:
+        host += (w.experts * (sb.weights + sb.optimizer) + sb.grads) / n + step
+    # the end of the forward pass: autocast's cache holds a bf16 copy of every trainable fp32 weight; without
+    # the cache, the copies saved for backward (non-checkpointed layers) remain
+    forward_copies = sb.cast if AUTOCAST_WEIGHT_CACHE or not s.checkpointing else sb.outer_cast
+    moments = [FullEstimate(weights, 0, optim, forward_copies + gathered, layers * kept + fixed + context + shared,
+                            FIXED_WORKSPACE_GIB * GIB, host, "forward")]
+    # backward: the first block to run it still has every block's kept tensors and one block's gradients; the
+    # last has one block's kept tensors and every gradient
+    in_flight = sb.outer_cast + fixed_copies + (gathered + sb.block_grads if s.fsdp else 0)
+    if s.fused_backward_pass:
+        early_grads = late_grads = 0  # only the tensor being stepped (in `work`), and its step temporaries
+        work += step
+    else:
+        early_grads, late_grads = (sb.block_grads + sb.outer_grads) / n * on_gpu, sb.grads / n * on_gpu
+    for stack, grads in ((layers, early_grads), (1, late_grads)):
+        moments.append(FullEstimate(weights, grads, optim, in_flight + stack * kept_copies,
+                                    stack * kept + fixed + context + shared, work, host, "backward"))
+    if not s.fused_backward_pass:
+        averaging = 2 * AVERAGING_BUCKET * (2 if s.full_bf16 else 4) if w.processes > 1 and not s.fsdp else 0
+        moments.append(FullEstimate(weights, sb.grads / n * on_gpu, optim, 0, 0,
+                                    step * on_gpu + averaging + FIXED_WORKSPACE_GIB * GIB, host, "step"))
+    peak = max(moments, key=lambda e: e.total)
+    sizes = ("weights", "grads", "optimizer", "copies", "activations", "workspace", "host")
+    return dataclasses.replace(peak, **{k: getattr(peak, k) / GIB for k in sizes})
+
+
+@dataclass(frozen=True)
+class FullPlan:
+    vram_gb: float
+    budget_gb: float
+    workload: FullWorkload
+    settings: FullSettings
+    estimate: FullEstimate
+    fits: bool
+    candidates: tuple[tuple[FullSettings, FullEstimate], ...]  # those tried, up to the plan
+    hints: tuple[str, ...] = ()  # when nothing fits: what would
+
+    def apply(self, memory, finetune):
+        """Copies of a `MemoryArgs` and a `FineTuneArgs` with the planned settings."""
+        s = self.settings
+        return (dataclasses.replace(memory, gradient_checkpointing=s.checkpointing,
+                                    gradient_checkpointing_cpu_offload=s.offload_activations),
+                dataclasses.replace(finetune, full_fine_tune=True, full_bf16=s.full_bf16,
+                                    fused_backward_pass=s.fused_backward_pass, fsdp=s.fsdp,
+                                    fsdp_cpu_offload=s.fsdp_cpu_offload))
+
+    def table(self) -> str:
+        w = self.workload
+        head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
+                f"{w.tokens} tokens, full fine-tuning, {w.optimizer}, {w.processes} process(es); {self.vram_gb:g} GiB "
+                f"card, {self.budget_gb:.1f} GiB usable (estimates, GiB per process)")
+        cols = ("", "settings", "weights", "grads", "optim", "copies", "activations", "workspace", "total", "peak at",
+                "host RAM", "fits")
+        rows = [cols]
+        for s, e in self.candidates:
+            rows.append(("->" if s == self.settings else "", s.label(), *(f"{x:.1f}" for x in (
+                e.weights, e.grads, e.optimizer, e.copies, e.activations, e.workspace, e.total)), e.peak,
+                f"{e.host:.1f}", "yes" if e.total <= self.budget_gb else "no"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+        lines = [head] + ["  ".join(cell.ljust(wd) if i < 2 else cell.rjust(wd) for i, (cell, wd) in
+                                    enumerate(zip(r, widths))) for r in rows]
+        if self.fits:
+            verdict = f"plan: {self.settings.label()} ({self.estimate.total:.1f} GiB per process)"
+        else:
+            verdict = (f"does not fit even with {self.settings.label()} ({self.estimate.total:.1f} GiB > "
+                       f"{self.budget_gb:.1f}); " + ("; ".join(self.hints) or "nothing tried fits"))
+        return "\n".join(lines + [verdict])
+
+
+def full_candidates(processes: int) -> list[FullSettings]:
+    """The full fine-tuning ladder of the module docstring: the sharded rungs only with several processes
+    (fused_backward_pass and fsdp do not combine)."""
+    ladder = [FullSettings(), FullSettings(checkpointing=True), FullSettings(True, True),
+              FullSettings(True, True, fused_backward_pass=True), FullSettings(True, True, True, True)]
+    if processes > 1:
+        ladder += [FullSettings(checkpointing=True, fsdp=True), FullSettings(True, True, fsdp=True),
+                   FullSettings(True, True, True, fsdp=True),
+                   FullSettings(True, True, True, fsdp=True, fsdp_cpu_offload=True)]
+    return ladder
+
+
+def plan_full(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int, batch_size: int = 1,
+              optimizer: str = "adamw", processes: int = 1, experts: int = 1, trainable_patterns: tuple[str, ...] = (),
+              frozen_patterns: tuple[str, ...] = (), show_all: bool = False) -> FullPlan:
+    """The first rung of the full fine-tuning ladder whose estimated peak per process fits the card; when none
+    does, the plan says what would (another optimizer, more GPUs, fewer frames). `show_all` keeps every rung in
+    the table, not only those tried."""
+    variant = get_variant(variant) if isinstance(variant, str) else variant
+    w = FullWorkload(variant, width, height, frames, batch_size, 0, optimizer, experts, processes,
+                     tuple(trainable_patterns), tuple(frozen_patterns))
+    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    tried = [(s, estimate_full(w, s)) for s in full_candidates(processes)]
+    chosen = next((i for i, (_, e) in enumerate(tried) if e.total <= budget), None)
+    if chosen is not None:
+        s, e = tried[chosen]
+        return FullPlan(vram_gb, budget, w, s, e, True, tuple(tried if show_all else tried[: chosen + 1]))
+    s, e = tried[-1]
+    return FullPlan(vram_gb, budget, w, s, e, False, tuple(tried), _full_hints(budget, w))
+
+
+def _fits_full(budget: float, w: FullWorkload) -> FullSettings | None:
+    return next((s for s in full_candidates(w.processes) if estimate_full(w, s).total <= budget), None)
+
+
+def _full_hints(budget: float, w: FullWorkload) -> tuple[str, ...]:
+    hints = []
+    for optimizer in ("AdamW8bit", "Adafactor"):
+        if optimizer.lower() != w.optimizer.lower().replace("_", ""):
+            s = _fits_full(budget, dataclasses.replace(w, optimizer=optimizer))
+            if s:
+                hints.append(f"with {optimizer}: {s.label()}")
+    more = next((n for n in (2, 4, 8, 16, 32, 64) if n > w.processes and
+                 _fits_full(budget, dataclasses.replace(w, processes=n))), None)
+    if more:
+        rung = _fits_full(budget, dataclasses.replace(w, processes=more))
+        hints.append(f"with {w.optimizer} over {more} GPUs: {rung.label()}")
+    for n in (w.processes,) if more else (w.processes, max(8, w.processes)):  # fewer frames (on more GPUs)
+        fewer = dataclasses.replace(w, processes=n)
+        frames = max((fr for fr in range(1, w.frames, 4) if _fits_full(budget, dataclasses.replace(fewer, frames=fr))),
+                     default=0)
+        if frames:
+            where = f" over {n} GPUs" if n != w.processes else ""
+            hints.append(f"at {w.width}x{w.height} up to {frames} frames{where}")
+            break
+    return tuple(hints)
