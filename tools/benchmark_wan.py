@@ -46,6 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--two_experts", action="store_true", help="both A14B experts, alternating, inactive on the CPU")
+    p.add_argument("--full", action="store_true", help="full fine-tuning steps (every DiT weight trains) instead of LoRA")
+    p.add_argument("--full_bf16", action="store_true", help="full fine-tuning: bf16 weights and optimizer state")
+    p.add_argument("--fused_backward_pass", action="store_true", help="full fine-tuning: step each tensor in the backward")
+    p.add_argument("--optimizer", default="AdamW", help="optimizer by its Kohya name (AdamW, AdamW8bit, AdaFactor, ...)")
     p.add_argument("--vram_cap_gb", type=float, help="cap PyTorch's GPU memory at this many GiB")
     p.add_argument("--plan", action="store_true", help="memory settings from the planner for the cap / the GPU")
     p.add_argument("--compare_cap", type=float, metavar="GB", help="run uncapped, then capped with --plan; print the slowdown")
@@ -68,10 +72,21 @@ def _config(args):
                         blocks_to_swap=args.blocks_to_swap, use_pinned_memory_for_block_swap=True,
                         gradient_checkpointing=not args.no_gradient_checkpointing,
                         gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload)
-    if args.plan:
+    experts = 2 if args.two_experts else 1
+    full = {"full_bf16": args.full_bf16, "fused_backward_pass": args.fused_backward_pass}
+    if args.plan and args.full:
+        from library.config.schema import FineTuneArgs
+        from library.training.memory_plan_full import plan_full
+
+        vram = args.vram_cap_gb or detect_vram_gb() or 80.0
+        plan = plan_full(vram, variant, args.width, args.height, args.frames, args.batch_size, args.optimizer)
+        print(plan.table())
+        memory, finetune = plan.apply(memory, FineTuneArgs())
+        full = {"full_bf16": finetune.full_bf16, "fused_backward_pass": finetune.fused_backward_pass}
+    elif args.plan:
         vram = args.vram_cap_gb or detect_vram_gb() or 24.0
         plan = plan_memory(vram, variant, args.width, args.height, args.frames, args.batch_size,
-                           args.network_dim, "adamw", 2 if args.two_experts else 1)
+                           args.network_dim, "adamw", experts)
         print(plan.table())
         memory = plan.apply(memory)
     return BenchConfig(
@@ -79,8 +94,27 @@ def _config(args):
         rank=args.network_dim, steps=args.steps, warmup=args.warmup, device="cpu" if args.cpu else "cuda",
         dtype=torch.float32 if args.cpu else torch.bfloat16, memory=memory, attention=args.attention,
         fp8_scaled_mm=args.fp8_scaled_mm, compile=args.compile, two_experts=args.two_experts,
-        peak_tflops=args.peak_tflops,
+        peak_tflops=args.peak_tflops, full=args.full, optimizer=args.optimizer, **full,
+        planned_gib=_planned(args, variant, memory, full, experts),
     )
+
+
+def _planned(args, variant, memory, full: dict, experts: int) -> float:
+    """The planner's estimate of the peak for the settings this run uses (printed beside the measurement)."""
+    if args.full:
+        from library.training.memory_plan_full import FullSettings, FullWorkload, estimate_full
+
+        w = FullWorkload(variant, args.width, args.height, args.frames, args.batch_size, 0, args.optimizer, experts)
+        s = FullSettings(checkpointing=memory.gradient_checkpointing,
+                         offload_activations=memory.gradient_checkpointing_cpu_offload, **full)
+        return estimate_full(w, s).total
+    from library.training.memory_plan import Settings, Workload, estimate
+
+    w = Workload(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim, "adamw", experts)
+    s = Settings(fp8=memory.fp8_base, checkpointing=memory.gradient_checkpointing,
+                 offload_activations=memory.gradient_checkpointing_cpu_offload, blocks_to_swap=memory.blocks_to_swap,
+                 offload_inactive=args.two_experts)
+    return estimate(w, s).total
 
 
 def _cap(gb: float) -> None:
@@ -126,7 +160,9 @@ def main(argv=None) -> int:
     from library.training.benchmark import run_benchmark
 
     cfg = _config(args)
-    print(f"{cfg.variant.name} {cfg.width}x{cfg.height}x{cfg.frames}, batch {cfg.batch_size}, rank {cfg.rank}, "
+    what = (f"full fine-tuning ({cfg.optimizer}{', full_bf16' if cfg.full_bf16 else ', fp32 masters'}"
+            f"{', fused' if cfg.fused_backward_pass else ''})" if cfg.full else f"rank {cfg.rank}")
+    print(f"{cfg.variant.name} {cfg.width}x{cfg.height}x{cfg.frames}, batch {cfg.batch_size}, {what}, "
           f"{cfg.warmup} warm-up + {cfg.steps} timed steps on {cfg.device}")
     result = run_benchmark(cfg)
     print(result.table())

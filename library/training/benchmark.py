@@ -1,6 +1,7 @@
-"""The LoRA training-step benchmark behind `tools/benchmark_wan.py`: a full-size DiT with random
-weights built straight on the device (no download), the memory features applied as in training, then
-warm-up and timed steps. Reports s/step, tokens/s, peak VRAM, host RAM and MFU.
+"""The training-step benchmark behind `tools/benchmark_wan.py`: a full-size DiT with random weights
+built straight on the device (no download), the memory features applied as in training, then warm-up and
+timed steps of LoRA training or (`full`) full fine-tuning. Reports s/step, tokens/s, peak VRAM, host RAM,
+MFU and, when given, the planner's estimate beside the measured peak.
 
 MFU counts the model FLOPs of a LoRA step over a frozen base without recomputation,
 
@@ -9,11 +10,12 @@ MFU counts the model FLOPs of a LoRA step over a frozen base without recomputati
 N = Linear weights in the blocks, T = video tokens, d = width, L = layers: forward and input-gradient
 matmuls (no weight gradients for the frozen base; the LoRA's own FLOPs are ignored), self-attention
 (forward 4 T^2 d, backward 8 T^2 d) and cross-attention to the 512 text tokens; divided by the step time
-and the GPU's dense bf16 peak.
+and the GPU's dense bf16 peak. Full fine-tuning adds the weight gradients: 6 N T instead of 4 N T.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,11 +43,12 @@ def peak_tflops_for(device_name: str) -> float | None:
     return next((tf for key, tf in PEAK_TFLOPS if key in device_name), None)
 
 
-def step_flops(variant: WanVariant, tokens: int, batch: int = 1) -> float:
-    """Model FLOPs of one LoRA training step (the formula of the module docstring)."""
+def step_flops(variant: WanVariant, tokens: int, batch: int = 1, full: bool = False) -> float:
+    """Model FLOPs of one training step (the formula of the module docstring; `full`: weight gradients too)."""
     n = block_linear_params(variant) * variant.num_layers
     d, layers = variant.dim, variant.num_layers
-    return batch * (4 * n * tokens + 12 * tokens**2 * d * layers + 12 * tokens * variant.text_len * d * layers)
+    matmuls = (6 if full else 4) * n * tokens
+    return batch * (matmuls + 12 * tokens**2 * d * layers + 12 * tokens * variant.text_len * d * layers)
 
 
 @dataclass
@@ -67,6 +70,11 @@ class BenchConfig:
     two_experts: bool = False  # build both experts and alternate them, the inactive one in host memory
     peak_tflops: float | None = None
     seed: int = 0
+    full: bool = False  # full fine-tuning: every DiT weight trains (fp32 masters unless full_bf16)
+    full_bf16: bool = False
+    fused_backward_pass: bool = False
+    optimizer: str = "AdamW"
+    planned_gib: float | None = None  # the planner's estimate of the peak, printed beside the measurement
 
 
 @dataclass
@@ -83,6 +91,7 @@ class BenchResult:
     mfu: float | None
     setup: str
     losses: list[float]
+    planned_gib: float | None = None
 
     def table(self) -> str:
         rows = [("device", self.device), ("memory setup", self.setup), ("tokens per sample", f"{self.tokens}"),
@@ -92,6 +101,10 @@ class BenchResult:
                 ("host RAM now / peak", f"{self.host_rss_gib:.2f} / {self.host_peak_rss_gib:.2f} GiB"),
                 ("model TFLOP per step", f"{self.tflop_per_step:.4g}"),
                 ("MFU", "n/a (pass --peak_tflops)" if self.mfu is None else f"{100 * self.mfu:.1f}%")]
+        if self.planned_gib is not None:
+            measured = ("n/a (CPU)" if self.peak_vram_gib is None else
+                        f"measured {self.peak_vram_gib:.2f} GiB, {100 * (self.planned_gib / self.peak_vram_gib - 1):+.1f}%")
+            rows.append(("planner's peak estimate", f"{self.planned_gib:.2f} GiB ({measured})"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
@@ -181,17 +194,36 @@ def _expert(cfg: BenchConfig, device, seed: int):
 
     fp8 = FP8Config(scaled=cfg.memory.fp8_scaled, use_scaled_mm=cfg.fp8_scaled_mm) if cfg.memory.fp8_base else None
     host_blocks = cfg.memory.blocks_to_swap if device.type == "cuda" else 0
-    model = build_random_model(cfg.variant, device, cfg.dtype, fp8, seed, host_blocks)
+    masters = torch.float32 if cfg.full and not cfg.full_bf16 else cfg.dtype
+    model = build_random_model(cfg.variant, device, masters, fp8, seed, host_blocks)
+    model.compute_dtype = cfg.dtype
     model.set_attention_backend(cfg.attention)
     setup = apply_memory_features(model, cfg.memory, device)
+    torch.manual_seed(seed)
+    if cfg.full:
+        from .full import FullNetwork, select_trainable
+
+        network = FullNetwork(model, select_trainable(model), None)
+    else:
+        network = lora_wan.create_network(1.0, cfg.rank, cfg.rank, None, None, model)
+        network.apply_to()
+        network.to(device)
     if cfg.compile:
         for block in model.blocks:
             block.compile()
-    torch.manual_seed(seed)
-    network = lora_wan.create_network(1.0, cfg.rank, cfg.rank, None, None, model)
-    network.apply_to()
-    network.to(device)
     return model, network, setup
+
+
+def _optimizer(cfg: BenchConfig, params: list):
+    from .optim import build_optimizer
+
+    if cfg.full and cfg.fused_backward_pass:
+        from .full import FusedBackwardOptimizer
+
+        return FusedBackwardOptimizer([{"params": params, "lr": 1e-5}],
+                                      lambda g: build_optimizer(g, cfg.optimizer, 1e-5, quiet=True),
+                                      stochastic_seed=cfg.seed if cfg.full_bf16 else None)
+    return build_optimizer(params, cfg.optimizer, 1e-5 if cfg.full else 1e-4, quiet=True)
 
 
 def run_benchmark(cfg: BenchConfig) -> BenchResult:
@@ -202,8 +234,11 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
         experts.append(_expert(cfg, device, cfg.seed + i))
         if cfg.two_experts:  # each expert waits in host memory, so building the next one fits too
             place_model(experts[-1][0], "cpu")
-    params = [p for _, net, _ in experts for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    params = [p for _, net, _ in experts for p in net.get_trainable_params()]
+    optimizer = _optimizer(cfg, params)
+    # full fine-tuning with fp32 masters computes in bf16 under autocast, without the weight cache (as trained)
+    autocast = (torch.autocast(device.type, dtype=cfg.dtype, cache_enabled=False)
+                if cfg.full and not cfg.full_bf16 and cfg.dtype != torch.float32 else contextlib.nullcontext())
     batch, tokens = _batch(cfg, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -213,7 +248,8 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
             _sync(device)
             start = time.perf_counter()
         model = _activate(experts, step)
-        pred = model(batch["x"], batch["t"], batch["context"], y=batch["y"])
+        with autocast:
+            pred = model(batch["x"], batch["t"], batch["context"], y=batch["y"])
         loss = (pred.float() - batch["target"]).pow(2).mean()
         loss.backward()
         optimizer.step()
@@ -221,7 +257,7 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
         losses.append(loss.item())
     _sync(device)
     seconds = (time.perf_counter() - start) / max(cfg.steps, 1)
-    flops = step_flops(cfg.variant, tokens, cfg.batch_size)
+    flops = step_flops(cfg.variant, tokens, cfg.batch_size, cfg.full)
     peak = cfg.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device)) if cuda else None)
     rss, rss_peak = _rss_gib()
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
@@ -231,6 +267,7 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
         peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
         host_rss_gib=rss, host_peak_rss_gib=rss_peak, tflop_per_step=flops / 1e12,
         mfu=flops / (seconds * peak * 1e12) if peak else None, setup=experts[0][2].summary(), losses=losses,
+        planned_gib=cfg.planned_gib,
     )
 
 
