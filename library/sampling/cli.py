@@ -94,7 +94,7 @@ def build_requests(args) -> tuple[list[SampleRequest], list[PromptError]]:
 def load_models(args) -> tuple[SamplingModels, dict]:
     """Load the DiT expert(s), the VAE, the text encoder (and the CLIP vision encoder of WAN 2.1 I2V) the
     arguments name; returns them and the file list for the sidecar."""
-    from library.wan.loading import load_dit, load_text_encoder, load_vae
+    from library.wan.loading import load_text_encoder, load_vae
     from library.wan.variants import get_variant
 
     variant = get_variant(args.task)

@@ -96,7 +96,8 @@ def resolve_run(cfg: TrainConfig, accelerator) -> RunInfo:
     output_dir = Path(cfg.saving.output_dir or "output").expanduser()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    return RunInfo(seed=seed, output_dir=output_dir, output_name=cfg.saving.output_name or ("wan_finetune" if cfg.finetune.full_fine_tune else "wan_lora"),
+    default_name = "wan_finetune" if cfg.finetune.full_fine_tune else "wan_lora"
+    return RunInfo(seed=seed, output_dir=output_dir, output_name=cfg.saving.output_name or default_name,
                    base_dtype=BASE_DTYPES[cfg.loop.mixed_precision],
                    save_dtype=SAVE_DTYPES[cfg.saving.save_precision])
 

@@ -251,7 +251,8 @@ def write_safetensors(path: str | os.PathLike, tensors, metadata: dict[str, str]
     `tensors` is a mapping or an iterable of (name, tensor) pairs; a value may also be a `LazyTensor`
     (shape and dtype up front, values made when written), so a caller can produce each tensor (cast,
     merged, copied off the GPU) only when it is written and a multi-GiB model never exists twice in host
-    memory. Tensors on an accelerator are copied to the host one at a time. Entries keep their order. A failure leaves any earlier file at `path` untouched.
+    memory. Tensors on an accelerator are copied to the host one at a time. Entries keep their order. A
+    failure leaves any earlier file at `path` untouched.
     """
     path = Path(path)
     items = list(tensors.items() if hasattr(tensors, "items") else tensors)
