@@ -176,3 +176,24 @@ def test_wrong_shape_and_missing_keys_are_named(tmp_path, state):
 def test_unknown_task_lists_valid_ones(tmp_path, state):
     with pytest.raises(ValueError, match="unknown WAN task 't2v-A15B'.*t2v-A14B"):
         load_dit(write(tmp_path, "m.safetensors", state), task="t2v-A15B")
+
+
+def test_write_safetensors_streams_and_is_atomic(tmp_path):
+    """Tensors and lazily made tensors are written in order, readable by safetensors; a tensor that comes out
+    unlike its announced shape fails the write and leaves the earlier file and no temp file behind."""
+    from safetensors import safe_open
+
+    from library.wan.checkpoint_files import LazyTensor, write_safetensors
+
+    path = tmp_path / "m.safetensors"
+    made = []
+    lazy = LazyTensor((2, 3), torch.bfloat16, lambda: made.append(1) or torch.ones(2, 3, dtype=torch.bfloat16))
+    write_safetensors(path, {"a": torch.arange(4.0), "b": lazy, "c": torch.zeros(0)}, {"k": "v"})
+    with safe_open(str(path), "pt") as f:
+        assert list(f.keys()) == ["a", "b", "c"] and f.metadata() == {"k": "v"}
+        assert torch.equal(f.get_tensor("b"), torch.ones(2, 3, dtype=torch.bfloat16)) and made == [1]
+    before = path.read_bytes()
+    wrong = LazyTensor((5,), torch.float32, lambda: torch.zeros(4))
+    with pytest.raises(CheckpointError, match="came out as"):
+        write_safetensors(path, {"x": wrong})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
