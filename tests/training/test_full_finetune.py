@@ -16,6 +16,7 @@ from safetensors import safe_open
 from library.config import ConfigError, config_from_dict, validate
 from library.training.trainer import Trainer
 from library.wan.loading import load_dit
+from library.wan.variants import get_variant
 from tests.helpers import REPO
 from tests.training.test_trainer import losses, workspace  # noqa: F401 - the shared tiny models and caches
 
@@ -373,3 +374,31 @@ def test_full_fine_tuning_autocasts_without_the_weight_cache(workspace, tmp_path
         trainer.train()
         trainer.cleanup()
     assert seen == {"full": (True, False), "lora": (True, True)}
+
+
+@pytest.mark.parametrize("task,extra", [("i2v-tiny", {}), ("ti2v-tiny", {"i2v_probability": 0.5}),
+                                        ("i2v-tiny-2.1", {})])
+def test_image_to_video_variants_fine_tune(tmp_path, task, extra):
+    """The conditioning paths (36-channel I2V, TI2V per-token timesteps, 2.1 CLIP tokens) train all weights,
+    including the image-only layers (k_img / v_img, the CLIP projection) of WAN 2.1 I2V."""
+    from library.data.dataset_config import load_dataset_config
+    from library.data.latent_caching import cache_latents
+    from library.data.text_caching import cache_text_encoder_outputs
+    from library.prep.demo_dataset import write_demo_dataset
+    from library.wan.tiny import write_tiny_model_set
+
+    models = write_tiny_model_set(tmp_path / "models", task)
+    toml = write_demo_dataset(tmp_path / "data", clips=2, images=0, width=32, height=32, frames=9)
+    toml.write_text(toml.read_text()[: toml.read_text().rindex("[[datasets]]")])  # clips only (I2V)
+    config = load_dataset_config(toml)
+    cache_latents(config, models.vae, task=task, clip_path=models.clip, progress=False)
+    cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32, progress=False)
+    ws = {"models": models, "dataset": toml}
+    finetune(ws, tmp_path / "out", max_train_steps=2, task=task, **extra)
+    name = "ft_low_noise.safetensors" if get_variant(task).two_experts else "ft.safetensors"
+    saved, _ = tensors(tmp_path / "out" / name)
+    base = load_dit(ws["models"].dit, dtype=torch.float32, task=task).state_dict()
+    changed = {k for k in base if not torch.equal(saved[k], base[k])}
+    assert "blocks.0.self_attn.q.weight" in changed and "patch_embedding.weight" in changed
+    if task == "i2v-tiny-2.1":
+        assert "blocks.0.cross_attn.k_img.weight" in changed and any(k.startswith("img_emb.") for k in changed)
