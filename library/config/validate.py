@@ -194,7 +194,7 @@ def _loop(cfg: TrainConfig, errors: list[str]) -> None:
 
 
 _LORA_ONLY = ("network_weights", "base_weights", "scale_weight_norms", "shared_expert_lora", "network_dim_high_noise",
-              "fp8_base", "blocks_to_swap", "offload_inactive_dit", "auto_memory")
+              "fp8_base", "blocks_to_swap", "offload_inactive_dit")
 
 
 def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
@@ -208,8 +208,7 @@ def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
         return
     why = {"fp8_base": "fp8 weights cannot be trained", "blocks_to_swap": "swapped blocks would need their "
            "gradients and optimizer state on the host", "offload_inactive_dit": "the optimizer state of the "
-           "inactive expert stays on the GPU; train one expert per run instead", "auto_memory": "the memory "
-           "planner plans LoRA training"}
+           "inactive expert stays on the GPU; train one expert per run instead"}
     for name in _LORA_ONLY:
         if cfg.get(name):
             errors.append(f"`{name}` cannot be used with full fine-tuning"

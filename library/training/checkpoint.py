@@ -87,9 +87,10 @@ def find_latest_state(output_dir: Path, output_name: str) -> Path | None:
 
 
 def load_state(folder: str | os.PathLike, output_dir: Path | None = None, output_name: str | None = None,
-               rank: int = 0, world: int = 1, sharded: bool = False) -> dict:
-    """Read a state folder (`resume = "latest"` picks the newest in output_dir); a sharded run reads this
-    process's payload and needs the process count it was saved with. Clear errors otherwise."""
+               rank: int = 0, world: int = 1) -> dict:
+    """Read a state folder (`resume = "latest"` picks the newest in output_dir); from a sharded (fsdp) state
+    this process's payload, which needs the process count it was saved with. Clear errors otherwise. The
+    payload's `sharded` entry says which kind of state it was, for the caller to check against its run."""
     if str(folder) == "latest":
         found = find_latest_state(output_dir, output_name) if output_dir and output_name else None
         if found is None:
@@ -103,16 +104,16 @@ def load_state(folder: str | os.PathLike, output_dir: Path | None = None, output
         )
     info = Path(folder) / STATE_INFO
     saved_sharded = info.is_file() and json.loads(info.read_text()).get("sharded", False)
-    if sharded or saved_sharded:
-        saved = json.loads(info.read_text()).get("processes", 1) if info.is_file() else 1
-        if not saved_sharded:
-            raise ValueError(f"resume: {folder} was saved without fsdp sharding; resume it without `fsdp`")
-        if saved != world or not sharded:
+    if saved_sharded:
+        saved = json.loads(info.read_text()).get("processes", 1)
+        if saved != world:
             raise ValueError(f"resume: {folder} holds the shards of {saved} processes but this run has {world}; "
                              f"resume a sharded (fsdp) run with {saved} processes")
         path = Path(folder) / state_file(rank)
     logger.info("resuming from %s", folder)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload["sharded"] = saved_sharded
+    return payload
 
 
 def prune(output_dir: Path, output_name: str, kind: str, keep: int | None, suffixes: tuple[str, ...] = ("",)) -> None:

@@ -286,13 +286,56 @@ def resolve_memory(cfg: TrainConfig, variant: WanVariant, data: TrainData, devic
     if vram is None:
         logger.warning("auto_memory: no CUDA device, keeping the configured memory settings")
         return cfg.memory
-    width, height, frames = max((item.bucket for ds in data.datasets for item in ds.items),
-                                key=lambda b: b[0] * b[1] * b[2])
-    batch = max(ds.batch_size for ds in data.datasets)
+    width, height, frames, batch = largest_bucket(data)
     plan = plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
                        cfg.optimizer.optimizer_type, experts=n_experts)
     logger.info("auto_memory plan for %.0f GiB:\n%s", vram, plan.table())
     return plan.apply(cfg.memory)
+
+
+def largest_bucket(data: TrainData) -> tuple[int, int, int, int]:
+    """(width, height, frames, batch size) of the most expensive batch the datasets can produce."""
+    width, height, frames = max((item.bucket for ds in data.datasets for item in ds.items),
+                                key=lambda b: b[0] * b[1] * b[2])
+    return width, height, frames, max(ds.batch_size for ds in data.datasets)
+
+
+def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data: TrainData, device, processes: int) -> TrainConfig:
+    """`auto_memory` for full fine-tuning: the first rung of the planner's full fine-tuning ladder that fits
+    this card at the dataset's largest bucket and that this config allows (no fused pass with gradient
+    accumulation or fp16, no full_bf16 without bf16, no fsdp with samples during training)."""
+    from dataclasses import replace as copy
+
+    from library.config import validate
+
+    from .memory_plan import CUDA_CONTEXT_GIB, FRAGMENTATION, detect_vram_gb
+    from .memory_plan_full import FullWorkload, estimate_full, full_candidates
+
+    vram = detect_vram_gb(device)
+    if vram is None:
+        logger.warning("auto_memory: no CUDA device, keeping the configured memory settings")
+        return cfg
+    width, height, frames, batch = largest_bucket(data)
+    ft, loop, s = cfg.finetune, cfg.loop, cfg.sampling
+    work = FullWorkload(variant, width, height, frames, batch, 0, cfg.optimizer.optimizer_type,
+                        2 if cfg.model.dit_high_noise else 1, processes, ft.trainable_patterns, ft.frozen_patterns)
+    sampling = bool(s.sample_every_n_steps or s.sample_every_n_epochs or s.sample_at_first)
+    allowed = [c for c in full_candidates(processes)
+               if not (c.fused_backward_pass and (loop.gradient_accumulation_steps > 1 or loop.mixed_precision == "fp16"))
+               and not (c.full_bf16 and loop.mixed_precision != "bf16") and not (c.fsdp and sampling)]
+    budget = (vram - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    tried = [(c, estimate_full(work, c)) for c in allowed]
+    chosen, estimate = next(((c, e) for c, e in tried if e.total <= budget), tried[-1])
+    if estimate.total > budget:
+        logger.warning("auto_memory: nothing fits %.0f GiB (%.1f GiB estimated with %s); trying it anyway", vram,
+                       estimate.total, chosen.label())
+    logger.info("auto_memory for full fine-tuning on %.0f GiB, %dx%dx%d: %s (%.1f GiB estimated per process)", vram,
+                width, height, frames, chosen.label(), estimate.total)
+    memory = copy(cfg.memory, gradient_checkpointing=chosen.checkpointing,
+                  gradient_checkpointing_cpu_offload=chosen.offload_activations)
+    finetune = copy(ft, full_bf16=chosen.full_bf16, fused_backward_pass=chosen.fused_backward_pass, fsdp=chosen.fsdp,
+                    fsdp_cpu_offload=chosen.fsdp_cpu_offload)
+    return validate(copy(cfg, memory=memory, finetune=finetune))
 
 
 def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, data: TrainData) -> list[Expert]:

@@ -33,7 +33,8 @@ from .advice import RunFacts, log_report
 from .logs import LossLog
 from .monitor import LossMonitor
 from .samples import TrainingSampler
-from .components import RunState, build_data, build_experts, make_accelerator, resolve_run, sharding
+from .components import (RunState, auto_full_settings, build_data, build_experts, make_accelerator, resolve_run,
+                         sharding)
 from .optimization import build_optimization
 
 logger = logging.getLogger(__name__)
@@ -83,10 +84,16 @@ class Trainer:
         if cfg.saving.resume:
             acc = self.accelerator
             payload = ckpt.load_state(cfg.saving.resume, self.run_info.output_dir, self.run_info.output_name,
-                                      acc.process_index, acc.num_processes, sharding(cfg))
+                                      acc.process_index, acc.num_processes)
             self.run_info = replace(self.run_info, seed=payload["run_state"]["seed"])  # continue the same run
         self.state = RunState(seed=self.run_info.seed)
         self.data = build_data(cfg, self.variant, self.accelerator, self.run_info.seed)
+        if cfg.finetune.full_fine_tune and cfg.memory.auto_memory:
+            cfg = self.cfg = auto_full_settings(cfg, self.variant, self.data, self.device,
+                                                self.accelerator.num_processes)
+        if payload is not None and payload["sharded"] != sharding(cfg):
+            raise ValueError(f"resume: {cfg.saving.resume} was saved {'with' if payload['sharded'] else 'without'} "
+                             f"fsdp sharding; resume it {'with' if payload['sharded'] else 'without'} `fsdp`")
         torch.manual_seed(derive_seed(self.run_info.seed, "init"))  # LoRA initialisation depends only on the seed
         self.experts = build_experts(cfg, self.variant, self.run_info, self.device, self.data)
         self.opt = build_optimization(cfg, self.experts, self.data, self.accelerator, self.run_info.seed)

@@ -402,3 +402,35 @@ def test_image_to_video_variants_fine_tune(tmp_path, task, extra):
     assert "blocks.0.self_attn.q.weight" in changed and "patch_embedding.weight" in changed
     if task == "i2v-tiny-2.1":
         assert "blocks.0.cross_attn.k_img.weight" in changed and any(k.startswith("img_emb.") for k in changed)
+
+
+def test_auto_memory_picks_a_full_fine_tuning_rung_this_config_allows(workspace, tmp_path, monkeypatch):
+    from library.training import memory_plan
+    from library.training.components import auto_full_settings, build_data, largest_bucket
+    from library.training.memory_plan_full import FullSettings, FullWorkload, estimate_full
+
+    cfg = validate(config_from_dict(ft_settings(workspace, tmp_path, auto_memory=True, mixed_precision="bf16")))
+    trainer = Trainer(cfg)
+    trainer.setup()  # no CUDA here: auto_memory keeps the configured settings
+    assert trainer.cfg is cfg
+    data = build_data(cfg, trainer.variant, trainer.accelerator, 0)
+    trainer.cleanup()
+    width, height, frames, batch = largest_bucket(data)
+    work = FullWorkload(trainer.variant, width, height, frames, batch, 0, "AdamW")
+    first = estimate_full(work, FullSettings()).total
+
+    def card(gib):
+        monkeypatch.setattr(memory_plan, "detect_vram_gb", lambda device=None: gib)
+
+    card(80.0)
+    big = auto_full_settings(cfg, trainer.variant, data, "cpu", 1)
+    assert not big.finetune.full_bf16 and not big.memory.gradient_checkpointing  # the fastest rung fits
+    card(memory_plan.CUDA_CONTEXT_GIB + first / memory_plan.FRAGMENTATION * 0.99)  # just below the first rung
+    small = auto_full_settings(cfg, trainer.variant, data, "cpu", 1)
+    assert small.memory.gradient_checkpointing or small.finetune.full_bf16
+    card(memory_plan.CUDA_CONTEXT_GIB + 0.01)  # nothing fits: the most frugal allowed rung
+    accumulating = validate(config_from_dict(ft_settings(workspace, tmp_path, auto_memory=True, mixed_precision="bf16",
+                                                         gradient_accumulation_steps=2)))
+    frugal = auto_full_settings(accumulating, trainer.variant, data, "cpu", 1)
+    assert frugal.finetune.full_bf16 and not frugal.finetune.fused_backward_pass  # fused cannot accumulate
+    assert auto_full_settings(cfg, trainer.variant, data, "cpu", 1).finetune.fused_backward_pass
