@@ -127,7 +127,7 @@ def test_caption_dropout_is_deterministic(cached):
 
 def test_dataloader_with_workers(cached):
     datasets = build_train_datasets(cached, "i2v-tiny")
-    loader = batch_loader(datasets, seed=3, epoch=2, num_workers=2)
+    loader = batch_loader(datasets, seed=3, epoch=2, num_workers=2, timeout=120)  # a stuck worker fails, not hangs
     batches = list(loader)
     assert len(batches) == len(make_batches(datasets, 3, 2))
     assert sum(len(b["keys"]) for b in batches) == 5 * 3 + 2
