@@ -5,18 +5,20 @@ weights written in the official formats) from a synthetic captioned dataset, wit
     2. tools/cache_latents.py, tools/cache_text_encoder_outputs.py
     3. train_network_wan.py --config_file demo_output/demo_lora.toml   (with samples during training)
     4. generate_video_wan.py: base model and the LoRA at strengths 0.5 / 0.7 / 0.9 / 1.0, side by side
+    5. tools/check_lora.py on the two files, then tools/registry.py add: version 1 in a production registry
 
     python demo.py [--output demo_output] [--steps 60]
 
 Outputs: OUTPUT/train/ holds one LoRA per expert (`demo_lora_high_noise.safetensors`,
 `demo_lora_low_noise.safetensors`), step checkpoints, loss.csv and loss.png, the resolved config and
 sample/ (videos rendered during training); OUTPUT/eval/ holds the strength-sweep grid video and contact
-sheet.
+sheet; OUTPUT/registry/ the versioned pair with its training_notes.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -87,10 +89,18 @@ def main() -> int:
          "--lora", str(train / "demo_lora_high_noise.safetensors"), "--lora", str(train / "demo_lora_low_noise.safetensors"),
          "--lora_strength_sweep", "0.5,0.7,0.9,1.0", "--compare_base", "--output_dir", str(out / "eval"),
          "--output_name", "demo"], "strength sweep")
+    pair = [str(train / "demo_lora_high_noise.safetensors"), str(train / "demo_lora_low_noise.safetensors")]
+    run([str(REPO / "tools" / "check_lora.py"), *pair, "--task", "t2v-tiny"], "check the LoRA files")
+    registry = out / "registry"
+    shutil.rmtree(registry, ignore_errors=True)  # the demo's own registry starts empty on every run
+    run([str(REPO / "tools" / "registry.py"), "add", *pair, "--root", str(registry), "--type", "character",
+         "--subject", "demo", "--changes", "first version", "--dataset", "synthetic clips and stills"],
+        "version it for production")
     loras = sorted(p.name for p in train.glob("demo_lora_*noise.safetensors"))
     print(f"\ndone in {time.perf_counter() - start:.0f} s:\n  LoRAs: {', '.join(loras)} in {train}\n"
           f"  loss curve: {train / 'loss.png'}\n  samples during training: {train / 'sample'}\n"
           f"  strength sweep (base, 0.5, 0.7, 0.9, 1.0): {out / 'eval'}\n"
+          f"  registry with the first version and its training notes: {registry}\n"
           "(the weights are random: the videos are structured noise, and the loss monitor may report a plateau,\n"
           " which is true of a random tiny model after a few dozen steps; with real weights both mean something)")
     return 0
