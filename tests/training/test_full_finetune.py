@@ -441,3 +441,13 @@ def test_auto_memory_picks_a_full_fine_tuning_rung_this_config_allows(workspace,
     frugal = auto_full_settings(accumulating, trainer.variant, data, "cpu", 1)
     assert frugal.finetune.full_bf16 and not frugal.finetune.fused_backward_pass  # fused cannot accumulate
     assert auto_full_settings(cfg, trainer.variant, data, "cpu", 1).finetune.fused_backward_pass
+
+
+def test_pinned_fine_tune_losses(workspace, tmp_path):
+    """A regression guard on full fine-tuning's maths (masters, AdamW over every weight, fused step)."""
+    finetune(workspace, tmp_path, max_train_steps=6, fused_backward_pass=True)
+    got = losses(tmp_path)
+    assert got == pytest.approx(PINNED_FULL, rel=1e-4), got
+
+
+PINNED_FULL = [1.0896056, 1.2140143, 1.1474444, 1.1796938, 1.0629091, 1.1063093]
