@@ -5,7 +5,8 @@ weights written in the official formats) from a synthetic captioned dataset, wit
     2. tools/cache_latents.py, tools/cache_text_encoder_outputs.py
     3. train_network_wan.py --config_file demo_output/demo_lora.toml   (with samples during training)
     4. generate_video_wan.py: base model and the LoRA at strengths 0.5 / 0.7 / 0.9 / 1.0, side by side
-    5. tools/check_lora.py on the two files, then tools/registry.py add: version 1 in a production registry
+    5. tools/pick_checkpoint.py, tools/check_lora.py on the two final files, then tools/registry.py add:
+       version 1 in a production registry
 
     python demo.py [--output demo_output] [--steps 60]
 
@@ -89,6 +90,7 @@ def main() -> int:
          "--lora", str(train / "demo_lora_high_noise.safetensors"), "--lora", str(train / "demo_lora_low_noise.safetensors"),
          "--lora_strength_sweep", "0.5,0.7,0.9,1.0", "--compare_base", "--output_dir", str(out / "eval"),
          "--output_name", "demo"], "strength sweep")
+    run([str(REPO / "tools" / "pick_checkpoint.py"), str(train)], "which checkpoint to test first")
     pair = [str(train / "demo_lora_high_noise.safetensors"), str(train / "demo_lora_low_noise.safetensors")]
     run([str(REPO / "tools" / "check_lora.py"), *pair, "--task", "t2v-tiny"], "check the LoRA files")
     registry = out / "registry"

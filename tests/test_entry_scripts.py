@@ -46,6 +46,7 @@ def test_demo_trains_a_lora_end_to_end(impostor_env, tmp_path):
         assert (train / f"demo_lora_{expert}.safetensors").stat().st_size > 1000
     assert (train / "loss.png").exists() and (train / "demo_lora_config.toml").exists()
     assert "2 WARN, 0 ERROR" in out  # check_lora: a 6-step LoRA is "too few steps", nothing wrong
+    assert "<- test first" in out  # pick_checkpoint
     notes = list((tmp_path / "demo" / "registry").rglob("training_notes.md"))
     assert len(notes) == 1 and "v1" in notes[0].read_text()
 
