@@ -10,9 +10,7 @@ Kohya's underscored names back into official dotted names. The metadata is kept,
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -101,21 +99,11 @@ def to_format(modules: dict[str, dict[str, torch.Tensor]], fmt: str) -> dict[str
 
 def convert_lora(src, dst, fmt: str, dtype: torch.dtype | None = None) -> Path:
     """Read a WAN LoRA in any format and write it (atomically) in `fmt`, optionally cast to `dtype`."""
-    from safetensors.torch import save_file
+    from .lora import write_lora_file
 
     modules, meta = read_modules(src)
     tensors = to_format(modules, fmt)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     meta = {**meta, "ss_lora_format": fmt, "ss_converted_from": Path(str(src)).name}
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    return write_lora_file(tensors, dst, meta, hashes=False)

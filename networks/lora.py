@@ -158,6 +158,30 @@ class LoadReport:
     missing_modules: list[str] = field(default_factory=list)
 
 
+def write_lora_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None, hashes: bool = True) -> Path:
+    """Write LoRA tensors as .safetensors atomically (a temp file beside it, then os.replace). With `hashes`,
+    Kohya's sshs hashes are recomputed for these tensors (any old ones dropped) when there is metadata."""
+    from safetensors.torch import save_file
+
+    from .metadata import safetensors_hashes
+
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if not (hashes and str(k).startswith("sshs_"))}
+    if hashes and meta:
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=meta or None)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def split_lora_key(key: str, name_map: Callable[[str], str] | None = None, prefix: str = KOHYA_PREFIX):
     """A LoRA file key -> (Kohya module name, "down" | "up" | "alpha"), or None when it is not one."""
     part = next((p for s, p in _PARTS.items() if key.endswith(s)), None)
@@ -324,25 +348,7 @@ class LoRANetwork(nn.Module):
     def save_weights(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
                      metadata: Mapping[str, str] | None = None, fmt: str = "kohya") -> Path:
         """Write a .safetensors LoRA atomically (temp file, then os.replace); adds the sshs hashes."""
-        from safetensors.torch import save_file
-
-        from .metadata import safetensors_hashes
-
-        tensors = self.lora_state_dict(fmt, dtype)
-        meta = {k: str(v) for k, v in (metadata or {}).items()}
-        if meta:
-            meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta or None)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_lora_file(self.lora_state_dict(fmt, dtype), path, metadata)
 
     def load_weights(self, path_or_sd, strict: bool = False) -> LoadReport:
         """Fill the modules from a Kohya, ComfyUI or diffusers LoRA (file or state dict). Keys this network

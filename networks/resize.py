@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -34,6 +32,7 @@ from typing import Mapping
 import torch
 
 from .convert import read_modules, to_format
+from .lora import write_lora_file
 
 logger = logging.getLogger(__name__)
 
@@ -196,27 +195,10 @@ def _rank_range(modules: Modules) -> str:
 def save_lora_modules(modules: Modules, path, fmt: str = "kohya", metadata: Mapping[str, str] | None = None,
                       dtype: torch.dtype | None = None) -> Path:
     """Write modules as a LoRA file in `fmt`, atomically; adds the sshs hashes when there is metadata."""
-    from safetensors.torch import save_file
-
-    from .metadata import safetensors_hashes
-
     tensors = to_format(modules, fmt)
     if dtype is not None:
         tensors = {k: v.to(torch.float32 if k.endswith(".alpha") else dtype) for k, v in tensors.items()}
-    meta = {str(k): str(v) for k, v in (metadata or {}).items() if not k.startswith("sshs_")}
-    if meta:
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta or None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_lora_file(tensors, path, metadata)
 
 
 def resize_lora(src, dst, new_rank: int | None = None, dynamic_method: str | None = None,

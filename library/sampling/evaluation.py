@@ -149,12 +149,14 @@ def is_whole_dit(path: Path) -> bool:
     """A checkpoint that is a whole DiT (a full fine-tune) rather than a LoRA: judged by its tensor names."""
     from safetensors import safe_open
 
+    from library.wan.dit_formats import describe_checkpoint
+
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())
     except Exception:  # an unreadable file is reported when its column is set up
         return False
-    return bool(keys) and not any(".lora_" in k or k.endswith(".alpha") for k in keys)
+    return describe_checkpoint(keys) == "a WAN DiT"
 
 
 def checkpoint_columns(models: SamplingModels, checkpoints: list[Checkpoint], strength: float = 1.0,

@@ -308,8 +308,8 @@ def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data: TrainData, d
 
     from library.config import validate
 
-    from .memory_plan import CUDA_CONTEXT_GIB, FRAGMENTATION, detect_vram_gb
-    from .memory_plan_full import FullWorkload, estimate_full, full_candidates
+    from .memory_plan import detect_vram_gb
+    from .memory_plan_full import plan_full
 
     vram = detect_vram_gb(device)
     if vram is None:
@@ -317,24 +317,22 @@ def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data: TrainData, d
         return cfg
     width, height, frames, batch = largest_bucket(data)
     ft, loop, s = cfg.finetune, cfg.loop, cfg.sampling
-    work = FullWorkload(variant, width, height, frames, batch, 0, cfg.optimizer.optimizer_type,
-                        2 if cfg.model.dit_high_noise else 1, processes, ft.trainable_patterns, ft.frozen_patterns)
     sampling = bool(s.sample_every_n_steps or s.sample_every_n_epochs or s.sample_at_first)
-    allowed = [c for c in full_candidates(processes)
-               if not (c.fused_backward_pass and (loop.gradient_accumulation_steps > 1 or loop.mixed_precision == "fp16"))
-               and not (c.full_bf16 and loop.mixed_precision != "bf16") and not (c.fsdp and sampling)]
-    budget = (vram - CUDA_CONTEXT_GIB) * FRAGMENTATION
-    tried = [(c, estimate_full(work, c)) for c in allowed]
-    chosen, estimate = next(((c, e) for c, e in tried if e.total <= budget), tried[-1])
-    if estimate.total > budget:
+
+    def allowed(c) -> bool:
+        no_fused = loop.gradient_accumulation_steps > 1 or loop.mixed_precision == "fp16"
+        return not ((c.fused_backward_pass and no_fused) or (c.full_bf16 and loop.mixed_precision != "bf16")
+                    or (c.fsdp and sampling))
+
+    plan = plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
+                     2 if cfg.model.dit_high_noise else 1, ft.trainable_patterns, ft.frozen_patterns, allow=allowed)
+    chosen, estimate = plan.settings, plan.estimate
+    if not plan.fits:
         logger.warning("auto_memory: nothing fits %.0f GiB (%.1f GiB estimated with %s); trying it anyway", vram,
                        estimate.total, chosen.label())
     logger.info("auto_memory for full fine-tuning on %.0f GiB, %dx%dx%d: %s (%.1f GiB estimated per process)", vram,
                 width, height, frames, chosen.label(), estimate.total)
-    memory = copy(cfg.memory, gradient_checkpointing=chosen.checkpointing,
-                  gradient_checkpointing_cpu_offload=chosen.offload_activations)
-    finetune = copy(ft, full_bf16=chosen.full_bf16, fused_backward_pass=chosen.fused_backward_pass, fsdp=chosen.fsdp,
-                    fsdp_cpu_offload=chosen.fsdp_cpu_offload)
+    memory, finetune = plan.apply(cfg.memory, ft)
     return validate(copy(cfg, memory=memory, finetune=finetune))
 
 

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from library.wan.variants import WanVariant, get_variant
 
@@ -308,15 +309,16 @@ def full_candidates(processes: int) -> list[FullSettings]:
 
 def plan_full(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int, batch_size: int = 1,
               optimizer: str = "adamw", processes: int = 1, experts: int = 1, trainable_patterns: tuple[str, ...] = (),
-              frozen_patterns: tuple[str, ...] = (), show_all: bool = False) -> FullPlan:
+              frozen_patterns: tuple[str, ...] = (), show_all: bool = False,
+              allow: Callable[[FullSettings], bool] | None = None) -> FullPlan:
     """The first rung of the full fine-tuning ladder whose estimated peak per process fits the card; when none
     does, the plan says what would (another optimizer, more GPUs, fewer frames). `show_all` keeps every rung in
-    the table, not only those tried."""
+    the table, not only those tried; `allow` leaves out the rungs a config cannot use."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
     w = FullWorkload(variant, width, height, frames, batch_size, 0, optimizer, experts, processes,
                      tuple(trainable_patterns), tuple(frozen_patterns))
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
-    tried = [(s, estimate_full(w, s)) for s in full_candidates(processes)]
+    tried = [(s, estimate_full(w, s)) for s in full_candidates(processes) if allow is None or allow(s)]
     chosen = next((i for i, (_, e) in enumerate(tried) if e.total <= budget), None)
     if chosen is not None:
         s, e = tried[chosen]

@@ -59,9 +59,10 @@ class Optimization:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         bucket: list[torch.nn.Parameter] = []
+        size = 0
         for i, p in enumerate(self.trainable):
             bucket.append(p)
-            size = sum(q.numel() for q in bucket)
+            size += p.numel()
             last = i == len(self.trainable) - 1
             if size >= bucket_elements or last or self.trainable[i + 1].grad.dtype != p.grad.dtype:
                 flat = accelerator.reduce(torch.cat([q.grad.flatten() for q in bucket]), reduction="mean")
@@ -69,7 +70,7 @@ class Optimization:
                 for q in bucket:
                     q.grad = flat[offset:offset + q.numel()].view_as(q.grad).clone()
                     offset += q.numel()
-                bucket = []
+                bucket, size = [], 0
 
     def save_weights(self, expert: Expert, path: Path, cfg: TrainConfig, variant: WanVariant, state: RunState,
                      write: bool = True) -> None:

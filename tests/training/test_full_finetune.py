@@ -40,6 +40,20 @@ def tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
+def two_item_datasets(ws, tmp_path: Path) -> Path:
+    """A copy of the workspace's cached stills cut to two items, as `one.toml` (batch 2, for one process) and
+    `two.toml` (batch 1, for two processes): the same global batch either way."""
+    root = tmp_path / "data2"
+    shutil.copytree(ws["dataset"].parent, root)
+    base = ws["dataset"].read_text().replace(str(ws["dataset"].parent), str(root))
+    images_only = base.split("[[datasets]]")[0] + "[[datasets]]" + base.split("[[datasets]]")[2]
+    for name, batch in (("one.toml", 2), ("two.toml", 1)):
+        (root / name).write_text(images_only.replace("batch_size = 1", f"batch_size = {batch}"))
+    for img in sorted((root / "images").iterdir())[2:]:
+        img.unlink()
+    return root
+
+
 def test_selected_weights_train_and_the_saved_dit_loads(workspace, tmp_path):
     finetune(workspace, tmp_path, trainable_patterns=[r"blocks\.1\."], frozen_patterns=["norm", "modulation"])
     saved, meta = tensors(tmp_path / "ft_low_noise.safetensors")
@@ -198,14 +212,7 @@ def test_fine_tune_script_in_a_subprocess(workspace, tmp_path):
 def test_two_processes_equal_one_with_the_fused_backward_pass(workspace, tmp_path):
     """gloo on the CPU: the per-tensor averaging inside the backward pass equals one process on the
     same global batch (SGD: the update is linear in the gradient)."""
-    root = tmp_path / "data2"
-    shutil.copytree(workspace["dataset"].parent, root)
-    base = workspace["dataset"].read_text().replace(str(workspace["dataset"].parent), str(root))
-    images_only = base.split("[[datasets]]")[0] + "[[datasets]]" + base.split("[[datasets]]")[2]
-    for name, batch in (("one.toml", 2), ("two.toml", 1)):
-        (root / name).write_text(images_only.replace("batch_size = 1", f"batch_size = {batch}"))
-    for img in sorted((root / "images").iterdir())[2:]:
-        img.unlink()
+    root = two_item_datasets(workspace, tmp_path)
 
     def flags(out, toml):
         s = ft_settings(workspace, out, dataset_config=str(root / toml), max_train_steps=2, fused_backward_pass=True,
@@ -238,14 +245,7 @@ def test_fsdp_shards_train_like_one_process_and_resume_exactly(workspace, tmp_pa
     """FSDP2 over 2 gloo processes (batch 1 each) = 1 process with batch 2 on the same items, with global
     gradient clipping; host-memory shards with checkpointing change nothing; then a sharded run stopped at
     step 2 and resumed from its per-process state ends where the uninterrupted sharded run does."""
-    root = tmp_path / "data2"
-    shutil.copytree(workspace["dataset"].parent, root)
-    base = workspace["dataset"].read_text().replace(str(workspace["dataset"].parent), str(root))
-    images_only = base.split("[[datasets]]")[0] + "[[datasets]]" + base.split("[[datasets]]")[2]
-    for name, batch in (("one.toml", 2), ("two.toml", 1)):
-        (root / name).write_text(images_only.replace("batch_size = 1", f"batch_size = {batch}"))
-    for img in sorted((root / "images").iterdir())[2:]:
-        img.unlink()
+    root = two_item_datasets(workspace, tmp_path)
     script = REPO / "train_network_wan.py"
 
     def flags(out, toml, **over):
