@@ -5,11 +5,14 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-requirements = [
-    line.split("#")[0].strip()
-    for line in (here / "requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip()
-]
+
+
+def read_requirements(name: str) -> list[str]:
+    lines = (here / name).read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+requirements = read_requirements("requirements.txt")
 
 setup(
     name="wan-trainer",
@@ -26,8 +29,7 @@ setup(
         # PyAV: the second video decoder, tried when OpenCV cannot open or decode a clip (AV1 with OpenCV's
         # wheels); WAN_VIDEO_DECODER=pyav makes it the first choice (variable-frame-rate clips).
         "video": ["av>=14"],
-        # diffusers is the independent reference implementation the parity tests compare against.
-        # peft backs diffusers' LoRA loading, used by the LoRA parity test; av tests the PyAV decoder.
-        "test": ["pytest>=7.4", "diffusers>=0.35", "peft>=0.17", "av>=14"],
+        # the test tools, pinned (requirements-test.txt says why)
+        "test": read_requirements("requirements-test.txt"),
     },
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,10 @@ def diffusers_transformer(variant):
         image_dim=variant.clip_dim if variant.image_embedding else None,
         added_kv_proj_dim=variant.dim if variant.image_embedding else None,
     )
+
+
+def torchrun(processes: int) -> list[str]:
+    """The command prefix of a `torch.distributed.run` launch of `processes` local processes. `--standalone`
+    lets the rendezvous take a free port itself: a port picked in advance (or a fixed one) can be taken by
+    another run in the meantime."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]

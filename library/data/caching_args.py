@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 import torch
 
@@ -42,7 +43,11 @@ def process_split(device: str | None) -> tuple[int, int, str]:
 
 
 def run_and_report(function, *args, **kwargs) -> int:
-    """Run a caching function, print its summary; 0 when every dataset has usable items, else 1."""
+    """Run a caching function and print its summary; 0 when every dataset has usable items, else 1.
+
+    With several processes, rank 0 gathers every process's summary and prints them in rank order in one
+    write: processes printing at the same time on one unbuffered stdout (PYTHONUNBUFFERED, or a terminal)
+    interleave their text and newlines and garble each other's lines."""
     from library.wan.checkpoint_files import CheckpointError
 
     from .latent_caching import CachingError
@@ -50,9 +55,24 @@ def run_and_report(function, *args, **kwargs) -> int:
 
     try:
         summary = function(*args, **kwargs)
+        report, ok = summary.report(), summary.ok
     except (CachingError, DatasetConfigError, CheckpointError) as exc:  # a wrong model file too
         logger.error("%s", exc)
-        print(f"error: {exc}")
-        return 1
-    print(summary.report())
-    return 0 if summary.ok else 1
+        report, ok = f"error: {exc}", False
+    reports = _gather_reports(report, ok)
+    if reports is not None:
+        sys.stdout.write("".join(f"{text}\n" for text, _ in reports))
+        sys.stdout.flush()
+        ok = all(good for _, good in reports)
+    return 0 if ok else 1
+
+
+def _gather_reports(report: str, ok: bool) -> list[tuple[str, bool]] | None:
+    """Every process's (report, ok) in rank order on rank 0, None on the others; [this one] alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [(report, ok)]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object((report, ok), gathered, dst=0)
+    return gathered

@@ -25,22 +25,18 @@ from .latent_caching import CacheSummary, CachingError, scan_datasets, split_for
 logger = logging.getLogger(__name__)
 
 TEXT_LEN = 512
-TOKENIZER_CANDIDATES = ("google/umt5-xxl", "umt5-xxl", "tokenizer")
 
 
 def find_tokenizer(t5_path: Path, tokenizer: str | Path | None) -> Path:
-    """The tokenizer folder: given, or `google/umt5-xxl` (or `umt5-xxl`, `tokenizer`) beside the weights."""
+    """The tokenizer folder: given, or the one beside the weights (`library.wan.loading.find_tokenizer`)."""
+    from library.wan.loading import find_tokenizer as find_beside
+
     if tokenizer:
         path = Path(tokenizer).expanduser()
         if not path.exists():
             raise CachingError(f"tokenizer {path} does not exist")
         return path
-    folder = t5_path if t5_path.is_dir() else t5_path.parent
-    for candidate in TOKENIZER_CANDIDATES:
-        if (folder / candidate).is_dir():
-            return folder / candidate
-    raise CachingError(f"{t5_path}: no tokenizer found beside it ({', '.join(TOKENIZER_CANDIDATES)}); "
-                       "pass --tokenizer with the local google/umt5-xxl tokenizer folder")
+    return find_beside(t5_path)
 
 
 def encoder_fingerprint(t5_path: Path, tokenizer_path: Path, fp8_t5: bool = False) -> str:

@@ -200,16 +200,20 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
 # ---- text encoder ---------------------------------------------------------------------------------
 
 _TOKENIZER_CANDIDATES = ("google/umt5-xxl", "umt5-xxl", "tokenizer")
+_TOKENIZER_FILES = ("spiece.model", "tokenizer.json")
 
 
-def _find_tokenizer(t5_path: Path) -> Path:
+def find_tokenizer(t5_path: Path) -> Path:
+    """The tokenizer folder for the weights at `t5_path`: the folder holding them when it has the
+    tokenizer files itself (a Hugging Face umT5 folder), else one of the usual sub-folders."""
     folder = t5_path if t5_path.is_dir() else t5_path.parent
-    for candidate in _TOKENIZER_CANDIDATES:
-        if (folder / candidate).is_dir():
-            return folder / candidate
+    for candidate in (folder, *(folder / name for name in _TOKENIZER_CANDIDATES)):
+        if any((candidate / name).is_file() for name in _TOKENIZER_FILES):
+            return candidate
     raise CheckpointError(
-        f"{t5_path}: no tokenizer given and none found beside it ({', '.join(_TOKENIZER_CANDIDATES)}); "
-        "pass the local google/umt5-xxl tokenizer folder (spiece.model or tokenizer.json)"
+        f"{t5_path}: no tokenizer given and none found beside it ({' or '.join(_TOKENIZER_FILES)} in "
+        f"{folder} or its sub-folders {', '.join(_TOKENIZER_CANDIDATES)}); pass the local google/umt5-xxl "
+        "tokenizer folder with --tokenizer"
     )
 
 
@@ -233,7 +237,7 @@ def load_text_encoder(
     what = describe_checkpoint(ckpt.keys())
     if what not in ("a umT5 text encoder", "an unknown model"):
         raise CheckpointError(f"{ckpt.source}: this is {what}, not a umT5 text encoder; pass it as `t5`")
-    tokenizer = Path(tokenizer_path).expanduser() if tokenizer_path else _find_tokenizer(path)
+    tokenizer = Path(tokenizer_path).expanduser() if tokenizer_path else find_tokenizer(path)
     state = {k: ckpt.read(k) for k in ckpt.keys()}  # zero-copy views of the mapped file
     file_keys = {id(tensor): key for key, tensor in state.items()}
 

@@ -6,32 +6,28 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import torchrun
+
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY = re.compile(r"^(latents|text encoder outputs): (\d+) cached, (\d+) reused \(fresh\), (\d+) skipped$", re.M)
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_tool(tool: str, args: list[str], processes: int, cwd: Path) -> list[tuple[str, int, int, int]]:
     """Run tools/`tool` in one process, or in `processes` CPU processes under torch.distributed.run;
     returns each process's summary line as (what, cached, reused, skipped)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    # unbuffered, as on a terminal or under PYTHONUNBUFFERED: the summaries must not depend on buffering
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     launch = [sys.executable]
     if processes > 1:
-        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(free_port())]
+        launch = torchrun(processes)
     result = subprocess.run([*launch, str(REPO / "tools" / tool), *args, "--no_progress"], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -88,3 +84,40 @@ def test_two_cpu_processes_cache_each_item_once_and_match_one_process(tmp_path, 
         ours, reference = load_file(split[name]), load_file(single[name])
         assert ours.keys() == reference.keys()
         assert all(ours[key].equal(reference[key]) for key in ours), name
+
+
+def _report_in_process(rank: int, world_size: int, folder: str) -> None:
+    """One of two gloo processes: run_and_report on a summary of its own, stdout captured to a file."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from library.data.caching_args import run_and_report
+    from library.data.latent_caching import CacheSummary
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world_size)
+    try:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            summary = CacheSummary("latents", cached=rank + 1)
+            if rank == 1:
+                summary.errors.append("dataset 2: no usable item")
+            code = run_and_report(lambda: summary)
+        Path(folder, f"rank{rank}.txt").write_text(f"{code}\n{out.getvalue()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_prints_every_process_summary_in_one_write(tmp_path):
+    """Two processes printing their summaries on one unbuffered stdout interleave text and newlines
+    (the lines then match nothing); rank 0 prints them all instead, in rank order."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_report_in_process, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    code0, *lines0 = (tmp_path / "rank0.txt").read_text().splitlines()
+    code1, *lines1 = (tmp_path / "rank1.txt").read_text().splitlines()
+    assert lines1 == [] and code1 == "1"
+    assert code0 == "1"  # a failure on any process is rank 0's exit status too
+    assert lines0 == ["latents: 1 cached, 0 reused (fresh), 0 skipped",
+                      "latents: 2 cached, 0 reused (fresh), 0 skipped", "  ERROR dataset 2: no usable item"]

@@ -17,7 +17,7 @@ from library.config import ConfigError, config_from_dict, validate
 from library.training.trainer import Trainer
 from library.wan.loading import load_dit
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import REPO, torchrun
 from tests.training.test_trainer import losses, workspace  # noqa: F401 - the shared tiny models and caches
 
 
@@ -224,9 +224,8 @@ def test_two_processes_equal_one_with_the_fused_backward_pass(workspace, tmp_pat
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29519", script, *flags(tmp_path / "b", "two.toml")], capture_output=True, text=True,
-                            timeout=300, env=env)
+    double = subprocess.run([*torchrun(2), script, *flags(tmp_path / "b", "two.toml")], capture_output=True,
+                            text=True, timeout=300, env=env)
     assert double.returncode == 0, double.stderr[-3000:]
     a, _ = tensors(tmp_path / "a" / "ft_low_noise.safetensors")
     b, _ = tensors(tmp_path / "b" / "ft_low_noise.safetensors")
@@ -234,10 +233,9 @@ def test_two_processes_equal_one_with_the_fused_backward_pass(workspace, tmp_pat
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
-def _torchrun(script: Path, flags: list[str], port: int, timeout: int = 400):
+def _torchrun(script: Path, flags: list[str], timeout: int = 400):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(script), *flags], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([*torchrun(2), str(script), *flags], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow
@@ -256,7 +254,7 @@ def test_fsdp_shards_train_like_one_process_and_resume_exactly(workspace, tmp_pa
     single = subprocess.run([sys.executable, str(script), *flags(tmp_path / "a", "one.toml", max_train_steps=4)],
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    sharded = _torchrun(script, flags(tmp_path / "b", "two.toml", max_train_steps=4, fsdp=True), 29521)
+    sharded = _torchrun(script, flags(tmp_path / "b", "two.toml", max_train_steps=4, fsdp=True))
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert "sharded over 2 processes" in sharded.stderr
     a, _ = tensors(tmp_path / "a" / "ft_low_noise.safetensors")
@@ -267,18 +265,18 @@ def test_fsdp_shards_train_like_one_process_and_resume_exactly(workspace, tmp_pa
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
     offloaded = _torchrun(script, flags(tmp_path / "d", "two.toml", max_train_steps=4, fsdp=True, fsdp_cpu_offload=True,
-                                        gradient_checkpointing=True), 29527)
+                                        gradient_checkpointing=True))
     assert offloaded.returncode == 0, offloaded.stderr[-3000:]
     d, _ = tensors(tmp_path / "d" / "ft_low_noise.safetensors")
     for key in b:  # host-memory shards and recomputed blocks change no number
         torch.testing.assert_close(d[key], b[key], rtol=1e-6, atol=1e-8)
 
     first = _torchrun(script, flags(tmp_path / "c", "two.toml", max_train_steps=2, fsdp=True,
-                                    save_state_on_train_end=True), 29523)
+                                    save_state_on_train_end=True))
     assert first.returncode == 0, first.stderr[-3000:]
     state = tmp_path / "c" / "ft-state"
     assert (state / "training_state.pt").is_file() and (state / "training_state.rank1.pt").is_file()
-    second = _torchrun(script, flags(tmp_path / "c", "two.toml", max_train_steps=4, fsdp=True, resume="latest"), 29525)
+    second = _torchrun(script, flags(tmp_path / "c", "two.toml", max_train_steps=4, fsdp=True, resume="latest"))
     assert second.returncode == 0, second.stderr[-3000:]
     c, _ = tensors(tmp_path / "c" / "ft_low_noise.safetensors")
     for key in b:

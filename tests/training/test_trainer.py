@@ -19,7 +19,7 @@ from safetensors import safe_open
 from library.config import config_from_dict, load_config, validate
 from library.training.trainer import NonFiniteLossError, Trainer
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import REPO, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +197,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(workspace, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", str(REPO / "train_network_wan.py"),
+    double = subprocess.run([*torchrun(2), str(REPO / "train_network_wan.py"),
                              *flags(tmp_path / "b", "two.toml")], capture_output=True, text=True, timeout=300, env=env)
     assert double.returncode == 0, double.stderr[-3000:]
     for expert in ("high_noise", "low_noise"):
@@ -352,14 +351,26 @@ def test_compiled_blocks_train_like_eager_ones(workspace, tmp_path):
     torch._dynamo.reset()
 
 
-def test_cuda_flags_are_set(monkeypatch):
+@pytest.fixture
+def cuda_math_flags():
+    """Saves the process-wide CUDA math flags and puts them back by assignment, the way torch exposes
+    them (its backends serve them through `__getattr__`, so monkeypatch's delete at teardown fails)."""
+    flags = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cudnn, "benchmark")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in flags]
+    yield
+    for owner, name, value in saved:
+        setattr(owner, name, value)
+
+
+def test_cuda_flags_are_set(cuda_math_flags):
     from library.config.schema import CompileArgs
     from library.training.compiling import set_cuda_flags
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
     set_cuda_flags(CompileArgs())
-    assert not torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.benchmark
     set_cuda_flags(CompileArgs(cuda_allow_tf32=True, cuda_cudnn_benchmark=True))
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.benchmark
 

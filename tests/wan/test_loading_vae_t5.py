@@ -107,6 +107,15 @@ def test_tokenizer_found_beside_the_weights(tmp_path, t5_sd, tiny_umt5_tokenizer
     assert load_text_encoder(path, dtype=torch.float32).encode(["x"])[0].dim() == 2
 
 
+def test_tokenizer_found_in_a_hugging_face_folder(tmp_path, t5_sd, tiny_umt5_tokenizer_dir):
+    """A Hugging Face umT5 folder keeps spiece.model beside its weights, not in a sub-folder."""
+    folder = tmp_path / "umt5-xxl-hf"
+    shutil.copytree(tiny_umt5_tokenizer_dir, folder)
+    save(folder / "model.safetensors", {k: v.clone() for k, v in t5_state_dict_from_official(t5_sd).items()})
+    assert load_text_encoder(folder, dtype=torch.float32).encode(["x"])[0].dim() == 2
+    assert load_text_encoder(folder / "model.safetensors", dtype=torch.float32).encode(["x"])[0].dim() == 2
+
+
 def test_vae_passed_as_text_encoder_is_a_clear_error(tmp_path, tiny_umt5_tokenizer_dir):
     path = save(tmp_path / "wan_2.1_vae.safetensors", WanVAE(dim=8).state_dict())
     with pytest.raises(CheckpointError, match=r"wan_2\.1_vae\.safetensors: this is a WAN VAE, not a umT5"):
