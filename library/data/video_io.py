@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import video_pyav
+from .media_types import MediaError, MediaInfo, VideoDecoderError, crop_box, resize_and_crop
+
+__all__ = ["MediaError", "MediaInfo", "VideoDecoderError", "crop_box", "resize_and_crop"]  # re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -30,24 +34,6 @@ DECODER_ENV = "WAN_VIDEO_DECODER"
 DECODERS = ("opencv", "pyav")  # the default first
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".gif")
-
-
-class MediaError(ValueError):
-    """A media file that cannot be used; the message names the file and the reason."""
-
-
-class VideoDecoderError(RuntimeError):
-    """A decoder setting that cannot work (an unknown name, or PyAV asked for but not installed)."""
-
-
-@dataclass(frozen=True)
-class MediaInfo:
-    """What enumeration needs to know about a source without decoding it."""
-
-    width: int
-    height: int
-    frame_count: int  # 1 for an image
-    fps: float | None  # None for images and frame folders
 
 
 def is_image_file(path: Path) -> bool:
@@ -132,16 +118,14 @@ def probe(path: Path) -> MediaInfo:
 def decoder_order() -> tuple[str, ...]:
     """Video decoders to try, in order: the one `WAN_VIDEO_DECODER` names (default opencv), then the
     other one; PyAV only when it is installed (asking for it without it installed is an error)."""
-    from .video_pyav import import_av, require_av
-
     first = os.environ.get(DECODER_ENV, "").strip().lower() or DECODERS[0]
     if first not in DECODERS:
         raise VideoDecoderError(f"{DECODER_ENV}={os.environ[DECODER_ENV]!r} is not a video decoder; "
                                 f"use one of {', '.join(DECODERS)} (or unset it for {DECODERS[0]})")
     if first == "pyav":
-        require_av()
+        video_pyav.require_av()
         return ("pyav", "opencv")
-    return ("opencv", "pyav") if import_av() is not None else ("opencv",)
+    return ("opencv", "pyav") if video_pyav.import_av() is not None else ("opencv",)
 
 
 def _with_fallback(path: Path, work: dict):
@@ -164,8 +148,6 @@ def _with_fallback(path: Path, work: dict):
 
 
 def _probe_video(path: Path) -> MediaInfo:
-    from . import video_pyav
-
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: zero-byte file")
     return _with_fallback(path, {"opencv": lambda: _probe_opencv(path), "pyav": lambda: video_pyav.probe(path)})
@@ -202,35 +184,6 @@ def resample_indices(frame_count: int, source_fps: float | None, target_fps: flo
     return [min(frame_count - 1, int(np.floor(i * step + 1e-6))) for i in range(count)]
 
 
-def crop_box(width: int, height: int, target: tuple[int, int]) -> tuple[int, int, int, int]:
-    """(x, y, w, h) of the centred source region with the target's aspect ratio."""
-    tw, th = target
-    scale = max(tw / width, th / height)
-    cw, ch = min(width, round(tw / scale)), min(height, round(th / scale))
-    return (width - cw) // 2, (height - ch) // 2, cw, ch
-
-
-def resize_and_crop(frame: np.ndarray, target: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
-    """Resize to cover `target` (W, H) keeping the aspect ratio, then centre-crop to it.
-
-    Implemented as crop-then-resize of the same region (identical result, less work). Shrinking by 2x
-    or more uses area averaging; by less than 2x, bilinear (its 2-pixel footprint still covers the
-    sample spacing, so no source pixel is skipped, at a quarter of area's cost); enlarging uses bicubic."""
-    import cv2
-
-    height, width = frame.shape[:2]
-    x, y, cw, ch = crop_box(width, height, target)
-    region = frame[y:y + ch, x:x + cw]
-    if (cw, ch) == tuple(target):
-        if out is None:
-            return np.ascontiguousarray(region)
-        out[...] = region
-        return out
-    factor = min(cw / target[0], ch / target[1])
-    interpolation = cv2.INTER_AREA if factor >= 2 else cv2.INTER_LINEAR if factor >= 1 else cv2.INTER_CUBIC
-    return cv2.resize(region, tuple(target), dst=out, interpolation=interpolation)  # into `out` when given
-
-
 def read_video_frames(path: Path, indices: list[int], target: tuple[int, int] | None = None) -> np.ndarray:
     """Decode the given source frame indices (ascending, repeats allowed) of a video file or frame folder
     -> [N, H, W, 3] RGB uint8, each frame resized and centre-cropped to `target` when given."""
@@ -240,8 +193,6 @@ def read_video_frames(path: Path, indices: list[int], target: tuple[int, int] | 
         if any(f is None for f in frames):
             raise MediaError(f"{path}: folder has {len(files)} frames, frame {max(indices)} requested")
         return np.stack([resize_and_crop(f, target) if target else f for f in frames])
-    from . import video_pyav
-
     return _with_fallback(path, {"opencv": lambda: _read_file_frames(path, indices, target),
                                  "pyav": lambda: video_pyav.read_frames(path, indices, target)})
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .video_io import MediaError, MediaInfo, VideoDecoderError, resize_and_crop
+from .media_types import MediaError, MediaInfo, VideoDecoderError, resize_and_crop
 
 
 def import_av():
