@@ -7,6 +7,7 @@ reads LoRA files or renders text; `operations` builds on this.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tempfile
 import time
@@ -107,26 +108,88 @@ def _day(value: str | Date | None) -> str:
 # ---- the index --------------------------------------------------------------------------------------
 
 
+_PART = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one folder or file name the registry writes
+
+
+def path_problem(text: Any, root: Path) -> str | None:
+    """Why `text` cannot be a path inside the registry `root` (None when it can): it must be relative, made of
+    names the registry writes (no '..', no hidden or absolute parts), and stay inside the root once every
+    symbolic link on the way is followed."""
+    if not isinstance(text, str) or not text:
+        return f"{text!r} is not a path"
+    if text.startswith("/") or "\\" in text or re.match(r"[A-Za-z]:", text):
+        return f"{text!r} is an absolute path; the index holds paths relative to the registry folder"
+    bad = next((part for part in text.split("/") if not _PART.fullmatch(part)), None)
+    if bad is not None:
+        return (f"{text!r} has the part {bad!r}; the index holds relative paths of letters, digits, '.', '-' "
+                "and '_' (no '..', no hidden or empty parts)")
+    resolved, base = (root / text).resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        return f"{text!r} leads outside the registry folder {base} through a symbolic link (to {resolved})"
+    return None
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+_FILE_FIELDS = {"sha256": str, "size": int, "hyperparameters": dict}
+_VERSION_FIELDS = {"date": str, "gates": dict, "tests": list}
+
+
+def _check_version(key: str, v: Any, root: Path, bad) -> None:
+    if not (isinstance(v, dict) and _is(v.get("version"), int) and isinstance(v.get("files"), dict)
+            and v.get("status") in STATUSES):
+        raise bad(f"model {key!r} has a version entry without a number, files or a valid status: {v!r:.120}")
+    where = f"model {key!r} v{v['version']}"
+    wrong = [name for name, kind in _VERSION_FIELDS.items() if name in v and not _is(v[name], kind)]
+    if wrong:
+        raise bad(f"{where}: {wrong[0]!r} is not of type {_VERSION_FIELDS[wrong[0]].__name__}")
+    for role, entry in v["files"].items():
+        if role not in ROLES or not isinstance(entry, dict):
+            raise bad(f"{where}: file entry {role!r} is not one of {', '.join(ROLES)} with a path")
+        problem = path_problem(entry.get("path"), root)
+        if problem is None and not entry["path"].endswith(".safetensors"):
+            problem = f"{entry['path']!r} is not a .safetensors file"
+        if problem is not None:
+            raise bad(f"{where} file {role!r}: path {problem}")
+        wrong = [name for name, kind in _FILE_FIELDS.items() if not _is(entry.get(name), kind)]
+        if wrong:
+            kind = _FILE_FIELDS[wrong[0]].__name__
+            raise bad(f"{where} file {role!r}: {wrong[0]!r} is missing or not of type {kind}")
+    if not all(isinstance(t, dict) and isinstance(t.get("date"), str) for t in v.get("tests", [])):
+        raise bad(f"{where}: a test entry has no date")
+
+
 def _check_index(data: Any, path: Path) -> dict:
-    """The loaded index, or an error naming the file and the bad entry (never a silent reset)."""
+    """The loaded index, or an error naming the file and the bad entry (never a silent reset). Every model key
+    and file path is checked to stay inside the registry folder (`path_problem`), so an edited index can
+    neither make a command write outside it nor read files from elsewhere."""
     def bad(what: str):
         return RegistryError(f"{path} is not a valid registry index: {what}. Nothing was changed; fix the "
                              "entry by hand or restore the file from git or a backup")
 
     if not isinstance(data, dict) or not isinstance(data.get("models"), dict):
         raise bad("no 'models' object at the top level")
-    if not isinstance(data.get("format"), int) or data["format"] > FORMAT:
+    if not _is(data.get("format"), int) or data["format"] > FORMAT:
         raise bad(f"format {data.get('format')!r} (this tool reads format {FORMAT}); update the trainer")
     for key, model in data["models"].items():
         if not isinstance(model, dict) or not isinstance(model.get("versions"), list):
             raise bad(f"model {key!r} has no 'versions' list")
         if model.get("type") not in TYPES or not isinstance(model.get("subject"), str):
             raise bad(f"model {key!r} has no valid 'type' ({', '.join(TYPES)}) or 'subject'")
-        model.setdefault("key", key)
+        problem = path_problem(key, path.parent)
+        if problem is not None:
+            raise bad(f"model key {problem}")
+        if model.setdefault("key", key) != key:
+            raise bad(f"model {key!r} says its key is {model['key']!r}; the two must be the same")
+        history = model.get("history", [])
+        if not isinstance(model.get("client") or "", str) or not isinstance(history, list) or not all(
+                isinstance(e, dict) and {"date", "version", "event"} <= e.keys() for e in history):
+            raise bad(f"model {key!r}: 'client' is not a name, or 'history' is not a list of events with a date, "
+                      "version and event")
         for v in model["versions"]:
-            if not (isinstance(v, dict) and isinstance(v.get("version"), int) and isinstance(v.get("files"), dict)
-                    and v.get("status") in STATUSES):
-                raise bad(f"model {key!r} has a version entry without a number, files or a valid status: {v!r:.120}")
+            _check_version(key, v, path.parent, bad)
     return data
 
 

@@ -19,7 +19,7 @@ from .files import (
 )
 from .index import (
     FORMAT, GATES, INDEX_NAME, NOTES_NAME, ROLES, TYPES, ModelRef, RegistryError, _check_index, _current, _day,
-    _event, _gate_state, _gate_title, _now, _version, registry_lock, write_atomic,
+    _event, _gate_state, _gate_title, _now, _version, path_problem, registry_lock, write_atomic,
 )
 from .notes import render_notes
 
@@ -43,6 +43,8 @@ class Registry:
         self.lock_timeout = lock_timeout
 
     def load(self) -> dict:
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryError(f"{self.root} is a file, not a registry folder; check --root")
         if not self.index_path.exists():
             stray = next(self.root.rglob("*.safetensors"), None) if self.root.is_dir() else None
             if stray is not None:
@@ -119,6 +121,9 @@ class Registry:
             for role in (r for r in ROLES if r in roles):
                 info = roles[role]
                 dst = self.root / key / file_name(base_tag(base), kind, subject, number, day, role)
+                problem = path_problem(dst.relative_to(self.root).as_posix(), self.root)
+                if problem is not None:
+                    raise RegistryError(f"cannot add {info.path}: the file's place {problem}; remove that link")
                 if dst.exists():
                     raise RegistryError(f"{dst} exists but is not in {self.index_path}; move it away and retry")
                 edit.created.append(dst)

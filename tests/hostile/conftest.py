@@ -1,0 +1,74 @@
+"""Shared fixtures for the hostile-input suite: the real CLIs run in a subprocess, tiny models and a tiny
+dataset made once per session, and the check every refusal must pass (exit status 2, the expected
+message, no traceback)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_tool(name: str, *args, cwd: Path | None = None, env: dict | None = None,
+             timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python tools/NAME.py ARGS` as a user runs it, from `cwd`."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str, status: int = 2) -> str:
+    """The command failed with `status`, said `message` and showed no traceback; returns its output."""
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert result.returncode == status, output
+    assert message in output, output
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """The tiny t2v task's model files (VAE 2.1, umT5, tokenizer, DiT), written once."""
+    from library.wan.tiny import write_tiny_model_set
+
+    return write_tiny_model_set(tmp_path_factory.mktemp("hostile_models") / "t2v-tiny", "t2v-tiny")
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory) -> Path:
+    """A small captioned dataset (2 clips, 2 images) in the guide's layout; copy it before changing it."""
+    from library.prep.demo_dataset import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("hostile_demo")
+    write_demo_dataset(root, clips=2, images=2, width=32, height=32, frames=9, target_frames=(5,))
+    return root
+
+
+@pytest.fixture
+def demo(demo_source, tmp_path) -> Path:
+    """A private copy of the demo dataset with a dataset.toml using paths relative to it."""
+    root = tmp_path / "demo"
+    shutil.copytree(demo_source, root, ignore=shutil.ignore_patterns("cache", "dataset.toml"))
+    (root / "dataset.toml").write_text(DEMO_TOML, encoding="utf-8")
+    return root
+
+
+DEMO_TOML = """[general]
+resolution = [32, 32]
+enable_bucket = true
+
+[[datasets]]
+image_directory = "images"
+cache_directory = "cache/images"
+
+[[datasets]]
+video_directory = "videos"
+cache_directory = "cache/videos"
+target_frames = [5]
+source_fps = 16
+"""
