@@ -1,5 +1,5 @@
-"""fp8 weights for the frozen DiT Linear layers: quantisation, the `FP8Linear` layer, converting a loaded
-model, and loading a checkpoint straight into fp8.
+"""fp8 weights for frozen Linear layers: the format and its maths, the `FP8Linear` layer, and converting a
+loaded model's block Linears (what belongs here; reading checkpoint files does not).
 
 A weight is stored as float8 e4m3fn with an optional fp32 scale (one per tensor, or one per output
 channel: `W ~ W_fp8 * scale`). `FP8Linear` is an `nn.Linear`, so LoRA hooks attach to it as to any
@@ -12,29 +12,26 @@ quantising the activations per token on the fly.
 As musubi does, only the Linear layers inside the transformer blocks are converted: patch / text / time
 embeddings, the time projection, norms, modulation and the output head keep their precision. ComfyUI
 `fp8_scaled` files are used as stored (no round trip through bf16); other files are quantised one layer
-at a time while loading.
+at a time while loading. Loading a checkpoint straight into fp8 lives with the loaders
+(`library.wan.loading.load_dit(fp8=...)`, `library.wan.text_encoder_fp8`), which build on this module;
+this module imports no other part of `library.wan`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint_files import CheckpointError
-from .loading import _check_keys, _materialise, _target_dtype, open_dit_checkpoint
-from .model import WanModel
-
 logger = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what FP8Linear computes in
 # Module-name fragments that are never converted (musubi's exclusions), even inside a block.
 DEFAULT_EXCLUDE = ("norm", "modulation", "embedding", "head", "img_emb")
 
@@ -183,7 +180,7 @@ class FP8Linear(nn.Linear):
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        return x.dtype if x.dtype in _COMPUTE_DTYPES else torch.bfloat16
+        return x.dtype if x.dtype in COMPUTE_DTYPES else torch.bfloat16
 
     def _fast_path(self, x: torch.Tensor) -> bool:
         if not self.use_scaled_mm or self._scaled_mm_failed:
@@ -257,7 +254,8 @@ def fp8_targets(model: nn.Module, exclude=DEFAULT_EXCLUDE) -> list[str]:
             if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear) and not _excluded(name, exclude)]
 
 
-def _nbytes(*tensors) -> int:
+def tensor_bytes(*tensors) -> int:
+    """Bytes held by the given tensors (None counts as nothing)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -271,8 +269,8 @@ def quantize_block_fp8(block: nn.Module, prefix: str, config: FP8Config = FP8Con
         if not isinstance(linear, nn.Linear) or isinstance(linear, FP8Linear) or _excluded(full, config.exclude):
             continue
         layer, report.errors[full] = FP8Linear.from_linear(linear, config, work_device)
-        report.bytes_before += _nbytes(linear.weight)
-        report.bytes_after += _nbytes(layer.weight, layer.scale_weight)
+        report.bytes_before += tensor_bytes(linear.weight)
+        report.bytes_after += tensor_bytes(layer.weight, layer.scale_weight)
         block.set_submodule(name, layer)
         report.layers += 1
     return report
@@ -291,71 +289,3 @@ def quantize_model_fp8(model: nn.Module, scaled: bool = True, per_channel: bool 
         quantize_block_fp8(block, f"blocks.{i}", config, work_device, report)
     logger.info("%s", report.summary())
     return report
-
-
-def load_dit_fp8(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.bfloat16,
-                 task: str | None = None, config: FP8Config = FP8Config()):
-    """`load_dit` with the block Linear weights in fp8. fp8 tensors in the file (ComfyUI `fp8_scaled`,
-    either scale spelling, or plain fp8) are used byte for byte with their scales; other weights are
-    quantised layer by layer as they are read (on the GPU when one is available). Everything else is
-    loaded as `load_dit` loads it. The model computes in `dtype` and carries `model.fp8_report`."""
-    ckpt, layout, variant = open_dit_checkpoint(path, task)
-    with torch.device("meta"):
-        model = WanModel(variant)
-    expected = model.state_dict()
-    _check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
-    device = torch.device(device)
-    work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
-    targets = fp8_targets(model, config.exclude)
-    weight_keys = {f"{t}.weight" for t in targets}
-    state = {}
-    for name, ref in expected.items():
-        file_key = layout.key_map[name]
-        if ckpt.shape(file_key) != tuple(ref.shape):
-            raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
-                                  f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
-        if name not in weight_keys:
-            state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype))
-    report = FP8Report(config.mode)
-    for target in targets:
-        layer = _fp8_layer(ckpt, layout, target, state.pop(f"{target}.bias", None), device, work, config, report)
-        model.set_submodule(target, layer)
-    _load_rest(model, state, targets)
-    model.compute_dtype = dtype if dtype in _COMPUTE_DTYPES else torch.bfloat16
-    model.requires_grad_(False).eval()
-    model.fp8_report = report
-    logger.info("loaded %s from %s: %s", variant.name, ckpt.source, report.summary())
-    return model
-
-
-def _fp8_layer(ckpt, layout, target: str, bias, device, work, config: FP8Config, report: FP8Report) -> FP8Linear:
-    """One block Linear as FP8Linear: the file's fp8 bytes as they are, or this layer quantised now."""
-    name = f"{target}.weight"
-    file_key = layout.key_map[name]
-    source = ckpt.read(file_key)
-    if source.dtype in _FP8_DTYPES:
-        scale_key = layout.scales.get(name)
-        scale = ckpt.read(scale_key).to(device) if scale_key else None
-        report.mode = "from file, " + ("scaled" if scale_key else "unscaled")
-        weight = source.to(device)
-    else:
-        original = source.to(work)
-        weight, scale = quantize_weight(original, config.scaled, config.per_channel)
-        report.errors[target] = relative_error(original, weight, scale)
-        del original
-        weight, scale = weight.to(device), None if scale is None else scale.to(device)
-    if weight.data_ptr() != source.data_ptr():
-        ckpt.release(file_key)
-    report.layers += 1
-    report.bytes_before += source.numel() * 2  # what the layer costs in bf16
-    report.bytes_after += _nbytes(weight, scale)
-    return FP8Linear(weight, scale, bias, config.use_scaled_mm)
-
-
-def _load_rest(model: nn.Module, state: dict, targets: list[str]) -> None:
-    """Assign every non-fp8 tensor; the only keys allowed to be missing are the fp8 layers' own."""
-    result = model.load_state_dict(state, strict=False, assign=True)
-    own = {f"{t}.{leaf}" for t in targets for leaf in ("weight", "bias", "scale_weight")}
-    stray = [k for k in result.missing_keys if k not in own] + list(result.unexpected_keys)
-    if stray:
-        raise RuntimeError(f"fp8 load left keys unassigned or unexpected: {stray[:5]}")

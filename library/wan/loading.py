@@ -1,8 +1,10 @@
 """Public loaders: one entry per model kind, each detecting the file format by itself.
 
-`load_dit`, `load_vae`, `load_text_encoder` and `load_clip_vision` (from `clip_vision.py`) take a file or a folder in any supported format (see
-`dit_formats.py` and `checkpoint_files.py`), build the model on the `meta` device and assign each
-tensor as it is read and cast, so a 14B expert never sits twice in host RAM.
+`load_dit`, `load_vae`, `load_text_encoder` and `load_clip_vision` (from `clip_vision.py`) take a file or
+a folder in any supported format (see `dit_formats.py` and `checkpoint_files.py`), build the model on the
+`meta` device and assign each tensor as it is read and cast, so a 14B expert never sits twice in host RAM.
+Loading a DiT straight into fp8 (`load_dit(fp8=...)`, `load_dit_fp8`) lives here too, over the fp8
+format and layer of `fp8.py`; the umT5 fp8 layers are built by `text_encoder_fp8.py`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ from pathlib import Path
 import torch
 
 from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
+from .clip_vision import load_clip_vision  # official .pth, open_clip, ComfyUI / HF names
 from .dit_formats import FP8_DTYPES, dequantize, describe_checkpoint, detect_variant, plan_dit_layout
+from .fp8 import (COMPUTE_DTYPES, FP8Config, FP8Linear, FP8Report, fp8_targets, quantize_weight, relative_error,
+                  tensor_bytes)
 from .model import WanModel
 from .variants import get_variant
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_clip_vision", "load_dit", "load_text_encoder", "load_vae", "open_dit_checkpoint"]
+__all__ = ["CheckpointError", "load_clip_vision", "load_dit", "load_dit_fp8", "load_text_encoder", "load_vae",
+           "open_dit_checkpoint"]
 
 
 def _resolve_dit_path(path: Path) -> Path:
@@ -95,8 +101,6 @@ def load_dit(
     Without it, fp8 files are dequantised to `dtype`.
     """
     if fp8 is not None:
-        from .fp8 import load_dit_fp8
-
         return load_dit_fp8(path, device=device, dtype=dtype, task=task, config=fp8)
     ckpt, layout, variant = open_dit_checkpoint(path, task)
     with torch.device("meta"):
@@ -118,6 +122,77 @@ def load_dit(
     fp8 = " (fp8 dequantised)" if layout.scales or any(ckpt.dtype(k) in FP8_DTYPES for k in layout.key_map.values()) else ""
     logger.info("loaded %s from %s%s%s", variant.name, ckpt.source, " [diffusers names]" if layout.diffusers else "", fp8)
     return model
+
+
+# ---- DiT with fp8 block weights (`fp8_base`) ------------------------------------------------------
+
+
+def load_dit_fp8(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.bfloat16,
+                 task: str | None = None, config: FP8Config = FP8Config()):
+    """`load_dit` with the block Linear weights in fp8. fp8 tensors in the file (ComfyUI `fp8_scaled`,
+    either scale spelling, or plain fp8) are used byte for byte with their scales; other weights are
+    quantised layer by layer as they are read (on the GPU when one is available). Everything else is
+    loaded as `load_dit` loads it. The model computes in `dtype` and carries `model.fp8_report`."""
+    ckpt, layout, variant = open_dit_checkpoint(path, task)
+    with torch.device("meta"):
+        model = WanModel(variant)
+    expected = model.state_dict()
+    _check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
+    device = torch.device(device)
+    work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
+    targets = fp8_targets(model, config.exclude)
+    weight_keys = {f"{t}.weight" for t in targets}
+    state = {}
+    for name, ref in expected.items():
+        file_key = layout.key_map[name]
+        if ckpt.shape(file_key) != tuple(ref.shape):
+            raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
+                                  f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
+        if name not in weight_keys:
+            state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype))
+    report = FP8Report(config.mode)
+    for target in targets:
+        layer = _fp8_layer(ckpt, layout, target, state.pop(f"{target}.bias", None), device, work, config, report)
+        model.set_submodule(target, layer)
+    _load_rest(model, state, targets)
+    model.compute_dtype = dtype if dtype in COMPUTE_DTYPES else torch.bfloat16
+    model.requires_grad_(False).eval()
+    model.fp8_report = report
+    logger.info("loaded %s from %s: %s", variant.name, ckpt.source, report.summary())
+    return model
+
+
+def _fp8_layer(ckpt, layout, target: str, bias, device, work, config: FP8Config, report: FP8Report) -> FP8Linear:
+    """One block Linear as FP8Linear: the file's fp8 bytes as they are, or this layer quantised now."""
+    name = f"{target}.weight"
+    file_key = layout.key_map[name]
+    source = ckpt.read(file_key)
+    if source.dtype in FP8_DTYPES:
+        scale_key = layout.scales.get(name)
+        scale = ckpt.read(scale_key).to(device) if scale_key else None
+        report.mode = "from file, " + ("scaled" if scale_key else "unscaled")
+        weight = source.to(device)
+    else:
+        original = source.to(work)
+        weight, scale = quantize_weight(original, config.scaled, config.per_channel)
+        report.errors[target] = relative_error(original, weight, scale)
+        del original
+        weight, scale = weight.to(device), None if scale is None else scale.to(device)
+    if weight.data_ptr() != source.data_ptr():
+        ckpt.release(file_key)
+    report.layers += 1
+    report.bytes_before += source.numel() * 2  # what the layer costs in bf16
+    report.bytes_after += tensor_bytes(weight, scale)
+    return FP8Linear(weight, scale, bias, config.use_scaled_mm)
+
+
+def _load_rest(model: WanModel, state: dict, targets: list[str]) -> None:
+    """Assign every non-fp8 tensor; the only keys allowed to be missing are the fp8 layers' own."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    own = {f"{t}.{leaf}" for t in targets for leaf in ("weight", "bias", "scale_weight")}
+    stray = [k for k in result.missing_keys if k not in own] + list(result.unexpected_keys)
+    if stray:
+        raise RuntimeError(f"fp8 load left keys unassigned or unexpected: {stray[:5]}")
 
 
 # ---- VAE ------------------------------------------------------------------------------------------
@@ -162,8 +237,9 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     (`Wan2.2_VAE.pth`, `wan2.2_vae.safetensors`), official or diffusers names; the kind is detected from
     the keys. Returns `WanVAE` or `Wan22VAE` in eval mode, frozen, with `encode` / `decode`. `cache_cpu`
     (`vae_cache_cpu`) keeps the causal chunk cache in host memory: less VRAM, the same numbers."""
-    from .vae import WanVAE, vae21_state_dict_from_diffusers
-    from .vae22 import Wan22VAE, vae22_state_dict_from_diffusers
+    from .vae import WanVAE
+    from .vae22 import Wan22VAE
+    from .vae_formats import vae21_state_dict_from_diffusers, vae22_state_dict_from_diffusers
 
     ckpt = open_checkpoint(Path(path).expanduser())
     keys = ckpt.keys()
@@ -250,7 +326,3 @@ def load_text_encoder(
     except CheckpointError as exc:
         raise CheckpointError(f"{ckpt.source}: {exc}") from None
 
-
-# ---- CLIP vision encoder (WAN 2.1 I2V) -------------------------------------------------------------
-
-from .clip_vision import load_clip_vision  # noqa: E402  (official .pth, open_clip, ComfyUI / HF names)

@@ -7,8 +7,8 @@ What belongs here:
 - local tokenizer loading (never a hub download);
 - `WanTextEncoder`, which turns prompts into per-prompt embeddings `[L_i, d_model]` trimmed to their
   true length (tokens + EOS), and `build_text_encoder`, which builds it from an in-memory state dict;
-- fp8 weights (`fp8_t5`): the block Linear layers as `library.wan.fp8.FP8Linear`, quantised one layer at
-  a time while building (fp8 files are used as stored).
+- the switch to fp8 weights (`fp8_t5`) while building; the fp8 layers themselves are built by
+  `text_encoder_fp8.py`.
 
 What does not: reading checkpoint files (`library/wan/loading.py` reads them and calls
 `build_text_encoder`), caching embeddings (`library/data`), and zero-padding back to `text_len`
@@ -24,11 +24,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from transformers import UMT5Config, UMT5EncoderModel
 
 from .checkpoint_files import CheckpointError
 from .dit_formats import dequantize
+from .text_encoder_fp8 import FP8_TARGET_RE, assign_fp8_layers, t5_fp8_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +53,6 @@ _OFFICIAL_T5_BLOCK_RE = re.compile(  # keys that only the official T5 has (the D
     r"^blocks\.\d+\.(attn\.[qkvo]|ffn\.gate\.0|pos_embedding\.embedding)\.weight$"
 )
 _HF_BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.")
-# The Linear layers that `fp8_t5` stores in fp8: attention q/k/v/o and the gated FFN of every block.
-_FP8_TARGET_RE = re.compile(
-    r"^encoder\.block\.\d+\.layer\.(0\.SelfAttention\.[qkvo]|1\.DenseReluDense\.(wi_0|wi_1|wo))\.weight$"
-)
-_FP8_CHUNK = 1 << 24  # elements quantised at once (64 MiB in fp32): bounds the transient per layer
 
 _SHARED = "shared.weight"
 _EMBED = "encoder.embed_tokens.weight"
@@ -314,12 +309,12 @@ def build_text_encoder(sd: dict, tokenizer_path, device="cpu", dtype=torch.bfloa
         model = UMT5EncoderModel(config)
     _check_keys(sd_hf, set(model.state_dict().keys()))
     fp8 = t5_fp8_config(fp8)
-    report = _assign_fp8_layers(model, sd_hf, scales, device, fp8, release) if fp8 is not None else None
+    report = assign_fp8_layers(model, sd_hf, scales, device, fp8, release) if fp8 is not None else None
 
     keep_fp32 = tuple(model._keep_in_fp32_modules or ()) if dtype == torch.float16 and fp8 is None else ()
     weights = {}
     for key, tensor in sd_hf.items():
-        if key == _EMBED or (fp8 is not None and _FP8_TARGET_RE.match(key)):
+        if key == _EMBED or (fp8 is not None and FP8_TARGET_RE.match(key)):
             continue  # the embedding is tied to shared.weight below; fp8 layers are already in place
         target = torch.float32 if any(f".{name}." in key for name in keep_fp32) else dtype
         weights[key] = dequantize(tensor.to(device), scales.get(key), target)  # any dtype -> target
@@ -340,96 +335,3 @@ def build_text_encoder(sd: dict, tokenizer_path, device="cpu", dtype=torch.bfloa
         f"; {report.summary()}" if report else "",
     )
     return WanTextEncoder(model, tokenizer)
-
-
-# ---------------------------------------------------------------------------------------------------
-# 5. fp8 weights (`fp8_t5`)
-# ---------------------------------------------------------------------------------------------------
-
-
-def t5_fp8_config(fp8):
-    """The fp8 setting for umT5: None (off), True (per-channel scaled e4m3fn) or an `FP8Config` as is.
-
-    Per-channel scales cost 4 bytes a row and follow umT5's uneven row magnitudes better than one scale
-    a tensor; the matmul always dequantises (no fp8 activations: umT5's activations have outliers)."""
-    if fp8 is None or fp8 is False:
-        return None
-    from .fp8 import FP8Config
-
-    if fp8 is True:
-        return FP8Config(scaled=True, per_channel=True, use_scaled_mm=False, exclude=())
-    if not isinstance(fp8, FP8Config):
-        raise TypeError(f"fp8 must be a bool or an FP8Config, not {type(fp8).__name__}")
-    return fp8
-
-
-class FP8GatedFFN(nn.Module):
-    """umT5's gated-GELU FFN over fp8 layers: `wo(gelu_tanh(wi_0 x) * wi_1 x)`, with the same names.
-
-    It replaces transformers' `UMT5DenseGatedActDense`, whose forward casts the activations to
-    `wo.weight.dtype` (float8 here) before `wo`. In float16 the product is upcast to float32 before `wo`
-    instead, as transformers' fp32 `wo` does (umT5 overflows in fp16 there)."""
-
-    def __init__(self, ffn: nn.Module, wi_0: nn.Module, wi_1: nn.Module, wo: nn.Module):
-        super().__init__()
-        self.wi_0, self.wi_1, self.wo = wi_0, wi_1, wo
-        self.dropout, self.act = ffn.dropout, ffn.act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, C] -> [B, L, C]
-        h = self.dropout(self.act(self.wi_0(x)) * self.wi_1(x))  # [B, L, d_ff]
-        return self.wo(h.float() if h.dtype == torch.float16 else h)
-
-
-def _quantize_by_rows(weight: torch.Tensor, config, work: torch.device):
-    """(fp8 weight on `work`, scale or None, relative error) of one [out, in] weight. Per-channel and
-    unscaled quantisation treat rows independently, so they run over row chunks and only a chunk exists
-    in fp32 at a time; a per-tensor scale needs the whole tensor at once."""
-    from .fp8 import quantize_weight, relative_error
-
-    if config.scaled and not config.per_channel:
-        w = weight.to(work)
-        q, scale = quantize_weight(w, True, False)
-        return q, scale, relative_error(w, q, scale)
-    rows = max(1, _FP8_CHUNK // max(1, weight.shape[1]))
-    q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=work)
-    scales, err2, norm2 = [], 0.0, 0.0
-    for start in range(0, weight.shape[0], rows):
-        w = weight[start:start + rows].to(work)
-        q[start:start + rows], s = quantize_weight(w, config.scaled, True)
-        norm = float(w.float().norm())
-        err2 += (relative_error(w, q[start:start + rows], s) * norm) ** 2
-        norm2 += norm**2
-        if s is not None:
-            scales.append(s)
-    scale = torch.cat(scales) if scales else None
-    return q, scale, (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
-
-
-def _assign_fp8_layers(model: UMT5EncoderModel, sd_hf: dict, scales: dict, device, config, release):
-    """Put an `FP8Linear` in place of every target Linear of the (meta) model, one layer at a time:
-    fp8 tensors of the file go in as stored with their scale, others are quantised now (on the GPU
-    when there is one). The gated FFNs become `FP8GatedFFN`. Returns the `FP8Report`."""
-    from .fp8 import FP8Linear, FP8Report
-
-    device = torch.device(device)
-    work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
-    report = FP8Report(config.mode)
-    for key in [k for k in sd_hf if _FP8_TARGET_RE.match(k)]:
-        source, name = sd_hf[key], key.removesuffix(".weight")
-        if source.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            weight, scale = source.to(device), scales.get(key)
-            report.mode = "from file, " + ("scaled" if scale is not None else "unscaled")
-            scale = None if scale is None else scale.to(device=device, dtype=torch.float32)
-        else:
-            weight, scale, report.errors[name] = _quantize_by_rows(source, config, work)
-            weight, scale = weight.to(device), None if scale is None else scale.to(device)
-        if release is not None and weight.data_ptr() != source.data_ptr():
-            release(source)
-        report.layers += 1
-        report.bytes_before += source.numel() * 2  # what the layer costs in bf16
-        report.bytes_after += weight.numel() * weight.element_size() + (0 if scale is None else scale.numel() * 4)
-        model.set_submodule(name, FP8Linear(weight, scale, None, config.use_scaled_mm))
-    for block in model.encoder.block:
-        ffn = block.layer[1].DenseReluDense
-        block.layer[1].DenseReluDense = FP8GatedFFN(ffn, ffn.wi_0, ffn.wi_1, ffn.wo)
-    return report

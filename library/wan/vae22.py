@@ -1,11 +1,11 @@
 """The WAN 2.2 video VAE (z 48, 4x16x16; used by TI2V-5B).
 
-What lives here: what 2.2 adds on top of the 2.1 blocks in `vae.py`, namely the 2x2 patchify around
-the network, the level blocks with parameter-free shortcuts (`DownResidualBlock` averages space and
-time into channels, `UpResidualBlock` duplicates channels back out), the 2.2 latent statistics,
-`Wan22VAE`, and `vae22_state_dict_from_diffusers`. Causal convs, norms, residual and attention blocks,
-resampling and the chunk cache are the 2.1 ones. `state_dict()` keys are the official
-`Wan2.2_VAE.pth` names (ComfyUI files use the same).
+What lives here: what 2.2 adds on top of the shared causal blocks in `vae_blocks.py`, namely the 2x2
+patchify around the network, the level blocks with parameter-free shortcuts (`DownResidualBlock`
+averages space and time into channels, `UpResidualBlock` duplicates channels back out), the 2.2 latent
+statistics and `Wan22VAE`. Causal convs, norms, residual and attention blocks, resampling and the chunk
+cache are the ones the 2.1 VAE uses; diffusers key names are mapped in `vae_formats.py`.
+`state_dict()` keys are the official `Wan2.2_VAE.pth` names (ComfyUI files use the same).
 """
 
 from __future__ import annotations
@@ -17,19 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .vae import (
+from .vae_blocks import (
     CachedBlock,
     CausalConv3d,
     CausalVideoVAE,
     ChunkCache,
     Decoder,
     Encoder,
-    Rename,
     Resample,
     ResidualBlock,
     check_vae_config,
-    count_resnets,
-    rename_diffusers_vae_keys,
     run_layers,
 )
 
@@ -160,16 +157,3 @@ class Wan22VAE(CausalVideoVAE):
 
     def _from_decoder_output(self, x: torch.Tensor) -> torch.Tensor:
         return rearrange(x, "b (c r q) f h w -> b c f (h q) (w r)", q=PATCH, r=PATCH)
-
-
-def vae22_state_dict_from_diffusers(sd: dict) -> dict:
-    """diffusers `AutoencoderKLWan` (2.2, is_residual) key names -> official names; tensors are not copied."""
-    n_down = count_resnets(sd, "encoder.down_blocks")  # the downsampler follows the residual blocks
-    n_up = count_resnets(sd, "decoder.up_blocks")
-    renames: list[Rename] = [
-        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.downsamples.\1.downsamples.\2."),
-        (r"^encoder\.down_blocks\.(\d+)\.downsampler\.", rf"encoder.downsamples.\1.downsamples.{n_down}."),
-        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.upsamples.\1.upsamples.\2."),
-        (r"^decoder\.up_blocks\.(\d+)\.upsampler\.", rf"decoder.upsamples.\1.upsamples.{n_up}."),
-    ]
-    return rename_diffusers_vae_keys(sd, renames)

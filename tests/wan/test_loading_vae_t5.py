@@ -42,8 +42,7 @@ def test_vae_formats_load_the_same_model(tmp_path, kind, fmt):
         torch.save(sd, path)
     elif fmt == "diffusers":  # the same weights under diffusers names, via diffusers' own model
         diffusers = pytest.importorskip("diffusers")
-        from library.wan.vae import vae21_state_dict_from_diffusers
-        from library.wan.vae22 import vae22_state_dict_from_diffusers
+        from library.wan.vae_formats import vae21_state_dict_from_diffusers, vae22_state_dict_from_diffusers
 
         twin = diffusers.AutoencoderKLWan(**diffusers_kwargs)
         convert = vae21_state_dict_from_diffusers if kind == "2.1" else vae22_state_dict_from_diffusers

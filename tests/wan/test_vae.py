@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.wan.vae import WAN21_LATENTS_MEAN, WanVAE, vae21_state_dict_from_diffusers
-from library.wan.vae22 import WAN22_LATENTS_MEAN, Wan22VAE, vae22_state_dict_from_diffusers
+from library.wan.vae import WAN21_LATENTS_MEAN, WanVAE
+from library.wan.vae22 import WAN22_LATENTS_MEAN, Wan22VAE
+from library.wan.vae_formats import vae21_state_dict_from_diffusers, vae22_state_dict_from_diffusers
 from tests.helpers import parse_key_sections, reference_file
 
 diffusers = pytest.importorskip("diffusers")
@@ -170,7 +171,7 @@ def test_bad_video_is_a_clear_error(shape, message):
 def test_chunk_cache_in_host_memory_gives_the_same_bits(twins, monkeypatch):
     """`vae_cache_cpu`: every remembered frame goes to the store device and comes back for the next chunk.
     On this CPU-only machine the store is a distinct "device" we can watch: the copies are recorded."""
-    from library.wan import vae as vae_module
+    from library.wan import vae_blocks as vae_module
 
     _, _, ours, size = twins
     video = _video(9, size)
