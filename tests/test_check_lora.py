@@ -1,4 +1,4 @@
-"""The LoRA doctor (library/lora_check.py, tools/check_lora.py): each reason a LoRA "has no effect" or is
+"""The LoRA doctor (library/diagnostics/, tools/check_lora.py): each reason a LoRA "has no effect" or is
 "not loaded" by ComfyUI, made on purpose in a tiny file, is named; a healthy file is OK."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from library.lora_check import diagnose, format_diagnosis, gram_norm, open_dit
+from library.diagnostics import diagnose, format_diagnosis, gram_norm, open_dit
 from library.wan.model import WanModel
 from library.wan.tiny import tiny_dit_state_dict
 from library.wan.variants import get_variant

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repo's pack
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.lora_check import diagnose, format_diagnosis, open_dit
+    from library.diagnostics import diagnose, format_diagnosis, open_dit
     from library.wan.checkpoint_files import CheckpointError
     from library.wan.variants import get_variant
 

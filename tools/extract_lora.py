@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repo's pack
 
 
 def main(argv: list[str] | None = None) -> int:
-    from networks.extract import expert_path, extract_lora
+    from library.lora_tools.extract import extract_lora
+    from networks.extract import expert_path
     from networks.merge import EXPERTS
     from networks.resize import DYNAMIC_METHODS, SAVE_DTYPES, format_report
 

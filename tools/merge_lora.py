@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repo's pack
 
 def build_parser() -> argparse.ArgumentParser:
     from networks.convert import FORMATS
-    from networks.merge import DIT_PRECISIONS, EXPERTS
+    from library.lora_tools.merge import DIT_PRECISIONS
+    from networks.merge import EXPERTS
     from networks.resize import DYNAMIC_METHODS, SAVE_DTYPES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from networks.merge import merge_into_dit, merge_lora_files
+    from library.lora_tools.merge import merge_into_dit
+    from networks.merge import merge_lora_files
     from networks.resize import SAVE_DTYPES, format_report
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from library.lora_tools.extract import extract_lora
 from library.wan.variants import get_variant
 from networks.convert import read_modules
-from networks.extract import expert_path, extract_lora, is_lora_target
+from networks.extract import expert_path, is_lora_target
 from tests.helpers import random_official_dit_state
 from tests.networks.test_merge import (TASK, attached, lora_deltas, model_from_state, rel_err, run, wan_inputs,
                                        write_dit)

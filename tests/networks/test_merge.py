@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from library.lora_tools.merge import merge_into_dit
 from library.wan.checkpoint_files import CheckpointError
 from library.wan.fp8 import FP8Config, FP8Linear, quantize_weight
 from library.wan.loading import load_dit
@@ -20,7 +21,7 @@ from library.wan.model import WanModel
 from library.wan.variants import get_variant
 from networks.convert import read_modules
 from networks.lora_wan import build_lora_metadata, create_network, create_network_from_weights
-from networks.merge import merge_into_dit, merge_lora_files
+from networks.merge import merge_lora_files
 from tests.helpers import REPO, random_official_dit_state
 
 TASK = "t2v-tiny"
