@@ -4,7 +4,9 @@ and the dataset size against the training guide's minimum for the goal (with its
     python tools/check_dataset.py --dataset_config dataset.toml [--task t2v-A14B] [--goal character] \
         [--tokenizer google/umt5-xxl] [--json lint.json]
 
-Exit status 1 when there is an error (an item would be lost or the config is unusable), else 0.
+Exit status 1 when there is an error (an item would be lost or the config is unusable), else 0; 2 when
+the check itself cannot run (an unknown --task or --goal, a tokenizer folder that cannot be loaded, a
+--json file that cannot be written).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our `library`, not sd-scripts' package
 
 from library.config.presets import MINIMUM_SAMPLES  # noqa: E402
+from library.data.cache import write_text_atomic  # noqa: E402
 from library.data.lint import format_report, lint_dataset  # noqa: E402
+from library.data.media_types import VideoDecoderError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +43,16 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = lint_dataset(args.dataset_config, task=args.task, goal=args.goal, tokenizer=args.tokenizer)
-    except ValueError as exc:
-        print(f"error: {exc}")
-        return 1
+    except (ValueError, VideoDecoderError) as exc:  # an unknown task or goal, a tokenizer or decoder setting
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+        try:
+            write_text_atomic(Path(args.json), json.dumps(report.to_dict(), indent=2))
+        except OSError as exc:
+            print(f"error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return report.exit_code
 
 

@@ -135,8 +135,12 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metad
     _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json_atomic(data, path: Path) -> None:
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8"))
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def read_metadata(path: Path) -> dict | None:

@@ -43,36 +43,44 @@ def process_split(device: str | None) -> tuple[int, int, str]:
 
 
 def run_and_report(function, *args, **kwargs) -> int:
-    """Run a caching function and print its summary; 0 when every dataset has usable items, else 1.
+    """Run a caching function and print its summary. Exit status: 0 when every dataset has usable items,
+    1 when the run finished but a dataset has none (its errors are in the summary), 2 when bad input
+    stopped it (a dataset TOML, model file, setting or folder that cannot work: the message says which;
+    every cache file written before that is complete and kept).
 
     With several processes, rank 0 gathers every process's summary and prints them in rank order in one
     write: processes printing at the same time on one unbuffered stdout (PYTHONUNBUFFERED, or a terminal)
     interleave their text and newlines and garble each other's lines."""
     from library.wan.checkpoint_files import CheckpointError
 
-    from .latent_caching import CachingError
     from .dataset_config import DatasetConfigError
+    from .latent_caching import CachingError
+    from .media_types import VideoDecoderError
 
     try:
         summary = function(*args, **kwargs)
-        report, ok = summary.report(), summary.ok
-    except (CachingError, DatasetConfigError, CheckpointError) as exc:  # a wrong model file too
+        report, code = summary.report(), 0 if summary.ok else 1
+    except (CachingError, DatasetConfigError, CheckpointError, VideoDecoderError) as exc:  # a wrong model file too
         logger.error("%s", exc)
-        report, ok = f"error: {exc}", False
-    reports = _gather_reports(report, ok)
+        report, code = f"error: {exc}", 2
+    except OSError as exc:  # a cache folder that cannot be written, a full disk: the system's reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        logger.error("%s%s", where, exc.strerror or exc)
+        report, code = f"error: {where}{exc.strerror or exc}", 2
+    reports = _gather_reports(report, code)
     if reports is not None:
         sys.stdout.write("".join(f"{text}\n" for text, _ in reports))
         sys.stdout.flush()
-        ok = all(good for _, good in reports)
-    return 0 if ok else 1
+        code = max(status for _, status in reports)
+    return code
 
 
-def _gather_reports(report: str, ok: bool) -> list[tuple[str, bool]] | None:
-    """Every process's (report, ok) in rank order on rank 0, None on the others; [this one] alone."""
+def _gather_reports(report: str, code: int) -> list[tuple[str, int]] | None:
+    """Every process's (report, exit status) in rank order on rank 0, None on the others; [this one] alone."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [(report, ok)]
+        return [(report, code)]
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object((report, ok), gathered, dst=0)
+    dist.gather_object((report, code), gathered, dst=0)
     return gathered

@@ -241,9 +241,26 @@ def parse_dataset_config(data: dict, path: Path) -> DatasetConfig:
     return config
 
 
+def _not_a_folder(spec: DatasetSpec) -> str | None:
+    """Why the cache directory can never be a folder (it, or a folder above it, is a file), else None. A
+    directory dataset caching into its own media folder is left to enumeration, which names the source."""
+    if spec.cache_directory == spec.source:
+        return None
+    path = spec.cache_directory
+    blocker = next((p for p in (path, *path.parents) if p.exists() or p.is_symlink()), None)
+    if blocker is None or blocker.is_dir():
+        return None
+    what = "is" if blocker == path else f"is inside {blocker}, which is"
+    return f"cache_directory {path} {what} a file, not a folder (or a broken link); point cache_directory at a folder"
+
+
 def _check_cache_directories(config: DatasetConfig) -> None:
+    """Each dataset has its own cache directory, and it is (or can become) a folder."""
     seen: dict[Path, DatasetSpec] = {}
     for spec in config.all:
+        problem = _not_a_folder(spec)
+        if problem is not None:
+            raise DatasetConfigError(f"{spec.where()}: {problem}")
         other = seen.get(spec.cache_directory)
         if other is not None:
             raise DatasetConfigError(

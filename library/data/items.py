@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .buckets import select_bucket
 from .dataset_config import DatasetSpec, round_frames
-from .video_io import MediaError, frame_files, is_image_file, is_video_source, probe, resample_indices
+from .video_io import (VIDEO_EXTENSIONS, MediaError, frame_files, is_image_file, is_video_source, missing_reason, probe,
+                       resample_indices)
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +85,18 @@ def find_caption(media: Path, extension: str) -> tuple[str, str]:
     raise CaptionError(f"missing caption: none of {', '.join(str(p) for p in candidates)} exists")
 
 
-def _directory_sources(spec: DatasetSpec) -> list[tuple[Path, str | None, str]]:
-    """(media, caption or None, caption source) for a directory dataset, in name order."""
+def _directory_sources(spec: DatasetSpec, skips: list[Skip]) -> list[tuple[Path, str | None, str]]:
+    """(media, caption or None, caption source) for a directory dataset, in name order; a media name that
+    is a dangling symbolic link becomes a skip (never a silent omission)."""
     if not spec.source.is_dir():
-        raise MediaError(f"{spec.where()}: directory {spec.source} does not exist")
+        state = "is a file, not a directory" if spec.source.exists() else "does not exist"
+        raise MediaError(f"{spec.where()}: directory {spec.source} {state}")
     out = []
     for path in sorted(spec.source.iterdir()):
-        if spec.kind == "image" and path.is_file() and is_image_file(path):
+        wanted = is_image_file(path) if spec.kind == "image" else path.suffix.lower() in VIDEO_EXTENSIONS
+        if wanted and path.is_symlink() and not path.exists():
+            skips.append(Skip(str(path), missing_reason(path), spec.where()))
+        elif spec.kind == "image" and path.is_file() and is_image_file(path):
             out.append((path, None, ""))
         elif spec.kind == "video" and path.is_file() and is_video_source(path):
             out.append((path, None, ""))
@@ -182,7 +188,7 @@ def captioned_sources(spec: DatasetSpec) -> tuple[list[tuple[Path, str, str]], l
     """(media, caption, caption source) for every source with a usable caption; skips with reasons.
     Reads captions only (no media decoding): the text cacher needs nothing more."""
     skips: list[Skip] = []
-    sources = _jsonl_sources(spec, skips) if spec.jsonl else _directory_sources(spec)
+    sources = _jsonl_sources(spec, skips) if spec.jsonl else _directory_sources(spec, skips)
     out: list[tuple[Path, str, str]] = []
     names: dict[str, Path] = {}
     for media, caption, caption_source in sources:

@@ -186,7 +186,7 @@ def _caption_finding(report: LintReport, position: int, spec: DatasetSpec, media
     """A source skipped before any media decoding: missing or empty caption, or what the pipeline says."""
     candidates = [] if spec.jsonl else caption_candidates(media, spec.caption_extension)
     existing = [p for p in candidates if p.is_file()]
-    if candidates and not existing:
+    if candidates and not existing and media.exists():
         guide = candidates[1] if media.parent.name in ("images", "videos") else candidates[0]
         report.add("error", "caption", "missing caption",
                    f"write {guide} (tools/caption.py can draft captions)", position, media)

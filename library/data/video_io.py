@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from library.prep.pixel_limit import TooManyPixels, check_pixels, open_image
+
 from . import video_pyav
 from .media_types import MediaError, MediaInfo, VideoDecoderError, crop_box, resize_and_crop
 
@@ -62,35 +64,62 @@ def _pil_to_rgb(image) -> np.ndarray:
     return np.array(image.convert("RGB"))  # a writable copy (np.asarray would give a read-only view)
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to RGB uint8 [H, W, 3], applying its EXIF orientation."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def missing_reason(path: Path) -> str:
+    """Why a listed path cannot be opened: a dangling symbolic link (and its target), or gone."""
+    if path.is_symlink():
+        return f"is a symbolic link to {os.readlink(path)}, which does not exist; fix or remove the link"
+    return "does not exist (removed while the dataset was read?)"
 
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise MediaError(f"{path}: zero-byte file")
+
+def pixel_checked(path: Path, width: int, height: int) -> None:
+    """MediaError when a width x height image or frame of `path` is over the pixel limit."""
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return _pil_to_rgb(image)
+        check_pixels(width, height)
+    except TooManyPixels as exc:
+        raise MediaError(f"{path}: {exc}") from None
+
+
+def _open_image(path: Path):
+    """`path` opened lazily by Pillow (header only) within the pixel limit; MediaError for anything else."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        if path.stat().st_size == 0:
+            raise MediaError(f"{path}: zero-byte file")
+        return open_image(path)
+    except FileNotFoundError:
+        raise MediaError(f"{path}: {missing_reason(path)}") from None
+    except TooManyPixels as exc:
+        raise MediaError(f"{path}: {exc}") from None
     except UnidentifiedImageError:
         raise MediaError(f"{path}: not an image (unreadable as {path.suffix or 'an image'})") from None
+    except MediaError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"{path}: corrupt image header ({exc})") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to RGB uint8 [H, W, 3], applying its EXIF orientation; an image over the
+    pixel limit (`WAN_MAX_IMAGE_PIXELS`) is refused before decoding."""
+    from PIL import ImageOps
+
+    path = Path(path)
+    image = _open_image(path)
+    try:
+        with image:
+            return _pil_to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"{path}: corrupt or truncated image ({exc})") from None
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) after EXIF rotation, reading only the header."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.stat().st_size == 0:
-        raise MediaError(f"{path}: zero-byte file")
+    image = _open_image(path)
     try:
-        with Image.open(path) as image:
+        with image:
             width, height = image.size
             orientation = image.getexif().get(0x0112, 1)
-    except UnidentifiedImageError:
-        raise MediaError(f"{path}: not an image (unreadable as {path.suffix or 'an image'})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise MediaError(f"{path}: corrupt image header ({exc})") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
@@ -148,6 +177,8 @@ def _with_fallback(path: Path, work: dict):
 
 
 def _probe_video(path: Path) -> MediaInfo:
+    if not path.exists():
+        raise MediaError(f"{path}: {missing_reason(path)}")
     if path.stat().st_size == 0:
         raise MediaError(f"{path}: zero-byte file")
     return _with_fallback(path, {"opencv": lambda: _probe_opencv(path), "pyav": lambda: video_pyav.probe(path)})
@@ -168,6 +199,7 @@ def _probe_opencv(path: Path) -> MediaInfo:
         capture.release()
     if count <= 0 or width <= 0 or height <= 0:
         raise MediaError(f"{path}: corrupt video (no frames or no size in its header)")
+    pixel_checked(path, width, height)
     return MediaInfo(width, height, count, fps if fps > 0 else None)
 
 
@@ -214,6 +246,11 @@ def _read_file_frames(path: Path, indices: list[int], target) -> np.ndarray:
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise MediaError(f"{path}: cannot open as a video (corrupt or unsupported format)")
+    try:
+        pixel_checked(path, int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    except MediaError:
+        capture.release()
+        raise
     wanted: dict[int, int] = {}
     for i in indices:
         wanted[i] = wanted.get(i, 0) + 1

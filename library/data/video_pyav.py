@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from library.prep.pixel_limit import TooManyPixels, check_pixels
+
 from .media_types import MediaError, MediaInfo, VideoDecoderError, resize_and_crop
 
 
@@ -46,6 +48,13 @@ def _open(path: Path):
         container.close()
         raise MediaError(f"{path}: cannot open as a video (the file holds no video stream)")
     return container, container.streams.video[0]
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    try:
+        check_pixels(width, height)
+    except TooManyPixels as exc:
+        raise MediaError(f"{path}: {exc}") from None
 
 
 def _rotation(frame) -> int:
@@ -97,6 +106,7 @@ def probe(path: Path) -> MediaInfo:
     av = require_av()
     container, stream = _open(path)
     try:
+        _check_pixels(path, stream.codec_context.width, stream.codec_context.height)  # before decoding a frame
         first, count, span = _scan(container, stream)
     except av.FFmpegError as exc:
         raise MediaError(f"{path}: corrupt video ({exc})") from None
@@ -106,6 +116,7 @@ def probe(path: Path) -> MediaInfo:
     if first is None or count <= 0:
         raise MediaError(f"{path}: corrupt video (no frame could be decoded)")
     width, height = (first.height, first.width) if _rotation(first) in (90, 270) else (first.width, first.height)
+    _check_pixels(path, width, height)
     return MediaInfo(width, height, count, _average_fps(stream, count, span))
 
 
@@ -117,6 +128,11 @@ def read_frames(path: Path, indices: list[int], target: tuple[int, int] | None) 
     slot_of = {index: k for k, index in enumerate(order)}
     out, position, last = None, 0, order[-1]
     container, stream = _open(path)
+    try:
+        _check_pixels(path, stream.codec_context.width, stream.codec_context.height)
+    except MediaError:
+        container.close()
+        raise
     stream.thread_type = "AUTO"  # frame and slice threads: the same pixels, faster
     try:
         for frame in container.decode(stream):

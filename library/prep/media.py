@@ -7,6 +7,7 @@ in the same folder first and is renamed into place, so an interrupted run never 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -16,6 +17,8 @@ from typing import Iterator
 
 import cv2
 import numpy as np
+
+from .pixel_limit import TooManyPixels, check_pixels, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +67,34 @@ def list_sources(inputs: list[Path]) -> list[tuple[Path, Path]]:
             raise FileNotFoundError(f"input {root} does not exist; pass folders of raw images and videos")
         for path in sorted(root.rglob("*")):
             hidden = any(p.startswith(".") for p in path.relative_to(root).parts)
-            if path.is_file() and media_kind(path) and not hidden and path not in seen:
+            dangling = path.is_symlink() and not path.exists()  # listed, so the report says why it is dropped
+            if (path.is_file() or dangling) and media_kind(path) and not hidden and path not in seen:
                 seen.add(path)
                 found.append((root, path))
     return found
 
 
+def _check_header(path: Path, data: np.ndarray) -> None:
+    """MediaError unless Pillow reads an image header within the pixel limit from `data` (so OpenCV never
+    decodes a decompression bomb: its own limit is 2^30 pixels, 3 GB per image)."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        open_image(io.BytesIO(data.tobytes())).close()
+    except TooManyPixels as exc:
+        raise MediaError(f"{path}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise MediaError(f"{path}: not a readable image ({exc})") from None
+
+
 def read_image(path: Path) -> np.ndarray:
-    """A BGR uint8 image [H, W, 3]; grey and alpha images are converted, 16-bit is scaled down."""
+    """A BGR uint8 image [H, W, 3]; grey and alpha images are converted, 16-bit is scaled down. An image over
+    the pixel limit (`WAN_MAX_IMAGE_PIXELS`) is refused from its header, before decoding."""
+    if not path.exists():
+        raise MediaError(f"{path}: {missing_reason(path)}")
     data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size:
+        _check_header(path, data)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise MediaError(f"{path}: not a readable image")
@@ -85,10 +107,25 @@ def read_image(path: Path) -> np.ndarray:
     return image
 
 
+def missing_reason(path: Path) -> str:
+    """Why a listed source cannot be opened: a dangling symbolic link (and its target), or gone."""
+    if path.is_symlink():
+        return f"a symbolic link to {os.readlink(path)}, which does not exist"
+    return "no such file"
+
+
 def _open_capture(path: Path) -> cv2.VideoCapture:
+    """An opened capture whose frame size is within the pixel limit."""
+    if not path.exists():
+        raise MediaError(f"{path}: {missing_reason(path)}")
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise MediaError(f"{path}: OpenCV cannot open this video (unsupported codec or not a video)")
+    try:
+        check_pixels(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    except TooManyPixels as exc:
+        capture.release()
+        raise MediaError(f"{path}: {exc}") from None
     return capture
 
 

@@ -103,7 +103,7 @@ def _analyse_all(config: PrepConfig, sources, state: dict, result: PrepResult) -
     fresh: dict[str, dict] = {}
     for _, path in _progress(sources, config.progress, "analyse"):
         name = str(path.resolve())
-        stamp = fingerprint(path)
+        stamp = fingerprint(path) if path.exists() else None  # a dangling link: analysed into its reason
         cached = state["sources"].get(name)
         if not config.force and cached and cached["fingerprint"] == stamp and cached["key"] == key:
             fresh[name] = cached

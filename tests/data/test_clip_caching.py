@@ -82,9 +82,9 @@ def test_missing_or_changed_clip_marks_the_cache_stale(tmp_path, clip_models):
 def test_cache_tool_takes_clip(tmp_path, clip_models, capsys):
     make_tree(tmp_path)
     common = ["--dataset_config", str(tmp_path / "d.toml"), "--vae", str(clip_models.vae), "--no_progress"]
-    assert _tool("cache_latents").main([*common, "--task", TASK]) == 1
+    assert _tool("cache_latents").main([*common, "--task", TASK]) == 2
     assert "pass the CLIP vision file with --clip" in capsys.readouterr().out
-    assert _tool("cache_latents").main([*common, "--task", TASK, "--clip", str(clip_models.vae)]) == 1
+    assert _tool("cache_latents").main([*common, "--task", TASK, "--clip", str(clip_models.vae)]) == 2
     assert "this is a WAN VAE, not a CLIP vision model" in capsys.readouterr().out
     assert _tool("cache_latents").main([*common, "--task", TASK, "--clip", str(clip_models.clip)]) == 0
     assert "4 cached" in capsys.readouterr().out

@@ -228,8 +228,8 @@ def test_cli_exit_status_text_and_json(tmp_path, capsys):
     data = json.loads(out_json.read_text())
     assert data["counts"] == {"error": 1, "warning": 2, "info": 4} and data["images"] == 1
     assert data["findings"][-1]["check"] == "dataset_size"
-    assert _tool().main(["--dataset_config", str(toml), "--task", "nope"]) == 1
-    assert "error: unknown WAN task 'nope'" in capsys.readouterr().out
+    assert _tool().main(["--dataset_config", str(toml), "--task", "nope"]) == 2  # the check cannot run
+    assert "error: unknown WAN task 'nope'" in capsys.readouterr().err
 
 
 def test_cli_runs_from_another_folder(tmp_path):

@@ -42,17 +42,17 @@ def test_cache_tools_end_to_end(dataset_toml, tiny_models, capsys):
     assert "text encoder outputs: 2 cached" in capsys.readouterr().out  # "a cat" and "" (dropout)
     assert _tool("cache_latents").main([*common, "--vae", str(models.vae), "--task", "t2v-tiny"]) == 0
     assert "latents: 0 cached, 1 reused (fresh)" in capsys.readouterr().out
-    assert _tool("cache_latents").main([*common, "--vae", str(models.vae), "--strict"]) == 1
+    assert _tool("cache_latents").main([*common, "--vae", str(models.vae), "--strict"]) == 2
     assert "error: --strict" in capsys.readouterr().out
 
 
 def test_tool_errors_are_messages(tmp_path, tiny_models, capsys):
     bad = write_toml(tmp_path / "bad.toml", "[[datasets]]\nimage_directory = 'x'\nbatchsize = 2\n")
     assert _tool("cache_latents").main(["--dataset_config", str(bad), "--vae", str(tiny_models["t2v-tiny"].vae),
-                                        "--device", "cpu"]) == 1
+                                        "--device", "cpu"]) == 2
     assert "unknown key 'batchsize'; did you mean 'batch_size'?" in capsys.readouterr().out
     assert _tool("cache_text_encoder_outputs").main(["--dataset_config", str(bad), "--t5", str(tmp_path / "none.pth"),
-                                                     "--device", "cpu"]) == 1
+                                                     "--device", "cpu"]) == 2
 
 
 @pytest.mark.parametrize("name, flags", [

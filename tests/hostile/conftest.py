@@ -58,6 +58,19 @@ def demo(demo_source, tmp_path) -> Path:
     return root
 
 
+def add_image(root: Path, name: str, make) -> Path:
+    """`make(path)` writes images/NAME (a bad image, a link), captioned in captions/ as the demo items are."""
+    path = make(root / "images" / name)
+    (root / "captions" / f"{Path(name).stem}.txt").write_text(f"caption of {name}", encoding="utf-8")
+    return path
+
+
+def dangling_link(path: Path) -> Path:
+    """A symbolic link at `path` to a file that does not exist."""
+    os.symlink(path.parent / "deleted_original.png", path)
+    return path
+
+
 DEMO_TOML = """[general]
 resolution = [32, 32]
 enable_bucket = true

@@ -1,0 +1,81 @@
+"""tools/check_dataset.py and tools/cache_latents.py against hostile media and dataset TOMLs: a bad item is
+skipped with its reason (the rest is checked or cached), a bad dataset TOML stops the tool with the dataset
+and key named, and nothing prints a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import add_image, assert_refused, dangling_link, run_tool
+from .media import huge_png, png_64x48, png_header_bomb
+
+LIMIT = ("is over the limit of 178,956,970 pixels per image or frame (a decompression bomb, or far larger than training "
+         "needs): downscale it, or raise WAN_MAX_IMAGE_PIXELS if it is real")
+
+
+def _config_line(old: str, new: str):
+    def edit(root: Path) -> None:
+        toml = root / "dataset.toml"
+        toml.write_text(toml.read_text().replace(old, new))
+    return edit
+
+
+def _cache_folder_is_a_file(root: Path) -> None:
+    (root / "cache").write_text("a file where the cache folder should be")
+
+
+# name: (make the bad input in the demo copy, environment, the file the message is about, its reason)
+ITEMS = {
+    "PNG header claiming 10^12 pixels": (
+        lambda root: add_image(root, "bomb.png", png_header_bomb), {}, "images/bomb.png",
+        f"1,000,000,000,000 pixels {LIMIT}"),
+    "real 30000x30000 PNG": (
+        lambda root: add_image(root, "huge.png", huge_png), {}, "images/huge.png", f"900,000,000 pixels {LIMIT}"),
+    "dangling image link": (
+        lambda root: add_image(root, "gone.png", dangling_link), {}, "images/gone.png",
+        "is a symbolic link to {root}/images/deleted_original.png, which does not exist; fix or remove the link"),
+    "limit lowered by the environment": (
+        lambda root: add_image(root, "big.png", png_64x48), {"WAN_MAX_IMAGE_PIXELS": "2000"}, "images/big.png",
+        "64x48 (3,072 pixels) is over the limit of 2,000 pixels per image or frame (a decompression bomb, or far "
+        "larger than training needs): downscale it, or raise WAN_MAX_IMAGE_PIXELS if it is real"),
+}
+
+# name: (edit the demo copy, the message; both tools refuse the dataset TOML)
+CONFIGS = {
+    "cache folder is a file": (
+        _cache_folder_is_a_file,
+        "dataset.toml: [[datasets]] #0 ({root}/images): cache_directory {root}/cache/images is inside {root}/cache, "
+        "which is a file, not a folder (or a broken link); point cache_directory at a folder"),
+}
+
+
+@pytest.mark.parametrize("case", ITEMS, ids=list(ITEMS))
+def test_check_dataset_reports_the_bad_item(demo, case):
+    make, env, name, reason = ITEMS[case]
+    make(demo)
+    result = run_tool("check_dataset", "--dataset_config", demo / "dataset.toml", env=env)
+    output = assert_refused(result, f"ERROR   #0 {demo / name}: {reason.format(root=demo)}", status=1)
+    assert "#1 " in output.split("ERROR", 1)[0]  # the report was written in full
+
+
+@pytest.mark.parametrize("case", ITEMS, ids=list(ITEMS))
+def test_cache_latents_skips_the_bad_item_and_caches_the_rest(demo, tiny_models, case):
+    make, env, name, reason = ITEMS[case]
+    make(demo)
+    result = run_tool("cache_latents", "--dataset_config", demo / "dataset.toml", "--vae", tiny_models.vae,
+                      "--device", "cpu", "--no_progress", env=env)
+    output = assert_refused(result, f"  skipped {demo / name}: {reason.format(root=demo)}", status=0)
+    assert len(list((demo / "cache").rglob("*.safetensors"))) == 4  # the demo's 2 images and 2 clips
+    assert "latents: 4 cached, 0 reused (fresh), 1 skipped" in output
+
+
+@pytest.mark.parametrize("case", CONFIGS, ids=list(CONFIGS))
+def test_a_bad_dataset_toml_stops_both_tools(demo, tiny_models, case):
+    edit, message = CONFIGS[case]
+    edit(demo)
+    message = message.format(root=demo)
+    assert_refused(run_tool("check_dataset", "--dataset_config", demo / "dataset.toml"), message, status=1)
+    assert_refused(run_tool("cache_latents", "--dataset_config", demo / "dataset.toml", "--vae", tiny_models.vae,
+                            "--device", "cpu", "--no_progress"), f"error: {demo / message}")
