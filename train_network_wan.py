@@ -9,7 +9,6 @@ exits without training.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -17,20 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # this repo's `library
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.config import ConfigError, load_config, save_config, validate
+    from library.training.cli import main as train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = validate(load_config(sys.argv[1:] if argv is None else argv))
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    if cfg.run.output_config:
-        print(f"wrote {save_config(cfg, cfg.run.output_config)}")
-        return 0
-    from library.training.trainer import Trainer
-
-    return Trainer(cfg).run()
+    return train(argv)
 
 
 if __name__ == "__main__":

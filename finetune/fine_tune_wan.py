@@ -18,12 +18,9 @@ sys.path.insert(0, str(REPO))  # this repo's `library`, never sd-scripts' one
 
 
 def main(argv: list[str] | None = None) -> int:
-    import train_network_wan
+    from library.training.cli import main as train
 
-    args = sys.argv[1:] if argv is None else list(argv)
-    if "--help" in args or "-h" in args:
-        print(__doc__)
-    return train_network_wan.main(["--full_fine_tune", *args])
+    return train(argv, full_fine_tune=True, usage=__doc__)
 
 
 if __name__ == "__main__":

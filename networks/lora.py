@@ -346,8 +346,11 @@ class LoRANetwork(nn.Module):
         return out
 
     def save_weights(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                     metadata: Mapping[str, str] | None = None, fmt: str = "kohya") -> Path:
-        """Write a .safetensors LoRA atomically (temp file, then os.replace); adds the sshs hashes."""
+                     metadata: Mapping[str, str] | None = None, fmt: str = "kohya", write: bool = True) -> Path:
+        """Write a .safetensors LoRA atomically (temp file, then os.replace); adds the sshs hashes. A LoRA is
+        never sharded, so a process without `write` has nothing to take part in."""
+        if not write:
+            return Path(path)
         return write_lora_file(self.lora_state_dict(fmt, dtype), path, metadata)
 
     def load_weights(self, path_or_sd, strict: bool = False) -> LoadReport:

@@ -186,7 +186,8 @@ def test_whole_dit_columns_swap_the_expert_weights(tiny_sets, tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from library.sampling.evaluation import checkpoint_columns, find_checkpoints
+    from library.evaluation.compare import checkpoint_columns
+    from library.training.checkpoints import find_checkpoints
 
     s = tiny_sets["t2v-tiny"]
     models = load_models(s, text_encoder=False)

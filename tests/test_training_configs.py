@@ -10,7 +10,7 @@ import tomllib
 import pytest
 
 from library.config import load_config, validate
-from library.training.memory_plan import CUDA_CONTEXT_GIB, FRAGMENTATION, Settings, Workload, estimate
+from library.training.planning.lora import CUDA_CONTEXT_GIB, FRAGMENTATION, Settings, Workload, estimate
 from library.wan.variants import get_variant
 from tests.helpers import REPO
 

@@ -64,7 +64,7 @@ def _config(args):
 
     from library.config.schema import MemoryArgs
     from library.training.benchmark import BenchConfig
-    from library.training.memory_plan import detect_vram_gb, plan_memory
+    from library.training.planning.lora import detect_vram_gb, plan_memory
     from library.wan.variants import get_variant
 
     variant = get_variant(args.task)
@@ -76,7 +76,7 @@ def _config(args):
     full = {"full_bf16": args.full_bf16, "fused_backward_pass": args.fused_backward_pass}
     if args.plan and args.full:
         from library.config.schema import FineTuneArgs
-        from library.training.memory_plan_full import plan_full
+        from library.training.planning.full import plan_full
 
         vram = args.vram_cap_gb or detect_vram_gb() or 80.0
         plan = plan_full(vram, variant, args.width, args.height, args.frames, args.batch_size, args.optimizer)
@@ -102,13 +102,13 @@ def _config(args):
 def _planned(args, variant, memory, full: dict, experts: int) -> float:
     """The planner's estimate of the peak for the settings this run uses (printed beside the measurement)."""
     if args.full:
-        from library.training.memory_plan_full import FullSettings, FullWorkload, estimate_full
+        from library.training.planning.full import FullSettings, FullWorkload, estimate_full
 
         w = FullWorkload(variant, args.width, args.height, args.frames, args.batch_size, 0, args.optimizer, experts)
         s = FullSettings(checkpointing=memory.gradient_checkpointing,
                          offload_activations=memory.gradient_checkpointing_cpu_offload, **full)
         return estimate_full(w, s).total
-    from library.training.memory_plan import Settings, Workload, estimate
+    from library.training.planning.lora import Settings, Workload, estimate
 
     w = Workload(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim, "adamw", experts)
     s = Settings(fp8=memory.fp8_base, checkpointing=memory.gradient_checkpointing,

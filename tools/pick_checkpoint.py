@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output_name", help="only the checkpoints of this output_name")
     parser.add_argument("--json", help="also write the report to this JSON file")
     args = parser.parse_args(argv)
-    from library.training.pick import format_report, rank_checkpoints
+    from library.evaluation.pick import format_report, rank_checkpoints
 
     try:
         report = rank_checkpoints(args.run_dir, args.output_name)

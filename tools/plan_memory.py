@@ -8,7 +8,7 @@ The GPU's memory is detected when `--vram_gb` is not given. With `--config_file`
 optimizer and number of experts come from the training TOML (command-line values win); a TOML with
 `full_fine_tune = true` plans full fine-tuning, with its `trainable_patterns` / `frozen_patterns`. `--full`
 plans full fine-tuning (finetune/fine_tune_wan.py) per process for `--processes` GPUs. Figures are
-estimates (see library/training/memory_plan.py); `tools/benchmark_wan.py` measures the real peak.
+estimates (see library/training/planning/lora.py); `tools/benchmark_wan.py` measures the real peak.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from library.training.memory_plan import detect_vram_gb, plan_memory
-    from library.training.memory_plan_full import plan_full
+    from library.training.planning.lora import detect_vram_gb, plan_memory
+    from library.training.planning.full import plan_full
 
     args = parse_args(argv)
     task, rank, optimizer, experts, full, patterns = "t2v-A14B", 32, "AdamW", 1, args.full, ((), ())

@@ -2,6 +2,9 @@
 
     cfg = validate(load_config(sys.argv[1:]))
     cfg.network.network_dim, cfg.get("learning_rate"), config_to_dict(cfg)
+
+Every rule that needs no model is checked in `validate`, before anything loads. May import: `library.wan`
+(variant facts: shapes, defaults) and `library.guide` (presets); nothing above.
 """
 
 from .coerce import ConfigError, format_key_value_args, parse_key_value_args

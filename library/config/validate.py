@@ -188,9 +188,21 @@ def _loop(cfg: TrainConfig, errors: list[str]) -> None:
     for name in _NON_NEGATIVE:
         if cfg.get(name) < 0:
             errors.append(f"`{name}` = {cfg.get(name)} must be 0 or more (0 turns it off)")
-    s = cfg.sampling
+
+
+def _sampling(cfg: TrainConfig, variant, errors: list[str]) -> None:
+    """Samples during training: checked here, before any model loads, not after a 14B DiT has."""
+    s, m = cfg.sampling, cfg.model
     if (s.sample_every_n_steps or s.sample_every_n_epochs or s.sample_at_first) and not s.sample_prompts:
         errors.append("sampling is requested but `sample_prompts` (the prompt file) is not set")
+    if not s.sample_prompts:
+        return
+    if not (m.vae and m.t5):
+        errors.append("`sample_prompts` needs `vae` and `t5` (the prompts are encoded once at the start and the "
+                      "samples decoded with the VAE)")
+    if variant is not None and variant.image_embedding and not m.clip:
+        errors.append(f"sample_prompts with {variant.name} (WAN 2.1 I2V) needs `clip`, the CLIP vision file "
+                      "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) for the start images")
 
 
 _LORA_ONLY = ("network_weights", "base_weights", "scale_weight_norms", "shared_expert_lora", "network_dim_high_noise",
@@ -250,6 +262,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _network(cfg, errors)
     _optimizer(cfg, errors)
     _loop(cfg, errors)
+    _sampling(cfg, variant, errors)
     _finetune(cfg, errors)
     if errors:
         where = f" ({cfg.run.config_file})" if cfg.run.config_file else ""

@@ -3,4 +3,5 @@
 datasets and batching (`datasets`), cache files (`cache`), the two caching procedures
 (`latent_caching`, `text_caching`) and the flags their CLIs share (`caching_args`).
 
-Nothing here knows about training; the model family (`library.wan`) is used only to encode caches."""
+Nothing here knows about training. May import: `library.wan` (to encode caches), `library.prep` (quality
+scores and pixel limits for the dataset linter), `library.guide`; nothing above."""

@@ -240,8 +240,9 @@ def collate(items: list[dict]) -> dict:
     }
 
 
-class BatchedView(torch.utils.data.Dataset):
-    """Batch b of `batches` as a list of item dicts, for a DataLoader with batch_size=None."""
+class CollatedBatches(torch.utils.data.Dataset):
+    """Batch b of `batches` (lists of (dataset, item) pairs), read and collated: the one batch view of the
+    training loop and `batch_loader`, in-process or in DataLoader workers (batch_size=None)."""
 
     def __init__(self, datasets, batches: list[list[tuple[int, int]]], epoch: int):
         self.datasets, self.batches, self.epoch = datasets, batches, epoch
@@ -249,12 +250,11 @@ class BatchedView(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, b: int) -> list[dict]:
-        return [self.datasets[d].get(i, self.epoch) for d, i in self.batches[b]]
+    def __getitem__(self, b: int) -> dict:
+        return collate([self.datasets[d].get(i, self.epoch) for d, i in self.batches[b]])
 
 
 def batch_loader(datasets, seed: int, epoch: int, num_workers: int = 0, **kwargs) -> torch.utils.data.DataLoader:
     """A DataLoader yielding collated batches for one epoch (workers read caches in parallel)."""
-    view = BatchedView(datasets, make_batches(datasets, seed, epoch), epoch)
-    return torch.utils.data.DataLoader(view, batch_size=None, shuffle=False, collate_fn=collate,
-                                       num_workers=num_workers, **kwargs)
+    view = CollatedBatches(datasets, make_batches(datasets, seed, epoch), epoch)
+    return torch.utils.data.DataLoader(view, batch_size=None, shuffle=False, num_workers=num_workers, **kwargs)

@@ -13,7 +13,8 @@ A version's life: `add` (Testing) -> test results and the three release gates ->
 previous Current becomes Deprecated) -> on trouble `rollback` (Current -> Deprecated and broken, the previous
 released version -> Current). Files are copied atomically and checked against their SHA-256; the index and
 the notes are written atomically (temp file + os.replace) under a lock file. What belongs here: the index,
-its rules and the notes; argument parsing lives in the tool.
+its rules and the notes; argument parsing lives in the tool. May import: `networks` (LoRA file reading)
+and the packages below it; imported by `library.diagnostics` and `tools/registry.py`.
 
 Modules: `index` (the registry.json model: constants, RegistryError, ModelRef, the lock, atomic writes,
 index validation and entry helpers), `files` (LoRA files: names, metadata, expert roles, hashing,

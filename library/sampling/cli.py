@@ -126,7 +126,7 @@ def _load_expert(args, path, device: torch.device, dtype, task: str):
     """One DiT with the memory features the flags ask for (the same code as training uses)."""
     from types import SimpleNamespace
 
-    from library.training.memory import apply_memory_features, fp8_config
+    from library.runtime.memory import apply_memory_features, fp8_config
     from library.wan.loading import load_dit
 
     if getattr(args, "fp8_scaled", False) and not getattr(args, "fp8_base", False):
@@ -141,7 +141,7 @@ def _load_expert(args, path, device: torch.device, dtype, task: str):
     model.set_attention_backend(ATTN_MODES[getattr(args, "attn_mode", "sdpa")], getattr(args, "split_attn", False))
     if getattr(args, "compile", False):
         from library.config.schema import CompileArgs
-        from library.training.compiling import compile_blocks
+        from library.runtime.compiling import compile_blocks
 
         compile_blocks(model, CompileArgs(compile=True))
     return model

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from .cli import add_model_args, add_sampling_args, build_requests, encode_and_free, load_models, report_errors
-from .evaluation import checkpoint_columns, find_checkpoints, render_grid, strength_columns
+from .evaluation import render_grid, strength_columns
 from .generate import generate
-from .loras import LoraError, attach_loras, check_lora_file, parse_lora_spec
+from .loras import attach_loras, check_lora_file, parse_lora_spec
 from .prompts import PromptError
 from .save import save_sample
 
@@ -44,7 +44,7 @@ def _strengths(text: str | None) -> list[float]:
         raise ValueError(f"--lora_strength_sweep must be numbers separated by commas, got {text!r}") from None
 
 
-def _prepare(args):
+def prepare(args):
     """Requests (with parse errors) and models, prompts encoded and the text encoder freed."""
     requests, errors = build_requests(args)
     report_errors(errors)
@@ -63,7 +63,7 @@ def run_generate(args) -> int:
         specs = [parse_lora_spec(text) for text in args.lora]
         for spec in specs:  # fail before the models load
             check_lora_file(spec.path)
-        requests, errors, models, files = _prepare(args)
+        requests, errors, models, files = prepare(args)
         loaded = attach_loras(specs, models.experts, models.variant)
         models.networks = [lo.network for lo in loaded]
     except (ValueError, OSError) as exc:  # LoraError, PromptError, CheckpointError, missing files
@@ -92,48 +92,3 @@ def run_generate(args) -> int:
         paths = save_sample(sample, out, stem, save_frames=args.save_frames, extra=extra)
         logger.info("wrote %s", paths["video"])
     return 1 if failed else 0
-
-
-def compare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Render every saved checkpoint of a run (LoRA files, or whole "
-                                                 "DiTs of a full fine-tune) with the same prompts and seeds into one "
-                                                 "grid labelled by step")
-    parser.add_argument("run_dir", help="the training OUTPUT_DIR holding the .safetensors checkpoints")
-    add_model_args(parser)
-    add_sampling_args(parser)
-    parser.add_argument("--output_name", help="only checkpoints of this output_name")
-    parser.add_argument("--strength", type=float, default=1.0)
-    parser.add_argument("--include_base", action="store_true", help="add the model without LoRA as a column")
-    parser.add_argument("--output_dir", help="default: RUN_DIR/compare")
-    return parser
-
-
-def run_compare(args) -> int:
-    checkpoints = find_checkpoints(args.run_dir, args.output_name)
-    if not checkpoints:
-        logger.error("%s: no checkpoints (NAME.safetensors, NAME-000001.safetensors, "
-                     "NAME-step00000100.safetensors, with _high_noise / _low_noise pairs)", args.run_dir)
-        return 2
-    try:
-        requests, errors, models, files = _prepare(args)
-    except (ValueError, OSError) as exc:
-        logger.error("%s", exc)
-        return 2
-    logger.info("comparing %d checkpoints: %s", len(checkpoints), ", ".join(c.label for c in checkpoints))
-    base = {"high_noise": args.dit_high_noise, "low_noise": args.dit} if models.variant.two_experts else {"dit": args.dit}
-    columns = checkpoint_columns(models, checkpoints, args.strength, args.include_base,
-                                 {k: Path(v) for k, v in base.items() if v})
-    out = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "compare"
-    stem = f"checkpoints_{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        sidecar = render_grid(models, requests, columns, out, stem, sampler=args.sampler, schedule=args.schedule,
-                              extra={"models": files, "run_dir": str(args.run_dir), "command": vars(args),
-                                     "prompt_errors": [str(e) for e in errors]})
-    except LoraError as exc:
-        logger.error("%s", exc)
-        return 2
-    finally:
-        for network in models.networks:
-            network.remove()
-    logger.info("wrote %s", out / f"{stem}.mp4")
-    return 1 if errors or sidecar["errors"] else 0

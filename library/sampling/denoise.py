@@ -6,7 +6,7 @@
         x = solver.step(i, x, v)
         TI2V with an image: frame 0 <- the clean image latent             (re-applied after every step)
 
-I2V (A14B, 2.1 I2V): the DiT also gets y = [4 mask channels | image latent] (`i2v_y`), unchanged all along.
+I2V (A14B, 2.1 I2V): the DiT also gets y = [4 mask channels | image latent] (`library.wan.conditioning.i2v_condition`), unchanged all along.
 TI2V: frame 0 holds the clean image latent and its tokens get timestep 0 (per-token timesteps [B, L]).
 """
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+
+from library.wan.conditioning import pick_expert
 
 from .schedules import FlowSchedule
 from .solvers import make_solver
@@ -39,25 +41,6 @@ class Conditioning:
     y: torch.Tensor | None = None  # I2V: [B, 4 + z, T, h, w]
     first_frame: torch.Tensor | None = None  # TI2V: clean latent of frame 0, [B, z, 1, h, w]
     clip_fea: torch.Tensor | None = None  # WAN 2.1 I2V CLIP tokens
-
-
-def i2v_y(image_latents: torch.Tensor) -> torch.Tensor:
-    """[B, z, T, h, w] encoding of (image, zero frames) -> y [B, 4 + z, T, h, w]: the official mask is 1 on
-    all 4 channels of latent frame 0 (the 4 video frames folded into it) and 0 on the other frames."""
-    b, _, t, h, w = image_latents.shape
-    mask = torch.zeros(b, 4, t, h, w, dtype=image_latents.dtype, device=image_latents.device)
-    mask[:, :, 0] = 1.0
-    return torch.cat([mask, image_latents], dim=1)
-
-
-def pick_expert(experts: Sequence[Expert], t: float, boundary: float | None) -> Expert:
-    """High-noise expert for t >= boundary * 1000, low-noise below; a single DiT does every step."""
-    if len(experts) == 1:
-        return experts[0]
-    by_name = {e.name: e for e in experts}
-    if boundary is None:
-        raise ValueError("two experts need a boundary (timestep_boundary) to switch between them")
-    return by_name["high_noise"] if t >= boundary * 1000.0 else by_name["low_noise"]
 
 
 def _token_timesteps(t: torch.Tensor, latents: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Side-by-side evaluation: the same prompts and seeds under several model states, in one grid.
 
 A grid has one row per prompt and one column per state: the base model and LoRA strengths
-(`strength_columns`), or the saved checkpoints of a run (`checkpoint_columns`). `render_grid` renders every
+(`strength_columns`), or the saved checkpoints of a run (`library.evaluation.compare`). `render_grid` renders every
 cell, then writes `{stem}.mp4` (the grid video, each cell labelled), `{stem}.png` (contact sheet: per
 prompt, one labelled strip of frames per column), `{stem}.json` (settings per row, columns, errors) and,
 with `save_cells`, each cell's own MP4 under `{stem}_cells/`. A column whose setup fails (a corrupt
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .generate import SamplingModels, encode_requests, generate
-from .loras import LoadedLora, LoraSpec, attach_loras, detach_loras, expert_of_name, scale_strengths
+from .loras import LoadedLora, scale_strengths
 from .media import contact_sheet, grid_video, to_frames, write_json, write_mp4, write_png
 from .prompts import SampleRequest
 from .save import versions
@@ -89,117 +89,3 @@ def strength_columns(loaded: list[LoadedLora], strengths: list[float], compare_b
     for s in strengths:
         columns.append(Column(f"strength {s:g}", lambda s=s: scale_strengths(loaded, s) or {"strength": s}))
     return columns
-
-
-# ---- checkpoints of a run ---------------------------------------------------------------------------
-
-_CKPT = re.compile(r"^(?P<name>.+?)(?P<e1>_high_noise|_low_noise)?(?:-step(?P<step>\d{8})|-(?P<epoch>\d{6}))?"
-                   r"(?P<e2>_high_noise|_low_noise)?\.safetensors$")
-
-
-@dataclass
-class Checkpoint:
-    name: str
-    step: int | None
-    epoch: int | None
-    final: bool
-    files: list[Path] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        step = f"step {self.step}" if self.step is not None else None
-        if self.final:
-            return "final" + (f" ({step})" if step else "")
-        if self.epoch is not None:
-            return f"epoch {self.epoch}" + (f" ({step})" if step else "")
-        return step or self.name
-
-
-def _metadata_step(path: Path) -> int | None:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            value = (fh.metadata() or {}).get("ss_steps")
-        return int(value) if value not in (None, "") else None
-    except Exception:  # an unreadable file is reported when it is loaded
-        return None
-
-
-def find_checkpoints(folder: str | Path, name: str | None = None) -> list[Checkpoint]:
-    """Every saved LoRA of a run (musubi / our names, per-expert pairs grouped), sorted by step; the final
-    save last. Step of an epoch or final save comes from its `ss_steps` metadata when present."""
-    groups: dict[tuple, Checkpoint] = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        m = _CKPT.match(path.name)
-        if not m or (name and m["name"] != name):
-            continue
-        step, epoch = (int(m["step"]) if m["step"] else None), (int(m["epoch"]) if m["epoch"] else None)
-        key = (m["name"], step, epoch)
-        ckpt = groups.setdefault(key, Checkpoint(m["name"], step, epoch, final=step is None and epoch is None))
-        ckpt.files.append(path)
-    for ckpt in groups.values():
-        if ckpt.step is None:
-            ckpt.step = _metadata_step(ckpt.files[0])
-    order = lambda c: (c.final, c.step if c.step is not None else float("inf"), c.epoch or 0, c.name)  # noqa: E731
-    return sorted(groups.values(), key=order)
-
-
-def is_whole_dit(path: Path) -> bool:
-    """A checkpoint that is a whole DiT (a full fine-tune) rather than a LoRA: judged by its tensor names."""
-    from safetensors import safe_open
-
-    from library.wan.dit_formats import describe_checkpoint
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            keys = list(fh.keys())
-    except Exception:  # an unreadable file is reported when its column is set up
-        return False
-    return describe_checkpoint(keys) == "a WAN DiT"
-
-
-def checkpoint_columns(models: SamplingModels, checkpoints: list[Checkpoint], strength: float = 1.0,
-                       include_base: bool = False, base_files: dict[str, Path] | None = None) -> list[Column]:
-    """One column per checkpoint: its LoRA file(s) replace the previous column's; a whole-DiT checkpoint
-    (full fine-tuning) replaces the expert's weights instead, loaded like the base (`base_files` lets the
-    base column come back after one)."""
-    current: list[LoadedLora] = []
-    swapped: set[str] = set()
-
-    def load_expert(expert: str, path: Path) -> None:
-        from library.wan.loading import load_dit
-
-        old = models.experts[expert]
-        where = old.patch_embedding.weight  # never fp8: the device and dtype the expert runs in
-        models.experts[expert] = None  # let the old weights go before the new ones load
-        del old
-        models.experts[expert] = load_dit(path, device=where.device, dtype=where.dtype, task=models.variant.name)
-
-    def use(ckpt: Checkpoint | None):
-        def setup():
-            detach_loras(current)
-            current.clear()
-            if ckpt is None:
-                for expert in sorted(swapped):
-                    if not base_files or expert not in base_files:
-                        raise ValueError("the base column after a whole-DiT checkpoint needs the base files")
-                    load_expert(expert, base_files[expert])
-                swapped.clear()
-                return {"checkpoint": None}
-            dits = [p for p in ckpt.files if is_whole_dit(p)]
-            for path in dits:
-                expert = expert_of_name(path) or ("dit" if "dit" in models.experts else "low_noise")
-                load_expert(expert, path)
-                swapped.add(expert)
-            loras = [p for p in ckpt.files if p not in dits]
-            if loras:
-                current.extend(attach_loras([LoraSpec(p, strength) for p in loras], models.experts, models.variant))
-            models.networks[:] = [lo.network for lo in current]
-            return {"checkpoint": [str(p) for p in ckpt.files], "step": ckpt.step, "epoch": ckpt.epoch,
-                    "experts": sorted({expert_of_name(p) or "all" for p in ckpt.files}),
-                    "kind": "whole DiT" if dits else "LoRA"}
-        return setup
-
-    columns = [Column("base", use(None))] if include_base else []
-    return columns + [Column(c.label, use(c)) for c in checkpoints]

@@ -19,7 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .denoise import Conditioning, Expert, denoise, i2v_y
+from library.wan.conditioning import i2v_condition
+
+from .denoise import Conditioning, Expert, denoise
 from .prompts import PromptError, SampleRequest
 from .schedules import flow_schedule
 
@@ -169,7 +171,7 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
         image = load_image(s["image"], s["width"], s["height"], request.source)  # the VAE moves and casts it
         if variant.is_i2v:  # the image, then black frames, encoded as one clip
             clip = torch.cat([image, torch.zeros_like(image).expand(-1, -1, s["frames"] - 1, -1, -1)], dim=2)
-            cond.y = i2v_y(vae.encode(clip).float()).to(device)
+            cond.y = i2v_condition(vae.encode(clip).float()).to(device)
             if variant.image_embedding:
                 cond.clip_fea = _clip_features(models, image[:, :, 0], request.source).to(device)
         else:  # TI2V: the clean first latent frame

@@ -28,8 +28,12 @@ from library.wan.fp8 import FP8Config, FP8Report, quantize_block_fp8
 from library.wan.model import WanModel
 from library.wan.variants import WanVariant
 
-from .memory import apply_memory_features, place_model
-from .memory_plan import block_linear_params
+from library.runtime.memory import apply_memory_features, place_model
+from .engines.full import FullNetwork
+from .engines.fused import FusedBackwardOptimizer
+from .engines.parameters import select_trainable
+from .optimizers import build_optimizer
+from .planning.lora import block_linear_params
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +205,6 @@ def _expert(cfg: BenchConfig, device, seed: int):
     setup = apply_memory_features(model, cfg.memory, device)
     torch.manual_seed(seed)
     if cfg.full:
-        from .full import FullNetwork, select_trainable
-
         network = FullNetwork(model, select_trainable(model), None)
     else:
         network = lora_wan.create_network(1.0, cfg.rank, cfg.rank, None, None, model)
@@ -215,11 +217,7 @@ def _expert(cfg: BenchConfig, device, seed: int):
 
 
 def _optimizer(cfg: BenchConfig, params: list):
-    from .optim import build_optimizer
-
     if cfg.full and cfg.fused_backward_pass:
-        from .full import FusedBackwardOptimizer
-
         return FusedBackwardOptimizer([{"params": params, "lr": 1e-5}],
                                       lambda g: build_optimizer(g, cfg.optimizer, 1e-5, quiet=True),
                                       stochastic_seed=cfg.seed if cfg.full_bf16 else None)

@@ -12,14 +12,6 @@ from __future__ import annotations
 import torch
 
 
-def i2v_condition(image_latents: torch.Tensor) -> torch.Tensor:
-    """image_latents [B, z, T, h, w] -> y [B, 4 + z, T, h, w] (mask channels first)."""
-    b, _, t, h, w = image_latents.shape
-    mask = torch.zeros(b, 4, t, h, w, dtype=image_latents.dtype, device=image_latents.device)
-    mask[:, :, 0] = 1.0
-    return torch.cat([mask, image_latents], dim=1)
-
-
 def ti2v_condition(x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, use_image: torch.Tensor,
                    patch: tuple[int, int, int] = (1, 2, 2)):
     """Apply first-frame conditioning to the samples where `use_image` [B] is True.

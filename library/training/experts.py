@@ -18,6 +18,11 @@ import torch
 from library.wan.model import WanModel
 from library.wan.variants import WanVariant
 
+from library.config.schema import TrainConfig
+from library.runtime.memory import place_model
+from library.wan.conditioning import pick_expert as owner_of
+
+from .engines import TrainableNetwork
 from .flow_matching import TimestepSampler
 
 logger = logging.getLogger(__name__)
@@ -30,7 +35,7 @@ class Expert:
     sampler: TimestepSampler  # draws this expert's noise levels
     learning_rate: float
     network_dim: int
-    network: object = None  # the LoRA network attached to `model`
+    network: TrainableNetwork | None = None  # what trains on `model`: its LoRA, or its own weights
 
     @property
     def suffix(self) -> str:
@@ -84,11 +89,43 @@ def make_samplers(base: TimestepSampler, ranges: dict[str, tuple[float, float]])
             for name, (a, z) in ranges.items()}
 
 
-def pick_expert(experts: list[Expert], base: TimestepSampler, boundary: float | None, gen: torch.Generator,
-                tokens: int | None = None) -> Expert:
-    """The expert that trains this step: the owner of one draw from the full distribution."""
-    if len(experts) == 1:
-        return experts[0]
-    sigma = base.sample(1, gen, tokens).item()
-    name = "high_noise" if sigma >= boundary else "low_noise"
-    return next(e for e in experts if e.name == name)
+def base_sampler(cfg: TrainConfig) -> TimestepSampler:
+    """The configured timestep distribution over the full range (before any expert's restriction)."""
+    t = cfg.timesteps
+    return TimestepSampler(
+        method=t.timestep_sampling, shift=t.discrete_flow_shift, sigmoid_scale=t.sigmoid_scale,
+        logit_mean=t.logit_mean, logit_std=t.logit_std, mode_scale=t.mode_scale,
+        weighting_scheme=t.weighting_scheme,
+        min_timestep=0.0 if t.min_timestep is None else float(t.min_timestep),
+        max_timestep=1000.0 if t.max_timestep is None else float(t.max_timestep),
+        preserve_distribution_shape=t.preserve_distribution_shape,
+    )
+
+
+class ExpertRouter:
+    """Which expert trains a step, which owns a validation noise level, and (with `offload_inactive_dit`)
+    keeping only the expert in use on the accelerator."""
+
+    def __init__(self, experts: list[Expert], base: TimestepSampler, boundary: float | None, offload_inactive: bool,
+                 device: torch.device):
+        self.experts, self.base, self.boundary = experts, base, boundary
+        self.offload_inactive, self.device = offload_inactive, device
+
+    def draw(self, gen: torch.Generator, tokens: int | None = None) -> Expert:
+        """The expert that trains this step: the owner of one draw from the full distribution."""
+        if len(self.experts) == 1:
+            return self.experts[0]
+        return self.owner(self.base.sample(1, gen, tokens).item())
+
+    def owner(self, sigma: float) -> Expert:
+        """The expert that owns noise level `sigma` (0..1)."""
+        return owner_of(self.experts, sigma * 1000.0, self.boundary)
+
+    def activate(self, expert: Expert) -> None:
+        """With `offload_inactive_dit`, only the expert in use sits on the accelerator."""
+        if not self.offload_inactive or len(self.experts) == 1:
+            return
+        for other in self.experts:
+            target = self.device if other is expert else torch.device("cpu")
+            if other.model.patch_embedding.weight.device != target:
+                place_model(other.model, target)

@@ -25,8 +25,6 @@ class TrainingSampler:
         from library.wan.loading import load_clip_vision, load_text_encoder, load_vae
 
         s, m = cfg.sampling, cfg.model
-        if not (m.vae and m.t5):
-            raise ValueError("sample_prompts needs `vae` and `t5` (the prompts are encoded once at the start)")
         requests, errors = read_prompt_file(s.sample_prompts)
         for error in errors:
             logger.error("sample_prompts: %s (that prompt is skipped)", error)
@@ -40,10 +38,7 @@ class TrainingSampler:
         gc.collect()
         vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         clip = None
-        if variant.image_embedding:  # WAN 2.1 I2V: the start image's CLIP tokens, encoded per sample
-            if not m.clip:
-                raise ValueError(f"sample_prompts with {variant.name} (WAN 2.1 I2V) needs `clip`, the CLIP vision "
-                                 "file (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) for the start images")
+        if variant.image_embedding:  # WAN 2.1 I2V: the start image's CLIP tokens (`clip` checked by validate)
             clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
             clip = load_clip_vision(m.clip, device=device, dtype=clip_dtype)
         self.models = SamplingModels(

@@ -1,4 +1,4 @@
-"""The LoRA training run: `setup`, `train`, `save`, `cleanup`.
+"""The training run (LoRA or full fine-tuning): `setup`, `train`, `save`, `cleanup`.
 
     for each optimizer step:
         expert  <- the expert owning one draw of the timestep distribution   (experts.py)
@@ -14,42 +14,38 @@ run, so a resumed run continues with exactly the numbers the uninterrupted run w
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
 from library.config import save_config
 from library.config.schema import TrainConfig
+from library.wan.conditioning import i2v_condition
 from library.wan.variants import get_variant
 
-from . import checkpoint as ckpt
-from .conditioning import i2v_condition, ti2v_condition
-from .experts import pick_expert
-from .flow_matching import add_noise
+from . import checkpoints as ckpt
 from .advice import RunFacts, log_report
+from .assemble import build_experts
+from .checkpoints.state import load_state, restore_payload, save_state, state_payload
+from .checkpoints.weights import save_weights
+from .conditioning import ti2v_condition
+from .data import build_data
+from .engines.sharding import sharding
+from .experts import ExpertRouter, base_sampler, boundary_of
+from .flow_matching import add_noise
 from .logs import LossLog
 from .monitor import LossMonitor
-from .samples import TrainingSampler
-from .components import (RunState, auto_full_settings, build_data, build_experts, make_accelerator, resolve_run,
-                         sharding)
 from .optimization import build_optimization
+from .planning.auto import auto_full_settings
+from .run import RunState, make_accelerator, resolve_run
+from .samples import TrainingSampler
+from .seeding import derive_seed, generator
 
 logger = logging.getLogger(__name__)
 MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
 VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels of the validation loss
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from the run seed and a position (step, micro-step, sample, purpose)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def generator(*parts) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -83,7 +79,7 @@ class Trainer:
         payload = None
         if cfg.saving.resume:
             acc = self.accelerator
-            payload = ckpt.load_state(cfg.saving.resume, self.run_info.output_dir, self.run_info.output_name,
+            payload = load_state(cfg.saving.resume, self.run_info.output_dir, self.run_info.output_name,
                                       acc.process_index, acc.num_processes)
             self.run_info = replace(self.run_info, seed=payload["run_state"]["seed"])  # continue the same run
         self.state = RunState(seed=self.run_info.seed)
@@ -96,9 +92,11 @@ class Trainer:
                              f"fsdp sharding; resume it {'with' if payload['sharded'] else 'without'} `fsdp`")
         torch.manual_seed(derive_seed(self.run_info.seed, "init"))  # LoRA initialisation depends only on the seed
         self.experts = build_experts(cfg, self.variant, self.run_info, self.device, self.data)
+        self.router = ExpertRouter(self.experts, base_sampler(cfg), boundary_of(self.variant, cfg.timesteps.timestep_boundary),
+                                   cfg.memory.offload_inactive_dit, self.device)
         self.opt = build_optimization(cfg, self.experts, self.data, self.accelerator, self.run_info.seed)
         if payload is not None:
-            self.opt.load_state_payload(payload)
+            restore_payload(payload, self.experts, self.opt.optimizer, self.opt.scheduler, self.opt.sharded)
             self.state = RunState(**payload["run_state"])
             logger.info("resumed at step %d (epoch %d, batch %d)", self.state.global_step, self.state.epoch,
                         self.state.batch_in_epoch)
@@ -158,8 +156,8 @@ class Trainer:
         pos = (st.seed, st.global_step, st.batch_in_epoch % cfg.loop.gradient_accumulation_steps)
         shape = batch["latents"].shape  # [B, z, T, h, w]
         tokens = (shape[3] // 2) * (shape[4] // 2)  # tokens per frame, for flux_shift
-        expert = pick_expert(self.experts, self.opt.base_sampler, self.opt.boundary, generator(*pos, "expert"), tokens)
-        self.opt.activate(expert)
+        expert = self.router.draw(generator(*pos, "expert"), tokens)
+        self.router.activate(expert)
         self._seed_dropout(derive_seed(*pos, "dropout"))
         loss = self.loss(batch, expert, pos)
         self.last_keys = batch["keys"]
@@ -283,8 +281,8 @@ class Trainer:
         for expert in self.experts:
             expert.network.eval()
         for sigma_index, sigma in enumerate(VALIDATION_SIGMAS):
-            owner = self._owner(sigma)
-            self.opt.activate(owner)
+            owner = self.router.owner(sigma)
+            self.router.activate(owner)
             for batch in self.val_batches:
                 total += self.loss(batch, owner, (self.state.seed, "validation", sigma_index), sigma).item()
                 count += 1
@@ -296,12 +294,6 @@ class Trainer:
             self.accelerator.log({"loss/validation": value}, step=self.state.global_step)
             self.monitor.update_validation(self.state.global_step, value)
         return value
-
-    def _owner(self, sigma: float):
-        if len(self.experts) == 1:
-            return self.experts[0]
-        name = "high_noise" if sigma >= self.opt.boundary else "low_noise"
-        return next((e for e in self.experts if e.name == name), self.experts[0])
 
     @property
     def val_batches(self) -> list[dict]:
@@ -333,7 +325,7 @@ class Trainer:
         if kind != "interrupt":
             for expert in self.experts:
                 path = ckpt.lora_path(info.output_dir, info.output_name, expert.suffix, epoch, step)
-                self.opt.save_weights(expert, path, self.cfg, self.variant, st, write=self.is_main)
+                save_weights(expert, path, self.cfg, self.variant, st, self.opt.facts, write=self.is_main)
             if self.is_main:
                 suffixes = tuple(e.suffix for e in self.experts)
                 ckpt.prune(info.output_dir, info.output_name, "step", saving.save_last_n_steps, suffixes)
@@ -341,12 +333,12 @@ class Trainer:
         want_state = saving.save_state or kind == "interrupt" or (kind == "final" and saving.save_state_on_train_end)
         if want_state:
             folder = ckpt.state_dir(info.output_dir, info.output_name, epoch, step)
-            payload = self.opt.state_payload(st)
+            payload = state_payload(self.experts, self.opt.optimizer, self.opt.scheduler, asdict(st), sharded)
             if sharded:
-                ckpt.save_state(folder, payload, st.info(self.cfg), acc.process_index, acc.num_processes,
-                                acc.wait_for_everyone)
+                save_state(folder, payload, st.info(self.cfg), acc.process_index, acc.num_processes,
+                           acc.wait_for_everyone)
             else:
-                ckpt.save_state(folder, payload, st.info(self.cfg))
+                save_state(folder, payload, st.info(self.cfg))
             if self.is_main:
                 ckpt.prune(info.output_dir, info.output_name, "step-state", saving.save_last_n_steps_state)
                 ckpt.prune(info.output_dir, info.output_name, "epoch-state", saving.save_last_n_epochs_state)

@@ -1,1 +1,6 @@
-"""The WAN model family: DiT, VAEs, umT5 text encoder, checkpoint loading and attention backends."""
+"""The WAN model family: DiT (`model`), variants, both VAEs, umT5 text encoder, CLIP vision, checkpoint
+formats and loading, fp8 weights, attention backends, and the input facts shared by training and
+generation (`conditioning`: the I2V mask, which A14B expert owns a timestep).
+
+May import: torch, safetensors, transformers; nothing of the project outside `library.wan`. Knows nothing
+of datasets, training, LoRA or command lines."""

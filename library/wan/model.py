@@ -230,9 +230,7 @@ class WanModel(nn.Module):
 
     # Training facts, read by loaders, memory tools and the trainer.
     FP32_PARAM_PATTERNS = ("modulation", "norm", "time_embedding", "time_projection")
-    CHECKPOINTABLE = ("blocks",)
-    LORA_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
-                    "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")
+    CHECKPOINTABLE = ("blocks",)  # the LoRA targets are networks.lora_wan.WAN_TARGETS
 
     def __init__(self, variant: WanVariant):
         super().__init__()

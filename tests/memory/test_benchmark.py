@@ -75,7 +75,7 @@ def test_full_fine_tuning_mode(tmp_path):
     trains, the fused per-tensor optimizer steps, and the planner's estimate is printed beside the peak."""
     v = get_variant("t2v-A14B")
     lora, full = step_flops(v, 32760), step_flops(v, 32760, full=True)
-    from library.training.memory_plan import block_linear_params
+    from library.training.planning.lora import block_linear_params
 
     n = block_linear_params(v) * v.num_layers  # 2 N T more: the weight-gradient matmuls of every block Linear
     assert full - lora == 2 * n * 32760

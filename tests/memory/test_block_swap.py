@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from library.config.schema import MemoryArgs
-from library.training.block_swap import BlockSwapper, HostTransport
-from library.training.memory import ActivationOffloader, BlockRunner, apply_memory_features, place_model
+from library.runtime.block_swap import BlockSwapper, HostTransport
+from library.runtime.memory import ActivationOffloader, BlockRunner, apply_memory_features, place_model
 from library.wan.fp8 import FP8Linear
 from networks.lora_wan import create_network
 from tests.memory.conftest import deep_tiny, tiny_inputs, tiny_model
@@ -132,7 +132,7 @@ def test_apply_memory_features_without_cuda_is_a_logged_no_op(variant, caplog):
     model = tiny_model(variant)
     memory = MemoryArgs(blocks_to_swap=3, gradient_checkpointing=True, gradient_checkpointing_cpu_offload=True,
                         use_pinned_memory_for_block_swap=True)
-    with caplog.at_level(logging.INFO, logger="library.training.memory"):
+    with caplog.at_level(logging.INFO, logger="library.runtime.memory"):
         setup = apply_memory_features(model, memory, "cpu")
     assert "block swap needs a CUDA device: blocks_to_swap = 3 is ignored on cpu" in caplog.text
     assert "activation offload needs a CUDA device" in caplog.text
@@ -144,7 +144,7 @@ def test_apply_memory_features_without_cuda_is_a_logged_no_op(variant, caplog):
 def test_apply_memory_features_with_a_transport_swaps_and_turns_on_checkpointing(variant, caplog):
     model = tiny_model(variant)
     memory = MemoryArgs(blocks_to_swap=2, fp8_base=True, fp8_scaled=True)
-    with caplog.at_level(logging.WARNING, logger="library.training.memory"):
+    with caplog.at_level(logging.WARNING, logger="library.runtime.memory"):
         setup = apply_memory_features(model, memory, "cpu", transport=HostTransport())
     assert "turning on gradient_checkpointing" in caplog.text and model.gradient_checkpointing
     assert isinstance(model.block_runner.swapper, BlockSwapper) and setup.blocks_to_swap == 2

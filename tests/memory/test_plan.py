@@ -14,10 +14,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from library.config.schema import FineTuneArgs, MemoryArgs
-from library.training.memory_plan import (ACT_PER_C, ACT_PER_F, ACT_PER_RANK, GIB, Settings, Workload,
+from library.training.planning.lora import (ACT_PER_C, ACT_PER_F, ACT_PER_RANK, GIB, Settings, Workload,
                                           block_linear_params, block_other_params, estimate, lora_params,
                                           outer_params, plan_memory)
-from library.training.memory_plan_full import (ACT_FULL_PER_C, ACT_FULL_PER_F, FullSettings, FullWorkload,
+from library.training.planning.full import (ACT_FULL_PER_C, ACT_FULL_PER_F, FullSettings, FullWorkload,
                                                estimate_full, full_candidates, plan_full, state_bytes)
 from library.wan.model import WanModel, rope_tables
 from library.wan.variants import get_variant
@@ -229,7 +229,8 @@ def _state_tensor_bytes(optimizer) -> int:
 def _tiny_full_model(variant, full_bf16: bool, patterns: tuple = ()):
     """The tiny DiT set up for full fine-tuning the way the trainer does: loaded in fp32 (masters) or in bf16
     with the fp32 parameters kept, then FullNetwork (trainable masters, frozen weights in bf16)."""
-    from library.training.full import FullNetwork, select_trainable
+    from library.training.engines.full import FullNetwork
+    from library.training.engines.parameters import select_trainable
 
     v = get_variant(variant) if isinstance(variant, str) else variant
     torch.manual_seed(0)
@@ -255,7 +256,7 @@ def _loss(model, v):
                                                           (True, "AdaFactor", ()), (False, "AdaFactor", ()),
                                                           (False, "AdamW", (r"blocks\.1\.", "head"))])
 def test_full_state_bytes_equal_a_real_optimizer_step(full_bf16, optimizer, patterns):
-    from library.training.optim import build_optimizer
+    from library.training.optimizers import build_optimizer
 
     v, model, net = _tiny_full_model("t2v-tiny", full_bf16, patterns)
     opt = build_optimizer(net.get_trainable_params(), optimizer, 1e-3, quiet=True)
@@ -269,8 +270,8 @@ def test_full_state_bytes_equal_a_real_optimizer_step(full_bf16, optimizer, patt
 
 
 def test_fused_backward_pass_holds_one_gradient_at_a_time():
-    from library.training.full import FusedBackwardOptimizer
-    from library.training.optim import build_optimizer
+    from library.training.engines.fused import FusedBackwardOptimizer
+    from library.training.optimizers import build_optimizer
 
     v, model, net = _tiny_full_model("t2v-tiny", False)
     live = []

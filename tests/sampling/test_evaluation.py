@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from library.sampling.evaluation import checkpoint_columns, find_checkpoints, render_grid, strength_columns
+from library.evaluation.compare import checkpoint_columns
+from library.sampling.evaluation import render_grid, strength_columns
+from library.training.checkpoints import find_checkpoints
 from library.sampling.loras import LoraSpec, attach_loras, detach_loras
 from library.sampling.prompts import SampleRequest
 from tests.sampling.conftest import load_models, write_lora

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.sampling.denoise import Conditioning, Expert, denoise, i2v_y
+from library.sampling.denoise import Conditioning, Expert, denoise
+from library.wan.conditioning import i2v_condition as i2v_y
 from library.sampling.schedules import flow_schedule
 from library.sampling.solvers import make_solver
 from library.wan.variants import get_variant

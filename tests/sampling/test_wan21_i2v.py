@@ -80,7 +80,8 @@ def test_wan21_i2v_matches_diffusers_pipeline():
     except ImportError:
         from transformers import CLIPImageProcessor
 
-    from library.sampling.denoise import Conditioning, Expert, denoise, i2v_y
+    from library.sampling.denoise import Conditioning, Expert, denoise
+    from library.wan.conditioning import i2v_condition as i2v_y
     from library.sampling.schedules import flow_schedule
     from library.wan.loading import load_clip_vision
     from library.wan.variants import get_variant

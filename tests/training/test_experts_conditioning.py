@@ -7,9 +7,10 @@ import csv
 import pytest
 import torch
 
-from library.training import checkpoint as ckpt
-from library.training.conditioning import i2v_condition, ti2v_condition
-from library.training.experts import Expert, expert_ranges, make_samplers, pick_expert
+from library.training import checkpoints as ckpt
+from library.training.conditioning import ti2v_condition
+from library.wan.conditioning import i2v_condition
+from library.training.experts import Expert, ExpertRouter, expert_ranges, make_samplers
 from library.training.flow_matching import TimestepSampler
 from library.training.logs import LossLog
 from library.wan.variants import get_variant
@@ -42,7 +43,8 @@ def test_one_expert_alone_gets_its_range_and_contradictions_are_errors():
 def test_pick_expert_follows_the_mass_of_the_distribution():
     experts = [Expert(n, None, None, 1e-4, 4) for n in ("low_noise", "high_noise")]
     base = TimestepSampler(method="uniform")
-    picks = [pick_expert(experts, base, 0.875, torch.Generator().manual_seed(i)).name for i in range(4000)]
+    router = ExpertRouter(experts, base, 0.875, offload_inactive=False, device=torch.device("cpu"))
+    picks = [router.draw(torch.Generator().manual_seed(i)).name for i in range(4000)]
     share = picks.count("high_noise") / len(picks)
     assert abs(share - 0.125) < 0.02
 
@@ -97,7 +99,7 @@ def test_loss_log_csv_png_and_resume(tmp_path):
 
 
 def test_prefetch_keeps_order_and_raises_errors():
-    from library.training.components import prefetch
+    from library.training.data import prefetch
 
     assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from library.training.flow_matching import TimestepSampler, add_noise, shift_sigma
-from library.training.optim import build_optimizer, build_scheduler, warmup_steps_from
+from library.training.optimizers import build_optimizer, build_scheduler, warmup_steps_from
 
 
 def gen(seed=0):

@@ -168,7 +168,7 @@ def test_bucketed_gradient_averaging():
             calls.append(t.numel())
             return t * 0.5  # the other process contributed zeros
 
-    opt = Optimization([], None, None, params, None, None, 1, False, torch.device("cpu"))
+    opt = Optimization(None, None, params, total_steps=1)
     opt.average_gradients(TwoProcesses(), bucket_elements=6)
     assert calls == [8, 9]  # [3 + 5], [2 + 7]
     assert [p.grad.tolist() for p in params] == [[0.5] * 3, [1.0] * 5, [1.5] * 2, [0.0] * 7]
@@ -319,7 +319,7 @@ def test_an_accelerate_fsdp_or_deepspeed_launch_is_a_clear_error(workspace, tmp_
 
 
 def test_stochastic_rounding_is_unbiased():
-    from library.training.full import stochastic_round_bf16
+    from library.training.engines.fused import stochastic_round_bf16
 
     gen = torch.Generator().manual_seed(0)
     x = torch.full((200_000,), 1.0 + 2.0**-10)  # an eighth of the way from 1 to the next bf16 value (1 + 2^-7)
@@ -334,7 +334,7 @@ def test_stochastic_rounding_is_unbiased():
 def test_bf16_weights_keep_updates_below_the_bf16_step():
     """SGD steps of 1e-4 on weights at 1.0 (bf16 step 2^-7 = 0.0078): nearest rounding never moves them;
     the fused optimizer's stochastic rounding moves them by the right amount on average."""
-    from library.training.full import FusedBackwardOptimizer
+    from library.training.engines.fused import FusedBackwardOptimizer
 
     def run(seed):
         w = torch.nn.Parameter(torch.ones(50_000, dtype=torch.bfloat16))
@@ -410,9 +410,10 @@ def test_image_to_video_variants_fine_tune(tmp_path, task, extra):
 
 
 def test_auto_memory_picks_a_full_fine_tuning_rung_this_config_allows(workspace, tmp_path, monkeypatch):
-    from library.training import memory_plan
-    from library.training.components import auto_full_settings, build_data, largest_bucket
-    from library.training.memory_plan_full import FullSettings, FullWorkload, estimate_full
+    from library.training.planning import lora as memory_plan
+    from library.training.data import build_data
+    from library.training.planning.auto import auto_full_settings, largest_bucket
+    from library.training.planning.full import FullSettings, FullWorkload, estimate_full
 
     cfg = validate(config_from_dict(ft_settings(workspace, tmp_path, auto_memory=True, mixed_precision="bf16")))
     trainer = Trainer(cfg)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from library.training.pick import format_report, rank_checkpoints
+from library.evaluation.pick import format_report, rank_checkpoints
 from tests.helpers import REPO
 
 

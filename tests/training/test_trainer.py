@@ -365,7 +365,7 @@ def cuda_math_flags():
 
 def test_cuda_flags_are_set(cuda_math_flags):
     from library.config.schema import CompileArgs
-    from library.training.compiling import set_cuda_flags
+    from library.runtime.compiling import set_cuda_flags
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.benchmark = False
@@ -389,7 +389,7 @@ def _random_lora(model, path: Path, seed: int, rank: int = 2, expert: str | None
 
 
 def test_base_weights_are_merged_per_expert_before_training(workspace, tmp_path):
-    from library.training.base_weights import assign_base_weights
+    from library.training.engines.base_weights import assign_base_weights
     from library.wan.loading import load_dit
 
     m = workspace["models"]

@@ -14,6 +14,8 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from library.training.checkpoints import find_checkpoints
+
 OVERFIT_RISE = 0.05  # a validation loss this much above its minimum, later in the run, reads as overfitting
 
 
@@ -54,8 +56,6 @@ def _at_or_before(series: dict[int, float], step: int) -> float | None:
 
 
 def rank_checkpoints(run_dir: str | Path, output_name: str | None = None) -> Report:
-    from library.sampling.evaluation import find_checkpoints
-
     run_dir = Path(run_dir)
     found = find_checkpoints(run_dir, output_name)
     if not found:

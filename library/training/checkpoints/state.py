@@ -1,45 +1,23 @@
-"""What a run leaves on disk, written atomically: LoRA files with musubi-tuner's names, training state
-folders that `resume` continues from exactly, and the pruning of old saves.
-
-File names (per expert, the expert's suffix follows the output name):
-    {output_name}{_expert}.safetensors                 the final save
-    {output_name}{_expert}-{epoch:06d}.safetensors     every N epochs
-    {output_name}{_expert}-step{step:08d}.safetensors  every N steps
-State folders: the same stems with `-state` (and no expert suffix): one folder holds every expert.
-"""
+"""The training state `resume` continues from exactly: one folder per save (`*-state`), written
+atomically as a folder, with the payload (network weights, optimizer, scheduler, run position) and a
+readable JSON summary; a sharded (fsdp) run writes one payload file per process."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from ..engines.sharding import restore_sharded_optimizer, sharded_optimizer_state
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 STATE_INFO = "training_state.json"
-
-
-def stem(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
-    if step is not None:
-        return f"{output_name}-step{step:08d}"
-    if epoch is not None:
-        return f"{output_name}-{epoch:06d}"
-    return output_name
-
-
-def lora_path(output_dir: Path, output_name: str, expert_suffix: str = "", epoch: int | None = None,
-              step: int | None = None) -> Path:
-    return Path(output_dir) / (stem(output_name + expert_suffix, epoch, step) + ".safetensors")
-
-
-def state_dir(output_dir: Path, output_name: str, epoch: int | None = None, step: int | None = None) -> Path:
-    return Path(output_dir) / (stem(output_name, epoch, step) + "-state")
 
 
 def state_file(rank: int = 0) -> str:
@@ -116,16 +94,23 @@ def load_state(folder: str | os.PathLike, output_dir: Path | None = None, output
     return payload
 
 
-def prune(output_dir: Path, output_name: str, kind: str, keep: int | None, suffixes: tuple[str, ...] = ("",)) -> None:
-    """Keep only the newest `keep` epoch or step saves (LoRA files per expert suffix, or state folders)."""
-    if not keep or keep <= 0:
-        return
-    pattern = r"-step(\d{8})" if kind.startswith("step") else r"-(\d{6})"
-    for suffix in suffixes:
-        is_state = kind.endswith("state")
-        tail = "-state" if is_state else r"\.safetensors"
-        regex = re.compile("^" + re.escape(output_name + ("" if is_state else suffix)) + pattern + tail + "$")
-        found = sorted((int(m.group(1)), p) for p in Path(output_dir).iterdir() if (m := regex.match(p.name)))
-        for _, path in found[:-keep]:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-            logger.info("removed old save %s", path.name)
+def state_payload(experts: list, optimizer, scheduler, run_state: dict, sharded: bool) -> dict:
+    """What resuming needs (this process's shards when sharded): every expert's trained weights, the
+    optimizer and schedule, and where the run is."""
+    return {
+        "run_state": run_state,
+        "networks": {e.name: e.network.state_dict() for e in experts},
+        "optimizer": sharded_optimizer_state(optimizer) if sharded else optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
+
+
+def restore_payload(payload: dict, experts: list, optimizer, scheduler, sharded: bool) -> None:
+    """Put a `state_payload` back into this run's networks, optimizer and schedule."""
+    for expert in experts:
+        expert.network.load_state_dict(payload["networks"][expert.name])
+    if sharded:
+        restore_sharded_optimizer(optimizer, payload["optimizer"])
+    else:
+        optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
+from library.sampling.loras import LoraSpec, assign_experts, attach_loras
+
 logger = logging.getLogger(__name__)
 
 
 def assign_base_weights(network_args, expert_names: list[str]) -> list[tuple[object, str]]:
     """(LoraSpec, expert) pairs of the configured `base_weights`, over every expert of the run."""
-    from library.sampling.loras import LoraSpec, assign_experts
-
     files = network_args.base_weights
     if not files:
         return []
@@ -33,8 +33,6 @@ def assign_base_weights(network_args, expert_names: list[str]) -> list[tuple[obj
 @torch.no_grad()
 def merge_base_weights(model: torch.nn.Module, expert: str, assigned: list[tuple[object, str]], variant) -> int:
     """Merge this expert's share of `assigned` into `model`'s weights; returns the number of files merged."""
-    from library.sampling.loras import attach_loras
-
     mine = [(spec, name) for spec, name in assigned if name == expert]
     if not mine:
         return 0

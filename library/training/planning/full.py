@@ -25,9 +25,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
+from library.training.engines.parameters import select_trainable
+from library.wan.model import WanModel
 from library.wan.variants import WanVariant, get_variant
 
-from .memory_plan import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload
+from .lora import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload
 
 # Saved for backward by one block whose own weights train, per token (measured like ACT_PER_C, on fp32
 # weights under bf16 autocast with a trainable timestep embedding): 22 C more than a LoRA block without its
@@ -71,6 +75,14 @@ class FullSettings:
     fsdp: bool = False
     fsdp_cpu_offload: bool = False
 
+    def apply(self, memory, finetune):
+        """Copies of a `MemoryArgs` and a `FineTuneArgs` with these settings."""
+        return (dataclasses.replace(memory, gradient_checkpointing=self.checkpointing,
+                                    gradient_checkpointing_cpu_offload=self.offload_activations),
+                dataclasses.replace(finetune, full_fine_tune=True, full_bf16=self.full_bf16,
+                                    fused_backward_pass=self.fused_backward_pass, fsdp=self.fsdp,
+                                    fsdp_cpu_offload=self.fsdp_cpu_offload))
+
     def label(self) -> str:
         parts = ["bf16" if self.full_bf16 else "fp32 masters"]
         if self.checkpointing:
@@ -101,12 +113,6 @@ def param_inventory(v: WanVariant, include: tuple[str, ...] = (),
                     exclude: tuple[str, ...] = ()) -> tuple[ParamInfo, ...]:
     """Every DiT parameter (from a meta-device model) and whether it trains (`trainable_patterns` /
     `frozen_patterns`, chosen exactly as the trainer chooses them)."""
-    import torch
-
-    from library.wan.model import WanModel
-
-    from .full import select_trainable
-
     with torch.device("meta"):
         model = WanModel(v)
     trainable = set(select_trainable(model, include, exclude))
@@ -265,12 +271,7 @@ class FullPlan:
 
     def apply(self, memory, finetune):
         """Copies of a `MemoryArgs` and a `FineTuneArgs` with the planned settings."""
-        s = self.settings
-        return (dataclasses.replace(memory, gradient_checkpointing=s.checkpointing,
-                                    gradient_checkpointing_cpu_offload=s.offload_activations),
-                dataclasses.replace(finetune, full_fine_tune=True, full_bf16=s.full_bf16,
-                                    fused_backward_pass=s.fused_backward_pass, fsdp=s.fsdp,
-                                    fsdp_cpu_offload=s.fsdp_cpu_offload))
+        return self.settings.apply(memory, finetune)
 
     def table(self) -> str:
         w = self.workload

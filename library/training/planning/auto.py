@@ -1,0 +1,71 @@
+"""`auto_memory`: the memory settings the planner chooses for this card and the dataset's largest
+bucket, for LoRA training (`lora.plan_memory`) and for full fine-tuning (`full.plan_full`), where a rung
+is only taken if the config's own rules (`library.config.validate`) accept it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from library.config import ConfigError, validate
+from library.config.schema import TrainConfig
+from library.wan.variants import WanVariant
+
+from . import lora
+from .full import plan_full
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_experts: int):
+    """The memory settings to use: the configured ones, or with `auto_memory` the planner's choice for
+    this card and the largest bucket of the dataset."""
+    if not cfg.memory.auto_memory:
+        return cfg.memory
+    vram = lora.detect_vram_gb(device)
+    if vram is None:
+        logger.warning("auto_memory: no CUDA device, keeping the configured memory settings")
+        return cfg.memory
+    width, height, frames, batch = largest_bucket(data)
+    plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
+                       cfg.optimizer.optimizer_type, experts=n_experts)
+    logger.info("auto_memory plan for %.0f GiB:\n%s", vram, plan.table())
+    return plan.apply(cfg.memory)
+
+
+def largest_bucket(data) -> tuple[int, int, int, int]:
+    """(width, height, frames, batch size) of the most expensive batch the datasets can produce."""
+    width, height, frames = max((item.bucket for ds in data.datasets for item in ds.items),
+                                key=lambda b: b[0] * b[1] * b[2])
+    return width, height, frames, max(ds.batch_size for ds in data.datasets)
+
+
+def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data, device, processes: int) -> TrainConfig:
+    """`auto_memory` for full fine-tuning: the first rung of the planner's full fine-tuning ladder that fits
+    this card at the dataset's largest bucket and that this config allows (no fused pass with gradient
+    accumulation or fp16, no full_bf16 without bf16, no fsdp with samples during training: `validate`)."""
+    vram = lora.detect_vram_gb(device)
+    if vram is None:
+        logger.warning("auto_memory: no CUDA device, keeping the configured memory settings")
+        return cfg
+    width, height, frames, batch = largest_bucket(data)
+    ft = cfg.finetune
+
+    def allowed(settings) -> bool:  # the config's own rules decide, not a copy of them
+        memory, finetune = settings.apply(cfg.memory, ft)
+        try:
+            validate(replace(cfg, memory=memory, finetune=finetune))
+        except ConfigError:
+            return False
+        return True
+
+    plan = plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
+                     2 if cfg.model.dit_high_noise else 1, ft.trainable_patterns, ft.frozen_patterns, allow=allowed)
+    chosen, estimate = plan.settings, plan.estimate
+    if not plan.fits:
+        logger.warning("auto_memory: nothing fits %.0f GiB (%.1f GiB estimated with %s); trying it anyway", vram,
+                       estimate.total, chosen.label())
+    logger.info("auto_memory for full fine-tuning on %.0f GiB, %dx%dx%d: %s (%.1f GiB estimated per process)", vram,
+                width, height, frames, chosen.label(), estimate.total)
+    memory, finetune = plan.apply(cfg.memory, ft)
+    return validate(replace(cfg, memory=memory, finetune=finetune))
