@@ -36,31 +36,55 @@ THRESHOLD_HELP = {
 }
 
 
+def _count(minimum: int):
+    """An argparse type: a whole number >= minimum (a bad value is a usage error, exit status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
+        return value
+    parse.__name__ = f"whole number >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, help="folders (searched recursively) or files")
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--resolution", type=int, default=512, help="square side, or the bucket area's side")
+    parser.add_argument("--resolution", type=_count(1), default=512, help="square side, or the bucket area's side")
     parser.add_argument("--keep_aspect", action="store_true", help="keep the aspect (for bucketing), no square crop")
-    parser.add_argument("--frames", type=int, default=17, help="frames per clip, 1 + 4k (17 or 21 suit 24 fps)")
-    parser.add_argument("--target_fps", type=float, default=None, help="clip fps (default 24, or the model's)")
+    parser.add_argument("--frames", type=_count(1), default=17, help="frames per clip, 1 + 4k (17 or 21 suit 24 fps)")
+    parser.add_argument("--target_fps", type=_positive_float, default=None, help="clip fps (default 24, or the model's)")
     parser.add_argument("--task", default=None, help="a WAN task (t2v-A14B, ti2v-5B, ...) whose fps to use")
     parser.add_argument("--no_crop_bars", action="store_true", help="keep letterbox / pillarbox bars")
     parser.add_argument("--color_normalize", action="store_true", help="white balance + luma stretch per item")
     parser.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4",
                         help="mp4 (mp4v), mkv (lossless FFV1) or png (a folder of frames per clip)")
     parser.add_argument("--cut_threshold", type=float, default=0.5, help="1 - correlation that counts as a cut")
-    parser.add_argument("--cut_margin", type=int, default=2, help="source frames kept away from a cut")
-    parser.add_argument("--clip_gap", type=int, default=0, help="source frames skipped between clips")
-    parser.add_argument("--max_clips_per_video", type=int, default=0, help="0 = as many as fit")
-    parser.add_argument("--keep_best", type=int, default=0, help="keep only the N best by combined score")
+    parser.add_argument("--cut_margin", type=_count(0), default=2, help="source frames kept away from a cut")
+    parser.add_argument("--clip_gap", type=_count(0), default=0, help="source frames skipped between clips")
+    parser.add_argument("--max_clips_per_video", type=_count(0), default=0, help="0 = as many as fit")
+    parser.add_argument("--keep_best", type=_count(0), default=0, help="keep only the N best by combined score")
     parser.add_argument("--skip_filters", nargs="*", default=[], choices=FILTER_NAMES, help="filters to turn off")
     defaults = Thresholds()
     for f in fields(Thresholds):
         parser.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
                             help=THRESHOLD_HELP[f.name])
-    parser.add_argument("--batch_size", type=int, default=1, help="batch_size written to dataset.toml")
+    parser.add_argument("--batch_size", type=_count(1), default=1, help="batch_size written to dataset.toml")
     parser.add_argument("--caption_extension", default=".txt")
     parser.add_argument("--force", action="store_true", help="analyse every source again, ignoring the cache")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -76,6 +100,22 @@ def resolve_fps(target_fps: float | None, task: str | None) -> float:
 
         return float(get_variant(task).fps)
     return 24.0
+
+
+def check_resolution(resolution: int, task: str | None) -> None:
+    """ValueError unless --resolution is a multiple of the bucket step (the task's, else 16): the dataset.toml
+    written here would otherwise be refused by the caching tools."""
+    from library.data.buckets import bucket_step
+
+    step = 16
+    if task:
+        from library.wan.variants import get_variant
+
+        step = bucket_step(get_variant(task).vae)
+    if resolution % step:
+        down, up = max(step, resolution // step * step), -(-resolution // step) * step
+        raise ValueError(f"--resolution {resolution} is not a multiple of {step}, the bucket step of "
+                         f"{task or 'the WAN 2.1 VAE (32 for the WAN 2.2 VAE of ti2v-5B)'}; use {down} or {up}")
 
 
 def config_from_args(args: argparse.Namespace) -> PrepConfig:
@@ -96,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        check_resolution(args.resolution, args.task)
         config = config_from_args(args)
         from library.prep.scenes import check_frame_count
 
@@ -103,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         result = prepare_dataset(config)
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an output folder that is a file or cannot be written, a full disk
+        print(f"error: {error.filename or args.output_dir}: {error.strerror or error}", file=sys.stderr)
         return 2
     s = result.summary
     print(f"{s['sources']} sources -> {s['items']} items: kept {s['kept']} ({s['kept_images']} images, "

@@ -1,5 +1,7 @@
 """Aspect-ratio buckets: sizes at the area of `resolution`, in steps of the VAE stride times the DiT
-patch size (16 for the WAN 2.1 VAE, 32 for the WAN 2.2 VAE), and the choice of a bucket per item.
+patch size (16 for the WAN 2.1 VAE, 32 for the WAN 2.2 VAE), and the choice of a bucket per item. A
+`resolution` whose sides are not multiples of that step is refused (`resolution_problem`), not rounded:
+the user chose an area and an aspect, and a rounded one would train another size than the TOML says.
 
 A bucket is (W, H) for the spatial part; datasets add the frame count F, and a batch only ever holds
 items of one (W, H, F) bucket. Media are resized to cover the bucket, then centre-cropped.
@@ -22,6 +24,21 @@ def bucket_step(vae_kind: str) -> int:
     if stride is None:
         raise ValueError(f"unknown VAE kind {vae_kind!r}; expected '2.1' or '2.2'")
     return stride * PATCH_SIZE
+
+
+def resolution_problem(resolution: tuple[int, int], step: int) -> str | None:
+    """Why `resolution` (W, H) cannot be used with bucket step `step`, else None. Every side must be a
+    multiple of the step: then the resolution is itself a bucket, and media of its aspect are never cropped.
+    Otherwise the buckets at its area skip that aspect ([60, 60] with step 16 has no square bucket: square
+    images land in 64x48 and lose a quarter of their height), and a fixed bucket shrinks."""
+    if all(side % step == 0 for side in resolution):
+        return None
+    down = [max(step, side // step * step) for side in resolution]
+    up = [-(-side // step) * step for side in resolution]
+    vae = {16: "the WAN 2.1 VAE's stride 8", 32: "the WAN 2.2 VAE's stride 16"}.get(step, f"stride {step // 2}")
+    choices = f"{down} or {up}" if down != up else f"{up}"
+    return (f"resolution = {list(resolution)} is not a multiple of {step} ({vae} x the DiT patch 2): buckets would "
+            f"silently crop or shrink every item; use {choices}")
 
 
 @lru_cache(maxsize=64)

@@ -18,8 +18,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .buckets import select_bucket
-from .dataset_config import DatasetSpec, round_frames
+from .buckets import resolution_problem, select_bucket
+from .dataset_config import DatasetConfigError, DatasetSpec, round_frames
 from .video_io import (VIDEO_EXTENSIONS, MediaError, frame_files, is_image_file, is_video_source, missing_reason, probe,
                        resample_indices)
 
@@ -209,7 +209,11 @@ def captioned_sources(spec: DatasetSpec) -> tuple[list[tuple[Path, str, str]], l
 
 
 def enumerate_dataset(spec: DatasetSpec, step: int, model_fps: float) -> tuple[list[MediaItem], list[Skip]]:
-    """All usable items of one dataset, and the skipped sources with reasons (in name order)."""
+    """All usable items of one dataset, and the skipped sources with reasons (in name order). Raises
+    DatasetConfigError for a `resolution` the task's bucket step cannot honour."""
+    problem = resolution_problem(spec.resolution, step)
+    if problem is not None:
+        raise DatasetConfigError(f"{spec.where()}: {problem}")
     sources, skips = captioned_sources(spec)
     items: list[MediaItem] = []
     for media, caption, caption_source in sources:

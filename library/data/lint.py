@@ -160,6 +160,10 @@ def _lint_spec(ctx: _Context, position: int, spec: DatasetSpec) -> None:
     except MediaError as exc:
         report.add("error", "config", str(exc), "fix the path in the dataset TOML", position, spec.source)
         return
+    except DatasetConfigError as exc:  # a resolution the task's buckets cannot honour
+        report.add("error", "config", str(exc), "set `resolution` in the dataset TOML to one of those values",
+                   position, spec.config_path)
+        return
     for skip in caption_skips:
         _caption_finding(report, position, spec, Path(skip.path), skip.reason)
     _check_dataset_fps(ctx, position, spec)

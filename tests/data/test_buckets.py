@@ -52,3 +52,30 @@ def test_no_upscale_errors_name_the_file():
                                "use a larger source, lower `resolution`, set enable_bucket or unset bucket_no_upscale")
     with pytest.raises(MediaError, match="smaller than the smallest bucket side 32"):
         select_bucket(20, 200, (512, 512), 32, enable_bucket=True, no_upscale=True, name="thin.png")
+
+
+def test_a_resolution_off_the_step_is_refused_with_the_nearest_valid_values():
+    from library.data.buckets import resolution_problem
+
+    assert resolution_problem((1280, 704), 32) is None and resolution_problem((832, 480), 16) is None
+    assert resolution_problem((1280, 720), 32) == (
+        "resolution = [1280, 720] is not a multiple of 32 (the WAN 2.2 VAE's stride 16 x the DiT patch 2): buckets "
+        "would silently crop or shrink every item; use [1280, 704] or [1280, 736]")
+    assert resolution_problem((60, 60), 16).endswith("use [48, 48] or [64, 64]")
+    assert resolution_problem((20, 20), 32).endswith("use [32, 32]")
+    # the crop it prevents: no square bucket at the area of 60 x 60, so a square image loses a quarter
+    assert select_bucket(60, 60, (60, 60), 16, enable_bucket=True, no_upscale=False) == (64, 48)
+
+
+def test_training_and_caching_refuse_it_before_reading_media(tmp_path):
+    from library.data.dataset_config import DatasetConfigError, load_dataset_config
+    from library.data.datasets import DatasetError, build_train_datasets
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "d.toml").write_text("[general]\nresolution = [1280, 720]\n[[datasets]]\nimage_directory = 'imgs'\n")
+    config = load_dataset_config(tmp_path / "d.toml")
+    with pytest.raises(DatasetError, match="no usable item"):  # the WAN 2.1 VAE's step 16 accepts it
+        build_train_datasets(config, "t2v-tiny")
+    with pytest.raises(DatasetConfigError, match=r"\[\[datasets\]\] #0 .*: resolution = \[1280, 720\] is not a "
+                                                 r"multiple of 32 .* use \[1280, 704\] or \[1280, 736\]"):
+        build_train_datasets(config, "ti2v-tiny")

@@ -44,6 +44,11 @@ ITEMS = {
 
 # name: (edit the demo copy, the message; both tools refuse the dataset TOML)
 CONFIGS = {
+    "resolution not a multiple of the bucket step": (
+        _config_line("resolution = [32, 32]", "resolution = [60, 60]"),
+        "dataset.toml: [[datasets]] #0 ({root}/images): resolution = [60, 60] is not a multiple of 16 (the WAN 2.1 "
+        "VAE's stride 8 x the DiT patch 2): buckets would silently crop or shrink every item; use [48, 48] or "
+        "[64, 64]"),
     "cache folder is a file": (
         _cache_folder_is_a_file,
         "dataset.toml: [[datasets]] #0 ({root}/images): cache_directory {root}/cache/images is inside {root}/cache, "

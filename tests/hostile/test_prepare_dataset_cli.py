@@ -45,3 +45,30 @@ def test_a_bad_source_is_dropped_with_its_reason(demo_source, tmp_path, case):
     others = [entry for source, entry in entries.items() if source != str(bad)]
     assert {entry["source"] for entry in others} == {str(raw / n) for n in ("clip_000.mp4", "clip_001.mp4", "img_000.png")}
     assert all(entry["kind"] != "source" for entry in others)  # each analysed into items
+
+
+# name: (flags, what the command says); each stops before anything is read or written
+FLAGS = {
+    "resolution not a multiple of 16": (
+        ["--resolution", "500"], "error: --resolution 500 is not a multiple of 16, the bucket step of the WAN 2.1 VAE "
+                                 "(32 for the WAN 2.2 VAE of ti2v-5B); use 496 or 512"),
+    "resolution not a multiple of ti2v-5B's 32": (
+        ["--resolution", "528", "--task", "ti2v-5B"],
+        "error: --resolution 528 is not a multiple of 32, the bucket step of ti2v-5B; use 512 or 544"),
+    "frames not 1 + 4k": (["--frames", "16"], "error: clip frames 16 is not 1 + 4k (WAN's VAE needs it); use 13 or 17"),
+    "batch size 0": (["--batch_size", "0"], "error: argument --batch_size: '0' is not a whole number >= 1"),
+    "negative keep_best": (["--keep_best", "-3"], "error: argument --keep_best: '-3' is not a whole number >= 0"),
+    "fps not a number": (["--target_fps", "nan"], "error: argument --target_fps: 'nan' is not a positive number"),
+    "unknown task": (["--task", "t2v-A15B"], "error: unknown WAN task 't2v-A15B'; valid tasks: "),
+    "output folder is a file": (["--output_dir", "{tmp}/raw/img_000.png"], "error: {tmp}/raw/img_000.png: File exists"),
+}
+
+
+@pytest.mark.parametrize("case", FLAGS, ids=list(FLAGS))
+def test_bad_flags_are_refused(demo_source, tmp_path, case):
+    flags, message = FLAGS[case]
+    shutil.copytree(demo_source / "images", tmp_path / "raw")
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    result = run_tool("prepare_dataset", tmp_path / "raw", "--output_dir", tmp_path / "out", *flags, "--quiet")
+    assert_refused(result, message.format(tmp=tmp_path))
+    assert not (tmp_path / "out").exists()
