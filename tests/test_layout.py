@@ -190,3 +190,19 @@ def test_the_checker_sees_a_circle_and_an_upward_import(tmp_path, monkeypatch):
         assert layer_of(package_of("library.training.t")) > layer_of(package_of("library.wan.b"))
     finally:
         imports_of.cache_clear()
+
+
+LONG_ALLOWED = {"library/wan/model.py"}  # the one self-contained DiT file (DESIGN.md, Models)
+
+
+def test_no_module_over_400_lines_but_the_dit():
+    shipped = [*(REPO / "library").rglob("*.py"), *(REPO / "networks").rglob("*.py"), *(REPO / "tools").glob("*.py"),
+               *(REPO / "finetune").glob("*.py"), *REPO.glob("*.py")]
+    long = {p.relative_to(REPO).as_posix(): n for p in shipped
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert set(long) <= LONG_ALLOWED, long
+
+
+def test_fp8_format_stands_alone():
+    """The fp8 format, maths and layer import nothing else of the project; fp8 loading builds on them."""
+    assert imports_of("library.wan.fp8") == frozenset()
