@@ -178,11 +178,21 @@ class CachedDataset(torch.utils.data.Dataset):
         digest = hashlib.sha256(f"{self.seed}:{epoch}:{item.key}".encode()).digest()
         return int.from_bytes(digest[:8], "little") / 2**64 < self.caption_dropout_rate
 
+    def _load(self, path: Path) -> dict[str, torch.Tensor]:
+        """A cache file's tensors, verified at its first read; a corrupt one is a CacheError naming it and the
+        commands that rebuild it (they rebuild only what is stale or corrupt)."""
+        try:
+            return self._memo.load(path)
+        except cache.CacheCorruptError as exc:
+            raise CacheError(f"{self.spec.where()}: {exc}. Nothing was trained on it; rebuild it (the caching tools "
+                             f"rebuild only what is stale or corrupt):\n"
+                             f"{cache_commands(self.spec.config_path, self.info.task, self.info.needs_clip)}") from None
+
     def get(self, index: int, epoch: int) -> dict:
         item = self.items[index]
-        tensors = self._memo.load(self.latent_path(item))
+        tensors = self._load(self.latent_path(item))
         caption = "" if self.drop_caption(item, epoch) else item.caption
-        context = self._memo.load(cache.text_cache_path(self.spec.cache_directory, caption))["t5"]
+        context = self._load(cache.text_cache_path(self.spec.cache_directory, caption))["t5"]
         return {
             "latents": tensors["latents"],  # [z, T, h, w] bf16 as stored
             "image_latents": tensors.get("image_latents") if self.info.is_i2v else None,

@@ -48,14 +48,30 @@ class CacheSummary:
     reused: int = 0
     skipped: list[Skip] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)  # "PATH: reason" of cache files found corrupt (rebuilt)
+    unverified: int = 0  # cache files from before content checksums (rebuilt once)
 
     @property
     def ok(self) -> bool:
         return not self.errors
 
+    def note_rebuild(self, path: Path, problem: str) -> None:
+        """Record why an existing cache file is rebuilt: corrupt files are listed in the report, files from
+        before checksums counted, stale ones (settings or source changed) only logged."""
+        if problem.startswith(("corrupt", "unreadable")):
+            self.corrupt.append(f"{path}: {problem}")
+        elif problem == cache.UNVERIFIED:
+            self.unverified += 1
+        else:
+            logger.info("rebuilding %s: %s", path.name, problem)
+
     def report(self) -> str:
         lines = [f"{self.what}: {self.cached} cached, {self.reused} reused (fresh), {len(self.skipped)} skipped"]
         lines += [f"  skipped {skip}" for skip in self.skipped]
+        lines += [f"  rebuilt {corrupt}" for corrupt in self.corrupt]
+        if self.unverified:
+            lines.append(f"  rebuilt {self.unverified} cache file(s) {cache.UNVERIFIED} (once, so that they can be "
+                         "verified from now on)")
         lines += [f"  ERROR {error}" for error in self.errors]
         return "\n".join(lines)
 
@@ -166,12 +182,13 @@ def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, cl
         path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
         problem = cache.latent_cache_problem(path, item, latent_settings(item, info.vae_kind),
                                              need_image_latents=info.is_i2v, vae_hash=vae_hash,
-                                             need_clip_fea=info.needs_clip, clip_hash=clip_hash)
+                                             need_clip_fea=info.needs_clip, clip_hash=clip_hash,
+                                             verify_content=True)
         if problem is None:
             summary.reused += 1
             continue
         if problem != "missing":
-            logger.info("rebuilding %s: %s", path.name, problem)
+            summary.note_rebuild(path, problem)
         todo.append((spec, item))
     return sorted(todo, key=lambda e: e[1].bucket)
 

@@ -88,8 +88,14 @@ def run_text_caching(config: DatasetConfig, get_encoder, encoder_fp: str, tokeni
     warn_long_captions(captions, tokenizer)
     todo = []
     for caption in split_for_rank(sorted(captions), rank, world_size):
-        stale = [d for d in captions[caption]["dirs"]
-                 if cache.text_cache_problem(cache.text_cache_path(d, caption), caption, encoder_fp)]
+        stale = []
+        for cache_dir in captions[caption]["dirs"]:
+            path = cache.text_cache_path(cache_dir, caption)
+            problem = cache.text_cache_problem(path, caption, encoder_fp, verify_content=True)
+            if problem:
+                stale.append(cache_dir)
+                if problem != "missing":
+                    summary.note_rebuild(path, problem)
         if stale:
             todo.append((caption, stale))
         else:

@@ -139,9 +139,11 @@ def test_tensor_memo_rereads_rebuilt_files_and_keeps_its_budget(tmp_path):
     import time
 
     import torch
-    from safetensors.torch import save_file
 
-    from library.data.cache import TensorMemo
+    from library.data.cache import TensorMemo, write_safetensors_atomic
+
+    def save_file(tensors, path):
+        write_safetensors_atomic(tensors, path, {})
 
     memo = TensorMemo(budget_bytes=3 * 4 * 256)  # three 256-float files
     paths = []

@@ -65,6 +65,26 @@ def add_image(root: Path, name: str, make) -> Path:
     return path
 
 
+def overwrite_tensor_data(path: Path, how: str) -> Path:
+    """Overwrite the tensor bytes of a safetensors file in place, keeping its header and metadata: "zeros",
+    "random", or "strip" (rewrite the tensors unchanged without the content checksum, as an older version
+    of the trainer wrote them)."""
+    if how == "strip":
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = {k: v for k, v in (handle.metadata() or {}).items() if k != "content_crc32"}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        save_file(tensors, str(path), metadata=meta)
+        return path
+    data = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # 8-byte header length, JSON header, then the tensor bytes
+    data[start:] = bytes(len(data) - start) if how == "zeros" else os.urandom(len(data) - start)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def dangling_link(path: Path) -> Path:
     """A symbolic link at `path` to a file that does not exist."""
     os.symlink(path.parent / "deleted_original.png", path)
