@@ -17,6 +17,7 @@ from tests.helpers import REPO
 # Bottom to top: a package may import packages on lower rows only (and itself). Peers on one row may not
 # import each other.
 LAYERS = (
+    ("library.errors",),  # the one user-error type and the command-line wrapper; imports nothing of the project
     ("library.wan", "library.guide"),  # the model family; the practitioner guide's tables
     ("library.runtime",),  # memory / speed features that run a model (fp8, block swap, offload, compile)
     ("library.config",),  # the typed training config
@@ -28,7 +29,7 @@ LAYERS = (
     ("library.evaluation", "library.registry", "library.lora_tools"),  # judging runs, versioning, LoRA x DiT files
     ("library.diagnostics",),  # LoRA file diagnostics (reads registry hashes)
 )
-NETWORKS_MAY_IMPORT: tuple[str, ...] = ()  # no `library` package at all
+NETWORKS_MAY_IMPORT = ("library.errors",)  # of `library`, only the user-error type (which imports nothing)
 ENTRY_POINTS = ("tools", "finetune", "train_network_wan", "generate_video_wan", "demo",
                 "wan_train_network", "wan_cache_latents", "wan_cache_text_encoder_outputs", "wan_generate_video")
 # inside library.training: the engines sit below everything else there (they know nothing of the loop,

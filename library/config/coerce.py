@@ -11,8 +11,10 @@ import types
 import typing
 from typing import Any
 
+from library.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A user-facing config mistake: the message names the file or flag, the key and what to do."""
 
 
