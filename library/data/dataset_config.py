@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 FRAME_EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")
@@ -25,7 +27,7 @@ DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val")
 TABLES = ("general", "datasets", "validation_datasets")
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(UserError, ValueError):
     """A dataset TOML that cannot be used; the message names the file, the table and the key."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from library.errors import UserError
+
 from . import cache
 from .buckets import bucket_step
 from .dataset_config import DatasetConfig, DatasetSpec
@@ -34,11 +36,11 @@ from .video_io import MediaError
 logger = logging.getLogger(__name__)
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """Caches missing or stale for training; the message lists them and the command that fixes them."""
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset that cannot be trained on (for example no usable item)."""
 
 

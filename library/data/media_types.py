@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from library.errors import UserError
+
 
 class MediaError(ValueError):
     """A media file that cannot be used; the message names the file and the reason."""
 
 
-class VideoDecoderError(RuntimeError):
+class VideoDecoderError(UserError, RuntimeError):
     """A decoder setting that cannot work (an unknown name, or PyAV asked for but not installed)."""
 
 
