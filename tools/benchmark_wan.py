@@ -16,6 +16,7 @@ takes fp8 / checkpointing / offload / block swap from the memory planner for tha
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -25,6 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # our `library`, never another package of that name (sd-scripts has one)
+SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                "math": "MATH"}  # --sdpa_kernel -> torch.nn.attention.SDPBackend member
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--attention", default="sdpa", help="sdpa, flash_attn, flash3, xformers")
+    p.add_argument("--sdpa_kernel", choices=sorted(SDPA_KERNELS),
+                   help="with --attention sdpa: force PyTorch's flash, efficient, cudnn or math kernel (default: "
+                        "PyTorch's choice)")
     p.add_argument("--fp8_base", action="store_true", help="block Linear weights in fp8")
     p.add_argument("--fp8_scaled", action="store_true", help="with per-tensor scales (implies --fp8_base)")
     p.add_argument("--fp8_scaled_mm", action="store_true", help="fp8 x fp8 forward matmuls (Ada / Hopper)")
@@ -145,8 +151,21 @@ def _compare(args, argv) -> int:
     return 0
 
 
+def _sdpa_kernel(name: str | None):
+    """The context that forces one SDPA kernel for the whole run (forward, backward, recomputation)."""
+    if not name:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[name])])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sdpa_kernel and args.attention != "sdpa":
+        print(f"--sdpa_kernel {args.sdpa_kernel} picks a kernel of PyTorch's SDPA; it cannot be combined with "
+              f"--attention {args.attention}", file=sys.stderr)
+        return 2
     if args.compare_cap:
         return _compare(args, argv)
     if args.cpu:
@@ -163,8 +182,10 @@ def main(argv=None) -> int:
     what = (f"full fine-tuning ({cfg.optimizer}{', full_bf16' if cfg.full_bf16 else ', fp32 masters'}"
             f"{', fused' if cfg.fused_backward_pass else ''})" if cfg.full else f"rank {cfg.rank}")
     print(f"{cfg.variant.name} {cfg.width}x{cfg.height}x{cfg.frames}, batch {cfg.batch_size}, {what}, "
-          f"{cfg.warmup} warm-up + {cfg.steps} timed steps on {cfg.device}")
-    result = run_benchmark(cfg)
+          f"{cfg.warmup} warm-up + {cfg.steps} timed steps on {cfg.device}, attention {cfg.attention}"
+          + (f" ({args.sdpa_kernel} kernel)" if args.sdpa_kernel else ""))
+    with _sdpa_kernel(args.sdpa_kernel):
+        result = run_benchmark(cfg)
     print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps(vars(result), indent=2))
