@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention, check_backend
+from .attention import attention, check_backend, choose_sdpa
 from .variants import WanVariant
 
 
@@ -382,6 +382,7 @@ class WanModel(nn.Module):
         (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V; clip_fea [B, 257, 1280] for 2.1 I2V.
         Returns the predicted flow [B, out_dim, F, H, W] in fp32."""
         dtype = self._dtype()
+        choose_sdpa()  # SDPA's kernel order for this GPU: chosen and logged once per process
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)  # I2V: noisy latents + mask + image latents
         if x.shape[1] != self.variant.in_dim:
