@@ -32,6 +32,8 @@ _DIFFUSERS_MODULES = [
     (r"^condition_embedder\.time_proj$", "time_projection.1"),
     (r"^condition_embedder\.time_embedder\.linear_(\d)$", lambda m: f"time_embedding.{2 * int(m[1]) - 2}"),
     (r"^condition_embedder\.text_embedder\.linear_(\d)$", lambda m: f"text_embedding.{2 * int(m[1]) - 2}"),
+    (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj$", "img_emb.proj.1"),  # WAN 2.1 I2V image MLP
+    (r"^condition_embedder\.image_embedder\.ff\.net\.2$", "img_emb.proj.3"),
 ]
 _DIFFUSERS_RULES = [(re.compile(p), r) for p, r in _DIFFUSERS_MODULES]
 

@@ -4,22 +4,33 @@ Every LoRA (any key format, each with its strength) is read and checked against 
 first, then the new file is written one tensor at a time (`write_safetensors` with `LazyTensor`s): read a
 weight (dequantising fp8 / fp8_scaled), add `strength * up @ down * alpha / rank` of every LoRA touching it
 in fp32, cast, write, drop. Peak memory is about one layer, never the model. The output keeps the input's
-key layout (official names, the ComfyUI `model.diffusion_model.` prefix or diffusers names); `fp8_scaled`
-writes the block Linear weights as e4m3 with a per-tensor fp32 `scale_weight` beside each, the way
-`library.wan.loading` and ComfyUI read them. Reading the LoRAs and their experts is `networks.merge`.
+key layout (official names, the ComfyUI `model.diffusion_model.` prefix or diffusers names).
+
+`fp8_scaled` writes ComfyUI's scaled-fp8 format (read in ComfyUI v0.3.64, commit 6372219:
+`comfy/model_detection.py` model_config_from_unet, `comfy/ops.py` scaled_fp8_ops, `comfy/model_base.py`):
+ComfyUI builds every Linear of its WanModel with the fp8 dtype the `scaled_fp8` marker names, so every
+Linear weight is stored as e4m3 with a per-tensor fp32 `scale_weight` beside it: the blocks' attention and
+FFN layers, and also `text_embedding.0/2`, `time_embedding.0/2`, `time_projection.1`, `head.head` and (2.1
+I2V) `img_emb.proj.1/3` (`COMFY_FP8_LINEARS`). A Linear without its scale would be rounded to fp8 unscaled
+(small weights become zero). The marker is a two-element e4m3 tensor: ComfyUI reads any other element
+count as "fp8 matrix multiplication with input scales" and then expects a `scale_input` on every Linear.
+Everything else (norms, modulation, the patch embedding, biases) is bf16. A diffusers-named input is
+written in official names here, since ComfyUI reads scaled fp8 only under those.
+Reading the LoRAs and their experts is `networks.merge`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 
 from library.wan.checkpoint_files import LazyTensor, write_safetensors
 from library.wan.dit_formats import FP8_DTYPES, dequantize
-from library.wan.fp8 import DEFAULT_EXCLUDE, quantize_weight
+from library.wan.fp8 import quantize_weight
 from library.wan.loading import open_dit_checkpoint
 from networks.lora_wan import wan_architecture
 from networks.merge import LoraInput, MergeReport, expert_from_name, expert_warnings, read_loras
@@ -29,15 +40,32 @@ logger = logging.getLogger(__name__)
 
 DIT_PRECISIONS = ("bf16", "fp16", "fp32", "fp8_scaled")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# The Linear layers ComfyUI's WanModel builds with its (fp8-overridden) `operations.Linear` (comfy/ldm/wan/
+# model.py at v0.3.64): each weight is quantised with its own scale in an fp8_scaled file.
+COMFY_FP8_LINEARS = re.compile(
+    r"^(blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)|blocks\.\d+\.ffn\.(0|2)|text_embedding\.(0|2)"
+    r"|time_embedding\.(0|2)|time_projection\.1|head\.head|img_emb\.proj\.(1|3))\.weight$")
+SCALED_FP8_MARKER = "scaled_fp8"  # its dtype names the fp8 format; two elements: no input scales
 
 
-def _contributions(loras: list[LoraInput], ckpt, layout, variant) -> dict[str, list]:
-    """Official weight name -> [(up, down, strength * scale), ...]; every module checked against the DiT."""
+def _allowed(name: str, include: str | None, exclude: str | None) -> bool:
+    """musubi-tuner's include / exclude regexes, searched in the Kohya module name (include first)."""
+    kohya = "lora_unet_" + name.replace(".", "_")
+    return (include is None or re.search(include, kohya) is not None) and (
+        exclude is None or re.search(exclude, kohya) is None)
+
+
+def _contributions(loras: list[LoraInput], ckpt, layout, variant, patterns=None) -> dict[str, list]:
+    """Official weight name -> [(up, down, strength * scale), ...]; every module checked against the DiT.
+    `patterns`: one (include, exclude) regex pair per LoRA, or None."""
     per_weight: dict[str, list] = {}
     blocks = len({k.split(".")[1] for k in layout.key_map if k.startswith("blocks.")})
-    for lora in loras:
+    for i, lora in enumerate(loras):
+        include, exclude = patterns[i] if patterns else (None, None)
         problems = []
         for name, parts in lora.modules.items():
+            if not _allowed(name, include, exclude):
+                continue
             key = name + ".weight"
             shape = (parts["up"].shape[0], parts["down"].shape[1])
             if key not in layout.key_map:
@@ -82,9 +110,13 @@ def read_dit_weight(ckpt, layout, name: str, device="cpu") -> torch.Tensor:
 
 
 def _quantised(name: str, shape: tuple) -> bool:
-    """fp8_scaled stores the Linear weights inside the blocks, as the fp8 loader does."""
-    return (name.startswith("blocks.") and name.endswith(".weight") and len(shape) == 2
-            and not any(part in name for part in DEFAULT_EXCLUDE))
+    """fp8_scaled stores every Linear weight ComfyUI's WanModel quantises (`COMFY_FP8_LINEARS`)."""
+    return len(shape) == 2 and COMFY_FP8_LINEARS.match(name) is not None
+
+
+def scaled_fp8_marker() -> torch.Tensor:
+    """ComfyUI's marker of a scaled-fp8 model: two e4m3 elements (fp8 weights, no input scales)."""
+    return torch.zeros(2, dtype=torch.float8_e4m3fn)
 
 
 def _dit_tensors(ckpt, layout, per_weight: dict, precision: str, device) -> dict:
@@ -92,6 +124,10 @@ def _dit_tensors(ckpt, layout, per_weight: dict, precision: str, device) -> dict
     file_to_official = {file_key: name for name, file_key in layout.key_map.items()}
     fp8 = precision == "fp8_scaled"
     out, scales = {}, {}
+    # fp8_scaled is ComfyUI's format, read under official names only: diffusers names are written as official
+    official_out = fp8 and layout.diffusers
+    prefix = "" if official_out else layout.prefix
+    out_key = (lambda file_key: file_to_official[file_key]) if official_out else str
 
     def make(name: str, file_key: str, dtype: torch.dtype, quantise: bool):
         def build() -> torch.Tensor:
@@ -114,27 +150,30 @@ def _dit_tensors(ckpt, layout, per_weight: dict, precision: str, device) -> dict
         quantise = fp8 and _quantised(name, shape)
         if dtype.is_floating_point:
             dtype = torch.float8_e4m3fn if quantise else _DTYPES["bf16" if fp8 else precision]
-        out[file_key] = LazyTensor(shape, dtype, make(name, file_key, dtype, quantise))
+        out[out_key(file_key)] = LazyTensor(shape, dtype, make(name, file_key, dtype, quantise))
         if quantise:
-            scale_key = file_key[: -len("weight")] + "scale_weight"
+            scale_key = out_key(file_key)[: -len("weight")] + "scale_weight"
             out[scale_key] = LazyTensor((), torch.float32, lambda k=file_key: scales.pop(k).reshape(()).cpu())
-    if fp8:  # ComfyUI's marker of a scaled-fp8 model (its dtype names the fp8 format)
-        out[layout.prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    if fp8:
+        if layout.diffusers:
+            logger.info("fp8_scaled: the diffusers-named DiT is written in official (ComfyUI) names")
+        out[prefix + SCALED_FP8_MARKER] = scaled_fp8_marker()
     return out
 
 
 def merge_into_dit(dit, loras, output, save_precision: str = "bf16", device="cpu", expert: str | None = None,
-                   task: str | None = None) -> MergeReport:
+                   task: str | None = None, patterns: list[tuple[str | None, str | None]] | None = None) -> MergeReport:
     """Merge [(lora path, strength), ...] into the DiT at `dit` (file or sharded folder, any layout) and
     write `output` (one safetensors file, the input's key layout). `expert` (default: from the DiT's
-    path) is checked against each LoRA's expert; a mismatch is a warning."""
+    path) is checked against each LoRA's expert; a mismatch is a warning. `patterns`: an (include,
+    exclude) regex pair per LoRA selecting its modules by Kohya name."""
     if save_precision not in DIT_PRECISIONS:
         raise ValueError(f"unknown save_precision {save_precision!r}; choose one of {', '.join(DIT_PRECISIONS)}")
     inputs = read_loras(loras)
     ckpt, layout, variant = open_dit_checkpoint(dit, task)
     if any(Path(output).resolve() == f.path.resolve() for f in ckpt.files):
         raise ValueError(f"{output}: is the base DiT itself; write the merged model to a new file")
-    per_weight = _contributions(inputs, ckpt, layout, variant)
+    per_weight = _contributions(inputs, ckpt, layout, variant, patterns)
     expert = expert or expert_from_name(dit)
     report = MergeReport(Path(output), sum(len(v) for v in per_weight.values()))
     report.warnings += expert_warnings(inputs, expert, f"the DiT {Path(dit).name}")
