@@ -12,12 +12,15 @@ names of other formats (`vae_formats.py`). Only the encoder's mean (mu) is used;
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from .vae_tiling import TILE_HALO, tiled
 
 CACHE_FRAMES = 2  # a 3-tap causal time conv needs the two frames before its chunk
 
@@ -268,6 +271,7 @@ class CausalVideoVAE(nn.Module):
     temporal_stride = 4
     spatial_stride = 8
     cache_device: torch.device | None = None  # set to "cpu" to keep the causal chunk cache in host memory
+    tile_sample_min_size: int | None = None  # spatial tiling: the tile side in pixels (None: off)
 
     def _register_latent_stats(self, mean: Sequence[float] | None, std: Sequence[float] | None, default) -> None:
         # explicit CPU tensors: built under `torch.device("meta")` they must still hold the real numbers,
@@ -310,11 +314,28 @@ class CausalVideoVAE(nn.Module):
                 "for this VAE: crop or resize first"
             )
 
+    def _tile_pixels(self) -> int | None:
+        """The tile side in pixels when spatial tiling is on (a multiple of the spatial stride, at least four
+        latent pixels so neighbours overlap), else None."""
+        if not self.tile_sample_min_size:
+            return None
+        s = self.spatial_stride
+        return max(4 * s, int(self.tile_sample_min_size) // s * s)
+
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[B, 3, F, H, W] in [-1, 1], F = 1+4k -> normalised mu [B, z, 1+(F-1)//4, H/s, W/s] (float32)."""
+        """[B, 3, F, H, W] in [-1, 1], F = 1+4k -> normalised mu [B, z, 1+(F-1)//4, H/s, W/s] (float32).
+        With `tile_sample_min_size` set, frames larger than a tile are encoded tile by tile (`vae_tiling`)."""
         self._check_video(video)
         weight = self.conv1.weight
-        x = self._to_encoder_input(video.to(device=weight.device, dtype=weight.dtype))
+        video = video.to(device=weight.device, dtype=weight.dtype)
+        tile = self._tile_pixels()
+        if tile and max(video.shape[-2:]) > tile:
+            s = self.spatial_stride
+            return tiled(self._encode_frames, video, tile, s, Fraction(1, s), halo=TILE_HALO * s)
+        return self._encode_frames(video)
+
+    def _encode_frames(self, video: torch.Tensor) -> torch.Tensor:
+        x = self._to_encoder_input(video)
         cache = ChunkCache(self.cache_device)
         bounds = [(0, 1)] + [(s, s + 4) for s in range(1, x.shape[2], 4)]  # frame 0 alone, then 4 at a time
         chunks = []
@@ -326,9 +347,18 @@ class CausalVideoVAE(nn.Module):
         return (moments[:, : self.z_dim].float() - mean) / std
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, z, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] clamped to [-1, 1] (float32)."""
+        """Normalised latents [B, z, T, h, w] -> video [B, 3, 1+4(T-1), h*s, w*s] clamped to [-1, 1] (float32).
+        With `tile_sample_min_size` set, latents larger than a tile are decoded tile by tile (`vae_tiling`)."""
         if latents.dim() != 5 or latents.shape[1] != self.z_dim:
             raise ValueError(f"latents must be [B, {self.z_dim}, T, h, w], got shape {list(latents.shape)}")
+        tile, s = self._tile_pixels(), self.spatial_stride
+        if tile and max(latents.shape[-2:]) * s > tile:
+            video = tiled(self._decode_latents, latents, tile // s, 1, Fraction(s), halo=TILE_HALO)
+        else:
+            video = self._decode_latents(latents)
+        return video.clamp(-1.0, 1.0).float()
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         weight = self.conv2.weight
         mean, std = self._latent_stats(weight.device)
         z = latents.to(device=weight.device, dtype=torch.float32) * std + mean
@@ -338,5 +368,4 @@ class CausalVideoVAE(nn.Module):
         for t in range(x.shape[2]):  # one latent frame at a time: 1 frame first, then 4 each
             frames.append(self.decoder(x[:, :, t : t + 1], cache))
             cache.next_chunk()
-        video = self._from_decoder_output(torch.cat(frames, dim=2))
-        return video.clamp(-1.0, 1.0).float()
+        return self._from_decoder_output(torch.cat(frames, dim=2))
