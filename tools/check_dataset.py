@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         try:
             write_text_atomic(Path(args.json), json.dumps(report.to_dict(), indent=2))
         except OSError as exc:
-            print(f"error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            where = f" ({exc.filename})" if exc.filename and exc.filename != args.json else ""
+            print(f"error: cannot write --json {args.json}: {exc.strerror or exc}{where}", file=sys.stderr)
             return 2
     return report.exit_code
 

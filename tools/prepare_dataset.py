@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our `library`, not sd-scripts' package
 
 from library.prep.analysis import AnalysisSettings  # noqa: E402
+from library.prep.arguments import positive_number, whole_number  # noqa: E402
 from library.prep.filters import FILTER_NAMES, Thresholds  # noqa: E402
 from library.prep.pipeline import VIDEO_FORMATS, PrepConfig, prepare_dataset  # noqa: E402
 
@@ -36,55 +37,34 @@ THRESHOLD_HELP = {
 }
 
 
-def _count(minimum: int):
-    """An argparse type: a whole number >= minimum (a bad value is a usage error, exit status 2)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= {minimum}")
-        return value
-    parse.__name__ = f"whole number >= {minimum}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, help="folders (searched recursively) or files")
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--resolution", type=_count(1), default=512, help="square side, or the bucket area's side")
+    parser.add_argument("--resolution", type=whole_number(1), default=512,
+                        help="square side, or the bucket area's side")
     parser.add_argument("--keep_aspect", action="store_true", help="keep the aspect (for bucketing), no square crop")
-    parser.add_argument("--frames", type=_count(1), default=17, help="frames per clip, 1 + 4k (17 or 21 suit 24 fps)")
-    parser.add_argument("--target_fps", type=_positive_float, default=None, help="clip fps (default 24, or the model's)")
+    parser.add_argument("--frames", type=whole_number(1), default=17,
+                        help="frames per clip, 1 + 4k (17 or 21 suit 24 fps)")
+    parser.add_argument("--target_fps", type=positive_number, default=None,
+                        help="clip fps (default 24, or the model's)")
     parser.add_argument("--task", default=None, help="a WAN task (t2v-A14B, ti2v-5B, ...) whose fps to use")
     parser.add_argument("--no_crop_bars", action="store_true", help="keep letterbox / pillarbox bars")
     parser.add_argument("--color_normalize", action="store_true", help="white balance + luma stretch per item")
     parser.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4",
                         help="mp4 (mp4v), mkv (lossless FFV1) or png (a folder of frames per clip)")
     parser.add_argument("--cut_threshold", type=float, default=0.5, help="1 - correlation that counts as a cut")
-    parser.add_argument("--cut_margin", type=_count(0), default=2, help="source frames kept away from a cut")
-    parser.add_argument("--clip_gap", type=_count(0), default=0, help="source frames skipped between clips")
-    parser.add_argument("--max_clips_per_video", type=_count(0), default=0, help="0 = as many as fit")
-    parser.add_argument("--keep_best", type=_count(0), default=0, help="keep only the N best by combined score")
+    parser.add_argument("--cut_margin", type=whole_number(0), default=2, help="source frames kept away from a cut")
+    parser.add_argument("--clip_gap", type=whole_number(0), default=0, help="source frames skipped between clips")
+    parser.add_argument("--max_clips_per_video", type=whole_number(0), default=0, help="0 = as many as fit")
+    parser.add_argument("--keep_best", type=whole_number(0), default=0, help="keep only the N best by combined score")
     parser.add_argument("--skip_filters", nargs="*", default=[], choices=FILTER_NAMES, help="filters to turn off")
     defaults = Thresholds()
     for f in fields(Thresholds):
         parser.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
                             help=THRESHOLD_HELP[f.name])
-    parser.add_argument("--batch_size", type=_count(1), default=1, help="batch_size written to dataset.toml")
+    parser.add_argument("--batch_size", type=whole_number(1), default=1, help="batch_size written to dataset.toml")
     parser.add_argument("--caption_extension", default=".txt")
     parser.add_argument("--force", action="store_true", help="analyse every source again, ignoring the cache")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -18,6 +18,7 @@ and the caching tools rebuild them once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -130,6 +131,8 @@ def settings_json(settings: dict) -> str:
 
 
 def _atomic(path: Path, write) -> None:
+    if path.parent.is_file():  # mkdir would say "File exists", naming neither the problem nor the folder
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

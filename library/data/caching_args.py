@@ -10,22 +10,43 @@ import sys
 
 import torch
 
+from library.errors import EXIT_USER_ERROR, UserError, user_message
+from library.prep.arguments import whole_number
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def device_name(text: str) -> str:
+    """An argparse type: a torch device this machine has ('cuda' without CUDA is a usage error)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device that torch can use; "
+                                         "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the caching tools run on cpu or cuda")
+    return text
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--dataset_config", required=True, help="dataset TOML (musubi-tuner schema)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: the process's accelerator, else cpu)")
-    parser.add_argument("--batch_size", type=int, default=None, help="items (or captions) encoded together")
-    parser.add_argument("--num_workers", type=int, default=2, help="threads decoding media ahead of the VAE")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="cuda, cuda:1 or cpu (default: the process's accelerator, else cpu)")
+    parser.add_argument("--batch_size", type=whole_number(1), default=None,
+                        help="items (or captions) encoded together")
+    parser.add_argument("--num_workers", type=whole_number(0), default=2,
+                        help="threads decoding media ahead of the VAE")
     parser.add_argument("--skip_existing", action="store_true",
                         help="accepted for musubi compatibility: fresh caches are always reused, stale ones rebuilt")
     parser.add_argument("--strict", action="store_true", help="fail on the first skipped file instead of reporting it")
-    parser.add_argument("--task", default=None, help="WAN task (t2v-A14B, i2v-A14B, ti2v-5B, ...): target fps and VAE checks")
+    parser.add_argument("--task", default=None,
+                        help="WAN task (t2v-A14B, i2v-A14B, ti2v-5B, ...): target fps and VAE checks")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return parser
 
@@ -53,20 +74,15 @@ def run_and_report(function, *args, **kwargs) -> int:
     interleave their text and newlines and garble each other's lines."""
     from library.wan.checkpoint_files import CheckpointError
 
-    from .dataset_config import DatasetConfigError
-    from .latent_caching import CachingError
-    from .media_types import VideoDecoderError
-
     try:
         summary = function(*args, **kwargs)
         report, code = summary.report(), 0 if summary.ok else 1
-    except (CachingError, DatasetConfigError, CheckpointError, VideoDecoderError) as exc:  # a wrong model file too
-        logger.error("%s", exc)
-        report, code = f"error: {exc}", 2
-    except OSError as exc:  # a cache folder that cannot be written, a full disk: the system's reason
-        where = f"{exc.filename}: " if exc.filename else ""
-        logger.error("%s%s", where, exc.strerror or exc)
-        report, code = f"error: {where}{exc.strerror or exc}", 2
+    except (UserError, CheckpointError, OSError) as exc:  # a dataset TOML, model file, setting or folder
+        message = user_message(exc) or (str(exc) if isinstance(exc, CheckpointError) else None)
+        if message is None:  # an OS error that is not the user's: our bug, with its traceback
+            raise
+        logger.error("%s", message)
+        report, code = f"error: {message}", EXIT_USER_ERROR
     reports = _gather_reports(report, code)
     if reports is not None:
         sys.stdout.write("".join(f"{text}\n" for text, _ in reports))

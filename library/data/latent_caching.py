@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from library.errors import UserError
+
 from . import cache
 from .dataset_config import DatasetConfig, DatasetSpec
 from .datasets import TaskInfo, latent_settings, task_info
@@ -30,7 +32,7 @@ from .video_io import MediaError, load_image, read_video_frames, resize_and_crop
 logger = logging.getLogger(__name__)
 
 
-class CachingError(RuntimeError):
+class CachingError(UserError, RuntimeError):
     """Caching stopped: a skip under `strict`, or a setting that cannot work."""
 
 
@@ -253,7 +255,10 @@ def resolve_task(vae_kind: str, task: str | None, i2v: bool, clip: bool = False)
             raise CachingError("--clip is only for WAN 2.1 I2V, which uses the WAN 2.1 VAE; this VAE is WAN 2.2")
         return TaskInfo(task="<TASK>", vae_kind=vae_kind, fps=16.0 if vae_kind == "2.1" else 24.0,
                         is_i2v=i2v or clip, needs_clip=clip)
-    info = task_info(task)
+    try:
+        info = task_info(task)
+    except ValueError as exc:  # an unknown task name
+        raise CachingError(f"--task: {exc}") from None
     if info.vae_kind != vae_kind:
         raise CachingError(f"task {task} uses the WAN {info.vae_kind} VAE but the VAE file is a WAN {vae_kind} "
                            "VAE; pass the matching VAE")

@@ -49,13 +49,18 @@ def demo_source(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def demo(demo_source, tmp_path) -> Path:
-    """A private copy of the demo dataset with a dataset.toml using paths relative to it."""
-    root = tmp_path / "demo"
+def copy_demo(demo_source: Path, folder: Path) -> Path:
+    """A private copy of the demo dataset in folder/demo, with a dataset.toml using paths relative to it."""
+    root = folder / "demo"
     shutil.copytree(demo_source, root, ignore=shutil.ignore_patterns("cache", "dataset.toml"))
     (root / "dataset.toml").write_text(DEMO_TOML, encoding="utf-8")
     return root
+
+
+@pytest.fixture
+def demo(demo_source, tmp_path) -> Path:
+    """A private copy of the demo dataset (`copy_demo`) for one test."""
+    return copy_demo(demo_source, tmp_path)
 
 
 def add_image(root: Path, name: str, make) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import add_image, assert_refused, dangling_link, run_tool
+from .conftest import add_image, assert_refused, copy_demo, dangling_link, run_tool
 from .media import huge_png, png_64x48, png_header_bomb
 
 LIMIT = ("is over the limit of 178,956,970 pixels per image or frame (a decompression bomb, or far larger than training "
@@ -56,24 +56,43 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def item_runs(demo_source, tiny_models, tmp_path_factory):
+    """run(env) -> (demo copy, check_dataset result, cache_latents result) for one demo copy holding every
+    bad item of ITEMS with that environment: one run of each tool per environment, not per item."""
+    done = {}
+
+    def run(env: dict):
+        key = tuple(sorted(env.items()))
+        if key not in done:
+            root = copy_demo(demo_source, tmp_path_factory.mktemp("items"))
+            for make, case_env, _, _ in ITEMS.values():
+                if case_env == env:
+                    make(root)
+            check = run_tool("check_dataset", "--dataset_config", root / "dataset.toml", env=env)
+            cached = run_tool("cache_latents", "--dataset_config", root / "dataset.toml", "--vae", tiny_models.vae,
+                              "--device", "cpu", "--no_progress", env=env)
+            done[key] = root, check, cached
+        return done[key]
+    return run
+
+
 @pytest.mark.parametrize("case", ITEMS, ids=list(ITEMS))
-def test_check_dataset_reports_the_bad_item(demo, case):
-    make, env, name, reason = ITEMS[case]
-    make(demo)
-    result = run_tool("check_dataset", "--dataset_config", demo / "dataset.toml", env=env)
-    output = assert_refused(result, f"ERROR   #0 {demo / name}: {reason.format(root=demo)}", status=1)
+def test_check_dataset_reports_the_bad_item(item_runs, case):
+    _, env, name, reason = ITEMS[case]
+    root, result, _ = item_runs(env)
+    output = assert_refused(result, f"ERROR   #0 {root / name}: {reason.format(root=root)}", status=1)
     assert "#1 " in output.split("ERROR", 1)[0]  # the report was written in full
 
 
 @pytest.mark.parametrize("case", ITEMS, ids=list(ITEMS))
-def test_cache_latents_skips_the_bad_item_and_caches_the_rest(demo, tiny_models, case):
-    make, env, name, reason = ITEMS[case]
-    make(demo)
-    result = run_tool("cache_latents", "--dataset_config", demo / "dataset.toml", "--vae", tiny_models.vae,
-                      "--device", "cpu", "--no_progress", env=env)
-    output = assert_refused(result, f"  skipped {demo / name}: {reason.format(root=demo)}", status=0)
-    assert len(list((demo / "cache").rglob("*.safetensors"))) == 4  # the demo's 2 images and 2 clips
-    assert "latents: 4 cached, 0 reused (fresh), 1 skipped" in output
+def test_cache_latents_skips_the_bad_item_and_caches_the_rest(item_runs, case):
+    _, env, name, reason = ITEMS[case]
+    root, _, result = item_runs(env)
+    bad = sum(1 for _, case_env, _, _ in ITEMS.values() if case_env == env)
+    output = assert_refused(result, f"  skipped {root / name}: {reason.format(root=root)}", status=0)
+    assert len(list((root / "cache").rglob("*.safetensors"))) == 4  # the demo's 2 images and 2 clips
+    assert f"latents: 4 cached, 0 reused (fresh), {bad} skipped" in output
 
 
 @pytest.mark.parametrize("case", CONFIGS, ids=list(CONFIGS))
@@ -84,3 +103,35 @@ def test_a_bad_dataset_toml_stops_both_tools(demo, tiny_models, case):
     assert_refused(run_tool("check_dataset", "--dataset_config", demo / "dataset.toml"), message, status=1)
     assert_refused(run_tool("cache_latents", "--dataset_config", demo / "dataset.toml", "--vae", tiny_models.vae,
                             "--device", "cpu", "--no_progress"), f"error: {demo / message}")
+
+
+# name: (tool, its flags after --dataset_config (str.format'ed with root and the tiny model files), the message)
+FLAGS = {
+    "latents: batch size 0": ("cache_latents", "--vae {vae} --batch_size 0",
+                              "error: argument --batch_size: '0' is not a whole number >= 1"),
+    "latents: negative workers": ("cache_latents", "--vae {vae} --num_workers -1",
+                                  "error: argument --num_workers: '-1' is not a whole number >= 0"),
+    "latents: unknown device": ("cache_latents", "--vae {vae} --device gpu0",
+                                "error: argument --device: 'gpu0' is not a device; use cpu, cuda or cuda:N"),
+    "latents: unknown task": ("cache_latents", "--vae {vae} --device cpu --task t2v-A15B",
+                              "error: --task: unknown WAN task 't2v-A15B'; valid tasks: "),
+    "latents: VAE file missing": ("cache_latents", "--vae {root}/missing.pth --device cpu", "error: {root}/missing.pth"),
+    "text: encoder file missing": ("cache_text_encoder_outputs", "--t5 {root}/none.pth --device cpu",
+                                   "error: text encoder {root}/none.pth does not exist"),
+    "text: tokenizer missing": ("cache_text_encoder_outputs", "--t5 {t5} --tokenizer {root}/tok --device cpu",
+                                "error: tokenizer {root}/tok does not exist"),
+    "check: unknown task": ("check_dataset", "--task t2v-A15B", "error: unknown WAN task 't2v-A15B'"),
+    "check: --json inside a file": ("check_dataset", "--json {root}/dataset.toml/lint.json",
+                                    "error: cannot write --json {root}/dataset.toml/lint.json: Not a directory "
+                                    "({root}/dataset.toml)"),
+}
+
+
+@pytest.mark.parametrize("case", FLAGS, ids=list(FLAGS))
+def test_bad_flags_are_refused(demo, tiny_models, case):
+    tool, flags, message = FLAGS[case]
+    values = {"root": demo, "vae": tiny_models.vae, "t5": tiny_models.t5}
+    flags = flags.format(**values).split()
+    assert_refused(run_tool(tool, "--dataset_config", demo / "dataset.toml", *flags, "--no_progress"
+                            if tool != "check_dataset" else "--goal=character"), message.format(**values))
+    assert not (demo / "cache").exists()  # refused before anything was written
