@@ -5,7 +5,9 @@ dtypes from the headers alone, and read one tensor at a time. Safetensors are me
 (copy-on-write) and tensors are zero-copy views of the mapping: a model loaded in the file's dtype costs
 the file's pages once (page cache, reclaimable), never a second anonymous copy. A tensor converted to
 another dtype or device is `release`d so its mapped pages do not stay resident beside the copy.
-`.pth` files go through `torch.load(weights_only=True, mmap=True)`: no arbitrary unpickling.
+`.pth` files go through `torch.load(weights_only=True)` (memory-mapped when zipped): no arbitrary
+unpickling; `checkpoint_pickle.py` says why a file was refused. A damaged file of either kind is a
+`CheckpointError` naming it, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +18,15 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from library.errors import UserError
+
+from .checkpoint_pickle import PICKLE_PROTO, ZIP_MAGIC, pickle_failure
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +38,58 @@ SAFETENSORS_DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit what was asked; the message says what to do."""
+
+
+def _entry_problem(name, entry) -> str | None:
+    """What is wrong with one tensor entry of a safetensors header, or None."""
+    dtype = entry.get("dtype") if isinstance(entry, dict) else None
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"tensor {name!r} has {'unsupported dtype ' + repr(dtype) if dtype else 'no dtype'}"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return f"tensor {name!r} has an invalid shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"tensor {name!r} has invalid data offsets {offsets!r}"
+    size = math.prod(shape) * torch.empty((), dtype=SAFETENSORS_DTYPES[entry["dtype"]]).element_size()
+    if offsets[1] - offsets[0] != size:
+        return f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, but its shape {shape} needs {size}"
+    return None
+
+
+def _read_header(path: Path, size: int) -> tuple[dict, int]:
+    """The parsed, checked JSON header of a safetensors file and its length in bytes."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            what = "is empty (0 bytes)" if size == 0 else f"is {size} bytes"
+            raise CheckpointError(f"{path}: {what}, too short to be a safetensors file; the download or copy did not "
+                                  "finish, fetch the file again")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: not a safetensors file, or truncated (header length {header_len} for a {size}-byte "
+                "file); re-download or re-export it"
+            )
+        if header_len > _MAX_HEADER:
+            raise CheckpointError(f"{path}: its header claims {header_len:,} bytes, over the limit of "
+                                  f"{_MAX_HEADER:,} (a real model's header is a few MB): the file is damaged or "
+                                  "not a model; re-download or re-export it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise CheckpointError(f"{path}: unreadable safetensors header ({reason}); the file is damaged") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a table of tensors; the file is damaged")
+    problems = [p for name, entry in header.items() if name != "__metadata__" and (p := _entry_problem(name, entry))]
+    if problems:
+        raise CheckpointError(f"{path}: damaged safetensors header: {problems[0]}"
+                              + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+                              + "; re-download or re-export the file")
+    return header, header_len
 
 
 class SafetensorsFile:
@@ -41,21 +98,8 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{self.path}: file is {size} bytes, too short to be a safetensors file")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(
-                    f"{self.path}: not a safetensors file, or truncated (header length {header_len} for a "
-                    f"{size}-byte file); re-download or re-export it"
-                )
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{self.path}: unreadable safetensors header ({exc}); the file is damaged") from None
-        self.metadata: dict = header.pop("__metadata__", None) or {}
+        header, header_len = _read_header(self.path, size)
+        self.metadata: dict = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
         self._entries: dict = header
         self._data_start = 8 + header_len
         self._map: mmap.mmap | None = None
@@ -65,9 +109,6 @@ class SafetensorsFile:
                 f"{self.path}: truncated: the header promises {self._data_start + need} bytes but the file "
                 f"has {size}; the download or copy did not finish, fetch the file again"
             )
-        for name, entry in header.items():
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -105,26 +146,39 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+def _load_pickle(path: Path):
+    """torch.load with weights_only (memory-mapped for zip files); every failure a clear CheckpointError."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path}: is empty (0 bytes); the download or copy did not finish, fetch the file "
+                              "again")
+    zipped = head == ZIP_MAGIC
+    if not zipped and head[0] != PICKLE_PROTO:
+        raise CheckpointError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle: it starts with "
+                              f"bytes {head.hex(' ')}); the file is damaged or not a model: download it again")
+    try:  # legacy (non-zip) pickles cannot be memory-mapped; still weights_only
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the refusal below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or hostile file makes torch raise
+        raise CheckpointError(f"{path}: {pickle_failure(path, exc, zipped)}") from None
+
+
 class PickleCheckpoint:
-    """A torch `.pth`/`.pt`/`.bin` state dict, loaded memory-mapped with `weights_only=True`."""
+    """A torch `.pth`/`.pt`/`.bin` state dict, loaded memory-mapped with `weights_only=True`: a pickle that
+    would import anything but tensors is refused, never run."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            # legacy (non-zip) pickles cannot be memory-mapped; still weights_only
-            obj = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
-            raise CheckpointError(
-                f"{self.path}: cannot be read as a weights-only torch checkpoint ({type(exc).__name__}: {exc}); "
-                "it may be truncated, or contain code objects we refuse to unpickle"
-            ) from None
+        obj = _load_pickle(self.path)
         for wrapper in ("state_dict", "model", "module"):
             if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise CheckpointError(f"{self.path}: does not hold a flat state dict of tensors")
+        if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in obj.items()):
+            raise CheckpointError(f"{self.path}: does not hold a flat state dict of named tensors, so it is not a "
+                                  "model file we can read; pass the model's weights file")
         self._tensors: dict[str, torch.Tensor] = obj
         self.metadata: dict = {}
 
@@ -197,9 +251,14 @@ def _open_file(path: Path):
 
 def _open_index(index: Path) -> Checkpoint:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise CheckpointError(f"{index}: not a valid shard index ({exc})") from None
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index ({type(exc).__name__}: {exc}); restore the "
+                              "index that came with the shards") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and Path(v).name == v
+                                                   for v in weight_map.values()):
+        raise CheckpointError(f"{index}: `weight_map` must map tensor names to shard file names in this folder; "
+                              "restore the index that came with the shards")
     shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (index.parent / s).is_file()]
     if missing:
@@ -211,7 +270,8 @@ def _open_index(index: Path) -> Checkpoint:
     ckpt = Checkpoint(files, index)
     lost = [k for k, s in weight_map.items() if k not in ckpt]
     if lost:
-        raise CheckpointError(f"{index}: {len(lost)} tensors named in the index are absent from the shards, e.g. {lost[:3]}")
+        raise CheckpointError(f"{index}: {len(lost)} tensors named in the index are absent from the shards, "
+                              f"e.g. {lost[:3]}; download every shard of the model again")
     return ckpt
 
 
@@ -219,7 +279,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Open a file, or a folder holding one checkpoint file or a shard index (`*.index.json`)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
+        raise CheckpointError(f"{path}: no such file or folder; check the path")
     if path.is_file():
         if path.name.endswith(".index.json"):
             return _open_index(path)
@@ -238,6 +298,27 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         f"{path}: {len(files)} checkpoint files and no shard index (*.safetensors.index.json); "
         "pass the file you mean, or restore the index that came with the shards"
     )
+
+
+def fingerprint(path: str | os.PathLike, sample: int = 1 << 20) -> tuple | None:
+    """(size, hash of the first and last `sample` bytes) of a checkpoint file, or of each checkpoint file
+    in a folder: equal for copies of one model, different for two models with the same layout (the two
+    WAN 2.2 experts share their headers, not their weights). Reads at most 2 MiB a file; None when the
+    path is neither."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pth")) if path.is_dir() else [path]
+    prints = []
+    for file in files:
+        if not file.is_file():
+            return None
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(sample)
+            f.seek(max(0, size - sample))
+            prints.append((file.suffix, size, hashlib.sha256(head + f.read(sample)).hexdigest()))
+    return tuple(prints) or None
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
@@ -278,7 +359,8 @@ def write_safetensors(path: str | os.PathLike, tensors, metadata: dict[str, str]
             for name, value in items:
                 tensor = value.tensor() if isinstance(value, LazyTensor) else value
                 tensor = tensor.detach().to("cpu").contiguous()
-                if tuple(tensor.shape) != tuple(specs[name]["shape"]) or _DTYPE_NAMES[tensor.dtype] != specs[name]["dtype"]:
+                spec = specs[name]
+                if tuple(tensor.shape) != tuple(spec["shape"]) or _DTYPE_NAMES[tensor.dtype] != spec["dtype"]:
                     raise CheckpointError(f"{path}: tensor {name!r} came out as {tuple(tensor.shape)} "
                                           f"{tensor.dtype}, not the announced {specs[name]}")
                 if tensor.numel():

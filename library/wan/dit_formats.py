@@ -62,12 +62,41 @@ def diffusers_to_official(key: str) -> str:
     return key
 
 
+def _other_architecture(has) -> str | None:
+    """Other model families, by names only they use; checked first, because their full checkpoints also
+    hold VAE and text-encoder tensors whose names look like WAN's."""
+    if has("conditioner.embedders.", "label_emb.0.0.", "add_embedding.linear_1."):
+        return "a Stable Diffusion XL checkpoint (SDXL UNet)"
+    if has("input_blocks.", "cond_stage_model.", "down_blocks.0.attentions.0.transformer_blocks."):
+        return "a Stable Diffusion 1.x / 2.x checkpoint (UNet)"
+    if has("token_refiner.") or has("double_blocks.") and has("img_attn_qkv"):
+        return "a HunyuanVideo DiT"
+    if has("double_blocks.", "single_transformer_blocks."):
+        return "a Flux DiT"
+    if has("joint_blocks.", "context_embedder.") and has("pos_embed", "x_embedder."):
+        return "a Stable Diffusion 3 DiT (MMDiT)"
+    if has("adaln_single.", "patchify_proj."):
+        return "a PixArt / LTX-Video DiT"
+    if has("encoder.down.0.block.", "decoder.up.0.block.") or (
+            has("decoder.conv_in", "post_quant_conv") and has(".norm1.weight") and not has(".gamma")):
+        return "a Stable Diffusion / Flux VAE (2D, not WAN's video VAE)"
+    if has("text_model.encoder.layers."):
+        return "a CLIP text encoder (Stable Diffusion / Flux), not umT5"
+    if has("block.0.layer.0.SelfAttention.relative_attention_bias") and has("block.1.layer.0.SelfAttention.q") \
+            and not has("block.1.layer.0.SelfAttention.relative_attention_bias"):
+        return "a T5 text encoder (T5-XXL v1.1, as Flux and SD3 use), not umT5"
+    return None
+
+
 def describe_checkpoint(keys: list[str]) -> str:
     """A short human name for what a checkpoint holds, from its key names alone."""
     ks = set(keys)
     has = lambda *subs: any(any(s in k for s in subs) for k in ks)  # noqa: E731
     if has("lora_down", "lora_up", "lora_A", "lora_B"):
         return "a LoRA"
+    other = _other_architecture(has)
+    if other:
+        return other
     if has("decoder.middle.0.residual", "decoder.conv_in", "encoder.downsamples", "post_quant_conv"):
         return "a WAN VAE"
     if has("visual.transformer", "vision_model.", "textual.", "pre_layrnorm.") and \
@@ -80,6 +109,25 @@ def describe_checkpoint(keys: list[str]) -> str:
     if has("head.modulation", "condition_embedder.", "patch_embedding.weight"):
         return "a WAN DiT"
     return "an unknown model"
+
+
+_WHERE = {  # what a file is -> where it goes
+    "a WAN DiT": "pass it as `dit` (or `dit_high_noise`)", "a WAN VAE": "pass it as `vae`",
+    "a umT5 text encoder": "pass it as `t5`", "a CLIP model": "pass it as `clip` (WAN 2.1 I2V only)",
+    "a LoRA": "a LoRA goes in `network_weights` or `base_weights` (training) or --lora (generation)",
+}
+_WANTED = {  # what was asked for -> the files that are that
+    "a WAN DiT": "the WAN DiT (wan2.2_t2v_low_noise_14B_fp16.safetensors, an official folder of shards, ...)",
+    "a WAN VAE": "the WAN VAE (Wan2.1_VAE.pth or wan_2.1_vae.safetensors; Wan2.2_VAE.pth for ti2v-5B)",
+    "a umT5 text encoder": "the umT5-XXL encoder (models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_fp16.safetensors)",
+}
+
+
+def wrong_model(source, what: str, wanted: str) -> CheckpointError:
+    """The error for a file that holds `what` (a `describe_checkpoint` name) where `wanted` belongs: it
+    names both and says where this file goes, or which file goes here."""
+    advice = _WHERE.get(what) or f"pass {_WANTED[wanted]} instead"
+    return CheckpointError(f"{source}: this is {what}, not {wanted}; {advice}")
 
 
 @dataclass
@@ -104,11 +152,9 @@ def _strip_prefix(keys: list[str]) -> str:
 def plan_dit_layout(ckpt: Checkpoint) -> DitLayout:
     """Work out prefix, naming and fp8 scales from the header alone; nothing is read yet."""
     keys = ckpt.keys()
-    if describe_checkpoint(keys) != "a WAN DiT":
-        raise CheckpointError(
-            f"{ckpt.source}: this is {describe_checkpoint(keys)}, not a WAN DiT; "
-            "pass it as the right model (dit = the diffusion model, vae = ..., t5 = ...)"
-        )
+    what = describe_checkpoint(keys)
+    if what != "a WAN DiT":
+        raise wrong_model(ckpt.source, what, "a WAN DiT")
     prefix = _strip_prefix(keys)
     inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
     diffusers = any(k.startswith("condition_embedder.") for k in inner)
@@ -144,7 +190,8 @@ def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant
         ffn_dim = shape("blocks.0.ffn.0.weight")[0]
         out_dim = shape("head.head.weight")[0] // 4
     except KeyError as exc:
-        raise CheckpointError(f"{ckpt.source}: WAN DiT key {exc} is missing; the file is incomplete") from None
+        raise CheckpointError(f"{ckpt.source}: WAN DiT key {exc} is missing; the file is incomplete: download it "
+                              "again") from None
     layers = len({k.split(".")[1] for k in layout.key_map if k.startswith("blocks.")})
     image = any(k.startswith("img_emb.") for k in layout.key_map)
     signature = (dim, ffn_dim, layers, in_dim, out_dim, image)

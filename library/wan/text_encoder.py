@@ -216,9 +216,11 @@ def load_tokenizer(tokenizer_path):
             # them appended after the pieces could run past the embedding table
             tokenizer = T5Tokenizer.from_pretrained(str(path), local_files_only=True, extra_ids=0)
     except Exception as error:  # transformers raises many kinds; say which folder failed
-        raise ValueError(f"Could not load the umT5 tokenizer from {path}: {error}") from error
+        raise CheckpointError(f"Could not load the umT5 tokenizer from {path}: {error}; pass the local "
+                              "google/umt5-xxl tokenizer folder") from error
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError(f"The tokenizer in {path} has no pad or EOS token; it is not a umT5 tokenizer.")
+        raise CheckpointError(f"The tokenizer in {path} has no pad or EOS token; it is not a umT5 tokenizer: pass the "
+                              "google/umt5-xxl tokenizer folder")
     return tokenizer
 
 
@@ -232,7 +234,7 @@ class WanTextEncoder:
 
     def __init__(self, model: UMT5EncoderModel, tokenizer, max_length: int = TEXT_LEN):
         if len(tokenizer) > model.config.vocab_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"The tokenizer has {len(tokenizer)} tokens but the umT5 weights only "
                 f"{model.config.vocab_size}: the tokenizer folder does not belong to this text encoder."
             )

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from library.errors import UserError
+
 
 @dataclass(frozen=True)
 class WanVariant:
@@ -118,13 +120,17 @@ for _v in (
     _register(_v)
 
 
+class UnknownTaskError(UserError, ValueError):
+    """A task name that names no variant; the message lists the valid ones."""
+
+
 def get_variant(name: str) -> WanVariant:
     """Look a variant up by task name (case-insensitive); unknown names list the valid ones."""
     try:
         return VARIANTS[name.lower()]
     except KeyError:
         valid = ", ".join(sorted({v.name for v in VARIANTS.values()}))
-        raise ValueError(f"unknown WAN task {name!r}; valid tasks: {valid}") from None
+        raise UnknownTaskError(f"unknown WAN task {name!r}; valid tasks: {valid}") from None
 
 
 def variants_matching(signature: tuple) -> list[WanVariant]:
