@@ -5,7 +5,9 @@ message names the file, key or item, says what is wrong and what to do. Each pac
 subclass (`ConfigError`, `CheckpointError`, `DatasetConfigError`, ...), usually also a `ValueError` or
 `RuntimeError` for callers that catch those. `run_cli(main)` turns a UserError, and the operating system
 errors a user causes (a missing path, a file where a folder belongs, no permission, a full disk), into one
-line on stderr and exit status 2; anything else is our bug and keeps its traceback.
+line on stderr and exit status 2; anything else is our bug and keeps its traceback. `positive_int`,
+`positive_float`, `finite_float` and `non_negative_int` are argparse types for the numbers a command line takes (argparse
+then names the flag and exits with 2).
 
 Imports nothing from the project: it is the bottom of the floor plan, so every package (`networks`
 too) may raise a UserError.
@@ -13,7 +15,9 @@ too) may raise a UserError.
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import sys
 from typing import Callable
 
@@ -71,3 +75,47 @@ def run_cli(main: Callable[..., int | None], *args, **kwargs) -> int:
             raise
         print(f"error: {message}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+
+
+# ---- argparse types ------------------------------------------------------------------------------------
+
+
+def finite_float(text: str) -> float:
+    """A number that is not nan or inf (a strength, a scale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (GiB of memory, a size)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number of 1 or more (pixels, frames, a batch size, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number of 0 or more (0 meaning off or none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .lora import group_lora_keys, read_lora_file
+from .lora import group_lora_keys
+from .lora_files import LoraInputError, read_lora_file
 from .lora_wan import diffusers_module_to_official
 
 FORMATS = ("kohya", "comfyui", "diffusers")
@@ -53,7 +54,8 @@ def official_name(kohya: str) -> str:
     for pattern, repl in _KOHYA_TO_OFFICIAL:
         if pattern.match(stem):
             return pattern.sub(repl, stem)
-    raise ValueError(f"LoRA module {kohya!r} is not a WAN DiT Linear layer; is this a LoRA for another model?")
+    raise LoraInputError(f"LoRA module {kohya!r} is not a WAN DiT Linear layer; is this a LoRA for another model? "
+                         "(tools/check_lora.py tells which)")
 
 
 def diffusers_name(official: str) -> str:
@@ -67,11 +69,13 @@ def read_modules(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, st
     sd, meta = read_lora_file(path)
     grouped, unknown = group_lora_keys(sd, diffusers_module_to_official)
     if unknown:
-        raise ValueError(f"{path}: {len(unknown)} keys are not LoRA down / up / alpha tensors (e.g. {unknown[:3]})")
+        raise LoraInputError(f"{path}: {len(unknown)} keys are not LoRA down / up / alpha tensors (e.g. "
+                             f"{unknown[:3]}); it is not a LoRA file (tools/check_lora.py tells what it is)")
     modules = {}
     for kohya, parts in grouped.items():
         if "down" not in parts or "up" not in parts:
-            raise ValueError(f"{path}: module {kohya} lacks its {'down' if 'down' not in parts else 'up'} weight")
+            raise LoraInputError(f"{path}: module {kohya} lacks its {'down' if 'down' not in parts else 'up'} "
+                                 "weight; the file is incomplete: export it again")
         modules[official_name(kohya)] = parts
     return modules, meta
 
@@ -79,7 +83,7 @@ def read_modules(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, st
 def to_format(modules: dict[str, dict[str, torch.Tensor]], fmt: str) -> dict[str, torch.Tensor]:
     """The tensors of `modules` under one format's keys (diffusers: alpha / rank folded into lora_B)."""
     if fmt not in FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise LoraInputError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = {}
     for name, parts in sorted(modules.items()):
         down, up = parts["down"], parts["up"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .lora_wan import WAN_DEFAULT_EXCLUDES, WAN_TARGETS
+from .lora_files import LoraInputError
 from .merge import EXPERTS
 from .resize import ModuleRank, choose_rank, factors, fro_fraction
 
@@ -35,7 +36,7 @@ def expert_path(path, expert: str | None) -> Path:
     if expert is None or path.stem.endswith("_" + expert):
         return path
     if expert not in EXPERTS:
-        raise ValueError(f"unknown expert {expert!r}; choose {' or '.join(EXPERTS)}")
+        raise LoraInputError(f"unknown expert {expert!r}; choose {' or '.join(EXPERTS)}")
     return path.with_name(f"{path.stem}_{expert}{path.suffix or '.safetensors'}")
 
 

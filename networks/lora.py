@@ -1,4 +1,5 @@
-"""Plain PyTorch LoRA for nn.Linear layers: modules, a network over a model, and LoRA file I/O.
+"""Plain PyTorch LoRA for nn.Linear layers: modules, a network over a model, LoRA key names (file I/O itself
+is `lora_files.py`, re-exported here).
 
 No model-family knowledge lives here: the caller names the target Linear layers (module-name suffixes),
 the include / exclude regexes and, optionally, a function that maps foreign (diffusers) module names
@@ -14,7 +15,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -22,6 +22,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .lora_files import LoraInputError, read_lora_file, write_lora_file  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -158,30 +160,6 @@ class LoadReport:
     missing_modules: list[str] = field(default_factory=list)
 
 
-def write_lora_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                    metadata: Mapping[str, str] | None = None, hashes: bool = True) -> Path:
-    """Write LoRA tensors as .safetensors atomically (a temp file beside it, then os.replace). With `hashes`,
-    Kohya's sshs hashes are recomputed for these tensors (any old ones dropped) when there is metadata."""
-    from safetensors.torch import save_file
-
-    from .metadata import safetensors_hashes
-
-    meta = {str(k): str(v) for k, v in (metadata or {}).items() if not (hashes and str(k).startswith("sshs_"))}
-    if hashes and meta:
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=meta or None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def split_lora_key(key: str, name_map: Callable[[str], str] | None = None, prefix: str = KOHYA_PREFIX):
     """A LoRA file key -> (Kohya module name, "down" | "up" | "alpha"), or None when it is not one."""
     part = next((p for s, p in _PARTS.items() if key.endswith(s)), None)
@@ -210,16 +188,6 @@ def group_lora_keys(sd: Mapping[str, torch.Tensor], name_map=None, prefix: str =
         else:
             grouped.setdefault(parsed[0], {})[parsed[1]] = tensor
     return grouped, unknown
-
-
-def read_lora_file(path_or_sd) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A .safetensors path or a state dict -> (tensors, metadata)."""
-    if isinstance(path_or_sd, Mapping):
-        return dict(path_or_sd), {}
-    from safetensors import safe_open
-
-    with safe_open(str(path_or_sd), framework="pt", device="cpu") as fh:
-        return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
 
 
 class LoRANetwork(nn.Module):
@@ -253,7 +221,8 @@ class LoRANetwork(nn.Module):
             if verbose:
                 logger.info("LoRA %s: rank %d, alpha %g", name, rank, float(lora.alpha))
         if not self.loras:
-            raise ValueError("no Linear layer matched the LoRA targets and patterns: nothing to train")
+            raise LoraInputError("no Linear layer matched the LoRA targets and patterns: nothing to train; loosen "
+                                 "`exclude_patterns` / `include_patterns` in network_args")
         logger.info("LoRA network: %d modules", len(self.loras))
 
     @staticmethod
@@ -375,7 +344,7 @@ class LoRANetwork(nn.Module):
 def _copy_into(lora: LoRAModule, parts: dict[str, torch.Tensor]) -> None:
     down, up = parts["down"], parts["up"]
     if tuple(down.shape) != tuple(lora.lora_down.weight.shape) or tuple(up.shape) != tuple(lora.lora_up.weight.shape):
-        raise ValueError(f"{lora.official_name}: LoRA file has down {list(down.shape)} / up {list(up.shape)}, the "
+        raise LoraInputError(f"{lora.official_name}: LoRA file has down {list(down.shape)} / up {list(up.shape)}, the "
                          f"network has {list(lora.lora_down.weight.shape)} / {list(lora.lora_up.weight.shape)}; "
                          "set `dim_from_weights` to take the rank from the file")
     with torch.no_grad():
@@ -389,12 +358,12 @@ def _report(report: LoadReport, source: str, strict: bool) -> None:
         msg = (f"{source}: {len(report.unknown_keys)} LoRA keys match no module of this network "
                f"(e.g. {', '.join(report.unknown_keys[:5])})")
         if strict:
-            raise ValueError(msg)
+            raise LoraInputError(msg)
         logger.warning(msg)
     if report.missing_modules:
         msg = (f"{source}: {len(report.missing_modules)} network modules have no weights in the file "
                f"(e.g. {', '.join(report.missing_modules[:5])}); they keep their current values")
         if strict:
-            raise ValueError(msg)
+            raise LoraInputError(msg)
         logger.warning(msg)
     logger.info("%s: loaded %d LoRA modules", source, report.loaded)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .convert import read_modules
+from .lora_files import LoraInputError
 from .resize import Modules, ModuleRank, module_scale, rank_metadata, resize_modules, save_lora_modules
 
 logger = logging.getLogger(__name__)
@@ -81,13 +82,16 @@ def read_loras(loras) -> list[LoraInput]:
             raise FileNotFoundError(f"{path}: LoRA file not found")
         try:
             modules, meta = read_modules(path)
-        except ValueError as exc:
-            raise ValueError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
+        except LoraInputError as exc:
+            raise LoraInputError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
         if not modules:
-            raise ValueError(f"{path}: holds no LoRA modules")
+            raise LoraInputError(f"{path}: holds no LoRA modules")
+        if not math.isfinite(float(strength)):
+            raise LoraInputError(f"{path}: strength {strength} is not a finite number; give a strength such as 1 "
+                                 "or 0.6")
         out.append(LoraInput(path, float(strength), modules, meta, _sha256(path)))
     if not out:
-        raise ValueError("no LoRA files given")
+        raise LoraInputError("no LoRA files given")
     return out
 
 
@@ -117,7 +121,7 @@ def concat_modules(inputs: list[LoraInput]) -> Modules:
         shapes = {(p["up"].shape[0], p["down"].shape[1]) for _, p in items}
         if len(shapes) > 1:
             seen = ", ".join(f"{lo.path.name} {[p['up'].shape[0], p['down'].shape[1]]}" for lo, p in items)
-            raise ValueError(f"module {name} has different shapes in the LoRAs ({seen}): they are for different "
+            raise LoraInputError(f"module {name} has different shapes in the LoRAs ({seen}): they are for different "
                              "models and cannot be merged")
         downs, ups = [], []
         for lora, parts in items:

@@ -32,7 +32,7 @@ from typing import Mapping
 import torch
 
 from .convert import read_modules, to_format
-from .lora import write_lora_file
+from .lora_files import LoraInputError, write_lora_file
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +61,15 @@ def check_dynamic(method: str | None, param: float | None) -> None:
     if method is None:
         return
     if method not in DYNAMIC_METHODS:
-        raise ValueError(f"unknown dynamic_method {method!r}; choose one of {', '.join(DYNAMIC_METHODS)}")
+        raise LoraInputError(f"unknown dynamic_method {method!r}; choose one of {', '.join(DYNAMIC_METHODS)}")
     if param is None:
-        raise ValueError(f"dynamic_method {method} needs --dynamic_param")
+        raise LoraInputError(f"dynamic_method {method} needs --dynamic_param")
+    if not math.isfinite(param):
+        raise LoraInputError(f"dynamic_method {method}: --dynamic_param must be a finite number, got {param}")
     if method == "sv_ratio" and param < 1:
-        raise ValueError(f"sv_ratio keeps singular values >= max / X: X must be >= 1, got {param}")
+        raise LoraInputError(f"sv_ratio keeps singular values >= max / X: X must be >= 1, got {param}")
     if method != "sv_ratio" and not 0 < param <= 1:
-        raise ValueError(f"{method} keeps a fraction X of the spectrum: X must be in (0, 1], got {param}")
+        raise LoraInputError(f"{method} keeps a fraction X of the spectrum: X must be in (0, 1], got {param}")
 
 
 def choose_rank(S: torch.Tensor, max_rank: int | None = None, method: str | None = None,
@@ -126,9 +128,11 @@ def resize_modules(modules: Modules, new_rank: int | None = None, dynamic_method
                    device="cpu") -> tuple[Modules, list[ModuleRank]]:
     """Every module re-factored at its chosen rank (fp32, on the CPU); the per-module report."""
     if new_rank is None and dynamic_method is None:
-        raise ValueError("give a new rank (--new_rank N) or a dynamic method (--dynamic_method, --dynamic_param)")
+        raise LoraInputError("give a new rank (--new_rank N) or a dynamic method (--dynamic_method, --dynamic_param)")
     if new_rank is not None and new_rank < 1:
-        raise ValueError(f"new_rank must be at least 1, got {new_rank}")
+        raise LoraInputError(f"new_rank must be at least 1, got {new_rank}")
+    if new_alpha is not None and not 0 < new_alpha < math.inf:
+        raise LoraInputError(f"new_alpha must be a finite number above 0, got {new_alpha}")
     check_dynamic(dynamic_method, dynamic_param)
     out, report = {}, []
     for name, parts in modules.items():

@@ -220,6 +220,8 @@ def test_training_metadata_warnings(tmp_path):
 
 
 def test_cli_exit_codes_and_json(tmp_path, capsys):
+    from library.errors import run_cli
+
     tool = _tool()
     good = write_lora(tmp_path / "good.safetensors")
     zero = write_lora(tmp_path / "zero.safetensors", up_std=0)
@@ -229,9 +231,9 @@ def test_cli_exit_codes_and_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [r["verdict"] for r in data] == ["OK", "ERROR"] and data[1]["reason"].startswith("this LoRA has no effect")
     assert "zero.safetensors: ERROR: this LoRA has no effect" in capsys.readouterr().out
-    assert tool.main([str(good), "--task", "t2v-huge"]) == 2
+    assert run_cli(tool.main, [str(good), "--task", "t2v-huge"]) == 2  # as `python tools/check_lora.py` runs it
     assert "unknown WAN task 't2v-huge'" in capsys.readouterr().err
-    assert tool.main([str(good), "--dit", str(good)]) == 2  # a LoRA is not a DiT
+    assert run_cli(tool.main, [str(good), "--dit", str(good)]) == 2  # a LoRA is not a DiT
     with pytest.raises(SystemExit) as exc:
         tool.main([])
     assert exc.value.code == 2

@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repo's pack
 
 def main(argv: list[str] | None = None) -> int:
     from library.diagnostics import diagnose, format_diagnosis, open_dit
-    from library.wan.checkpoint_files import CheckpointError
     from library.wan.variants import get_variant
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -31,13 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dit", help="DiT checkpoint to check against (header read; norms of touched weights)")
     parser.add_argument("--json", metavar="OUT", help="also write the reports as JSON ('-' for stdout)")
     args = parser.parse_args(argv)
-    try:
-        task = get_variant(args.task).name if args.task else None
-        dit = open_dit(args.dit, task) if args.dit else None
-    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
-        kind = "DiT" if isinstance(exc, (CheckpointError, OSError)) else "task"
-        print(f"error ({kind}): {exc}", file=sys.stderr)
-        return 2
+    task = get_variant(args.task).name if args.task else None  # an unknown task or a bad DiT: exit 2 (run_cli)
+    dit = open_dit(args.dit, task) if args.dit else None
     reports = [diagnose(path, task=task, dit=dit) for path in args.files]
     text = "\n\n".join(format_diagnosis(r) for r in reports)
     data = json.dumps([r.to_dict() for r in reports], indent=2, default=str)
@@ -54,4 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

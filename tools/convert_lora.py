@@ -26,14 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast the tensors (default: keep)")
     args = parser.parse_args(argv)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
-    try:
-        out = convert_lora(args.input, args.output, args.format, dtype)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = convert_lora(args.input, args.output, args.format, dtype)  # a bad file: exit 2 (run_cli)
     print(f"wrote {out} ({args.format})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repo's pack
 
 
 def main(argv: list[str] | None = None) -> int:
+    from library.errors import finite_float, positive_float, positive_int
     from library.lora_tools.extract import extract_lora
     from networks.extract import expert_path
     from networks.merge import EXPERTS
@@ -31,13 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model_org", required=True, help="the base DiT (file or folder)")
     parser.add_argument("--model_tuned", required=True, help="the fine-tuned DiT (file or folder)")
     parser.add_argument("--save_to", required=True, help="output LoRA .safetensors")
-    parser.add_argument("--dim", type=int, default=32, help="rank (the ceiling with a dynamic method; default 32)")
+    parser.add_argument("--dim", type=positive_int, default=32,
+                        help="rank (the ceiling with a dynamic method; default 32)")
     parser.add_argument("--dynamic_method", choices=DYNAMIC_METHODS, help="choose each module's rank from its "
                         "spectrum (see tools/resize_lora.py --help)")
-    parser.add_argument("--dynamic_param", type=float, help="the dynamic method's X")
-    parser.add_argument("--clamp_quantile", type=float, default=0.99, help="clamp factor entries to this "
+    parser.add_argument("--dynamic_param", type=positive_float, help="the dynamic method's X")
+    parser.add_argument("--clamp_quantile", type=positive_float, default=0.99, help="clamp factor entries to this "
                         "quantile (Kohya; 1 = off; default 0.99)")
-    parser.add_argument("--min_diff", type=float, default=1e-6, help="skip layers whose difference is below "
+    parser.add_argument("--min_diff", type=finite_float, default=1e-6, help="skip layers whose difference is below "
                         "this fraction of the base weight's norm (default 1e-6)")
     parser.add_argument("--format", default="kohya", choices=("kohya", "comfyui"), help="key format (default kohya)")
     parser.add_argument("--expert", choices=EXPERTS, help="WAN 2.2 A14B expert the models are")
@@ -47,18 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lowrank_svd", action="store_true", help="randomised torch.svd_lowrank: faster, approximate")
     parser.add_argument("--verbose", action="store_true", help="print every module's rank and retained norm")
     args = parser.parse_args(argv)
-    try:
-        out = expert_path(args.save_to, args.expert)
-        report = extract_lora(args.model_org, args.model_tuned, out, args.dim, args.dynamic_method,
-                              args.dynamic_param, args.clamp_quantile, args.min_diff, args.device, args.format,
-                              args.expert, args.task, SAVE_DTYPES[args.save_precision], args.lowrank_svd)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    out = expert_path(args.save_to, args.expert)
+    report = extract_lora(args.model_org, args.model_tuned, out, args.dim, args.dynamic_method,
+                          args.dynamic_param, args.clamp_quantile, args.min_diff, args.device, args.format,
+                          args.expert, args.task, SAVE_DTYPES[args.save_precision], args.lowrank_svd)
     print(format_report(report.ranks, args.verbose))
     print(f"{len(report.skipped)} target layers unchanged (skipped); wrote {out} ({report.variant})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

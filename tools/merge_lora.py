@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repo's pack
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from networks.convert import FORMATS
+    from library.errors import finite_float, positive_float, positive_int
     from library.lora_tools.merge import DIT_PRECISIONS
+    from networks.convert import FORMATS
     from networks.merge import EXPERTS
     from networks.resize import DYNAMIC_METHODS, SAVE_DTYPES
 
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loras", "--models", nargs="+", required=True,
                    help="LoRA files (kohya, comfyui or diffusers keys)")
-    p.add_argument("--strengths", "--ratios", nargs="+", type=float, help="one strength per LoRA (default 1.0 each)")
+    p.add_argument("--strengths", "--ratios", nargs="+", type=finite_float,
+                   help="one strength per LoRA (default 1.0 each)")
     p.add_argument("--save_to", required=True, help="output .safetensors file")
     p.add_argument("--dit", help="base DiT: a file or a folder of shards, any layout "
                    "(official, ComfyUI, diffusers, fp8)")
@@ -38,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a LoRA for the other expert gives a warning")
     p.add_argument("--task", help="WAN task, to check the DiT against (e.g. t2v-A14B)")
     p.add_argument("--merge_into_lora", action="store_true", help="merge the LoRAs into one LoRA file (exact)")
-    p.add_argument("--new_rank", type=int, help="with --merge_into_lora: SVD-reduce to this rank")
+    p.add_argument("--new_rank", type=positive_int, help="with --merge_into_lora: SVD-reduce to this rank")
     p.add_argument("--dynamic_method", choices=DYNAMIC_METHODS, help="with --merge_into_lora: dynamic rank")
-    p.add_argument("--dynamic_param", type=float, help="the dynamic method's parameter")
+    p.add_argument("--dynamic_param", type=positive_float, help="the dynamic method's parameter")
     p.add_argument("--format", default="kohya", choices=FORMATS, help="key format of a merged LoRA")
     p.add_argument("--device", default="cpu", help="where to compute (cpu, cuda)")
     return p
@@ -59,24 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{len(args.loras)} LoRAs but {len(strengths)} strengths")
     if args.merge_into_lora == bool(args.dit):
         parser.error("give either --dit (merge into a DiT) or --merge_into_lora")
+    if args.merge_into_lora and args.save_precision not in (None, *SAVE_DTYPES):
+        parser.error(f"a merged LoRA is saved as {', '.join(SAVE_DTYPES)}")
     loras = list(zip(args.loras, strengths))
-    try:
-        if args.merge_into_lora:
-            if args.save_precision not in (None, *SAVE_DTYPES):
-                parser.error(f"a merged LoRA is saved as {', '.join(SAVE_DTYPES)}")
-            report = merge_lora_files(loras, args.save_to, args.new_rank, args.dynamic_method, args.dynamic_param,
-                                      args.format, SAVE_DTYPES.get(args.save_precision), args.device)
-            if report.ranks:
-                print(format_report(report.ranks))
-        else:
-            report = merge_into_dit(args.dit, loras, args.save_to, args.save_precision or "bf16", args.device,
-                                    args.expert, args.task)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.merge_into_lora:  # a bad file or DiT: exit 2 (run_cli)
+        report = merge_lora_files(loras, args.save_to, args.new_rank, args.dynamic_method, args.dynamic_param,
+                                  args.format, SAVE_DTYPES.get(args.save_precision), args.device)
+        if report.ranks:
+            print(format_report(report.ranks))
+    else:
+        report = merge_into_dit(args.dit, loras, args.save_to, args.save_precision or "bf16", args.device,
+                                args.expert, args.task)
     print(f"wrote {report.output} ({report.merged_modules} LoRA module deltas, {len(report.warnings)} warnings)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

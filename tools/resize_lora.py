@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repo's pack
 
 
 def main(argv: list[str] | None = None) -> int:
+    from library.errors import positive_float, positive_int
     from networks.convert import FORMATS
     from networks.resize import DYNAMIC_METHODS, SAVE_DTYPES, format_report, resize_lora
 
@@ -28,28 +29,28 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="LoRA .safetensors to resize (any supported format)")
     parser.add_argument("--save_to", required=True, help="output .safetensors file")
-    parser.add_argument("--new_rank", type=int, help="the new rank (the ceiling with a dynamic method)")
-    parser.add_argument("--new_alpha", type=float, help="alpha of the output (default: the new rank, scale 1)")
+    parser.add_argument("--new_rank", type=positive_int, help="the new rank (the ceiling with a dynamic method)")
+    parser.add_argument("--new_alpha", type=positive_float,
+                        help="alpha of the output (default: the new rank, scale 1)")
     parser.add_argument("--dynamic_method", choices=DYNAMIC_METHODS,
                         help="choose each module's rank from its spectrum")
-    parser.add_argument("--dynamic_param", type=float, help="the dynamic method's X")
-    parser.add_argument("--save_precision", choices=tuple(SAVE_DTYPES), help="dtype of the output (default: the input's)")
+    parser.add_argument("--dynamic_param", type=positive_float, help="the dynamic method's X")
+    parser.add_argument("--save_precision", choices=tuple(SAVE_DTYPES),
+                        help="dtype of the output (default: the input's)")
     parser.add_argument("--format", choices=FORMATS, help="key format of the output (default: the input's)")
     parser.add_argument("--device", default="cpu", help="where to compute the SVDs (cpu, cuda)")
     parser.add_argument("--verbose", action="store_true", help="print every module's rank and retained norm")
     args = parser.parse_args(argv)
     if args.new_rank is None and args.dynamic_method is None:
         parser.error("give --new_rank, or --dynamic_method with --dynamic_param")
-    try:
-        report = resize_lora(args.model, args.save_to, args.new_rank, args.dynamic_method, args.dynamic_param,
-                             args.new_alpha, args.device, args.format, SAVE_DTYPES.get(args.save_precision))
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = resize_lora(args.model, args.save_to, args.new_rank, args.dynamic_method, args.dynamic_param,
+                         args.new_alpha, args.device, args.format, SAVE_DTYPES.get(args.save_precision))
     print(format_report(report, args.verbose))
     print(f"wrote {args.save_to}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

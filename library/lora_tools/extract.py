@@ -19,6 +19,7 @@ import torch
 
 from library.wan.loading import open_dit_checkpoint
 from networks.extract import is_lora_target, lora_from_difference
+from networks.lora_files import LoraInputError
 from networks.lora_wan import build_lora_metadata
 from networks.merge import EXPERTS
 from networks.resize import ModuleRank, check_dynamic, rank_metadata, save_lora_modules
@@ -41,11 +42,11 @@ def _open_pair(base, tuned, task):
     b_ckpt, b_layout, b_variant = open_dit_checkpoint(base, task)
     t_ckpt, t_layout, t_variant = open_dit_checkpoint(tuned, task)
     if b_variant.shape_signature() != t_variant.shape_signature():
-        raise ValueError(f"the base {base} is {b_variant.describe()} but the tuned model {tuned} is "
-                         f"{t_variant.describe()}: extract from a fine-tune and the base it was trained from")
+        raise LoraInputError(f"the base {base} is {b_variant.describe()} but the tuned model {tuned} is "
+                             f"{t_variant.describe()}: extract from a fine-tune and the base it was trained from")
     if set(b_layout.key_map) != set(t_layout.key_map):
         odd = sorted(set(b_layout.key_map) ^ set(t_layout.key_map))
-        raise ValueError(f"{base} and {tuned} hold different tensors (e.g. {', '.join(odd[:3])})")
+        raise LoraInputError(f"{base} and {tuned} hold different tensors (e.g. {', '.join(odd[:3])})")
     return (b_ckpt, b_layout), (t_ckpt, t_layout), t_variant
 
 
@@ -62,11 +63,13 @@ def extract_lora(base, tuned, output, dim: int = 32, dynamic_method: str | None 
     and report. `lowrank` uses `torch.svd_lowrank` (randomised; much faster on large layers, exact for
     low-rank differences) instead of the full SVD."""
     if dim < 1:
-        raise ValueError(f"dim must be at least 1, got {dim}")
+        raise LoraInputError(f"dim must be at least 1, got {dim}")
     if not 0 < clamp_quantile <= 1:
-        raise ValueError(f"clamp_quantile must be in (0, 1], got {clamp_quantile}")
+        raise LoraInputError(f"clamp_quantile must be in (0, 1], got {clamp_quantile}")
+    if not 0 <= min_diff < float("inf"):
+        raise LoraInputError(f"min_diff must be a finite number, 0 or more, got {min_diff}")
     if expert is not None and expert not in EXPERTS:
-        raise ValueError(f"unknown expert {expert!r}; choose {' or '.join(EXPERTS)}")
+        raise LoraInputError(f"unknown expert {expert!r}; choose {' or '.join(EXPERTS)}")
     check_dynamic(dynamic_method, dynamic_param)
     (b_ckpt, b_layout), (t_ckpt, t_layout), variant = _open_pair(base, tuned, task)
     device = torch.device(device)
@@ -92,8 +95,8 @@ def extract_lora(base, tuned, output, dim: int = 32, dynamic_method: str | None 
         report.ranks.append(rank)
         del diff
     if not modules:
-        raise ValueError(f"{tuned} does not differ from {base} in any LoRA target layer (all below min_diff "
-                         f"{min_diff:g}): nothing to extract")
+        raise LoraInputError(f"{tuned} does not differ from {base} in any LoRA target layer (all below min_diff "
+                             f"{min_diff:g}): nothing to extract")
     if report.other_changed:
         logger.warning("%d tensors that a LoRA cannot hold differ between the models and are not in the LoRA "
                        "(e.g. %s)", len(report.other_changed), ", ".join(report.other_changed[:3]))

@@ -32,6 +32,7 @@ from library.wan.checkpoint_files import LazyTensor, write_safetensors
 from library.wan.dit_formats import FP8_DTYPES, dequantize
 from library.wan.fp8 import quantize_weight
 from library.wan.loading import open_dit_checkpoint
+from networks.lora_files import LoraInputError
 from networks.lora_wan import wan_architecture
 from networks.merge import LoraInput, MergeReport, expert_from_name, expert_warnings, read_loras
 from networks.resize import module_scale
@@ -77,7 +78,7 @@ def _contributions(loras: list[LoraInput], ckpt, layout, variant, patterns=None)
                 per_weight.setdefault(key, []).append((parts["up"], parts["down"], lora.strength * module_scale(parts)))
         if problems:
             arch = lora.metadata.get("modelspec.architecture")
-            raise ValueError(
+            raise LoraInputError(
                 f"{lora.path}: {len(problems)} of {len(lora.modules)} LoRA modules do not fit the DiT "
                 f"{variant.describe()} (e.g. {'; '.join(problems[:3])}); this LoRA was made for another model"
                 f"{f' ({arch})' if arch else ''}, e.g. a 14B LoRA onto the 5B model: use a LoRA trained for "
@@ -168,11 +169,11 @@ def merge_into_dit(dit, loras, output, save_precision: str = "bf16", device="cpu
     path) is checked against each LoRA's expert; a mismatch is a warning. `patterns`: an (include,
     exclude) regex pair per LoRA selecting its modules by Kohya name."""
     if save_precision not in DIT_PRECISIONS:
-        raise ValueError(f"unknown save_precision {save_precision!r}; choose one of {', '.join(DIT_PRECISIONS)}")
+        raise LoraInputError(f"unknown save_precision {save_precision!r}; choose one of {', '.join(DIT_PRECISIONS)}")
     inputs = read_loras(loras)
     ckpt, layout, variant = open_dit_checkpoint(dit, task)
     if any(Path(output).resolve() == f.path.resolve() for f in ckpt.files):
-        raise ValueError(f"{output}: is the base DiT itself; write the merged model to a new file")
+        raise LoraInputError(f"{output}: is the base DiT itself; write the merged model to a new file")
     per_weight = _contributions(inputs, ckpt, layout, variant, patterns)
     expert = expert or expert_from_name(dit)
     report = MergeReport(Path(output), sum(len(v) for v in per_weight.values()))

@@ -128,6 +128,8 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "15 target layers unchanged (skipped)" in out and "x_low_noise.safetensors (t2v-tiny)" in out
     assert (tmp_path / "x_low_noise.safetensors").is_file()
-    assert main(["--model_org", str(tmp_path / "base.safetensors"), "--model_tuned", str(tmp_path / "base.safetensors"),
-                 "--save_to", str(tmp_path / "y.safetensors")]) == 2
+    from library.errors import run_cli  # as `python tools/extract_lora.py` runs main
+
+    assert run_cli(main, ["--model_org", str(tmp_path / "base.safetensors"), "--model_tuned",
+                          str(tmp_path / "base.safetensors"), "--save_to", str(tmp_path / "y.safetensors")]) == 2
     assert "nothing to extract" in capsys.readouterr().err

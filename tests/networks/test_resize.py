@@ -132,6 +132,8 @@ def test_cli(tmp_path, capsys):
                  "--dynamic_method", "sv_fro", "--dynamic_param", "0.99", "--verbose"]) == 0
     out = capsys.readouterr().out
     assert "blocks.0.ffn.0: rank 6 -> 3" in out and "1 modules: mean rank 6.0 -> 3.0" in out
-    assert main(["--model", str(tmp_path / "in.safetensors"), "--save_to", str(tmp_path / "p.safetensors"),
-                 "--dynamic_method", "sv_fro", "--dynamic_param", "2"]) == 2
+    from library.errors import run_cli  # as `python tools/resize_lora.py` runs main
+
+    assert run_cli(main, ["--model", str(tmp_path / "in.safetensors"), "--save_to", str(tmp_path / "p.safetensors"),
+                          "--dynamic_method", "sv_fro", "--dynamic_param", "2"]) == 2
     assert "must be in (0, 1]" in capsys.readouterr().err
