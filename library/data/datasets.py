@@ -169,7 +169,8 @@ class CachedDataset(torch.utils.data.Dataset):
         """Raise CacheError naming every missing or stale cache, and the commands that rebuild them."""
         problems = self.cache_problems()
         if problems:
-            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            shown = "\n  ".join(problems[:10]) + more
             raise CacheError(f"{self.spec.where()}: {len(problems)} cache problem(s):\n  {shown}\n"
                              f"Run:\n{cache_commands(self.spec.config_path, self.info.task, self.info.needs_clip)}")
 

@@ -154,7 +154,8 @@ def frame_windows(length: int, spec: DatasetSpec) -> list[tuple[int, int]]:
             starts = list(range(0, length - count + 1, spec.frame_stride))
         else:  # uniform
             last, n = length - count, spec.frame_sample
-            starts = sorted({(2 * i * last + n - 1) // (2 * (n - 1)) for i in range(n)}) if n > 1 else [0]  # rounded half up
+            # n starts spread evenly over [0, last], rounded half up
+            starts = sorted({(2 * i * last + n - 1) // (2 * (n - 1)) for i in range(n)}) if n > 1 else [0]
         windows.extend((s, count) for s in starts)
     return windows
 

@@ -40,8 +40,8 @@ def max_pixels() -> int:
 
 
 def _refusal(size: str, limit: int) -> TooManyPixels:
-    return TooManyPixels(f"{size} is over the limit of {limit:,} pixels per image or frame (a decompression bomb, or far "
-                         f"larger than training needs): downscale it, or raise {PIXELS_ENV} if it is real")
+    return TooManyPixels(f"{size} is over the limit of {limit:,} pixels per image or frame (a decompression bomb, "
+                         f"or far larger than training needs): downscale it, or raise {PIXELS_ENV} if it is real")
 
 
 def check_pixels(width: int, height: int) -> None:

@@ -67,7 +67,8 @@ def _row(item: dict, thresholds: Thresholds) -> str:
     cells = "".join(_metric_cell(item, m, thresholds) for m in METRICS)
     reasons = "<br>".join(html.escape(r) for r in item.get("reasons", []))
     return (f"<tr class={decision}><td>{image}</td><td>{html.escape(item['source'])}{span}<br>"
-            f"<small>{html.escape(item.get('output') or '') if item.get('kept') else ''}</small></td><td>{decision}</td><td>{reasons}</td>"
+            f"<small>{html.escape(item.get('output') or '') if item.get('kept') else ''}</small></td>"
+            f"<td>{decision}</td><td>{reasons}</td>"
             f"<td>{score}</td>{cells}</tr>")
 
 

@@ -116,7 +116,8 @@ def test_training_side_leaves_out_what_the_cacher_skipped(tmp_path, tiny_models,
         datasets = build_train_datasets(config, "t2v-tiny")
     for dataset in datasets:
         dataset.check_caches()
-    assert [i.key for i in datasets[1].items] == ["good_00000-005_32x32", *[f"trunc_{s:05d}-005_32x32" for s in (0, 5, 10)]]
+    trunc = [f"trunc_{s:05d}-005_32x32" for s in (0, 5, 10)]
+    assert [i.key for i in datasets[1].items] == ["good_00000-005_32x32", *trunc]
     assert "trunc.avi: truncated or corrupt video" in caplog.text  # left out, with the cacher's reason
     assert json.loads(cache.skip_list_path(tmp_path / "cache/vids", "2.1", 0).read_text()).keys() == {
         f"trunc_{s:05d}-005_32x32" for s in range(15, 40, 5)}
@@ -162,4 +163,5 @@ def test_missing_directory_is_an_error_other_datasets_cached(tmp_path, tiny_mode
                                             "image_directory = 'good'\n[[datasets]]\nimage_directory = 'nowhere'\n"))
     summary = cache_latents(config, tiny_models["t2v-tiny"].vae, task="t2v-tiny", progress=False)
     assert summary.cached == 1 and summary.errors == [
-        f"{tmp_path / 'd.toml'}: [[datasets]] #1 ({tmp_path / 'nowhere'}): directory {tmp_path / 'nowhere'} does not exist"]
+        f"{tmp_path / 'd.toml'}: [[datasets]] #1 ({tmp_path / 'nowhere'}): directory {tmp_path / 'nowhere'} "
+        "does not exist"]

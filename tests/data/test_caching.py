@@ -168,7 +168,8 @@ def test_text_cache(tmp_path, tiny_models, caplog):
     models = tiny_models["t2v-tiny"]
     config = make_tree(tmp_path, BODY + "caption_dropout_rate = 0.5\n")
     write_caption(tmp_path / "data/captions/a.txt", "a  red   cat ")  # cleans to the video's caption
-    summary = cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32, progress=False)
+    summary = cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32,
+                                         progress=False)
     assert (summary.cached, summary.reused) == (3, 0)  # "a red cat", "a blue dog", "" (dropout)
     path = cache.text_cache_path(tmp_path / "cache/videos", "a red cat")
     assert path == cache.text_cache_path(tmp_path / "cache/videos", "a  red   cat ")
@@ -181,7 +182,8 @@ def test_text_cache(tmp_path, tiny_models, caplog):
     torch.testing.assert_close(stored.float(), expected, atol=0.02, rtol=0.02)
     assert cache.text_cache_path(tmp_path / "cache/videos", "").exists()
     assert not cache.text_cache_path(tmp_path / "cache/images", "").exists()  # no dropout there
-    again = cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32, progress=False)
+    again = cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32,
+                                       progress=False)
     assert (again.cached, again.reused) == (0, 3)
     from library.wan.tiny import tiny_t5_state_dict
 

@@ -61,7 +61,8 @@ frame_extraction = "slide"
 
 
 def test_resolution_int_means_square(tmp_path):
-    config = load_dataset_config(write_toml(tmp_path / "d.toml", "[general]\nresolution = 512\n[[datasets]]\nimage_directory = 'a'\n"))
+    body = "[general]\nresolution = 512\n[[datasets]]\nimage_directory = 'a'\n"
+    config = load_dataset_config(write_toml(tmp_path / "d.toml", body))
     assert config.datasets[0].resolution == (512, 512)
 
 
@@ -76,7 +77,8 @@ def _error(tmp_path, text: str) -> str:
 
 
 def test_unknown_key_names_the_closest_key_dataset_and_file(tmp_path):
-    message = _error(tmp_path, "[[datasets]]\nimage_directory = 'a'\n[[datasets]]\nimage_directory = 'b'\nbatchsize = 2\n")
+    message = _error(tmp_path, "[[datasets]]\nimage_directory = 'a'\n"
+                               "[[datasets]]\nimage_directory = 'b'\nbatchsize = 2\n")
     assert message == (f"{tmp_path / 'bad.toml'}: [[datasets]] #1: unknown key 'batchsize'; "
                        "did you mean 'batch_size'?")
 
@@ -102,13 +104,16 @@ def test_video_key_in_image_dataset_is_misplaced(tmp_path):
 
 
 def test_top_level_keys(tmp_path):
-    assert "unknown top-level key 'dataset'; did you mean 'datasets'?" in _error(tmp_path, "[[dataset]]\nimage_directory = 'a'\n")
-    assert "'batch_size' is a dataset key: put it in [general]" in _error(tmp_path, "batch_size = 1\n[[datasets]]\nimage_directory = 'a'\n")
+    assert "unknown top-level key 'dataset'; did you mean 'datasets'?" in _error(
+        tmp_path, "[[dataset]]\nimage_directory = 'a'\n")
+    assert "'batch_size' is a dataset key: put it in [general]" in _error(
+        tmp_path, "batch_size = 1\n[[datasets]]\nimage_directory = 'a'\n")
 
 
 def test_sources_and_cache_directories(tmp_path):
     assert "give exactly one of" in _error(tmp_path, "[[datasets]]\nimage_directory = 'a'\nvideo_directory = 'b'\n")
-    assert "cache_directory is required for a JSONL dataset" in _error(tmp_path, "[[datasets]]\nimage_jsonl_file = 'a.jsonl'\n")
+    assert "cache_directory is required for a JSONL dataset" in _error(
+        tmp_path, "[[datasets]]\nimage_jsonl_file = 'a.jsonl'\n")
     assert "no [[datasets]] table" in _error(tmp_path, "[general]\nbatch_size = 1\n")
 
 

@@ -51,14 +51,16 @@ def cached(tmp_path_factory, tiny_models):
     config = load_dataset_config(write_toml(root / "d.toml", BODY))
     models = tiny_models["i2v-tiny"]
     assert cache_latents(config, models.vae, task="i2v-tiny", progress=False).ok
-    assert cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32, progress=False).ok
+    assert cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32,
+                                      progress=False).ok
     return config
 
 
 def test_check_caches_names_the_command(tmp_path):
     write_image(tmp_path / "imgs/a.png")
     write_caption(tmp_path / "imgs/a.txt", "x")
-    config = load_dataset_config(write_toml(tmp_path / "d.toml", "[[datasets]]\nimage_directory = 'imgs'\nresolution = 32\n"))
+    body = "[[datasets]]\nimage_directory = 'imgs'\nresolution = 32\n"
+    config = load_dataset_config(write_toml(tmp_path / "d.toml", body))
     (dataset,) = build_train_datasets(config, "t2v-A14B")
     with pytest.raises(CacheError) as info:
         dataset.check_caches()

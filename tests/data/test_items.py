@@ -38,7 +38,8 @@ def test_three_caption_sources(tmp_path):
 def test_caption_extension(tmp_path):
     write_image(tmp_path / "imgs/a.png")
     write_caption(tmp_path / "imgs/a.caption", "custom extension")
-    items, _ = _items(tmp_path, "[[datasets]]\nimage_directory = 'imgs'\ncaption_extension = '.caption'\nresolution = 64\n")
+    items, _ = _items(tmp_path, "[[datasets]]\nimage_directory = 'imgs'\ncaption_extension = '.caption'\n"
+                                "resolution = 64\n")
     assert items[0].caption == "custom extension"
 
 

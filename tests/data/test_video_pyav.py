@@ -150,10 +150,11 @@ def test_av1_clip_opencv_cannot_decode_is_read_by_pyav(tmp_path):
 
     try:
         clip = write_clip(tmp_path / "a.mkv", "libsvtav1")
-    except Exception as exc:  # an av wheel without the SVT-AV1 encoder
+    except Exception as exc:  # noqa: BLE001 - an av wheel without the SVT-AV1 encoder raises its own types
         pytest.skip(f"cannot write AV1 here: {exc}")
     if cv2.VideoCapture(str(clip)).read()[0]:
-        pytest.skip("this OpenCV build decodes AV1; the fallback is covered by test_falls_back_to_pyav_when_opencv_fails")
+        pytest.skip("this OpenCV build decodes AV1; the fallback is covered by "
+                    "test_falls_back_to_pyav_when_opencv_fails")
     assert probe(clip).frame_count == 10
     assert (read_video_frames(clip, [0, 9]) == video_pyav.read_frames(clip, [0, 9], None)).all()
 

@@ -11,8 +11,8 @@ import pytest
 from .conftest import add_image, assert_refused, copy_demo, dangling_link, run_tool
 from .media import huge_png, png_64x48, png_header_bomb
 
-LIMIT = ("is over the limit of 178,956,970 pixels per image or frame (a decompression bomb, or far larger than training "
-         "needs): downscale it, or raise WAN_MAX_IMAGE_PIXELS if it is real")
+LIMIT = ("is over the limit of 178,956,970 pixels per image or frame (a decompression bomb, or far larger than "
+         "training needs): downscale it, or raise WAN_MAX_IMAGE_PIXELS if it is real")
 
 
 def _config_line(old: str, new: str):
@@ -115,7 +115,8 @@ FLAGS = {
                                 "error: argument --device: 'gpu0' is not a device; use cpu, cuda or cuda:N"),
     "latents: unknown task": ("cache_latents", "--vae {vae} --device cpu --task t2v-A15B",
                               "error: --task: unknown WAN task 't2v-A15B'; valid tasks: "),
-    "latents: VAE file missing": ("cache_latents", "--vae {root}/missing.pth --device cpu", "error: {root}/missing.pth"),
+    "latents: VAE file missing": ("cache_latents", "--vae {root}/missing.pth --device cpu",
+                                  "error: {root}/missing.pth"),
     "text: encoder file missing": ("cache_text_encoder_outputs", "--t5 {root}/none.pth --device cpu",
                                    "error: text encoder {root}/none.pth does not exist"),
     "text: tokenizer missing": ("cache_text_encoder_outputs", "--t5 {t5} --tokenizer {root}/tok --device cpu",

@@ -132,7 +132,8 @@ def test_an_edited_index_is_refused_and_nothing_is_written(registry, tmp_path, c
 
 def _files(folder):
     """{path: (size, mtime)} of every file and link under `folder`."""
-    return {p: (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()}
+    return {p: (p.lstat().st_size, p.lstat().st_mtime_ns) for p in folder.rglob("*")
+            if not p.is_dir() or p.is_symlink()}
 
 
 def test_root_that_is_a_file(tmp_path):

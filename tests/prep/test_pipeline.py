@@ -247,5 +247,6 @@ def test_cli_arguments_map_onto_the_config(tmp_path):
     assert config.analysis.target_fps == 16.0 and config.analysis.frames == 21 and not config.analysis.square
     assert config.thresholds.min_sharpness == 10.0 and config.thresholds.max_shake == 0.6
     assert config.disabled_filters == ("shake", "overlay") and config.keep_best == 300
-    args = tool.build_parser().parse_args([str(tmp_path), "--output_dir", "o", "--task", "ti2v-5B", "--target_fps", "30"])
+    args = tool.build_parser().parse_args([str(tmp_path), "--output_dir", "o", "--task", "ti2v-5B",
+                                           "--target_fps", "30"])
     assert tool.config_from_args(args).analysis.target_fps == 30.0
