@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import re
+from dataclasses import fields
 
 from .coerce import ConfigError
-from .schema import TrainConfig
+from .schema import TrainConfig, field_default
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,8 @@ def _attention(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append(f"more than one attention backend is set ({', '.join(chosen)}); keep one")
     if cfg.attention.sage_attn:
         errors.append("`sage_attn`: SageAttention has no backward pass, so it cannot train; use it for generation "
-                      "(generate_video_wan.py --attn_mode sageattn) and train with sdpa, flash_attn, flash3 or xformers")
+                      "(generate_video_wan.py --attn_mode sageattn) and train with sdpa, flash_attn, flash3 or "
+                      "xformers")
 
 
 def _check_network_args(cfg: TrainConfig, errors: list[str]) -> None:
@@ -156,13 +159,15 @@ def _optimizer(cfg: TrainConfig, errors: list[str]) -> None:
     ratio = sch.lr_scheduler_min_lr_ratio
     if not 0.0 <= ratio <= 1.0:
         errors.append(f"`lr_scheduler_min_lr_ratio` = {ratio} must be between 0 and 1")
+    relative = str(opt.optimizer_args.get("relative_step")).lower() == "true"
     if not sch.lr_scheduler_type and sch.lr_scheduler == "adafactor" and not (
-            opt.optimizer_type.lower() == "adafactor" and str(opt.optimizer_args.get("relative_step")).lower() == "true"):
+            opt.optimizer_type.lower() == "adafactor" and relative):
         errors.append("`lr_scheduler` = 'adafactor' reports Adafactor's own step sizes: set `optimizer_type` = "
                       "'AdaFactor' with `optimizer_args` = [\"relative_step=True\"], or pick another schedule")
-    if not sch.lr_scheduler_type and sch.lr_scheduler == "piecewise_constant" and "step_rules" not in sch.lr_scheduler_args:
-        errors.append("`lr_scheduler` = 'piecewise_constant' needs `lr_scheduler_args` = [\"step_rules=1:100,0.1:200,0.01\"] "
-                      "(a factor before each step, then the final factor)")
+    if (not sch.lr_scheduler_type and sch.lr_scheduler == "piecewise_constant"
+            and "step_rules" not in sch.lr_scheduler_args):
+        errors.append("`lr_scheduler` = 'piecewise_constant' needs `lr_scheduler_args` = "
+                      "[\"step_rules=1:100,0.1:200,0.01\"] (a factor before each step, then the final factor)")
     if sch.lr_decay_steps and sch.lr_scheduler != "warmup_stable_decay":
         logger.warning("`lr_decay_steps` is used by lr_scheduler 'warmup_stable_decay' only; it is ignored here")
     if sch.lr_scheduler_timescale and sch.lr_scheduler != "inverse_sqrt":
@@ -205,8 +210,35 @@ def _sampling(cfg: TrainConfig, variant, errors: list[str]) -> None:
                       "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) for the start images")
 
 
+def _finite(cfg: TrainConfig, errors: list[str]) -> None:
+    """Every number must be finite: NaN passes every `<` / `>` rule and trains nothing (or everything) later."""
+    for group in fields(cfg):
+        args = getattr(cfg, group.name)
+        for f in fields(args):
+            value = getattr(args, f.name)
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                errors.append(f"`{f.name}` = {value} must be a finite number (not nan or inf)")
+
+
 _LORA_ONLY = ("network_weights", "base_weights", "scale_weight_norms", "shared_expert_lora", "network_dim_high_noise",
               "fp8_base", "blocks_to_swap", "offload_inactive_dit")
+# LoRA settings with a default a full fine-tuning config inherits: an error when set to anything else
+_LORA_SETTINGS = ("network_module", "network_dim", "network_alpha", "network_dropout", "network_args",
+                  "dim_from_weights", "base_weights_multiplier", "save_lora_format")
+
+
+def _lora_settings_in_full(cfg: TrainConfig, errors: list[str]) -> None:
+    if cfg.run.preset:
+        errors.append(f"`preset` = {cfg.run.preset!r} holds the guide's LoRA settings (rank, alpha, a LoRA learning "
+                      "rate) and cannot be used with full fine-tuning: remove it and set `learning_rate` (1e-5 or "
+                      "lower for a full fine-tune)")
+        return  # the preset's rank and alpha are not the user's doing
+    for name in _LORA_SETTINGS:
+        value = cfg.get(name)
+        if value != field_default(name):
+            errors.append(f"`{name}` = {value!r} is a LoRA setting and cannot be used with full fine-tuning (it "
+                          "trains the DiT's own weights): remove it, or train a LoRA with train_network_wan.py")
 
 
 def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
@@ -225,6 +257,7 @@ def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
         if cfg.get(name):
             errors.append(f"`{name}` cannot be used with full fine-tuning"
                           + (f" ({why[name]})" if name in why else " (it is a LoRA setting)"))
+    _lora_settings_in_full(cfg, errors)
     if ft.full_bf16 and cfg.loop.mixed_precision != "bf16":
         errors.append("`full_bf16` needs `mixed_precision` = 'bf16'")
     if ft.fused_backward_pass:
@@ -254,12 +287,14 @@ def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check the cross-field rules; raise one ConfigError listing every problem, else return cfg."""
     errors: list[str] = []
+    _finite(cfg, errors)
     variant = _variant(cfg, errors)
     _models(cfg, variant, errors)
     _experts(cfg, variant, errors)
     _timesteps(cfg, variant, errors)
     _attention(cfg, errors)
-    _network(cfg, errors)
+    if not cfg.finetune.full_fine_tune:
+        _network(cfg, errors)  # full fine-tuning refuses every LoRA setting instead (`_finetune`)
     _optimizer(cfg, errors)
     _loop(cfg, errors)
     _sampling(cfg, variant, errors)

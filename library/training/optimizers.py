@@ -20,30 +20,36 @@ from typing import Callable, Iterable
 
 import torch
 
+from library.config import ConfigError
+
 logger = logging.getLogger(__name__)
+_KNOWN = "AdamW, AdamW8bit, PagedAdamW8bit, AdaFactor, Lion, Prodigy"
 
 
 def _import(module: str, attr: str, package: str, what: str):
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
-        raise RuntimeError(f"optimizer_type {what!r} needs `{package}` ({exc}); pip install {package}") from None
+        raise ConfigError(f"`optimizer_type` = {what!r} needs `{package}` ({exc}); pip install {package}") from None
 
 
-def _dotted(path: str):
+def _dotted(path: str, key: str = "optimizer_type"):
+    """A class named by its dotted path (`torch.optim.SGD`); `key` is the config key that named it."""
     module, _, attr = path.rpartition(".")
     if not module:
-        raise ValueError(f"optimizer / scheduler {path!r} is neither a known name nor a dotted class path")
+        known = f"a known optimizer ({_KNOWN}) nor " if key == "optimizer_type" else ""
+        raise ConfigError(f"`{key}` = {path!r} is neither {known}a dotted class path (e.g. torch.optim.SGD)")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import {path!r}: {exc}") from None
+        raise ConfigError(f"`{key}` = {path!r} cannot be imported ({exc}); install its package or fix the "
+                          "name") from None
 
 
 def _lion():
     try:
         return _import("lion_pytorch", "Lion", "lion-pytorch", "Lion")
-    except RuntimeError:
+    except ConfigError:
         return _import("bitsandbytes.optim", "Lion", "lion-pytorch", "Lion")
 
 
@@ -57,13 +63,25 @@ _OPTIMIZERS: dict[str, Callable[[], type]] = {
 }
 
 
+def optimizer_class(optimizer_type: str) -> type:
+    """The optimizer class a Kohya name or dotted path names; a ConfigError saying what to do otherwise
+    (checked before any model loads)."""
+    key = optimizer_type.lower().replace("_", "")
+    return _OPTIMIZERS[key]() if key in _OPTIMIZERS else _dotted(optimizer_type)
+
+
+def scheduler_class(scheduler_type: str) -> type:
+    """The custom schedule class `lr_scheduler_type` names by its dotted path."""
+    return _dotted(scheduler_type, "lr_scheduler_type")
+
+
 def build_optimizer(params: Iterable, optimizer_type: str, learning_rate: float, optimizer_args: dict | None = None,
                     quiet: bool = False):
     """An optimizer over `params` (tensors or param groups with their own `lr`); `quiet` logs nothing (one
     optimizer per tensor with `fused_backward_pass`)."""
     args = dict(optimizer_args or {})
     key = optimizer_type.lower().replace("_", "")
-    cls = _OPTIMIZERS[key]() if key in _OPTIMIZERS else _dotted(optimizer_type)
+    cls = optimizer_class(optimizer_type)
     if key == "adafactor":  # use the given learning rate unless the user asks for relative steps
         args.setdefault("relative_step", False)
         args.setdefault("scale_parameter", False)
@@ -174,7 +192,7 @@ def build_scheduler(
     """A per-step LR schedule. `scheduler_type` (a dotted class path) overrides `name`."""
     args = dict(scheduler_args or {})
     if scheduler_type:
-        return _dotted(scheduler_type)(optimizer, **args)
+        return scheduler_class(scheduler_type)(optimizer, **args)
     if name == "adafactor":  # Adafactor's own relative step sizes; the schedule only reports them
         from transformers.optimization import Adafactor, AdafactorSchedule
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from library.config import ConfigError
 from library.training.flow_matching import TimestepSampler, add_noise, shift_sigma
 from library.training.optimizers import build_optimizer, build_scheduler, warmup_steps_from
 
@@ -149,12 +150,14 @@ def test_optimizers_by_name_and_path():
     assert type(build_optimizer(p, "torch.optim.SGD", 1e-3, {"momentum": 0.9})).__name__ == "SGD"
     ada = build_optimizer(p, "AdaFactor", 1e-3)
     assert ada.param_groups[0]["lr"] == 1e-3
-    with pytest.raises(ValueError, match="cannot import 'torch.optim.Nope'"):
+    with pytest.raises(ConfigError, match="`optimizer_type` = 'torch.optim.Nope' cannot be imported"):
         build_optimizer(p, "torch.optim.Nope", 1e-3)
+    with pytest.raises(ConfigError, match="'Foo' is neither a known optimizer .* nor a dotted class path"):
+        build_optimizer(p, "Foo", 1e-3)
     try:
         import prodigyopt  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="pip install prodigyopt"):
+        with pytest.raises(ConfigError, match="pip install prodigyopt"):
             build_optimizer(p, "Prodigy", 1.0)
 
 
