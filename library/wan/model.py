@@ -39,7 +39,9 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the last dim in fp32, cast back to the input dtype, then scaled by `weight`."""
+    """RMS norm over the last dim in fp32, cast back to the input dtype, then scaled by `weight` in that dtype
+    (the official order of operations). `F.rms_norm` does the first part in one kernel, upcasting bf16 /
+    fp16 inside it, instead of separate fp32 cast, square, mean, rsqrt and multiply kernels."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -47,9 +49,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
-        return normed * self.weight.to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight.to(x.dtype)
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -62,18 +62,22 @@ class FP32LayerNorm(nn.LayerNorm):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [B, L, C] * (1 + scale) + shift, with shift/scale [B, G, C] shared by L/G consecutive tokens."""
+    """x [B, L, C] * (1 + scale) + shift, with shift/scale [B, G, C] shared by L/G consecutive tokens; one
+    `addcmul` over the tokens."""
     b, length, c = x.shape
     groups = shift.shape[1]
     x = x.view(b, groups, length // groups, c)
-    return (x * (1 + scale[:, :, None]) + shift[:, :, None]).view(b, length, c)
+    return torch.addcmul(shift[:, :, None], x, 1 + scale[:, :, None]).view(b, length, c)
 
 
-def gate(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """y [B, L, C] * g [B, G, C] (grouped like `modulate`), in fp32."""
-    b, length, c = y.shape
+def gated_residual(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """x + y * g: the fp32 residual stream x [B, L, C] plus the block output y [B, L, C] (compute dtype)
+    gated by g [B, G, C] (grouped like `modulate`), in fp32, in one `addcmul` (y is promoted inside it,
+    never copied to fp32)."""
+    b, length, c = x.shape
     groups = g.shape[1]
-    return (y.float().view(b, groups, length // groups, c) * g[:, :, None]).view(b, length, c)
+    view = (b, groups, length // groups, c)
+    return torch.addcmul(x.view(view), y.view(view), g[:, :, None]).view(b, length, c)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +92,8 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
 
 
 def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0):
-    """cos/sin tables [L, D/2] (fp32) for a (F, H, W) token grid in f-major order.
+    """cos/sin tables [L, 1, D/2, 2] (fp32) for a (F, H, W) token grid in f-major order, laid out for
+    `apply_rope`: cos repeated for both members of a pair, sin as (-sin, +sin).
 
     Each axis has its own frequency ladder 1/theta^(2i/D_axis); pair j of a head is rotated by the
     frame angle for the first D_f/2 pairs, then the height angle, then the width angle.
@@ -101,17 +106,17 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float 
         shape = [1, 1, 1, a.shape[1]]
         shape[n_before] = size
         angles.append(a.view(shape).expand(*grid, a.shape[1]))
-    table = torch.cat(angles, dim=-1).reshape(-1, head_dim // 2)  # [L, D/2]
-    return torch.cos(table).float(), torch.sin(table).float()
+    table = torch.cat(angles, dim=-1).reshape(-1, 1, head_dim // 2)  # [L, 1, D/2]
+    cos, sin = torch.cos(table).float(), torch.sin(table).float()
+    return torch.stack([cos, cos], dim=-1), torch.stack([-sin, sin], dim=-1)  # [L, 1, D/2, 2] each
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, D] by the table angles; fp32 math."""
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
-    real, imag = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, :, None], sin[None, :, None]  # [1, L, 1, D/2]
-    out = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    """Rotate interleaved pairs (x[2j], x[2j+1]) of x [B, L, H, D] by the table angles, real-valued and in
+    fp32: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin) = x * cos + swap(x) * (-sin, sin). The bf16 / fp16
+    input is promoted inside the multiplies (no fp32 copy of x)."""
+    pairs = x.unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+    return (pairs * cos + pairs.flip(-1) * sin).flatten(-2).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,10 +190,10 @@ class WanBlock(nn.Module):
         mods = (self.modulation.float().unsqueeze(0) + e0).unbind(2)  # 6 x [B, G, C]
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
         y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa).to(dtype), rope, backend, split)
-        x = x + gate(y, gate_sa)
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, backend, split).float()
+        x = gated_residual(x, y, gate_sa)
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, backend, split)  # promoted to fp32
         y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff).to(dtype))
-        return x + gate(y, gate_ff)
+        return gated_residual(x, y, gate_ff)
 
 
 class Head(nn.Module):
@@ -390,7 +395,7 @@ class WanModel(nn.Module):
             raise ValueError(f"{self.variant.name} takes {self.variant.in_dim} input channels, got {x.shape[1]}{hint}")
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
         batch, grid = x.shape[0], tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2).float()  # [B, L, C], f-major token order
+        x = x.flatten(2).transpose(1, 2).float().contiguous()  # [B, L, C], f-major token order
         e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
         ctx = self._context(context, clip_fea, dtype)
         rope = self._rope(grid, x.device)

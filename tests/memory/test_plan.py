@@ -195,11 +195,11 @@ def test_a14b_expert_fits_80_gib_with_bf16_adafactor_and_the_fused_backward_pass
     # one gradient at a time, the largest tensor: time_projection 30720 x 5120 in fp32 = 0.59 GiB
     assert sb.largest_grad == 30720 * 5120 * 4 and e.grads == 0
     # activations at the first block of the backward pass: 40 checkpointed inputs (4 x 5120 B x 32760 tokens,
-    # 25.0 GiB) + the recomputed block ((65 x 5120 + 4 x 13824) B x 32760, 11.8 GiB) + RoPE / context 0.7 GiB
-    assert abs(e.activations - 37.51) < 0.01
+    # 25.0 GiB) + the recomputed block ((63 x 5120 + 4 x 13824) B x 32760, 11.5 GiB) + RoPE / context 0.7 GiB
+    assert abs(e.activations - 37.20) < 0.01
     # + 0.34 GiB of bf16 time-MLP copies + 8.5 GiB workspace (5.3 per-token, 0.25 fixed, the gradient being
-    # stepped 0.59, Adafactor's fp32 temporaries 4 x 0.59) = 73.4 GiB < (80 - 0.6) x 0.95 = 75.4 usable
-    assert abs(e.total - 73.36) < 0.01 and e.peak == "backward"
+    # stepped 0.59, Adafactor's fp32 temporaries 4 x 0.59) = 73.0 GiB < (80 - 0.6) x 0.95 = 75.4 usable
+    assert abs(e.total - 73.05) < 0.01 and e.peak == "backward"
     plan = plan_full(80, "t2v-A14B", 832, 480, 81, optimizer="AdaFactor")
     assert plan.fits and plan.settings == FullSettings(full_bf16=True, checkpointing=True)
 

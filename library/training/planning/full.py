@@ -34,9 +34,10 @@ from library.wan.variants import WanVariant, get_variant
 from .lora import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload
 
 # Saved for backward by one block whose own weights train, per token (measured like ACT_PER_C, on fp32
-# weights under bf16 autocast with a trainable timestep embedding): 22 C more than a LoRA block without its
-# rank term, for the fp32 normalised inputs that the gradients of the norms, the modulation and the gates need.
-ACT_FULL_PER_C, ACT_FULL_PER_F = 65, 4
+# weights under bf16 autocast with a trainable timestep embedding): 19 C more than a LoRA block without its
+# rank term, for the normalised inputs that the gradients of the norms, the modulation and the gates need
+# (62.3-62.5 C measured; 65 before the gates kept their input in the compute dtype instead of an fp32 copy).
+ACT_FULL_PER_C, ACT_FULL_PER_F = 63, 4
 # Optimizer states per element in the parameter's own dtype (4 bytes for fp32 masters, 2 with full_bf16).
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1, "prodigy": 4, "sgd": 0, "sgdnesterov": 1}
 # bitsandbytes 8-bit states, 1 byte per element each, plus an fp32 absmax per block of 256; tensors under
