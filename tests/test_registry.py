@@ -59,7 +59,9 @@ def cli():
     spec = importlib.util.spec_from_file_location("tool_registry", REPO / "tools" / "registry.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main
+    from library.errors import run_cli
+
+    return lambda argv: run_cli(module.main, argv)  # as `python tools/registry.py` runs it
 
 
 def notes(reg, key="characters/sarah"):

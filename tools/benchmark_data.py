@@ -150,12 +150,14 @@ def bench_loader(root: Path, items: int, batches: int, num_workers: int, batch_s
 
 
 def main(argv=None) -> int:
+    from library.errors import non_negative_int, positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, default=81, help="frames of the synthetic 720p clip")
-    parser.add_argument("--items", type=int, default=12, help="cached items for (b)")
-    parser.add_argument("--batches", type=int, default=200, help="batches timed in (b)")
-    parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--frames", type=positive_int, default=81, help="frames of the synthetic 720p clip")
+    parser.add_argument("--items", type=positive_int, default=12, help="cached items for (b)")
+    parser.add_argument("--batches", type=positive_int, default=200, help="batches timed in (b)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=2)
+    parser.add_argument("--batch_size", type=positive_int, default=1)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         bench_decode(Path(tmp), args.frames)
@@ -164,4 +166,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -94,6 +94,8 @@ def run_child(mode: str, path: Path, dtype_name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from library.errors import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="t2v-1.3B", help="variant whose shapes the checkpoint has")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype on disk and in memory")
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype to load into (default: the file's); fp32 -> bf16 is the official A14B case")
     parser.add_argument("--dir", default=None, help="folder for the checkpoint (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint for later runs")
-    parser.add_argument("--repeats", type=int, default=2, help="measurements of each mode; the best is shown")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="measurements of each mode; the best is shown")
     parser.add_argument("--_child", nargs=1, default=None, help=argparse.SUPPRESS)
     parser.add_argument("path", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -145,4 +147,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -32,13 +32,15 @@ def make_sources(folder: Path, videos: int, frames: int, width: int, height: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    from library.errors import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--videos", type=int, default=6)
-    parser.add_argument("--frames_per_video", type=int, default=96)
-    parser.add_argument("--width", type=int, default=960)
-    parser.add_argument("--height", type=int, default=540)
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--clip_frames", type=int, default=17)
+    parser.add_argument("--videos", type=positive_int, default=6)
+    parser.add_argument("--frames_per_video", type=positive_int, default=96)
+    parser.add_argument("--width", type=positive_int, default=960)
+    parser.add_argument("--height", type=positive_int, default=540)
+    parser.add_argument("--resolution", type=positive_int, default=512)
+    parser.add_argument("--clip_frames", type=positive_int, default=17)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
@@ -72,4 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -83,12 +83,15 @@ def bare(trainer, steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from library.errors import positive_int
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--task", default="t2v-tiny")
-    parser.add_argument("--size", type=int, default=64, help="frame width and height of the synthetic clips")
-    parser.add_argument("--frames", type=int, default=17)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the best of each loop is shown")
+    parser.add_argument("--size", type=positive_int, default=64, help="frame width and height of the synthetic clips")
+    parser.add_argument("--frames", type=positive_int, default=17)
+    parser.add_argument("--rounds", type=positive_int, default=5,
+                        help="interleaved rounds; the best of each loop is shown")
     args = parser.parse_args(argv)
 
     import logging
@@ -122,4 +125,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -31,15 +31,17 @@ SDPA_KERNELS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from library.errors import non_negative_int, positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", default="t2v-A14B")
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--network_dim", type=int, default=32, help="LoRA rank")
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--width", type=positive_int, default=832)
+    p.add_argument("--height", type=positive_int, default=480)
+    p.add_argument("--frames", type=positive_int, default=81)
+    p.add_argument("--batch_size", type=positive_int, default=1)
+    p.add_argument("--network_dim", type=positive_int, default=32, help="LoRA rank")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
     p.add_argument("--attention", default="sdpa", help="sdpa, flash_attn, flash3, xformers")
     p.add_argument("--sdpa_kernel", choices=sorted(SDPA_KERNELS),
                    help="with --attention sdpa: force PyTorch's flash, efficient, cudnn or math kernel (default: "
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp8_base", action="store_true", help="block Linear weights in fp8")
     p.add_argument("--fp8_scaled", action="store_true", help="with per-tensor scales (implies --fp8_base)")
     p.add_argument("--fp8_scaled_mm", action="store_true", help="fp8 x fp8 forward matmuls (Ada / Hopper)")
-    p.add_argument("--blocks_to_swap", type=int, default=0)
+    p.add_argument("--blocks_to_swap", type=non_negative_int, default=0)
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
@@ -56,10 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full_bf16", action="store_true", help="full fine-tuning: bf16 weights and optimizer state")
     p.add_argument("--fused_backward_pass", action="store_true", help="full fine-tuning: step each tensor in the backward")
     p.add_argument("--optimizer", default="AdamW", help="optimizer by its Kohya name (AdamW, AdamW8bit, AdaFactor, ...)")
-    p.add_argument("--vram_cap_gb", type=float, help="cap PyTorch's GPU memory at this many GiB")
+    p.add_argument("--vram_cap_gb", type=positive_float, help="cap PyTorch's GPU memory at this many GiB")
     p.add_argument("--plan", action="store_true", help="memory settings from the planner for the cap / the GPU")
-    p.add_argument("--compare_cap", type=float, metavar="GB", help="run uncapped, then capped with --plan; print the slowdown")
-    p.add_argument("--peak_tflops", type=float, help="dense bf16 peak of the GPU (default: known GPUs, e.g. H100 SXM 989)")
+    p.add_argument("--compare_cap", type=positive_float, metavar="GB",
+                   help="run uncapped, then capped with --plan; print the slowdown")
+    p.add_argument("--peak_tflops", type=positive_float,
+                   help="dense bf16 peak of the GPU (default: known GPUs, e.g. H100 SXM 989)")
     p.add_argument("--cpu", action="store_true", help="tiny variant on the CPU (keeps this script tested)")
     p.add_argument("--json", help="also write the result to this JSON file")
     return p.parse_args(argv)
@@ -193,4 +197,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our `library`, not sd-scripts' package
 
+from library.errors import positive_int, run_cli  # noqa: E402
 from library.prep.caption_files import MODES, caption_media, find_media  # noqa: E402
 from library.prep.captioning import load_captioner  # noqa: E402
 
@@ -35,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", default="", help="text put right before the generated caption")
     parser.add_argument("--prompt", default=None,
                         help="BLIP: text to continue; BLIP-2: a question; Qwen: replaces the built-in instruction")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=6, help="frames sampled per clip")
-    parser.add_argument("--max_new_tokens", type=int, default=96)
+    parser.add_argument("--batch_size", type=positive_int, default=4)
+    parser.add_argument("--frames", type=positive_int, default=6, help="frames sampled per clip")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=96)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="default bf16 on GPU")
     parser.add_argument("--caption_extension", default=".txt")
@@ -48,21 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        media = find_media(args.inputs)
-        if not media:
-            print(f"error: no images or videos under {', '.join(map(str, args.inputs))}", file=sys.stderr)
-            return 2
-        captioner = load_captioner(args.model, args.family, args.device, args.dtype, args.max_new_tokens, args.prompt)
-        stats = caption_media(media, captioner, args.mode, args.trigger, args.prefix, args.batch_size, args.frames,
-                              args.caption_extension, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    media = find_media(args.inputs)  # a missing input or a model that cannot load: exit 2 (run_cli)
+    if not media:
+        print(f"error: no images or videos under {', '.join(map(str, args.inputs))}", file=sys.stderr)
         return 2
+    captioner = load_captioner(args.model, args.family, args.device, args.dtype, args.max_new_tokens, args.prompt)
+    stats = caption_media(media, captioner, args.mode, args.trigger, args.prefix, args.batch_size, args.frames,
+                          args.caption_extension, progress=not args.quiet)
     print(f"{len(media)} items: {stats.written} captions written, {stats.skipped} kept as they were, "
           f"{len(stats.failed)} unreadable")
     return 1 if stats.failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -14,8 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our `library`, not sd-scripts' package
 
+from library.errors import run_cli  # noqa: E402
 from library.evaluation.compare import compare_parser, run_compare  # noqa: E402
 
-if __name__ == "__main__":
+
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(run_compare(compare_parser().parse_args()))
+    return run_compare(compare_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

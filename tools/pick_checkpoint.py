@@ -26,11 +26,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from library.evaluation.pick import format_report, rank_checkpoints
 
-    try:
-        report = rank_checkpoints(args.run_dir, args.output_name)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = rank_checkpoints(args.run_dir, args.output_name)  # no checkpoints there: exit 2 (run_cli)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(report), indent=2))
@@ -38,4 +34,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

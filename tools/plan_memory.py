@@ -22,21 +22,23 @@ sys.path.insert(0, str(REPO))  # our `library`, never another package of that na
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from library.errors import positive_float, positive_int
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config_file", help="training TOML to take task, network_dim, optimizer_type and experts from")
     p.add_argument("--task", help="WAN task / variant (default t2v-A14B)")
-    p.add_argument("--vram_gb", type=float, help="GPU memory in GiB (default: the detected GPU)")
-    p.add_argument("--width", type=int, default=832)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--network_dim", type=int, help="LoRA rank (default 32)")
+    p.add_argument("--vram_gb", type=positive_float, help="GPU memory in GiB (default: the detected GPU)")
+    p.add_argument("--width", type=positive_int, default=832)
+    p.add_argument("--height", type=positive_int, default=480)
+    p.add_argument("--frames", type=positive_int, default=81)
+    p.add_argument("--batch_size", type=positive_int, default=1)
+    p.add_argument("--network_dim", type=positive_int, help="LoRA rank (default 32)")
     p.add_argument("--optimizer_type", "--optimizer", dest="optimizer_type",
                    help="AdamW, AdamW8bit, Lion, AdaFactor, Prodigy ... (default AdamW)")
     p.add_argument("--experts", type=int, choices=(1, 2), help="2: train both WAN 2.2 A14B experts in one run")
     p.add_argument("--full", action="store_true", help="plan full fine-tuning instead of a LoRA")
-    p.add_argument("--processes", type=int, default=1, help="full fine-tuning: GPUs training together (fsdp shards "
-                                                            "over them; default 1)")
+    p.add_argument("--processes", type=positive_int, default=1,
+                   help="full fine-tuning: GPUs training together (fsdp shards over them; default 1)")
     p.add_argument("--all_candidates", action="store_true", help="full fine-tuning: show every rung of the ladder, "
                                                                  "not only those tried")
     return p.parse_args(argv)
@@ -61,10 +63,6 @@ def main(argv=None) -> int:
         print("no CUDA device found: pass --vram_gb (e.g. 24)", file=sys.stderr)
         return 2
     if full:
-        if args.processes < 1:
-            print(f"--processes {args.processes}: give the number of GPUs training together (1 or more)",
-                  file=sys.stderr)
-            return 2
         plan = plan_full(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                          args.optimizer_type or optimizer, args.processes, args.experts or experts, *patterns,
                          show_all=args.all_candidates)
@@ -76,4 +74,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

@@ -129,18 +129,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from library.registry import RegistryError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except RegistryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a folder that cannot be written, a full disk: the system's reason, no traceback
-        print(f"error: {exc.filename or args.root}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
+    """Run a registry command; a RegistryError or a folder that cannot be written is exit 2 (run_cli)."""
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

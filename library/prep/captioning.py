@@ -19,6 +19,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_INSTRUCTION = ("Describe this image in one detailed sentence for a training caption: the subject and "
@@ -37,6 +39,10 @@ class MediaSample:
     frames: list
 
 
+class CaptionerError(UserError, ValueError):
+    """A captioning model that cannot be used; the message names it and says what to pass instead."""
+
+
 def _from_pretrained_kwargs(model: str) -> dict:
     return {"local_files_only": True} if Path(model).expanduser().exists() else {}
 
@@ -47,14 +53,22 @@ def detect_family(model: str) -> str:
     if local.is_dir():
         config_file = local / "config.json"
         if not config_file.is_file():
-            raise ValueError(f"{local}: no config.json; pass a transformers model folder or a hub id")
-        model_type = json.loads(config_file.read_text()).get("model_type", "")
+            raise CaptionerError(f"{local}: no config.json; pass a transformers model folder or a hub id")
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type", "")
+        except (ValueError, AttributeError) as exc:
+            raise CaptionerError(f"{config_file}: not a transformers config ({exc}); the model folder is damaged: "
+                                 "download it again") from None
     else:
         from transformers import AutoConfig
 
-        model_type = AutoConfig.from_pretrained(model).model_type
+        try:
+            model_type = AutoConfig.from_pretrained(model).model_type
+        except OSError as exc:  # transformers' "not a local folder and not reachable on the hub"
+            raise CaptionerError(f"{model}: no such model folder, and the hub id cannot be loaded ({exc}); pass a "
+                                 "local model folder") from None
     if model_type not in FAMILIES:
-        raise ValueError(f"{model}: model_type {model_type!r} is not a supported captioner; "
+        raise CaptionerError(f"{model}: model_type {model_type!r} is not a supported captioner; "
                          f"use a BLIP, BLIP-2 or Qwen2.5-VL model")
     return FAMILIES[model_type]
 
@@ -159,8 +173,11 @@ def load_captioner(model: str, family: str | None = None, device: str | None = N
     family = FAMILIES.get(family, family) if family else detect_family(model)
     device, torch_dtype = default_device_dtype(device, dtype)
     logger.info("captioning with %s (%s) on %s", model, family, device)
-    if family in ("blip", "blip2"):
-        return BlipCaptioner(model, family, device, torch_dtype, max_new_tokens, prompt)
-    if family in ("qwen2_5_vl", "qwen2_vl"):
-        return QwenVLCaptioner(model, family, device, torch_dtype, max_new_tokens, prompt)
-    raise ValueError(f"unknown captioner family {family!r}; use blip, blip2 or qwen2_5_vl")
+    kinds = {"blip": BlipCaptioner, "blip2": BlipCaptioner, "qwen2_5_vl": QwenVLCaptioner, "qwen2_vl": QwenVLCaptioner}
+    if family not in kinds:
+        raise CaptionerError(f"unknown captioner family {family!r}; use blip, blip2 or qwen2_5_vl")
+    try:
+        return kinds[family](model, family, device, torch_dtype, max_new_tokens, prompt)
+    except (OSError, ValueError) as exc:  # transformers: missing or damaged weights, a folder of another model
+        raise CaptionerError(f"{model}: cannot load it as a {family} captioner ({type(exc).__name__}: {exc}); "
+                             "pass a complete local model folder of that family") from None

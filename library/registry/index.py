@@ -18,6 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+from library.errors import UserError
+
 INDEX_NAME = "registry.json"
 LOCK_NAME = ".registry.lock"
 NOTES_NAME = "training_notes.md"
@@ -36,7 +38,7 @@ HYPER_KEYS = ("lr", "dim", "alpha", "epochs", "steps", "batch", "grad_accum", "o
               "seed", "mixed_precision", "resolution")
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A user-facing registry error: names the file or model, what is wrong and what to do."""
 
 
