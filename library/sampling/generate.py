@@ -22,6 +22,7 @@ import torch
 from library.wan.conditioning import i2v_condition
 
 from .denoise import Conditioning, Expert, denoise
+from .finite import check_finite_sample
 from .prompts import PromptError, SampleRequest
 from .schedules import flow_schedule
 
@@ -207,8 +208,10 @@ def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "
             logger.warning("%s: only the %s expert is loaded; it denoises every step", variant.name, experts[0].name)
         plan = flow_schedule(s["steps"], s["flow_shift"], sampler, schedule)
         latents = denoise(noise, plan, experts, cond, sampler, s["boundary"], progress)
+        check_finite_sample(latents, "latents", request)  # NaN would decode to an all-black video
         video = None
         if decode:
             video = models.vae.decode(latents)[0].cpu()  # [3, F, H, W] fp32
+            check_finite_sample(video, "decoded frames", request)
     s["high_noise_steps"] = sum(1 for t in plan.timesteps if s["boundary"] is not None and t >= s["boundary"] * 1000)
     return Sample(request=request, settings=s, latents=latents.cpu(), video=video)
