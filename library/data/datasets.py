@@ -37,7 +37,15 @@ logger = logging.getLogger(__name__)
 
 
 class CacheError(UserError, RuntimeError):
-    """Caches missing or stale for training; the message lists them and the command that fixes them."""
+    """Caches missing, stale or corrupt for training; the message lists them and the command that fixes them."""
+
+    def __init__(self, message: str = "") -> None:
+        # Raised in a DataLoader worker, it is rebuilt in the main process from "Caught CacheError in DataLoader
+        # worker process N.\nOriginal Traceback (...)\n...\nlibrary.data.datasets.CacheError: MESSAGE": the
+        # user gets MESSAGE, not a traceback of ours
+        if message.startswith("Caught CacheError") and "CacheError: " in message:
+            message = message.partition("CacheError: ")[2]
+        super().__init__(message)
 
 
 class DatasetError(UserError, ValueError):

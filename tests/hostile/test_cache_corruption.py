@@ -86,6 +86,20 @@ def test_training_names_the_damaged_file_and_the_command(demo_cached, case):
     assert f"python tools/cache_latents.py --dataset_config {demo_cached / 'dataset.toml'}" in str(info.value)
 
 
+def test_a_damaged_file_read_in_a_loader_worker_is_named_without_a_traceback(demo_cached):
+    from library.data.dataset_config import load_dataset_config
+    from library.data.datasets import CacheError, batch_loader, build_train_datasets
+
+    victim = overwrite_tensor_data(_victim(demo_cached, "latents", 0), "random")
+    datasets = build_train_datasets(load_dataset_config(demo_cached / "dataset.toml"), "t2v-tiny")
+    with pytest.raises(CacheError) as info:
+        for _ in batch_loader(datasets, seed=0, epoch=0, num_workers=1):
+            pass
+    assert str(info.value).startswith(f"{demo_cached / 'dataset.toml'}: [[datasets]] #0 ({demo_cached / 'images'}): "
+                                      f"{victim}: {CORRUPT}. Nothing was trained on it")
+    assert "Traceback" not in str(info.value) and "DataLoader worker" not in str(info.value)
+
+
 def test_caches_from_before_checksums_train_and_are_rebuilt_once(demo_cached, tiny_models, caplog):
     from library.data.dataset_config import load_dataset_config
     from library.data.datasets import CacheError, build_train_datasets
