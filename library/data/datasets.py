@@ -85,9 +85,13 @@ def read_skip_lists(cache_dir: Path, vae_kind: str) -> dict[str, dict]:
     merged: dict[str, dict] = {}
     for path in sorted(Path(cache_dir).glob(f"skipped_{cache.vae_tag(vae_kind)}_r*.json")):
         try:
-            merged.update(json.loads(path.read_text(encoding="utf-8")))
+            entries = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            logger.warning("ignoring unreadable skip list %s", path)
+            entries = None
+        if not (isinstance(entries, dict) and all(isinstance(e, dict) for e in entries.values())):
+            logger.warning("ignoring unreadable skip list %s (the latent cacher rewrites it)", path)
+            continue
+        merged.update(entries)
     return merged
 
 
@@ -122,9 +126,10 @@ class CachedDataset(torch.utils.data.Dataset):
         kept = []
         for item in items:
             entry = known.get(item.key)
-            if entry and cache.source_matches(entry.get("fingerprint", {}), item.media_path) and not \
+            fingerprint = entry.get("fingerprint") if entry else None
+            if isinstance(fingerprint, dict) and cache.source_matches(fingerprint, item.media_path) and not \
                     cache.latent_cache_path(self.spec.cache_directory, item.key, self.info.vae_kind).exists():
-                self.skips.append(Skip(str(item.media_path), entry.get("reason", "skipped when caching"),
+                self.skips.append(Skip(str(item.media_path), str(entry.get("reason", "skipped when caching")),
                                        self.spec.where(), item.key))
                 continue
             kept.append(item)

@@ -159,8 +159,17 @@ def _check_version(key: str, v: Any, root: Path, bad) -> None:
         if wrong:
             kind = _FILE_FIELDS[wrong[0]].__name__
             raise bad(f"{where} file {role!r}: {wrong[0]!r} is missing or not of type {kind}")
-    if not all(isinstance(t, dict) and isinstance(t.get("date"), str) for t in v.get("tests", [])):
-        raise bad(f"{where}: a test entry has no date")
+    for test in v.get("tests", []):
+        if not (isinstance(test, dict) and isinstance(test.get("date"), str)
+                and isinstance(test.get("scores", {}), dict) and isinstance(test.get("issues", []), list)
+                and all(_is(x, int) or isinstance(x, float) for x in test.get("scores", {}).values())
+                and (test.get("gate") is None or isinstance(test.get("passed"), bool))):
+            raise bad(f"{where}: a test entry is not a date with numeric scores, a list of issues and, with a gate, "
+                      f"passed true or false: {test!r:.120}")
+    for gate, state in v.get("gates", {}).items():
+        if gate not in GATES or not (isinstance(state, dict) and isinstance(state.get("state"), str)
+                                     and isinstance(state.get("date"), str)):
+            raise bad(f"{where}: gate {gate!r} is not one of {', '.join(GATES)} with a state and a date")
 
 
 def _check_index(data: Any, path: Path) -> dict:

@@ -119,3 +119,14 @@ def test_caches_from_before_checksums_train_and_are_rebuilt_once(demo_cached, ti
                                          "checksum\\)"):
         for index in range(len(images)):
             images.get(index, 0)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"img_000_32x32": "not a record"}',
+                                  '{"img_000_32x32": {"fingerprint": 3}}', "not json"])
+def test_a_damaged_skip_list_is_ignored(demo_cached, text, caplog):
+    from library.data.dataset_config import load_dataset_config
+    from library.data.datasets import build_train_datasets
+
+    (demo_cached / "cache" / "images" / "skipped_wan21_r0.json").write_text(text)
+    images = build_train_datasets(load_dataset_config(demo_cached / "dataset.toml"), "t2v-tiny")[0]
+    assert len(images) == 2 and images.skips == []

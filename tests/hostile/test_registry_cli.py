@@ -88,6 +88,17 @@ CASES = {
         lambda root, index: index["models"][KEY]["versions"][0]["files"].update(extra={"path": "a.safetensors"}),
         ["list"],
         "model 'characters/sarah' v1: file entry 'extra' is not one of high_noise, low_noise, single with a path"),
+    "score that is text": (
+        lambda root, index: index["models"][KEY]["versions"][0]["tests"].append(
+            {"date": "2025-01-16", "scores": {"consistency": "high"}}),
+        ["show", "--subject", "sarah"],
+        "model 'characters/sarah' v1: a test entry is not a date with numeric scores, a list of issues and, with a "
+        "gate, passed true or false"),
+    "gate that is text": (
+        lambda root, index: index["models"][KEY]["versions"][0]["gates"].update(technical="passed"),
+        ["promote", "--subject", "sarah"],
+        "model 'characters/sarah' v1: gate 'technical' is not one of technical, quality, trial with a state and a "
+        "date"),
     "history entry without a date": (
         lambda root, index: index["models"][KEY]["history"].append({"event": "x"}),
         ["show", "--subject", "sarah"],
