@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # our `library`, not sd-scripts' package
 
 from library.prep.analysis import AnalysisSettings  # noqa: E402
-from library.prep.arguments import positive_number, whole_number  # noqa: E402
+from library.errors import non_negative_int, positive_float, positive_int  # noqa: E402
 from library.prep.filters import FILTER_NAMES, Thresholds  # noqa: E402
 from library.prep.pipeline import VIDEO_FORMATS, PrepConfig, prepare_dataset  # noqa: E402
 
@@ -42,12 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, help="folders (searched recursively) or files")
     parser.add_argument("--output_dir", type=Path, required=True)
-    parser.add_argument("--resolution", type=whole_number(1), default=512,
+    parser.add_argument("--resolution", type=positive_int, default=512,
                         help="square side, or the bucket area's side")
     parser.add_argument("--keep_aspect", action="store_true", help="keep the aspect (for bucketing), no square crop")
-    parser.add_argument("--frames", type=whole_number(1), default=17,
+    parser.add_argument("--frames", type=positive_int, default=17,
                         help="frames per clip, 1 + 4k (17 or 21 suit 24 fps)")
-    parser.add_argument("--target_fps", type=positive_number, default=None,
+    parser.add_argument("--target_fps", type=positive_float, default=None,
                         help="clip fps (default 24, or the model's)")
     parser.add_argument("--task", default=None, help="a WAN task (t2v-A14B, ti2v-5B, ...) whose fps to use")
     parser.add_argument("--no_crop_bars", action="store_true", help="keep letterbox / pillarbox bars")
@@ -55,16 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4",
                         help="mp4 (mp4v), mkv (lossless FFV1) or png (a folder of frames per clip)")
     parser.add_argument("--cut_threshold", type=float, default=0.5, help="1 - correlation that counts as a cut")
-    parser.add_argument("--cut_margin", type=whole_number(0), default=2, help="source frames kept away from a cut")
-    parser.add_argument("--clip_gap", type=whole_number(0), default=0, help="source frames skipped between clips")
-    parser.add_argument("--max_clips_per_video", type=whole_number(0), default=0, help="0 = as many as fit")
-    parser.add_argument("--keep_best", type=whole_number(0), default=0, help="keep only the N best by combined score")
+    parser.add_argument("--cut_margin", type=non_negative_int, default=2, help="source frames kept away from a cut")
+    parser.add_argument("--clip_gap", type=non_negative_int, default=0, help="source frames skipped between clips")
+    parser.add_argument("--max_clips_per_video", type=non_negative_int, default=0, help="0 = as many as fit")
+    parser.add_argument("--keep_best", type=non_negative_int, default=0, help="keep only the N best by combined score")
     parser.add_argument("--skip_filters", nargs="*", default=[], choices=FILTER_NAMES, help="filters to turn off")
     defaults = Thresholds()
     for f in fields(Thresholds):
         parser.add_argument(f"--{f.name}", type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
                             help=THRESHOLD_HELP[f.name])
-    parser.add_argument("--batch_size", type=whole_number(1), default=1, help="batch_size written to dataset.toml")
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="batch_size written to dataset.toml")
     parser.add_argument("--caption_extension", default=".txt")
     parser.add_argument("--force", action="store_true", help="analyse every source again, ignoring the cache")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -113,21 +113,20 @@ def config_from_args(args: argparse.Namespace) -> PrepConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Prepare the dataset; a flag it could not be trained with is an error before anything is read (exit 2).
+    Under `run_cli`, a missing input, an unknown task or an output folder that cannot be written is one
+    error line and exit 2 as well."""
+    from library.prep.scenes import check_frame_count
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         check_resolution(args.resolution, args.task)
-        config = config_from_args(args)
-        from library.prep.scenes import check_frame_count
-
-        check_frame_count(config.analysis.frames)
-        result = prepare_dataset(config)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+        check_frame_count(args.frames)
+    except ValueError as error:  # an unknown task is one too
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # an output folder that is a file or cannot be written, a full disk
-        print(f"error: {error.filename or args.output_dir}: {error.strerror or error}", file=sys.stderr)
-        return 2
+    result = prepare_dataset(config_from_args(args))
     s = result.summary
     print(f"{s['sources']} sources -> {s['items']} items: kept {s['kept']} ({s['kept_images']} images, "
           f"{s['kept_clips']} clips), dropped {s['dropped']} {s['drop_reasons']}; analysed {result.analysed}, "
@@ -137,4 +136,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from library.errors import run_cli
+
+    sys.exit(run_cli(main))

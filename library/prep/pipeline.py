@@ -145,11 +145,11 @@ def prepare_dataset(config: PrepConfig) -> PrepResult:
     if config.video_format not in VIDEO_FORMATS:
         raise ValueError(f"video_format {config.video_format!r}: use one of {', '.join(VIDEO_FORMATS)}")
     out = config.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     out_abs = out.resolve()
     sources = [(root, path) for root, path in list_sources(list(config.inputs)) if out_abs not in path.parents]
     if not sources:
         raise FileNotFoundError(f"no images or videos under {', '.join(map(str, config.inputs))}")
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to prepare
     stems = source_stems(sources)
     state = load_state(out)
     result = PrepResult(items=[])

@@ -67,7 +67,8 @@ def test_a_bad_source_is_dropped_with_its_reason(prepared, case):
     assert all(entry["kind"] != "source" for entry in good)  # each still analysed into items
 
 
-# name: (flags, what the command says); each stops before anything is read or written
+# name: (flags, what the command says; a first entry that is no flag replaces the input folder); each stops
+# before anything is read or written
 FLAGS = {
     "resolution not a multiple of 16": (
         ["--resolution", "500"], "error: --resolution 500 is not a multiple of 16, the bucket step of the WAN 2.1 VAE "
@@ -76,11 +77,15 @@ FLAGS = {
         ["--resolution", "528", "--task", "ti2v-5B"],
         "error: --resolution 528 is not a multiple of 32, the bucket step of ti2v-5B; use 512 or 544"),
     "frames not 1 + 4k": (["--frames", "16"], "error: clip frames 16 is not 1 + 4k (WAN's VAE needs it); use 13 or 17"),
-    "batch size 0": (["--batch_size", "0"], "error: argument --batch_size: '0' is not a whole number >= 1"),
-    "negative keep_best": (["--keep_best", "-3"], "error: argument --keep_best: '-3' is not a whole number >= 0"),
-    "fps not a number": (["--target_fps", "nan"], "error: argument --target_fps: 'nan' is not a positive number"),
+    "batch size 0": (["--batch_size", "0"], "error: argument --batch_size: '0' must be 1 or more"),
+    "negative keep_best": (["--keep_best", "-3"], "error: argument --keep_best: '-3' must be 0 or more"),
+    "fps not a number": (["--target_fps", "nan"], "error: argument --target_fps: 'nan' must be a finite number"),
+    "no input folder": (["{tmp}/nowhere"], "error: input {tmp}/nowhere does not exist; pass folders of raw images "
+                                          "and videos"),
     "unknown task": (["--task", "t2v-A15B"], "error: unknown WAN task 't2v-A15B'; valid tasks: "),
-    "output folder is a file": (["--output_dir", "{tmp}/raw/img_000.png"], "error: {tmp}/raw/img_000.png: File exists"),
+    "output folder is a file": (["--output_dir", "{tmp}/raw/img_000.png"],
+                                "error: {tmp}/raw/img_000.png: already exists and is not a folder (a folder is needed "
+                                "there); move it away or choose another path"),
 }
 
 
@@ -89,6 +94,7 @@ def test_bad_flags_are_refused(demo_source, tmp_path, case):
     flags, message = FLAGS[case]
     shutil.copytree(demo_source / "images", tmp_path / "raw")
     flags = [flag.format(tmp=tmp_path) for flag in flags]
-    result = run_tool("prepare_dataset", tmp_path / "raw", "--output_dir", tmp_path / "out", *flags, "--quiet")
+    inputs = [flags.pop(0)] if not flags[0].startswith("--") else [tmp_path / "raw"]  # an input of its own
+    result = run_tool("prepare_dataset", *inputs, "--output_dir", tmp_path / "out", *flags, "--quiet")
     assert_refused(result, message.format(tmp=tmp_path))
     assert not (tmp_path / "out").exists()
