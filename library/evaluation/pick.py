@@ -10,11 +10,12 @@ of the run are the candidates. Either way the next step is a visual comparison
 
 from __future__ import annotations
 
-import csv
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from library.training.checkpoints import find_checkpoints
+from library.training.logs import read_loss_csv
 
 OVERFIT_RISE = 0.05  # a validation loss this much above its minimum, later in the run, reads as overfitting
 
@@ -38,15 +39,14 @@ class Report:
 
 
 def read_losses(path: Path) -> tuple[dict[int, float], dict[int, float]]:
-    """({step: moving-average train loss}, {step: validation loss}) from a run's loss.csv."""
+    """({step: moving-average train loss}, {step: validation loss}) from a run's loss.csv; rows that cannot
+    be read (a run killed while writing its last row) and non-finite losses (skipped steps) are left out."""
     train, val = {}, {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
-            if row.get("kind") == "val":
-                val[step] = float(row["loss"])
-            else:
-                train[step] = float(row.get("avg_loss") or row["loss"])
+    for row in read_loss_csv(path)[0]:
+        if row["kind"] == "val" and math.isfinite(row["loss"]):
+            val[row["step"]] = row["loss"]
+        elif row["kind"] == "train" and math.isfinite(row["avg_loss"]):
+            train[row["step"]] = row["avg_loss"]
     return train, val
 
 
