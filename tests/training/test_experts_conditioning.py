@@ -71,8 +71,9 @@ def test_ti2v_condition_clean_first_frame_zero_timestep_no_loss():
 
 def test_state_save_load_latest_and_prune(tmp_path):
     for step in (10, 20, 30):
-        ckpt.save_state(ckpt.state_dir(tmp_path, "run", step=step), {"run_state": {"global_step": step}},
-                        {"global_step": step})
+        run_state = {"seed": 1, "global_step": step, "epoch": 0, "batch_in_epoch": step}
+        payload = {"run_state": run_state, "networks": {}, "optimizer": {}, "scheduler": {}}
+        ckpt.save_state(ckpt.state_dir(tmp_path, "run", step=step), payload, {"global_step": step})
         for suffix in ("_high_noise", "_low_noise"):
             ckpt.lora_path(tmp_path, "run", suffix, step=step).write_bytes(b"x")
     assert ckpt.load_state("latest", tmp_path, "run")["run_state"]["global_step"] == 30
@@ -82,7 +83,7 @@ def test_state_save_load_latest_and_prune(tmp_path):
     assert names == ["run-step00000030-state", "run_high_noise-step00000020.safetensors",
                      "run_high_noise-step00000030.safetensors", "run_low_noise-step00000020.safetensors",
                      "run_low_noise-step00000030.safetensors"]
-    with pytest.raises(FileNotFoundError, match="not a training state folder"):
+    with pytest.raises(ValueError, match="not a training state folder"):
         ckpt.load_state(tmp_path / "run_low_noise-step00000030.safetensors")
 
 

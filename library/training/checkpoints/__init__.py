@@ -6,68 +6,28 @@ File names (per expert, the expert's suffix follows the output name):
     {output_name}{_expert}-step{step:08d}.safetensors  every N steps
 State folders: the same stems with `-state` (and no expert suffix): one folder holds every expert.
 
-This package writes the saves (`weights`: LoRA or whole-DiT files with their metadata; `state`: the
-training state `resume` continues from exactly), lists and parses them (`find_checkpoints`, used by
-checkpoint picking and comparison) and prunes old ones. musubi-tuner's names, so its tools find them.
+This package names the saves (`names`), writes them (`weights`: LoRA or whole-DiT files with their
+metadata; `state`: the training state `resume` continues from exactly, plain data only), lists them
+(`find_checkpoints`, used by checkpoint picking and comparison), prunes old ones and, at the start of a
+run, settles what a killed or failed save left behind (`leftovers`). musubi-tuner's names, so its tools
+find them.
 
 May import: `library.config`, `library.wan`, `networks`, and the training modules below it (`dtypes`,
-`engines`); never the loop (`trainer`).
+`files`, `engines`); never the loop (`trainer`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .leftovers import clean_leftovers  # noqa: F401 - named here too
+from .names import EXPERT_SUFFIXES, SaveName, lora_path, parse_save_name, state_dir, stem  # noqa: F401
 from .state import find_latest_state, load_state, save_state  # noqa: F401 - the resume half, named here too
 
 logger = logging.getLogger(__name__)
-
-EXPERT_SUFFIXES = ("_high_noise", "_low_noise")
-# {name}{_expert?}{-stepNNNNNNNN | -NNNNNN}?{_expert?}{.safetensors | -state}: musubi puts the expert suffix
-# before the step / epoch; files renamed by hand sometimes carry it after
-_SAVE = re.compile(r"^(?P<name>.+?)(?P<e1>_high_noise|_low_noise)?(?:-step(?P<step>\d{8})|-(?P<epoch>\d{6}))?"
-                   r"(?P<e2>_high_noise|_low_noise)?(?P<tail>\.safetensors|-state)$")
-
-
-def stem(output_name: str, epoch: int | None = None, step: int | None = None) -> str:
-    if step is not None:
-        return f"{output_name}-step{step:08d}"
-    if epoch is not None:
-        return f"{output_name}-{epoch:06d}"
-    return output_name
-
-
-def lora_path(output_dir: Path, output_name: str, expert_suffix: str = "", epoch: int | None = None,
-              step: int | None = None) -> Path:
-    return Path(output_dir) / (stem(output_name + expert_suffix, epoch, step) + ".safetensors")
-
-
-def state_dir(output_dir: Path, output_name: str, epoch: int | None = None, step: int | None = None) -> Path:
-    return Path(output_dir) / (stem(output_name, epoch, step) + "-state")
-
-
-@dataclass(frozen=True)
-class SaveName:
-    """A save's file or folder name, parsed."""
-
-    name: str  # the output name
-    expert_suffix: str  # "_high_noise", "_low_noise" or ""
-    step: int | None
-    epoch: int | None
-    is_state: bool
-
-
-def parse_save_name(filename: str) -> SaveName | None:
-    """The parts of a save's name (a LoRA / DiT file or a state folder), or None for any other name."""
-    m = _SAVE.match(filename)
-    if not m:
-        return None
-    return SaveName(m["name"], m["e1"] or m["e2"] or "", int(m["step"]) if m["step"] else None,
-                    int(m["epoch"]) if m["epoch"] else None, m["tail"] == "-state")
 
 
 @dataclass
@@ -89,13 +49,13 @@ class Checkpoint:
 
 
 def _metadata_step(path: Path) -> int | None:
-    try:
-        from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
+    try:
         with safe_open(str(path), framework="pt") as fh:
             value = (fh.metadata() or {}).get("ss_steps")
         return int(value) if value not in (None, "") else None
-    except Exception:  # an unreadable file is reported when it is loaded
+    except (OSError, ValueError, SafetensorError):  # an unreadable file is reported when it is loaded
         return None
 
 

@@ -19,6 +19,8 @@ from library.wan.variants import WanVariant
 from networks.lora_wan import build_lora_metadata as wan_metadata
 
 from ..dtypes import SAVE_DTYPES
+from ..files import disk_full, out_of_space
+from .state import newest_state_note
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +28,37 @@ logger = logging.getLogger(__name__)
 def save_weights(expert, path: Path, cfg: TrainConfig, variant: WanVariant, state, facts: dict,
                  write: bool = True) -> None:
     """The expert's LoRA file, or with full fine-tuning its whole DiT. Sharded, every process calls this
-    (the weights are gathered together) and the one with `write` writes."""
+    (the weights are gathered together) and the one with `write` writes. A full disk is a `DiskFullError`
+    naming the disk and the space needed; the file written before under that name is kept."""
     if not write:
         expert.network.save_weights(path, write=False)
         return
-    if cfg.finetune.full_fine_tune:
-        meta = {**facts, **model_metadata(variant, None if expert.name == "dit" else expert.name, cfg, state,
-                                          expert.learning_rate)}
-        dtype = SAVE_DTYPES[cfg.saving.save_precision] if cfg.saving.save_precision else torch.bfloat16
-        expert.network.save_weights(path, dtype=dtype, metadata=meta, fmt=cfg.finetune.save_model_format)
-    else:
-        meta = build_lora_metadata(cfg, variant, expert, state, facts)
-        expert.network.save_weights(path, dtype=SAVE_DTYPES[cfg.saving.save_precision], metadata=meta,
-                                    fmt=cfg.saving.save_lora_format)
+    try:
+        if cfg.finetune.full_fine_tune:
+            meta = {**facts, **model_metadata(variant, None if expert.name == "dit" else expert.name, cfg, state,
+                                              expert.learning_rate)}
+            dtype = SAVE_DTYPES[cfg.saving.save_precision] if cfg.saving.save_precision else torch.bfloat16
+            expert.network.save_weights(path, dtype=dtype, metadata=meta, fmt=cfg.finetune.save_model_format)
+        else:
+            meta = build_lora_metadata(cfg, variant, expert, state, facts)
+            expert.network.save_weights(path, dtype=SAVE_DTYPES[cfg.saving.save_precision], metadata=meta,
+                                        fmt=cfg.saving.save_lora_format)
+    except Exception as exc:
+        need = _file_bytes(expert, cfg)
+        if out_of_space(exc, Path(path).parent, need):
+            raise disk_full(Path(path).parent, Path(path).name, need,
+                            newest_state_note(Path(path).parent, cfg.saving.output_name or None)) from None
+        raise
     logger.info("saved %s", path)
+
+
+def _file_bytes(expert, cfg: TrainConfig) -> int:
+    """About the size of the expert's weight file: its tensors at the saved precision."""
+    full, precision = cfg.finetune.full_fine_tune, cfg.saving.save_precision
+    size = torch.empty((), dtype=SAVE_DTYPES[precision] if precision or not full else torch.bfloat16).element_size()
+    model = getattr(expert.network, "model", None) if full else None
+    tensors = (model.state_dict() if model is not None else expert.network.state_dict()).values()
+    return sum(t.numel() * size for t in tensors)
 
 
 def run_facts(cfg: TrainConfig, data, optimizer, total: int, world: int) -> dict[str, str]:
