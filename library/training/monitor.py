@@ -87,6 +87,8 @@ class LossMonitor:
     def update_validation(self, step: int, val_loss: float) -> list[Diagnosis]:
         """Feed one validation loss (fixed seeds and timesteps, so values are comparable)."""
         s, new = self.settings, []
+        if not math.isfinite(val_loss):
+            return new
         self.val.append((step, val_loss))
         best_step, best = min(self.val, key=lambda v: v[1])
         last_two = self.val[-2:]

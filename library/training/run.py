@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -26,6 +26,11 @@ class RunState:
     epoch: int = 0  # completed epochs
     batch_in_epoch: int = 0  # batches of the current epoch already consumed (at the last optimizer step)
     started_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def restore(cls, saved: dict) -> RunState:
+        """A saved position (`asdict` of one); keys this version does not know are ignored."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
     def info(self, cfg: TrainConfig) -> dict:
         return {**asdict(self), "task": cfg.model.task, "output_name": cfg.saving.output_name}

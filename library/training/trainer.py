@@ -22,19 +22,23 @@ import torch
 
 from library.config import save_config
 from library.config.schema import TrainConfig
+from library.errors import UserError
 from library.wan.conditioning import i2v_condition
 from library.wan.variants import get_variant
 
 from . import checkpoints as ckpt
 from .advice import RunFacts, log_report
 from .assemble import build_experts
-from .checkpoints.state import load_state, restore_payload, save_state, state_payload
+from .checkpoints.state import StateError, load_state, restore_payload, save_state, state_payload
 from .checkpoints.weights import save_weights
 from .conditioning import ti2v_condition
 from .data import build_data
 from .engines.sharding import sharding
 from .experts import ExpertRouter, base_sampler, boundary_of
 from .flow_matching import add_noise
+from .guard import (MAX_BAD_STEPS, NonFiniteLossError, diverged_message, finite_everywhere, stop_message,
+                    weights_finite)
+from .lock import lock_run_folder
 from .logs import LossLog
 from .monitor import LossMonitor
 from .optimization import build_optimization
@@ -44,43 +48,54 @@ from .samples import TrainingSampler
 from .seeding import derive_seed, generator
 
 logger = logging.getLogger(__name__)
-MAX_BAD_STEPS = 3  # non-finite losses in a row before the run stops
 VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels of the validation loss
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+__all__ = ["MAX_BAD_STEPS", "NonFiniteLossError", "Trainer"]
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.variant = get_variant(cfg.model.task)
+        self.accelerator = self.lock = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.setup()
         try:
-            self.train()
-        except KeyboardInterrupt:
-            logger.warning("interrupted: saving the training state before exiting")
-            self.save(kind="interrupt")
-            return 130
+            self.setup()
+            try:
+                self.train()
+            except KeyboardInterrupt:
+                logger.warning("interrupted: saving the training state before exiting")
+                self.save(kind="interrupt")
+                return 130
         finally:
             self.cleanup()
         return 0
 
     def setup(self) -> None:
-        cfg = self.cfg
-        self.accelerator = make_accelerator(cfg)
+        """Everything before the first step; the output folder is locked for the run (released by `cleanup`,
+        or here when setup fails)."""
+        self.accelerator = make_accelerator(self.cfg)
         self.device = self.accelerator.device
-        self.run_info = resolve_run(cfg, self.accelerator)  # seed, output dir/name, dtypes
+        self.run_info = resolve_run(self.cfg, self.accelerator)  # seed, output dir/name, dtypes
+        self.lock = lock_run_folder(self.run_info.output_dir, self.accelerator)
+        try:
+            self._setup()
+        except BaseException:
+            self._release()
+            raise
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if self.is_main:
+            ckpt.clean_leftovers(self.run_info.output_dir, self.run_info.output_name)
+        self.accelerator.wait_for_everyone()
         payload = None
         if cfg.saving.resume:
             acc = self.accelerator
             payload = load_state(cfg.saving.resume, self.run_info.output_dir, self.run_info.output_name,
-                                      acc.process_index, acc.num_processes)
+                                 acc.process_index, acc.num_processes)
             self.run_info = replace(self.run_info, seed=payload["run_state"]["seed"])  # continue the same run
         self.state = RunState(seed=self.run_info.seed)
         self.data = build_data(cfg, self.variant, self.accelerator, self.run_info.seed)
@@ -88,16 +103,17 @@ class Trainer:
             cfg = self.cfg = auto_full_settings(cfg, self.variant, self.data, self.device,
                                                 self.accelerator.num_processes)
         if payload is not None and payload["sharded"] != sharding(cfg):
-            raise ValueError(f"resume: {cfg.saving.resume} was saved {'with' if payload['sharded'] else 'without'} "
+            raise StateError(f"resume: {payload['folder']} was saved {'with' if payload['sharded'] else 'without'} "
                              f"fsdp sharding; resume it {'with' if payload['sharded'] else 'without'} `fsdp`")
         torch.manual_seed(derive_seed(self.run_info.seed, "init"))  # LoRA initialisation depends only on the seed
         self.experts = build_experts(cfg, self.variant, self.run_info, self.device, self.data)
-        self.router = ExpertRouter(self.experts, base_sampler(cfg), boundary_of(self.variant, cfg.timesteps.timestep_boundary),
-                                   cfg.memory.offload_inactive_dit, self.device)
+        boundary = boundary_of(self.variant, cfg.timesteps.timestep_boundary)
+        self.router = ExpertRouter(self.experts, base_sampler(cfg), boundary, cfg.memory.offload_inactive_dit,
+                                   self.device)
         self.opt = build_optimization(cfg, self.experts, self.data, self.accelerator, self.run_info.seed)
         if payload is not None:
             restore_payload(payload, self.experts, self.opt.optimizer, self.opt.scheduler, self.opt.sharded)
-            self.state = RunState(**payload["run_state"])
+            self.state = RunState.restore(payload["run_state"])
             logger.info("resumed at step %d (epoch %d, batch %d)", self.state.global_step, self.state.epoch,
                         self.state.batch_in_epoch)
         self.committed = replace(self.state)  # the state as of the last optimizer step
@@ -119,7 +135,14 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
+        if self.accelerator is not None:
+            self.accelerator.end_training()
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---- the loop -----------------------------------------------------------------------------------
 
@@ -130,22 +153,24 @@ class Trainer:
         bar = tqdm(total=total, initial=self.state.global_step, disable=not self.is_main, desc="steps")
         if self.sampler and self.cfg.sampling.sample_at_first and self.state.global_step == 0:
             self.sample()
-        while self.state.global_step < total:
-            loader = self.data.loader(self.state.epoch, skip=self.state.batch_in_epoch)
-            for batch in loader:
-                loss = self.micro_step(batch)
-                self.state.batch_in_epoch += 1
-                if self.state.batch_in_epoch % accum and self.state.batch_in_epoch < self.data.batches_per_epoch:
-                    continue
-                self.optimizer_step()
-                self.after_step(loss, bar)
-                if self.state.global_step >= total:
-                    break
-            else:
-                self.state.epoch += 1
-                self.state.batch_in_epoch = 0
-                self.after_epoch()
-        bar.close()
+        try:
+            while self.state.global_step < total:
+                loader = self.data.loader(self.state.epoch, skip=self.state.batch_in_epoch)
+                for batch in loader:
+                    loss = self.micro_step(batch)
+                    self.state.batch_in_epoch += 1
+                    if self.state.batch_in_epoch % accum and self.state.batch_in_epoch < self.data.batches_per_epoch:
+                        continue
+                    self.optimizer_step()
+                    self.after_step(loss, bar)
+                    if self.state.global_step >= total:
+                        break
+                else:
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+                    self.after_epoch()
+        finally:
+            bar.close()
         if self.is_main:
             self.log.plot()
         self.save(kind="final")
@@ -161,7 +186,7 @@ class Trainer:
         self._seed_dropout(derive_seed(*pos, "dropout"))
         loss = self.loss(batch, expert, pos)
         self.last_keys = batch["keys"]
-        if not torch.isfinite(loss):
+        if not finite_everywhere(loss, self.accelerator):
             self._bad_batch(batch, loss)
             return float("nan")
         self.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
@@ -241,7 +266,8 @@ class Trainer:
             avg = self.log.add(st.global_step, st.epoch, loss, lr)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", avg=f"{avg:.4f}", lr=f"{lr:.2e}")
-            self.accelerator.log({"loss/current": loss, "loss/average": avg, "lr": lr}, step=st.global_step)
+            values = {"loss/current": loss, "loss/average": avg, "lr": lr}
+            self.accelerator.log({k: v for k, v in values.items() if math.isfinite(v)}, step=st.global_step)
             self.monitor.update(st.global_step, loss, self.last_keys)
         every = self.cfg.loop.validate_every_n_steps
         if every and self.data.validation and st.global_step % every == 0:
@@ -264,14 +290,24 @@ class Trainer:
 
     def _bad_batch(self, batch: dict, loss: torch.Tensor) -> None:
         self.bad_steps += 1
-        logger.error("non-finite loss %s at step %d on items %s: step skipped", loss.item(),
+        logger.error("non-finite loss %s at step %d on items %s: batch skipped", loss.item(),
                      self.state.global_step, ", ".join(batch["keys"]))
         self.opt.optimizer.zero_grad(set_to_none=True)
         if self.bad_steps >= MAX_BAD_STEPS:
-            raise NonFiniteLossError(
-                f"{self.bad_steps} non-finite losses in a row (last on {', '.join(batch['keys'])}); the last good "
-                "state is saved; lower the learning rate or check those items, then resume"
-            )
+            raise self._stop_for_bad_losses(batch["keys"])
+
+    def _stop_for_bad_losses(self, items: list[str]) -> NonFiniteLossError:
+        """Save the state of the last optimizer step if its weights are finite; the error says what was saved."""
+        saved, reason = None, None
+        if not weights_finite(self.opt.trainable, self.accelerator):
+            reason = "the trained weights themselves are no longer finite (the run diverged)"
+        else:
+            try:
+                saved = self.save(kind="stopped")
+            except (OSError, UserError) as exc:
+                reason = f"saving it failed ({exc})"
+        newest = None if saved else ckpt.find_latest_state(self.run_info.output_dir, self.run_info.output_name)
+        return NonFiniteLossError(stop_message(self.bad_steps, self.state.global_step, items, saved, reason, newest))
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -310,19 +346,24 @@ class Trainer:
 
     # ---- saving and resuming ------------------------------------------------------------------------
 
-    def save(self, kind: str) -> None:
-        """kind: step, epoch, final or interrupt. Weight files on the main process, state if asked. A sharded
-        run (fsdp) saves on every process: the weights are gathered together, each writes its state shard."""
+    def save(self, kind: str):
+        """kind: step, epoch, final, interrupt (Ctrl-C) or stopped (non-finite losses); the last two save the
+        state only. Weight files on the main process, state if asked; returns the state folder, if one was
+        saved. A sharded run (fsdp) saves on every process: the weights are gathered together, each writes its
+        state shard."""
         acc, sharded = self.accelerator, self.opt.sharded
         acc.wait_for_everyone()
+        if not weights_finite(self.opt.trainable, acc):  # never a NaN save over the good ones
+            newest = ckpt.find_latest_state(self.run_info.output_dir, self.run_info.output_name)
+            raise NonFiniteLossError(diverged_message(self.committed.global_step, newest))
         if not (self.is_main or sharded):
-            return
+            return None
         st, saving, info = self.committed, self.cfg.saving, self.run_info
-        step = st.global_step if kind in ("step", "interrupt") else None
+        step = st.global_step if kind in ("step", "interrupt", "stopped") else None
         epoch = st.epoch if kind == "epoch" else None
         if self.is_main:
             self.log.plot()  # loss.csv and loss.png up to date with every save
-        if kind != "interrupt":
+        if kind not in ("interrupt", "stopped"):
             for expert in self.experts:
                 path = ckpt.lora_path(info.output_dir, info.output_name, expert.suffix, epoch, step)
                 save_weights(expert, path, self.cfg, self.variant, st, self.opt.facts, write=self.is_main)
@@ -330,15 +371,17 @@ class Trainer:
                 suffixes = tuple(e.suffix for e in self.experts)
                 ckpt.prune(info.output_dir, info.output_name, "step", saving.save_last_n_steps, suffixes)
                 ckpt.prune(info.output_dir, info.output_name, "epoch", saving.save_last_n_epochs, suffixes)
-        want_state = saving.save_state or kind == "interrupt" or (kind == "final" and saving.save_state_on_train_end)
-        if want_state:
-            folder = ckpt.state_dir(info.output_dir, info.output_name, epoch, step)
-            payload = state_payload(self.experts, self.opt.optimizer, self.opt.scheduler, asdict(st), sharded)
-            if sharded:
-                save_state(folder, payload, st.info(self.cfg), acc.process_index, acc.num_processes,
-                           acc.wait_for_everyone)
-            else:
-                save_state(folder, payload, st.info(self.cfg))
-            if self.is_main:
-                ckpt.prune(info.output_dir, info.output_name, "step-state", saving.save_last_n_steps_state)
-                ckpt.prune(info.output_dir, info.output_name, "epoch-state", saving.save_last_n_epochs_state)
+        want_state = saving.save_state or kind in ("interrupt", "stopped") or (
+            kind == "final" and saving.save_state_on_train_end)
+        if not want_state:
+            return None
+        folder = ckpt.state_dir(info.output_dir, info.output_name, epoch, step)
+        payload = state_payload(self.experts, self.opt.optimizer, self.opt.scheduler, asdict(st), sharded)
+        if sharded:
+            save_state(folder, payload, st.info(self.cfg), acc.process_index, acc.num_processes, acc.wait_for_everyone)
+        else:
+            save_state(folder, payload, st.info(self.cfg))
+        if self.is_main:
+            ckpt.prune(info.output_dir, info.output_name, "step-state", saving.save_last_n_steps_state)
+            ckpt.prune(info.output_dir, info.output_name, "epoch-state", saving.save_last_n_epochs_state)
+        return folder

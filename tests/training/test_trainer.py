@@ -129,8 +129,10 @@ def test_non_finite_losses_skip_then_stop_with_state(workspace, tmp_path, monkey
 
     monkeypatch.setattr(Trainer, "loss", lambda self, batch, expert, pos: torch.tensor(float("nan")))
     bad = Trainer(validate(config_from_dict(settings(workspace, tmp_path, save_state=True))))
-    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row \(last on .*clip_|img_"):
+    with pytest.raises(NonFiniteLossError, match=r"^3 non-finite losses \(NaN or infinite\) in a row, the last at "
+                                                 r"step 2 on .*(clip_|img_).*saved in .*lora-step00000002-state"):
         bad.run()
+    assert (tmp_path / "lora-step00000002-state" / "training_state.pt").is_file()
     assert trainer_module.MAX_BAD_STEPS == 3
 
 
