@@ -45,20 +45,20 @@ def t2v_lora(tiny_sets, tmp_path_factory):
 
 def test_sweep_with_base_and_a_bad_prompt_line(tiny_sets, t2v_lora, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("# a comment\na cat walks --d 3\na dog --zz 4\na bird flies --f 6 --d 4\n")
+    prompts.write_text("# a comment\na cat walks --d 3\na dog --zz 4 --d 5\na bird flies --f 6 --d 4\n")
     rc, log = _run("generate_video_wan.py", *_model_args(tiny_sets["t2v-tiny"]), "--from_file", prompts,
                    "--lora", f"{t2v_lora / 'style_high_noise.safetensors'}:0.8", "--lora_strength_sweep", "0.5,1.0",
                    "--compare_base", "--steps", "2", "--frames", "5", "--width", "32", "--height", "32",
                    "--output_dir", tmp_path / "out", "--output_name", "t")
     assert rc == 1, log  # one line failed, the others rendered
-    assert "prompts.txt line 3: unknown option --zz" in log
-    assert "prompts.txt line 4: 6 frames is not 1 + 4k" in log and "using 5" in log
+    assert "prompts.txt: unknown option --zz is ignored" in log and "(prompts.txt line 3)" in log
+    assert "prompts.txt line 4: --f must be 1 + 4k frames" in log and "got 6; use 5 or 9" in log
     sidecar = json.loads((tmp_path / "out" / "t_sweep.json").read_text())
     assert [c["label"] for c in sidecar["columns"]] == ["base", "strength 0.5", "strength 1"]
     rows = [(r["prompt"], r["seed"], r["frames"]) for r in sidecar["rows"]]
-    assert rows == [("a cat walks", 3, 5), ("a bird flies", 4, 5)]
+    assert rows == [("a cat walks", 3, 5), ("a dog", 5, 5)]
     assert sorted(lo["expert"] for lo in sidecar["loras"]) == ["high_noise", "low_noise"]  # the pair, found by name
-    assert sidecar["loras"][0]["strength"] == 0.8 and "prompts.txt line 3" in sidecar["prompt_errors"][0]
+    assert sidecar["loras"][0]["strength"] == 0.8 and "prompts.txt line 4" in sidecar["prompt_errors"][0]
     assert (tmp_path / "out" / "t_sweep.mp4").stat().st_size > 0 and (tmp_path / "out" / "t_sweep.png").is_file()
 
 
@@ -98,7 +98,7 @@ def test_bad_inputs_fail_clearly(tiny_sets, tmp_path):
                    "--steps", "1", "--frames", "1", "--width", "32", "--height", "32", "--output_dir",
                    tmp_path / "out", "--output_name", "i")
     assert rc == 1 and "p.txt line 1: i2v-tiny is an image-to-video model and needs a start image" in log
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.mp4")) == ["i_01_seed2.mp4"]  # the other rendered
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.mp4")) == ["i_00_seed2.mp4"]  # the other rendered
 
 
 def test_entry_scripts_import_this_repos_library(tmp_path):

@@ -1,5 +1,6 @@
 """Sampling: flow-matching schedules and solvers, the denoising loop (CFG, A14B experts, I2V / TI2V),
-`generate` for the CLI, evaluation grids (strength sweeps; checkpoint grids are `library.evaluation`), LoRA stacking, video outputs.
+`generate` for the CLI, evaluation grids (strength sweeps; checkpoint grids are `library.evaluation`), LoRA
+stacking, video / image / latent outputs, musubi-tuner's generation command lines.
 
 Import from the submodules (`library.sampling.generate`, `.save`, ...); nothing is imported here so that
 `import library.sampling` stays cheap. May import: `library.wan`, `library.runtime`, `library.config`,

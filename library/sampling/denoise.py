@@ -3,10 +3,12 @@
     for each step i:  t = timesteps[i]
         expert = high-noise if t >= boundary * 1000 else low-noise       (A14B; else the only DiT)
         v = uncond + g_expert * (cond - uncond)                           (CFG with the negative prompt)
+            (on the steps `guidance.cfg_steps` keeps; skip-layer guidance where `guidance.slg_steps` says)
         x = solver.step(i, x, v)
         TI2V with an image: frame 0 <- the clean image latent             (re-applied after every step)
 
-I2V (A14B, 2.1 I2V): the DiT also gets y = [4 mask channels | image latent] (`library.wan.conditioning.i2v_condition`), unchanged all along.
+I2V (A14B, 2.1 I2V): the DiT also gets y = [4 mask channels | image latent]
+(`library.wan.conditioning.i2v_condition`), unchanged all along.
 TI2V: frame 0 holds the clean image latent and its tokens get timestep 0 (per-token timesteps [B, L]).
 """
 
@@ -19,6 +21,7 @@ import torch
 
 from library.wan.conditioning import pick_expert
 
+from .guidance import GuidanceOptions, skipping_blocks
 from .schedules import FlowSchedule
 from .solvers import make_solver
 
@@ -52,21 +55,38 @@ def _token_timesteps(t: torch.Tensor, latents: torch.Tensor, patch: tuple[int, i
     return ts.flatten(1)
 
 
-def _flow(model, x, t, cond: Conditioning, guidance: float) -> torch.Tensor:
-    """The guided flow: uncond + g * (cond - uncond); g == 1 or no negative prompt skips the uncond pass."""
+def _flow(model, x, t, cond: Conditioning, guidance: float, cfg: bool = True, slg: GuidanceOptions | None = None):
+    """The guided flow: uncond + g * (cond - uncond). No negative prompt, a CFG-skipped step or g == 1 (without
+    skip-layer guidance) skip the uncond pass; `slg` (on this step) adds skip-layer guidance."""
     v = model(x, t, list(cond.context), y=cond.y, clip_fea=cond.clip_fea)
-    if cond.negative is None or guidance == 1.0:
+    if cond.negative is None or not cfg or (guidance == 1.0 and slg is None):
         return v
-    v_neg = model(x, t, list(cond.negative), y=cond.y, clip_fea=cond.clip_fea)
-    return v_neg + guidance * (v - v_neg)
+
+    def uncond(skip: tuple[int, ...] = ()) -> torch.Tensor:
+        with skipping_blocks(model, skip):
+            return model(x, t, list(cond.negative), y=cond.y, clip_fea=cond.clip_fea)
+
+    if slg is not None and slg.slg_mode == "uncond":  # Wan2GP: the skip-layer flow is the uncond
+        v_skip = uncond(slg.slg_layers)
+        return v_skip + guidance * (v - v_skip)
+    v_neg = uncond()
+    out = v_neg + guidance * (v - v_neg)
+    if slg is not None:  # SD 3.5: push away from the skip-layer flow as well
+        out = out + slg.slg_scale * (v - uncond(slg.slg_layers))
+    return out
 
 
 @torch.no_grad()
 def denoise(latents: torch.Tensor, schedule: FlowSchedule, experts: Sequence[Expert], cond: Conditioning,
             sampler: str = "unipc", boundary: float | None = None,
-            progress: Callable[[int, int, str], None] | None = None) -> torch.Tensor:
-    """Run the sampler from pure noise `latents` [B, z, T, h, w] (fp32) to clean latents."""
+            progress: Callable[[int, int, str], None] | None = None, guidance: GuidanceOptions | None = None,
+            activate: Callable[[Expert], None] | None = None) -> torch.Tensor:
+    """Run the sampler from pure noise `latents` [B, z, T, h, w] (fp32) to clean latents. `activate` is
+    called with each expert before its first step (offloading the inactive one)."""
     solver = make_solver(sampler, schedule)
+    guidance = guidance or GuidanceOptions()
+    cfg_steps, slg_steps = guidance.cfg_steps(schedule.steps), guidance.slg_steps(schedule.steps)
+    active = None
     x = latents.float()
     keep = None
     if cond.first_frame is not None:  # TI2V: frame 0 is the clean image latent, never noise
@@ -77,9 +97,12 @@ def denoise(latents: torch.Tensor, schedule: FlowSchedule, experts: Sequence[Exp
     for i in range(schedule.steps):
         t = schedule.timesteps[i].to(x.device)
         expert = pick_expert(experts, float(t), boundary)
+        if activate is not None and expert is not active:
+            activate(expert)
+            active = expert
         patch = getattr(getattr(expert.model, "variant", None), "patch_size", (1, 2, 2))
         t_in = _token_timesteps(t, x, patch) if keep is not None else t.expand(b)
-        flow = _flow(expert.model, x, t_in, cond, expert.guidance)
+        flow = _flow(expert.model, x, t_in, cond, expert.guidance, cfg_steps[i], guidance if slg_steps[i] else None)
         x = solver.step(i, x, flow.float())
         if keep is not None:
             x = (1 - keep) * cond.first_frame.to(x) + keep * x

@@ -39,8 +39,9 @@ def _slug(text: str) -> str:
 
 def render_grid(models: SamplingModels, requests: list[SampleRequest], columns: list[Column], folder: str | Path,
                 stem: str, *, sampler: str = "unipc", schedule: str = "wan", save_cells: bool = True,
-                extra: dict | None = None) -> dict:
-    """Render requests x columns and write the grid files. Returns the sidecar dict (with `files`)."""
+                extra: dict | None = None, guidance=None, fps: float | None = None) -> dict:
+    """Render requests x columns and write the grid files. Returns the sidecar dict (with `files`).
+    `guidance` (CFG skip, skip-layer guidance) and `fps` are passed to `generate`."""
     folder = Path(folder)
     requests = [r if r.seed is not None else replace(r, seed=secrets.randbelow(2**31)) for r in requests]
     if models.text_encoder is not None:  # once, not once per column
@@ -57,7 +58,7 @@ def render_grid(models: SamplingModels, requests: list[SampleRequest], columns: 
             continue
         for r, request in enumerate(requests):
             try:
-                sample = generate(models, request, sampler=sampler, schedule=schedule)
+                sample = generate(models, request, sampler=sampler, schedule=schedule, guidance=guidance, fps=fps)
             except (ValueError, OSError) as exc:
                 errors.append(f"column {column.label!r}, {exc}")
                 logger.error("%s", exc)

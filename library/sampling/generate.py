@@ -5,7 +5,10 @@ VAE, optionally the text encoder, the CLIP vision encoder (WAN 2.1 I2V: the star
 from the resized and cropped first frame as the latent cache does), and the LoRA networks to keep in eval
 mode while sampling. `generate`
 never touches the global random state (its noise comes from its own `torch.Generator` seeded by the
-request), runs without gradients, and puts every module back in the train / eval mode it found.
+request), runs without gradients, and puts every module back in the train / eval mode it found. The noise
+is drawn on the CPU in fp32, `[1, z, T, h, w]` from `torch.Generator().manual_seed(seed)`: the same on every
+device, and the noise ComfyUI (and musubi-tuner's `--cpu_noise`) draws for that seed. With
+`offload_inactive` the A14B expert that is not denoising waits in host memory.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -23,8 +26,10 @@ from library.wan.conditioning import i2v_condition
 
 from .denoise import Conditioning, Expert, denoise
 from .finite import check_finite_sample
-from .prompts import PromptError, SampleRequest
+from .guidance import GuidanceOptions
+from .prompts import PromptError, SampleRequest, request_problems
 from .schedules import flow_schedule
+from .values import parse_frames
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +56,23 @@ class SamplingModels:
     networks: list = field(default_factory=list)
     boundary: float | None = None  # None: the variant's
     clip: object | None = None  # WAN 2.1 I2V: `library.wan.clip_vision.WanClipVision`
+    run_device: torch.device | None = None  # where sampling runs (None: where the first expert is)
+    offload_inactive: bool = False  # A14B: the expert that is not denoising waits in host memory
 
     @property
     def device(self) -> torch.device:
+        if self.run_device is not None:
+            return torch.device(self.run_device)
         return next(iter(self.experts.values())).patch_embedding.weight.device
+
+    def activate(self, expert: Expert) -> None:
+        """Move `expert` to the sampling device and the other experts to host memory (offload_inactive)."""
+        from library.runtime.memory import place_model
+
+        for model in self.experts.values():
+            if model is not expert.model:
+                place_model(model, "cpu")
+        place_model(expert.model, self.device)
 
 
 @dataclass
@@ -65,39 +83,27 @@ class Sample:
     video: torch.Tensor | None  # [3, F, H, W] in [-1, 1], CPU
 
 
-def _round_frames(frames: int, source: str) -> int:
-    if frames >= 1 and (frames - 1) % 4 == 0:
-        return frames
-    rounded = 4 * max(0, round((frames - 1) / 4)) + 1
-    logger.warning("%s: %d frames is not 1 + 4k (the VAE packs 4 frames per latent); using %d", source, frames, rounded)
-    return rounded
-
-
-def _round_size(value: int, multiple: int, what: str, source: str) -> int:
-    rounded = max(multiple, value // multiple * multiple)
-    if rounded != value:
-        logger.warning("%s: %s %d is not a multiple of %d; using %d", source, what, value, multiple, rounded)
-    return rounded
-
-
 def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: str = "wan",
             boundary: float | None = None) -> dict:
-    """The complete settings of a request: the variant's defaults filled in, sizes and frames rounded."""
-    multiple = variant.vae_stride[1] * variant.patch_size[1]
+    """The complete settings of a request with the variant's defaults filled in; sizes off the variant's
+    grid, frames that are not 1 + 4k and a missing start image are PromptErrors naming the request."""
     width, height = request.width or variant.resolution[0], request.height or variant.resolution[1]
     low = request.guidance if request.guidance is not None else variant.guidance[0]
     high = request.guidance_high if request.guidance_high is not None else (
         request.guidance if request.guidance is not None else variant.guidance[1])
-    if variant.is_i2v and not request.image:
-        raise PromptError(f"{request.source}: {variant.name} is an image-to-video model and needs a start image; "
-                          "add `--i image.png` to the prompt line or pass --image")
+    problems = request_problems(replace(request, width=width, height=height), variant)
+    frames = request.frames or variant.num_frames
+    try:
+        parse_frames(frames)
+    except ValueError as exc:
+        problems.append(f"{request.source}: frames {exc}")
+    if problems:
+        raise PromptError("; ".join(problems))
     return dict(
         prompt=request.prompt,
         negative_prompt=(default_negative_prompt(variant) if request.negative_prompt is None
                          else request.negative_prompt),
-        task=variant.name, width=_round_size(width, multiple, "width", request.source),
-        height=_round_size(height, multiple, "height", request.source),
-        frames=_round_frames(request.frames or variant.num_frames, request.source), fps=variant.fps,
+        task=variant.name, width=width, height=height, frames=frames, fps=variant.fps,
         seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
         steps=request.steps or variant.sample_steps, sampler=sampler, schedule=schedule,
         flow_shift=request.flow_shift if request.flow_shift is not None else variant.flow_shift,
@@ -190,10 +196,14 @@ def _clip_features(models: SamplingModels, image: torch.Tensor, source: str) -> 
 
 @torch.no_grad()
 def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "unipc", schedule: str = "wan",
-             decode: bool = True, progress: Callable[[int, int, str], None] | None = None) -> Sample:
-    """Render one request. Returns the latents, the decoded video (when `decode`) and its settings."""
+             decode: bool = True, progress: Callable[[int, int, str], None] | None = None,
+             guidance: GuidanceOptions | None = None, fps: float | None = None) -> Sample:
+    """Render one request. Returns the latents, the decoded video (when `decode`) and its settings.
+    `guidance`: CFG skip and skip-layer guidance; `fps`: the frame rate recorded for the video."""
     variant = models.variant
     s = resolve(request, variant, sampler, schedule, models.boundary)
+    options = guidance or GuidanceOptions()
+    s.update(options.record(), noise="cpu", **({"fps": fps} if fps else {}))
     device = models.device
     with eval_mode(*models.experts.values(), models.vae, models.clip, *models.networks):
         cond = _conditioning(models, request, s, device)
@@ -207,7 +217,8 @@ def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "
         if variant.two_experts and len(experts) == 1:
             logger.warning("%s: only the %s expert is loaded; it denoises every step", variant.name, experts[0].name)
         plan = flow_schedule(s["steps"], s["flow_shift"], sampler, schedule)
-        latents = denoise(noise, plan, experts, cond, sampler, s["boundary"], progress)
+        activate = models.activate if models.offload_inactive and len(experts) > 1 else None
+        latents = denoise(noise, plan, experts, cond, sampler, s["boundary"], progress, options, activate)
         check_finite_sample(latents, "latents", request)  # NaN would decode to an all-black video
         video = None
         if decode:

@@ -9,6 +9,9 @@
   that are not LoRA tensors are counted and reported, never silently dropped.
 - Several LoRAs stack: each is a `LoRANetwork` whose hooks add its delta; `scale_strengths` scales them all
   (a strength sweep; 0 is the base model).
+- A spec may name its expert (musubi's `--lora_weight` is for the `--dit` model, `--lora_weight_high_noise`
+  for the high-noise one) and carry `include` / `exclude` regexes, matched with `re.search` against the
+  Kohya module names (`lora_unet_blocks_9_cross_attn_k`): include first, then exclude.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from pathlib import Path
 
 import torch
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 EXPERT_SUFFIXES = ("_high_noise", "_low_noise")
 
 
-class LoraError(ValueError):
+class LoraError(UserError, ValueError):
     """A LoRA file that cannot be used with this model; the message names the file and what is wrong."""
 
 
@@ -33,6 +38,15 @@ class LoraError(ValueError):
 class LoraSpec:
     path: Path
     strength: float = 1.0
+    expert: str | None = None  # None: from the file name / metadata (or every expert)
+    include: str | None = None  # regex on Kohya module names: only matching modules apply
+    exclude: str | None = None  # regex on Kohya module names: matching modules do not apply
+
+    def allows(self, module: str) -> bool:
+        """Whether the Kohya-named LoRA module `module` passes the include / exclude patterns."""
+        if self.include is not None and not re.search(self.include, module):
+            return False
+        return self.exclude is None or not re.search(self.exclude, module)
 
 
 @dataclass
@@ -97,7 +111,7 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoraError(f"LoRA file {path} does not exist")
     try:
         return read_lora_file(path)
-    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+    except Exception as exc:  # noqa: BLE001  safetensors raises its own error types for broken files
         raise LoraError(f"{path}: not a readable .safetensors LoRA file ({type(exc).__name__}: {exc}); "
                         "the file may be truncated or in another format, re-save or re-download it") from None
 
@@ -111,7 +125,7 @@ def check_lora_file(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             return dict(fh.metadata() or {})
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001  as in read_lora: safetensors' own error types
         raise LoraError(f"{path}: not a readable .safetensors LoRA file ({type(exc).__name__}: {exc}); "
                         "the file may be truncated or in another format, re-save or re-download it") from None
 
@@ -120,6 +134,13 @@ def assign_experts(specs: list[LoraSpec], experts: list[str]) -> list[tuple[Lora
     """(spec, expert) pairs: per-expert files to their expert (the partner file added), others to all."""
     out: list[tuple[LoraSpec, str]] = []
     for spec in specs:
+        if spec.expert is not None:  # named by the command line (musubi's per-model LoRA flags)
+            named = expert_of_name(spec.path)
+            if named is not None and named != spec.expert:
+                logger.warning("%s is named for the %s expert but is applied to the %s expert as asked",
+                               spec.path.name, named, spec.expert)
+            out.append((spec, spec.expert))
+            continue
         own = expert_of_name(spec.path)
         if own is None or experts == ["dit"]:
             if own is None:
@@ -145,13 +166,27 @@ def assign_experts(specs: list[LoraSpec], experts: list[str]) -> list[tuple[Lora
     return unique
 
 
-def _fit(path: Path, sd: dict, meta: dict, model, expert: str, variant) -> tuple[LoraReport, dict]:
+def _filtered(spec: LoraSpec, grouped: dict) -> dict:
+    """The modules `spec`'s include / exclude patterns let through (logged when they drop some)."""
+    if spec.include is None and spec.exclude is None:
+        return grouped
+    kept = {name: parts for name, parts in grouped.items() if spec.allows(name)}
+    logger.info("%s: include %r / exclude %r keep %d of %d LoRA modules", spec.path.name, spec.include,
+                spec.exclude, len(kept), len(grouped))
+    if grouped and not kept:
+        logger.warning("%s: no LoRA module is left after the include / exclude patterns", spec.path.name)
+    return kept
+
+
+def _fit(spec: LoraSpec, sd: dict, meta: dict, model, expert: str, variant) -> tuple[LoraReport, dict]:
     """Check a LoRA state dict against `model`; returns its report and the applicable tensors (Kohya keys)."""
     from networks.lora import group_lora_keys, is_linear, kohya_name
     from networks.lora_wan import diffusers_module_to_official, wan_architecture
 
+    path = spec.path
     linears = {kohya_name(n): m for n, m in model.named_modules() if n and is_linear(m)}
     grouped, not_lora = group_lora_keys(sd, diffusers_module_to_official)
+    grouped = _filtered(spec, grouped)
     report = LoraReport(path, expert, not_lora=list(not_lora), architecture=meta.get("modelspec.architecture"))
     keep, mismatched = {}, []
     for name, parts in grouped.items():
@@ -195,7 +230,7 @@ def attach_loras(specs: list[LoraSpec], models: dict[str, torch.nn.Module], vari
     try:
         for spec, expert in assign_experts(specs, list(models)) if assigned is None else assigned:
             sd, meta = read_lora(spec.path)
-            report, tensors = _fit(spec.path, sd, meta, models[expert], expert, variant)
+            report, tensors = _fit(spec, sd, meta, models[expert], expert, variant)
             network, _ = create_network_from_weights(spec.strength, None, None, None, models[expert],
                                                      weights_sd=tensors, for_inference=True)
             network.load_weights(tensors)

@@ -26,7 +26,7 @@ def to_frames(video: torch.Tensor) -> np.ndarray:
     return ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
-def _atomic_target(path: Path):
+def atomic_target(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -40,7 +40,7 @@ def _commit(tmp: Path, path: Path) -> Path:
 
 
 def write_json(data: dict, path: Path) -> Path:
-    tmp = _atomic_target(path)
+    tmp = atomic_target(path)
     tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     return _commit(tmp, path)
 
@@ -52,7 +52,7 @@ def write_png(image: np.ndarray, path: Path) -> Path:
     ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not encode {path} as PNG")
-    tmp = _atomic_target(path)
+    tmp = atomic_target(path)
     tmp.write_bytes(data.tobytes())
     return _commit(tmp, path)
 
@@ -63,7 +63,7 @@ def write_mp4(frames: np.ndarray, path: Path, fps: float) -> Path:
 
     _, h, w, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    tmp = _atomic_target(path)
+    tmp = atomic_target(path)
     writer = imageio_ffmpeg.write_frames(
         str(tmp), (w + w % 2, h + h % 2), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
         macro_block_size=1, quality=8, ffmpeg_log_level="error", output_params=["-movflags", "+faststart"],

@@ -1,38 +1,71 @@
 """Sample prompts: one `SampleRequest` per video, read from the command line or a prompt file.
 
-Prompt files (`sample_prompts`) come in three forms:
-- `.txt`, the Kohya sample-prompt syntax, one prompt a line, `#` starts a comment line:
+Prompt files (`sample_prompts`, `--from_file`) come in three forms:
+- `.txt`, musubi-tuner's (and Kohya's) sample-prompt syntax, one prompt a line, `#` starts a comment line:
   `a prompt --w 832 --h 480 --f 81 --d 42 --s 20 --fs 5.0 --l 4.0 --n negative prompt --i image.png`
-- `.toml`: `[[prompt]]` tables; `.json`: a list of objects (or `{"prompts": [...]}`), keys as `FIELD_NAMES`.
-A bad line (unknown option, a value that is not a number) becomes a `PromptError` for that line only:
-`read_prompt_file` returns the good requests and the errors, so the other prompts still render.
+- `.toml`: `[[prompt]]` tables, or musubi's `[prompt]` table of shared values with `[[prompt.subset]]`
+  entries; `.json`: a list of objects (or `{"prompts": [...]}`); keys as `FIELD_NAMES`.
+
+The options (`OPTIONS`, case-insensitive): `--w` / `--h` size, `--f` frames (1 + 4k), `--d` seed, `--s`
+steps, `--l` CFG scale (`--g` is musubi's generation spelling of it; `--l` wins when a line has both),
+`--fs` flow shift, `--n` negative prompt, `--i` start image (I2V / TI2V). musubi's options for models this
+trainer does not run (`NOT_APPLICABLE`: `--ei` end image, `--cn` control video, `--ci` / `--cim` control
+images, `--of` one-frame inference) and options nobody knows leave the line rendering without them, with
+one log line per option and file naming the lines. A value that breaks its rule (`--w -64`, `--f 6`,
+`--s 0`, `--l nan`) is a `PromptError` for that line only: `read_prompt_file` returns the good requests
+and the errors, so the other prompts still render. Nothing is dropped without a message.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-# Kohya option -> (field, type)
+from library.errors import UserError
+
+from . import values as v
+
+logger = logging.getLogger(__name__)
+
+# option -> (SampleRequest field, parser); `g` and `l` both set the CFG scale (`l` wins)
 OPTIONS = {
-    "w": ("width", int), "h": ("height", int), "f": ("frames", int), "d": ("seed", int), "s": ("steps", int),
-    "fs": ("flow_shift", float), "l": ("guidance", float), "n": ("negative_prompt", str), "i": ("image", str),
+    "w": ("width", v.parse_size), "h": ("height", v.parse_size), "f": ("frames", v.parse_frames),
+    "d": ("seed", v.parse_seed), "s": ("steps", v.parse_steps), "l": ("guidance", v.parse_scale),
+    "g": ("guidance", v.parse_scale), "fs": ("flow_shift", v.parse_positive), "n": ("negative_prompt", v.parse_text),
+    "i": ("image", v.parse_path),
 }
-# long names accepted in .toml / .json prompt files (and their Kohya aliases)
+# musubi options whose features this trainer does not have: the line renders without them (logged once)
+NOT_APPLICABLE = {
+    "ei": "end images (FLF2V) are not supported yet; rendered without an end frame",
+    "cn": "control videos are for the Wan2.1 Fun-Control models, which are not supported; ignored",
+    "ci": "control images are for one-frame inference, which is not supported; ignored",
+    "cim": "control image masks are for one-frame inference, which is not supported; ignored",
+    "of": "one-frame inference is not supported; rendered as a normal video",
+}
+# long names accepted in .toml / .json prompt files (ours and musubi's) -> field
 FIELD_NAMES = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-    "frames": "frames", "frame_count": "frames", "num_frames": "frames", "seed": "seed", "steps": "steps",
-    "sample_steps": "steps", "flow_shift": "flow_shift", "discrete_flow_shift": "flow_shift",
-    "guidance": "guidance", "guidance_scale": "guidance", "scale": "guidance", "cfg_scale": "guidance",
-    "guidance_high": "guidance_high", "guidance_scale_high_noise": "guidance_high", "image": "image",
-    "image_path": "image",
+    "frames": "frames", "frame_count": "frames", "num_frames": "frames", "video_length": "frames", "seed": "seed",
+    "steps": "steps", "sample_steps": "steps", "infer_steps": "steps", "flow_shift": "flow_shift",
+    "discrete_flow_shift": "flow_shift", "guidance": "guidance", "cfg_scale": "guidance",
+    "guidance_scale": "guidance", "scale": "guidance", "guidance_high": "guidance_high",
+    "guidance_scale_high_noise": "guidance_high", "image": "image", "image_path": "image",
 }
+FIELD_PARSERS = {"width": v.parse_size, "height": v.parse_size, "frames": v.parse_frames, "seed": v.parse_seed,
+                 "steps": v.parse_steps, "guidance": v.parse_scale, "guidance_high": v.parse_scale,
+                 "flow_shift": v.parse_positive, "negative_prompt": v.parse_text, "image": v.parse_path,
+                 "prompt": v.parse_text}
+# musubi's prompt-file keys for features this trainer does not have, and bookkeeping keys it adds
+FIELDS_NOT_APPLICABLE = {"end_image_path": "ei", "control_video_path": "cn", "control_path": "cn",
+                         "control_image_path": "ci", "control_image_mask_path": "cim", "one_frame": "of"}
+FIELDS_IGNORED = ("enum", "subset")
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt that cannot be rendered; the message names its source (file and line)."""
 
 
@@ -59,49 +92,83 @@ class SampleRequest:
         return replace(self, **{k: v for k, v in defaults.items() if v is not None and getattr(self, k) is None})
 
 
-def parse_prompt_line(line: str, source: str = "prompt") -> SampleRequest:
-    """`prompt --w 832 --n negative ...` -> SampleRequest; unknown options and bad numbers are PromptErrors."""
+class PromptNotes:
+    """Options that were read but not used, gathered per file and logged once each with the lines."""
+
+    def __init__(self, where: str = "prompts"):
+        self.where = where
+        self.seen: dict[str, list[str]] = {}
+
+    def add(self, message: str, source: str) -> None:
+        self.seen.setdefault(message, []).append(source)
+
+    def log(self) -> None:
+        for message, sources in self.seen.items():
+            if sources == [self.where]:  # one prompt line on its own
+                logger.warning("%s: %s", self.where, message)
+                continue
+            lines = ", ".join(sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
+            logger.warning("%s: %s (%s)", self.where, message, lines)
+        self.seen.clear()
+
+
+def _note_for(key: str) -> str:
+    if key in NOT_APPLICABLE:
+        return f"--{key}: {NOT_APPLICABLE[key]}"
+    known = list(OPTIONS) + list(NOT_APPLICABLE)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"did you mean --{close[0]}? " if close else ""
+    return (f"unknown option --{key} is ignored ({hint}options: {' '.join('--' + k for k in OPTIONS)}; "
+            "the line renders without it)")
+
+
+def parse_prompt_line(line: str, source: str = "prompt", notes: PromptNotes | None = None) -> SampleRequest:
+    """`prompt --w 832 --n negative ...` -> SampleRequest. A value that breaks its option's rule is a
+    PromptError; options that do not apply are noted in `notes` (logged at once when there are none)."""
     parts = re.split(r"(?:^|\s)--(?=\w)", line.strip())
     prompt = parts[0].strip()
-    values: dict = {}
+    own = notes or PromptNotes(source)
+    found: dict[str, tuple[str, object]] = {}
     for part in parts[1:]:
-        key, _, value = part.strip().partition(" ")
-        key, value = key.strip(), value.strip()
+        key, _, text = part.strip().partition(" ")
+        key, text = key.strip().lower(), text.strip()
         if key not in OPTIONS:
-            close = difflib.get_close_matches(key, list(OPTIONS), n=1, cutoff=0.5)
-            hint = f" (did you mean --{close[0]}?)" if close else ""
-            valid = " ".join(f"--{k}" for k in OPTIONS)
-            raise PromptError(f"{source}: unknown option --{key}{hint}; valid options: {valid}")
-        name, kind = OPTIONS[key]
+            own.add(_note_for(key), source)
+            continue
+        name, parse = OPTIONS[key]
         try:
-            values[name] = kind(value)
-        except ValueError:
-            raise PromptError(f"{source}: --{key} needs {'an integer' if kind is int else 'a number'}, "
-                              f"got {value!r}") from None
+            found[key] = (name, parse(text))
+        except ValueError as exc:
+            raise PromptError(f"{source}: --{key} {exc}") from None
+    if "g" in found and "l" in found and found["g"][1] != found["l"][1]:
+        own.add("--g and --l both set the CFG scale; --l is used", source)
+        del found["g"]
     if not prompt:
         raise PromptError(f"{source}: the line has options but no prompt text")
-    return SampleRequest(prompt=prompt, source=source, **values)
+    if notes is None:
+        own.log()
+    return SampleRequest(prompt=prompt, source=source, **dict(found.values()))
 
 
-def _from_mapping(item: dict, source: str) -> SampleRequest:
+def _from_mapping(item: dict, source: str, notes: PromptNotes) -> SampleRequest:
     values = {}
     for key, value in item.items():
         name = FIELD_NAMES.get(key)
-        if name is None:
+        if key in FIELDS_NOT_APPLICABLE:
+            notes.add(f"{key!r}: {NOT_APPLICABLE[FIELDS_NOT_APPLICABLE[key]]}", source)
+        elif name is None and key not in FIELDS_IGNORED:
             close = difflib.get_close_matches(key, list(FIELD_NAMES), n=1, cutoff=0.6)
-            raise PromptError(f"{source}: unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        values[name] = value
+            notes.add(f"unknown key {key!r} is ignored" + (f" (did you mean {close[0]!r}?)" if close else ""), source)
+        elif name is not None and value is not None:
+            try:
+                parsed = FIELD_PARSERS[name](value)
+            except ValueError as exc:
+                raise PromptError(f"{source}: {key} {exc}") from None
+            if name == "guidance" and "guidance" in values and key != "cfg_scale":
+                continue  # musubi's cfg_scale is the CFG scale; guidance_scale only when it is absent
+            values[name] = parsed
     if not str(values.get("prompt", "")).strip():
         raise PromptError(f"{source}: no `prompt`")
-    try:
-        for name in ("width", "height", "frames", "seed", "steps"):
-            if values.get(name) is not None:
-                values[name] = int(values[name])
-        for name in ("guidance", "guidance_high", "flow_shift"):
-            if values.get(name) is not None:
-                values[name] = float(values[name])
-    except (TypeError, ValueError) as exc:
-        raise PromptError(f"{source}: {exc}") from None
     return SampleRequest(source=source, **values)
 
 
@@ -114,33 +181,49 @@ def _structured_items(path: Path) -> list:
 
     data = toml.loads(text)
     items = data.get("prompt", data.get("prompts", []))
+    if isinstance(items, dict) and isinstance(items.get("subset"), list):  # musubi: shared values + subsets
+        shared = {k: val for k, val in items.items() if k != "subset"}
+        return [{**shared, **subset} for subset in items["subset"]]
     return [items] if isinstance(items, dict) else items
 
 
+def _read_structured(path: Path, notes: PromptNotes) -> tuple[list[SampleRequest], list[PromptError]]:
+    try:
+        items = _structured_items(path)
+    except Exception as exc:  # noqa: BLE001  json / toml parse errors: one error for the whole file
+        raise PromptError(f"{path}: cannot read prompts ({exc})") from None
+    requests, errors = [], []
+    for i, item in enumerate(items, 1):
+        source = f"{path.name} entry {i}"
+        try:
+            if isinstance(item, str):  # musubi's JSON allows plain prompt lines
+                requests.append(parse_prompt_line(item, source, notes))
+            else:
+                requests.append(_from_mapping(dict(item), source, notes))
+        except (PromptError, TypeError, ValueError) as exc:
+            errors.append(exc if isinstance(exc, PromptError) else PromptError(f"{source}: {exc}"))
+    return requests, errors
+
+
 def read_prompt_file(path: str | Path) -> tuple[list[SampleRequest], list[PromptError]]:
-    """All requests of a prompt file, and one error per line (or entry) that could not be read."""
+    """All requests of a prompt file, and one error per line (or entry) that could not be read. Options
+    that do not apply are logged once per option, naming the lines."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    requests, errors = [], []
+    notes = PromptNotes(path.name)
     if path.suffix.lower() in (".toml", ".json"):
-        try:
-            items = _structured_items(path)
-        except Exception as exc:  # a broken file is one error for the whole file
-            raise PromptError(f"{path}: cannot read prompts ({exc})") from None
-        for i, item in enumerate(items, 1):
+        requests, errors = _read_structured(path, notes)
+    else:
+        requests, errors = [], []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
             try:
-                requests.append(_from_mapping(dict(item), f"{path.name} entry {i}"))
-            except (PromptError, TypeError, ValueError) as exc:
-                errors.append(exc if isinstance(exc, PromptError) else PromptError(f"{path.name} entry {i}: {exc}"))
-        return [_image_beside(r, path.parent) for r in requests], errors
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            requests.append(parse_prompt_line(line, f"{path.name} line {number}"))
-        except PromptError as exc:
-            errors.append(exc)
+                requests.append(parse_prompt_line(line, f"{path.name} line {number}", notes))
+            except PromptError as exc:
+                errors.append(exc)
+    notes.log()
     return [_image_beside(r, path.parent) for r in requests], errors
 
 
@@ -149,3 +232,36 @@ def _image_beside(request: SampleRequest, folder: Path) -> SampleRequest:
     if request.image and not Path(request.image).expanduser().exists() and (folder / request.image).exists():
         return replace(request, image=str(folder / request.image))
     return request
+
+
+def request_problems(request: SampleRequest, variant) -> list[str]:
+    """What keeps a request from rendering on `variant` (sizes off the variant's grid, a missing start
+    image), each naming the request's source."""
+    multiple = variant.vae_stride[1] * variant.patch_size[1]
+    problems = []
+    for what in ("width", "height"):
+        value = getattr(request, what)
+        problem = None if value is None else v.check_multiple(value, multiple, what, variant.name)
+        if problem:
+            problems.append(f"{request.source}: {problem}")
+    if variant.is_i2v and not request.image:
+        problems.append(f"{request.source}: {variant.name} is an image-to-video model and needs a start image; "
+                        "add `--i image.png` to the prompt line or pass --image")
+    return problems
+
+
+def check_requests(requests: list[SampleRequest], variant,
+                   where: str = "prompts") -> tuple[list[SampleRequest], list[PromptError]]:
+    """Split requests into those `variant` can render and one PromptError per one it cannot (before any
+    model loads). A start image on a text-to-video model is noted once and ignored."""
+    good, errors, notes = [], [], PromptNotes(where)
+    for request in requests:
+        problems = request_problems(request, variant)
+        if problems:
+            errors.append(PromptError("; ".join(problems)))
+            continue
+        if request.image and variant.model_type not in ("i2v", "ti2v"):
+            notes.add(f"start images (--i) are ignored by the text-to-video model {variant.name}", request.source)
+        good.append(request)
+    notes.log()
+    return good, errors

@@ -29,8 +29,9 @@ def versions() -> dict:
 
 
 def save_sample(sample: Sample, folder: str | Path, stem: str, *, save_frames: bool = False,
-                extra: dict | None = None, fps: float | None = None) -> dict[str, Path]:
-    """Write the MP4, the contact sheet, the JSON sidecar (and the PNG frames) of one sample."""
+                extra: dict | None = None, fps: float | None = None, sidecar: bool = True) -> dict[str, Path]:
+    """Write the MP4, the contact sheet, the JSON sidecar (unless `sidecar` is False) and the PNG frames
+    (with `save_frames`) of one sample."""
     folder = Path(folder)
     frames = to_frames(sample.video)
     fps = fps or sample.settings["fps"]
@@ -40,9 +41,10 @@ def save_sample(sample: Sample, folder: str | Path, stem: str, *, save_frames: b
     if save_frames:
         write_frames(frames, folder / f"{stem}_frames", stem)
         paths["frames"] = folder / f"{stem}_frames"
-    sidecar = {"settings": sample.settings, **(extra or {}), "versions": versions(),
-               "files": {k: Path(v).name for k, v in paths.items()}}
-    paths["sidecar"] = write_json(sidecar, folder / f"{stem}.json")
+    if sidecar:
+        data = {"settings": sample.settings, **(extra or {}), "versions": versions(),
+                "files": {k: Path(v).name for k, v in paths.items()}}
+        paths["sidecar"] = write_json(data, folder / f"{stem}.json")
     return paths
 
 

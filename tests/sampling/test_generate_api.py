@@ -1,8 +1,7 @@
-"""`generate` and the training hook: own RNG, modes restored, conditioning, rounding, bad inputs."""
+"""`generate` and the training hook: own RNG, modes restored, conditioning, sizes and frames, bad inputs."""
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest
@@ -50,13 +49,14 @@ def test_generate_keeps_global_rng_and_modes(t2v, tmp_path):
         t2v.networks = []
 
 
-def test_frames_not_1_plus_4k_are_rounded_with_a_warning(t2v, caplog):
-    with caplog.at_level(logging.WARNING):
-        s = resolve(SampleRequest("x", frames=7, width=40, source="prompts.txt line 2"), t2v.variant)
-    assert s["frames"] == 9 and s["width"] == 32
-    assert "prompts.txt line 2: 7 frames is not 1 + 4k" in caplog.text and "using 9" in caplog.text
-    sample = generate(t2v, SampleRequest("x", **{**FAST, "frames": 6}))
-    assert sample.video.shape == (3, 5, 32, 32) and sample.settings["frames"] == 5
+def test_frames_and_sizes_off_the_grid_are_errors_naming_the_prompt(t2v):
+    with pytest.raises(PromptError) as info:
+        resolve(SampleRequest("x", frames=7, width=40, source="prompts.txt line 2"), t2v.variant)
+    msg = str(info.value)
+    assert "prompts.txt line 2: width 40 is not a multiple of 16" in msg and "use 32 or 48" in msg
+    assert "prompts.txt line 2: frames must be 1 + 4k frames" in msg and "got 7; use 5 or 9" in msg
+    with pytest.raises(PromptError, match="frames must be 1 \\+ 4k"):
+        generate(t2v, SampleRequest("x", **{**FAST, "frames": 6}))
 
 
 def test_defaults_come_from_the_variant(t2v):

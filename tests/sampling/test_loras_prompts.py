@@ -119,24 +119,29 @@ def test_prompt_line_options():
         parse_prompt_line("x --s many", "p line 3")
 
 
-def test_prompt_file_bad_line_does_not_lose_the_others(tmp_path):
+def test_prompt_file_bad_line_does_not_lose_the_others(tmp_path, caplog):
     (tmp_path / "img.png").write_bytes(b"")
     path = tmp_path / "prompts.txt"
     path.write_text("# comment line --zz 1\na cat --d 1 --i img.png\n\n"
-                    "bad one --q 3 --w 64\na dog --wd 64\nlast --f 9\n")
-    requests, errors = read_prompt_file(path)
-    assert [r.prompt for r in requests] == ["a cat", "last"]
+                    "bad one --q 3 --w 64\na dog --wd 64\nlast --f 9\nwide --w -64\n")
+    with caplog.at_level("WARNING"):
+        requests, errors = read_prompt_file(path)
+    assert [r.prompt for r in requests] == ["a cat", "bad one", "a dog", "last"]  # unknown options: the line stays
     assert requests[0].image == str(tmp_path / "img.png")  # found beside the prompt file
-    assert [str(e).split(":")[0] for e in errors] == ["prompts.txt line 4", "prompts.txt line 5"]
-    assert "unknown option --q" in str(errors[0]) and "did you mean --w?" in str(errors[1])
+    assert requests[1].width == 64 and requests[2].width is None
+    assert [str(e) for e in errors] == ["prompts.txt line 7: --w must be a positive number of pixels, got -64"]
+    assert "prompts.txt: unknown option --q is ignored" in caplog.text and "(prompts.txt line 4)" in caplog.text
+    assert "unknown option --wd is ignored (did you mean --w?" in caplog.text
 
 
-def test_structured_prompt_files(tmp_path):
+def test_structured_prompt_files(tmp_path, caplog):
     (tmp_path / "p.json").write_text(json.dumps([{"prompt": "a", "width": 64, "sample_steps": 3},
-                                                 {"prompt": "b", "widht": 3}]))
-    requests, errors = read_prompt_file(tmp_path / "p.json")
-    assert [(r.prompt, r.width, r.steps) for r in requests] == [("a", 64, 3)]
-    assert "entry 2: unknown key 'widht' (did you mean 'width'?)" in str(errors[0])
+                                                 {"prompt": "b", "widht": 3}, {"prompt": "c", "seed": -2}]))
+    with caplog.at_level("WARNING"):
+        requests, errors = read_prompt_file(tmp_path / "p.json")
+    assert [(r.prompt, r.width, r.steps) for r in requests] == [("a", 64, 3), ("b", None, None)]
+    assert "unknown key 'widht' is ignored (did you mean 'width'?) (p.json entry 2)" in caplog.text
+    assert str(errors[0]) == "p.json entry 3: seed must be between 0 and 2**64 - 1, got -2"
     (tmp_path / "p.toml").write_text('[[prompt]]\nprompt = "c"\nseed = 4\nguidance_scale = 2.5\n')
     requests, errors = read_prompt_file(tmp_path / "p.toml")
     assert (requests[0].prompt, requests[0].seed, requests[0].guidance, errors) == ("c", 4, 2.5, [])
