@@ -163,7 +163,7 @@ ERRORS = {
     "--one_frame_inference target_index=1": "--one_frame_inference is not supported",
     "--control_image_path a.png": "--control_image_path is for one-frame inference",
     "--control_image_mask_path m.png": "--control_image_mask_path is for one-frame inference",
-    "--lycoris": "--lycoris: LyCORIS networks are not supported",
+    "--lycoris": "--lycoris: generation does not apply LyCORIS networks (LoKr, LoHa, ...) yet",
     "--task flf2v-14B": "the FLF2V and Fun-Control models are not supported",
     "--task i2v-14B-FC": "the FLF2V and Fun-Control models are not supported",
     "--width -64": "--width must be a positive number of pixels, got -64",

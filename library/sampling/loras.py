@@ -178,6 +178,17 @@ def _filtered(spec: LoraSpec, grouped: dict) -> dict:
     return kept
 
 
+def _check_is_lora(path: Path, grouped: dict, not_lora: list[str]) -> None:
+    """A file without a single up / down pair is not a LoRA (a LyCORIS network, another kind of file)."""
+    if any("down" in parts and "up" in parts for parts in grouped.values()) or not (grouped or not_lora):
+        return
+    keys = not_lora + [f"{name}.{part}" for name, parts in grouped.items() for part in parts]
+    lycoris = any(re.search(r"\.(lokr|hada|oft|boft)_", k) for k in keys)
+    kind = "a LyCORIS network (LoKr / LoHa / ... tensors)" if lycoris else "not a LoRA file"
+    raise LoraError(f"{path}: no LoRA up / down tensors (keys like {', '.join(keys[:3])}): this is {kind}; "
+                    "generation applies LoRA files (Kohya, ComfyUI or diffusers keys) only")
+
+
 def _fit(spec: LoraSpec, sd: dict, meta: dict, model, expert: str, variant) -> tuple[LoraReport, dict]:
     """Check a LoRA state dict against `model`; returns its report and the applicable tensors (Kohya keys)."""
     from networks.lora import group_lora_keys, is_linear, kohya_name
@@ -186,6 +197,7 @@ def _fit(spec: LoraSpec, sd: dict, meta: dict, model, expert: str, variant) -> t
     path = spec.path
     linears = {kohya_name(n): m for n, m in model.named_modules() if n and is_linear(m)}
     grouped, not_lora = group_lora_keys(sd, diffusers_module_to_official)
+    _check_is_lora(path, grouped, not_lora)
     grouped = _filtered(spec, grouped)
     report = LoraReport(path, expert, not_lora=list(not_lora), architecture=meta.get("modelspec.architecture"))
     keep, mismatched = {}, []

@@ -37,7 +37,8 @@ UNSUPPORTED = {
     "one_frame_inference": "--one_frame_inference is not supported; render --video_length 1 for a single image",
     "control_image_path": "--control_image_path is for one-frame inference, which is not supported",
     "control_image_mask_path": "--control_image_mask_path is for one-frame inference, which is not supported",
-    "lycoris": "--lycoris: LyCORIS networks are not supported; use LoRA files (Kohya, ComfyUI or diffusers keys)",
+    "lycoris": "--lycoris: generation does not apply LyCORIS networks (LoKr, LoHa, ...) yet, only LoRA files "
+               "(Kohya, ComfyUI or diffusers keys); render a LyCORIS network with musubi-tuner",
 }
 NO_EFFECT = {
     "cpu_noise": "--cpu_noise: the noise is always drawn on the CPU here (ComfyUI's noise for the seed)",
