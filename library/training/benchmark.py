@@ -3,14 +3,18 @@ built straight on the device (no download), the memory features applied as in tr
 timed steps of LoRA training or (`full`) full fine-tuning. Reports s/step, tokens/s, peak VRAM, host RAM,
 MFU and, when given, the planner's estimate beside the measured peak.
 
-MFU counts the model FLOPs of a LoRA step over a frozen base without recomputation,
+MFU counts the model FLOPs of a LoRA step over a frozen base without recomputation (per sample),
 
-    4 N T + 12 T^2 d L + 12 T 512 d L      (per sample)
+    4 (N - N_c) T + 2 N_c T_c + 12 T^2 d L + 12 T T_c d L
 
-N = Linear weights in the blocks, T = video tokens, d = width, L = layers: forward and input-gradient
-matmuls (no weight gradients for the frozen base; the LoRA's own FLOPs are ignored), self-attention
-(forward 4 T^2 d, backward 8 T^2 d) and cross-attention to the 512 text tokens; divided by the step time
-and the GPU's dense bf16 peak. Full fine-tuning adds the weight gradients: 6 N T instead of 4 N T.
+N = Linear weights in the blocks, N_c of them the cross-attention key / value projections (k, v; and
+k_img, v_img of WAN 2.1 I2V) that see the T_c context tokens (512 text, + 257 CLIP for WAN 2.1 I2V), not
+the T video tokens; d = width, L = layers. The video-side matmuls count forward and input gradient (no
+weight gradients for the frozen base; the LoRA's own FLOPs are ignored), the context-side ones forward
+only (the text embedding is frozen, so nothing needs their input gradient); self-attention counts
+forward 4 T^2 d and backward 8 T^2 d, cross-attention the same with T_c keys. Divided by the step time and
+the GPU's dense bf16 peak. Full fine-tuning adds the weight gradients and the context's input gradient:
+6 (N - N_c) T + 6 N_c T_c.
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ from .planning.lora import block_linear_params
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 tensor-core peaks (vendor datasheets, no sparsity), matched against the device name in order.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0),
+# Dense bf16 tensor-core peaks (vendor datasheets, no sparsity), matched against the device name in order:
+# the PCIe and NVL cards before the SXM ones whose name they contain (H100 NVL / H200 NVL: 1,671 TFLOP/s
+# with sparsity, 835 dense).
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+               ("GH200", 989.0), ("A100", 312.0),
                ("L40S", 362.0), ("RTX 6000 Ada", 364.0), ("RTX 4090", 165.0), ("RTX A6000", 155.0),
                ("RTX 3090", 71.0))
 
@@ -49,10 +56,14 @@ def peak_tflops_for(device_name: str) -> float | None:
 
 def step_flops(variant: WanVariant, tokens: int, batch: int = 1, full: bool = False) -> float:
     """Model FLOPs of one training step (the formula of the module docstring; `full`: weight gradients too)."""
-    n = block_linear_params(variant) * variant.num_layers
     d, layers = variant.dim, variant.num_layers
-    matmuls = (6 if full else 4) * n * tokens
-    return batch * (matmuls + 12 * tokens**2 * d * layers + 12 * tokens * variant.text_len * d * layers)
+    context = variant.text_len + (variant.clip_tokens if variant.image_embedding else 0)
+    kv_text = 2 * d * d * layers * variant.text_len  # cross-attention k, v over the text tokens
+    kv_image = 2 * d * d * layers * variant.clip_tokens if variant.image_embedding else 0  # k_img, v_img
+    n_context = (4 if variant.image_embedding else 2) * d * d * layers
+    n_video = block_linear_params(variant) * layers - n_context
+    matmuls = (6 if full else 4) * n_video * tokens + (6 if full else 2) * (kv_text + kv_image)
+    return batch * (matmuls + 12 * tokens**2 * d * layers + 12 * tokens * context * d * layers)
 
 
 @dataclass
@@ -100,14 +111,14 @@ class BenchResult:
     def table(self) -> str:
         rows = [("device", self.device), ("memory setup", self.setup), ("tokens per sample", f"{self.tokens}"),
                 ("s/step", f"{self.seconds_per_step:.3f}"), ("tokens/s", f"{self.tokens_per_second:.1f}"),
-                ("peak VRAM allocated / reserved",
-                 "n/a (CPU)" if self.peak_vram_gib is None else f"{self.peak_vram_gib:.2f} / {self.peak_reserved_gib:.2f} GiB"),
+                ("peak VRAM allocated / reserved", "n/a (CPU)" if self.peak_vram_gib is None
+                 else f"{self.peak_vram_gib:.2f} / {self.peak_reserved_gib:.2f} GiB"),
                 ("host RAM now / peak", f"{self.host_rss_gib:.2f} / {self.host_peak_rss_gib:.2f} GiB"),
                 ("model TFLOP per step", f"{self.tflop_per_step:.4g}"),
                 ("MFU", "n/a (pass --peak_tflops)" if self.mfu is None else f"{100 * self.mfu:.1f}%")]
         if self.planned_gib is not None:
-            measured = ("n/a (CPU)" if self.peak_vram_gib is None else
-                        f"measured {self.peak_vram_gib:.2f} GiB, {100 * (self.planned_gib / self.peak_vram_gib - 1):+.1f}%")
+            off = None if self.peak_vram_gib is None else 100 * (self.planned_gib / self.peak_vram_gib - 1)
+            measured = "n/a (CPU)" if off is None else f"measured {self.peak_vram_gib:.2f} GiB, {off:+.1f}%"
             rows.append(("planner's peak estimate", f"{self.planned_gib:.2f} GiB ({measured})"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
