@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -73,6 +74,18 @@ def _leftover_flags(tokens: list[str]) -> dict[str, Any]:
     return {k: (True if v is _NO_VALUE else v) for k, v in found.items()}
 
 
+def find_config_file(path: str | Path) -> Path:
+    """The training TOML `--config_file` names; like musubi-tuner, `my_lora` means `my_lora.toml`."""
+    path = Path(path).expanduser()
+    if path.is_file() or path.suffix.lower() == ".toml":
+        return path
+    with_suffix = path.with_name(path.name + ".toml")
+    if with_suffix.is_file():
+        logger.info("config file %s: using %s", path, with_suffix)
+        return with_suffix
+    raise ConfigError(f"config file {path} not found (nor {with_suffix})")
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a training TOML and flatten one level of sections; a clear error for anything else."""
     path = Path(path).expanduser()
@@ -80,7 +93,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} not found")
     try:
         data = _parse_toml(path)
-    except Exception as exc:  # TOMLDecodeError of either parser, UnicodeDecodeError
+    except (ValueError, UnicodeDecodeError) as exc:  # TOMLDecodeError of either parser is a ValueError
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return flatten_sections(data, str(path))
 
@@ -124,8 +137,10 @@ def _suggest(key: str) -> str:
 
 
 def resolve_keys(raw: dict[str, Any], source: str, warned: set[str]) -> dict[str, Any]:
-    """Aliases, GUI-only, unsupported, misplaced and unknown keys -> {field name: raw value}."""
+    """Aliases, GUI-only, other architectures', no-effect, unsupported, misplaced and unknown keys ->
+    {field name: raw value}. Skipped keys are logged once per load (`warned`), grouped by reason."""
     out: dict[str, Any] = {}
+    skipped: dict[tuple[int, str], list[str]] = {}
     for key, value in raw.items():
         name = K.ALIASES.get(key, key)
         if name != key:
@@ -136,25 +151,50 @@ def resolve_keys(raw: dict[str, Any], source: str, warned: set[str]) -> dict[str
             if name in out:
                 raise ConfigError(f"{source}: {name!r} is given twice (once as its alias {key!r})")
             out[name] = value
-        elif key in K.IGNORED_WITH_WARNING:
-            if key not in warned:
-                logger.warning("%s: %s", source, K.IGNORED_WITH_WARNING[key])
-                warned.add(key)
-        elif K.is_gui_only(key):
-            logger.info("%s: skipping GUI-only key %r", source, key)
-            if key == "wandb_api_key" and not K.is_off(value):
-                logger.warning("%s: the wandb API key is not kept in the config (it would be saved with every "
-                               "output); set the WANDB_API_KEY environment variable instead", source)
-        elif key in K.UNSUPPORTED_FLAGS:
-            if not K.is_off(value):
-                raise ConfigError(f"{source}: {key} = {value!r} is a musubi option this trainer does not "
-                                  f"support: {K.UNSUPPORTED_FLAGS[key]}; remove it")
-            logger.info("%s: skipping unsupported option %r (off)", source, key)
-        elif key in K.MISPLACED_KEYS:
-            raise ConfigError(f"{source}: {key!r} {K.MISPLACED_KEYS[key]}")
-        else:
+            continue
+        why = _skip_reason(name, value, source)
+        if why is None:
             raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key)}")
+        skipped.setdefault(why, []).append(name)
+    for (level, reason), names in skipped.items():
+        fresh = [n for n in names if n not in warned]
+        warned.update(fresh)
+        if fresh:
+            logger.log(level, "%s: skipping %s: %s", source, ", ".join(fresh), reason)
     return out
+
+
+def _shown(name: str, value: Any) -> str:
+    return "<hidden>" if name in K.SECRET_KEYS else repr(value)
+
+
+def _skip_reason(name: str, value: Any, source: str) -> tuple[int, str] | None:
+    """(log level, reason) for a key that is accepted but not a field; raises ConfigError for a key that
+    cannot be honoured; None for an unknown key."""
+    if K.is_gui_only(name):
+        return logging.INFO, "settings of the launcher, the caching tools or the GUI itself, not of training"
+    if name in K.OTHER_ARCHITECTURE_KEYS:
+        return logging.INFO, "other architectures' settings (musubi-tuner-gui writes them all), no meaning for WAN"
+    if name == "architecture":
+        if K.is_off(value) or str(value).strip().lower() == "wan":
+            return logging.INFO, "the GUI's model family (wan)"
+        raise ConfigError(f"{source}: architecture = {value!r}: this config is for another model family; this "
+                          'trainer trains WAN (musubi-tuner-gui: architecture "Wan 2.1/2.2")')
+    if name in K.NO_EFFECT_KEYS:
+        return (logging.INFO if K.is_off(value) else logging.WARNING), f"no effect here: {K.NO_EFFECT_KEYS[name]}"
+    if name == "wandb_api_key":
+        if K.is_off(value):
+            return logging.INFO, "empty"
+        os.environ.setdefault("WANDB_API_KEY", str(value))
+        return logging.INFO, "used to log in to wandb as WANDB_API_KEY (a secret is never stored in the config)"
+    if name in K.UNSUPPORTED_FLAGS:
+        if K.is_musubi_default(name, value):
+            return logging.INFO, "musubi-tuner options at their default (not implemented here)"
+        raise ConfigError(f"{source}: {name} = {_shown(name, value)} is a musubi-tuner option this trainer does not "
+                          f"support: {K.UNSUPPORTED_FLAGS[name][1]}; remove it")
+    if name in K.MISPLACED_KEYS:
+        raise ConfigError(f"{source}: {name!r} {K.MISPLACED_KEYS[name]}")
+    return None
 
 
 def coerce_field(name: str, value: Any, source: str) -> Any:
@@ -203,8 +243,8 @@ def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
     values: dict[str, Any] = {}
     config_file = cli.get("config_file")
     if config_file:
-        source = str(Path(config_file).expanduser())
-        from_toml = resolve_keys(read_toml(config_file), source, warned)
-        values.update({n: coerce_field(n, v, source) for n, v in from_toml.items()})
+        config_file = cli["config_file"] = str(find_config_file(config_file))
+        from_toml = resolve_keys(read_toml(config_file), config_file, warned)
+        values.update({n: coerce_field(n, v, config_file) for n, v in from_toml.items()})
     values.update({n: coerce_field(n, v, "command line") for n, v in cli.items()})
     return config_from_values(values)

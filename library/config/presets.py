@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 _SCHEDULE = {"lr_scheduler": "cosine_with_restarts", "lr_scheduler_num_cycles": 3, "lr_warmup_steps": 0.05}
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "character": {"network_dim": 64, "network_alpha": 64.0, "learning_rate": 1.5e-4, "max_train_epochs": 15, **_SCHEDULE},
+    "character": {"network_dim": 64, "network_alpha": 64.0, "learning_rate": 1.5e-4, "max_train_epochs": 15,
+                  **_SCHEDULE},
     "style": {"network_dim": 96, "network_alpha": 96.0, "learning_rate": 1e-4, "max_train_epochs": 20, **_SCHEDULE},
     "motion": {"network_dim": 128, "network_alpha": 128.0, "learning_rate": 8e-5, "max_train_epochs": 25, **_SCHEDULE},
     "domain": {"network_dim": 96, "network_alpha": 96.0, "learning_rate": 1e-4, "max_train_epochs": 12, **_SCHEDULE},

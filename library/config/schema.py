@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from library.wan.vae_tiling import DEFAULT_TILE as DEFAULT_VAE_TILE
+
 from .coerce import normalise_timestep_boundary
+from .keys import NETWORK_MODULES
 
 
 def arg(default: Any, help: str, choices: tuple[str, ...] | None = None, coerce=None):  # noqa: A002
@@ -27,6 +30,12 @@ def arg(default: Any, help: str, choices: tuple[str, ...] | None = None, coerce=
 
 
 DTYPES = ("float32", "fp32", "float", "float16", "fp16", "bfloat16", "bf16")
+
+
+def _non_negative(value: int) -> int:
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
 
 
 @dataclass(frozen=True)
@@ -60,8 +69,23 @@ class MemoryArgs:
     offload_inactive_dit: bool = arg(False, "WAN 2.2 A14B: keep the expert not in use on the CPU")
     gradient_checkpointing: bool = arg(False, "recompute block activations in the backward pass")
     gradient_checkpointing_cpu_offload: bool = arg(False, "offload checkpointed activations to the CPU")
-    vae_cache_cpu: bool = arg(False, "keep the VAE feature cache on the CPU")
+    vae_cache_cpu: bool = arg(False, "keep the VAE's causal chunk cache in host memory (samples during training)")
+    vae_tiling: bool = arg(False, "decode samples in overlapping spatial tiles, blended at the seams (less VRAM; tiles "
+                                  f"of {DEFAULT_VAE_TILE} px unless vae_spatial_tile_sample_min_size says)")
+    vae_spatial_tile_sample_min_size: int = arg(0, "VAE tile side in pixels; setting it turns vae_tiling on (0: "
+                                                   "off)", coerce=_non_negative)
     auto_memory: bool = arg(False, "choose fp8, block swap and checkpointing from the free GPU memory")
+
+    @property
+    def vae_tile_size(self) -> int | None:
+        """The VAE tile side in pixels, as musubi-tuner reads its two flags: a size turns tiling on, and
+        `vae_tiling` alone means 256 px. None: no tiling."""
+        if self.vae_spatial_tile_sample_min_size:
+            return self.vae_spatial_tile_sample_min_size
+        return DEFAULT_VAE_TILE if self.vae_tiling else None
+
+
+ATTENTION_ORDER = ("sdpa", "flash_attn", "sage_attn", "xformers", "flash3")  # musubi-tuner's precedence
 
 
 @dataclass(frozen=True)
@@ -75,8 +99,9 @@ class AttentionArgs:
 
     @property
     def attention_backend(self) -> str:
-        """The one backend chosen ("sdpa" when none is); `validate` rejects more than one."""
-        for name in ("flash_attn", "flash3", "xformers", "sage_attn", "sdpa"):
+        """The backend chosen ("sdpa" when none is). With several set, musubi-tuner's order decides (sdpa,
+        flash_attn, sage_attn, xformers, flash3) and `validate` warns that the others are unused."""
+        for name in ATTENTION_ORDER:
             if getattr(self, name):
                 return name
         return "sdpa"
@@ -105,7 +130,9 @@ class TimestepArgs:
 
 @dataclass(frozen=True)
 class NetworkArgs:
-    network_module: str = arg("networks.lora_wan", "network module (`networks.lora_wan`)")
+    network_module: str = arg("networks.lora_wan", "network module: networks.lora_wan (this trainer's LoRA) or "
+                                                   "lycoris.kohya (LyCORIS LoHa / LoKr / ..., needs `pip install "
+                                                   "lycoris-lora`)", choices=tuple(NETWORK_MODULES))
     network_dim: int = arg(4, "LoRA rank")
     network_alpha: float = arg(1.0, "LoRA alpha; scale = alpha / rank (0: alpha = rank)")
     network_dropout: float = arg(0.0, "dropout on the LoRA down-projection output (0: off)")
@@ -154,7 +181,8 @@ class LoopArgs:
     mixed_precision: str = arg("no", "mixed precision", choices=("no", "fp16", "bf16"))
     seed: int | None = arg(None, "random seed (default: a random one, recorded in the metadata)")
     max_data_loader_n_workers: int = arg(8, "DataLoader workers (0: load in the main process)")
-    persistent_data_loader_workers: bool = arg(False, "keep DataLoader workers alive between epochs")
+    ddp_timeout: int = arg(0, "minutes the processes wait for each other (0: PyTorch's default)",
+                           coerce=_non_negative)
     i2v_probability: float = arg(0.0, "TI2V-5B: probability of an image-to-video step (clean first frame)")
     validate_every_n_steps: int = arg(0, "validation loss every N steps, needs a validation set (0: off)")
 

@@ -13,11 +13,12 @@ import re
 from dataclasses import fields
 
 from .coerce import ConfigError
-from .schema import TrainConfig, field_default
+from .keys import NETWORK_MODULES
+from .schema import ATTENTION_ORDER, TrainConfig, field_default
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS = ("sdpa", "flash_attn", "flash3", "xformers", "sage_attn")
+_BACKENDS = ATTENTION_ORDER
 _A14B = "WAN 2.2 A14B tasks (t2v-A14B, i2v-A14B)"
 
 
@@ -100,8 +101,9 @@ def _timesteps(cfg: TrainConfig, variant, errors: list[str]) -> None:
 
 def _attention(cfg: TrainConfig, errors: list[str]) -> None:
     chosen = [name for name in _BACKENDS if getattr(cfg.attention, name)]
-    if len(chosen) > 1:
-        errors.append(f"more than one attention backend is set ({', '.join(chosen)}); keep one")
+    if len(chosen) > 1:  # musubi-tuner takes the first in its order and goes on; so do we, saying so
+        logger.warning("more than one attention backend is set (%s); using %s (musubi-tuner's order: %s)",
+                       ", ".join(chosen), cfg.attention.attention_backend, ", ".join(_BACKENDS))
     if cfg.attention.sage_attn:
         errors.append("`sage_attn`: SageAttention has no backward pass, so it cannot train; use it for generation "
                       "(generate_video_wan.py --attn_mode sageattn) and train with sdpa, flash_attn, flash3 or "
@@ -113,7 +115,8 @@ def _check_network_args(cfg: TrainConfig, errors: list[str]) -> None:
     try:
         module = importlib.import_module(net.network_module)
     except ImportError as exc:
-        errors.append(f"`network_module` = {net.network_module!r} cannot be imported ({exc})")
+        errors.append(f"`network_module` = {net.network_module!r} cannot be imported ({exc}); it is "
+                      f"{NETWORK_MODULES.get(net.network_module, 'not a network module of this trainer')}")
         return
     checker = getattr(module, "check_network_args", None)
     if checker is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from library.config import config_to_dict
+from library.config import ConfigError, config_to_dict
 from library.config.schema import TrainConfig
 
 from .dtypes import BASE_DTYPES, SAVE_DTYPES
@@ -65,12 +65,46 @@ def make_accelerator(cfg: TrainConfig):
     project_dir = log.logging_dir or (str(Path(cfg.saving.output_dir or "output") / "logs") if log_with else None)
     # several processes without CUDA: data parallel on the CPU over gloo (accelerate needs cpu=True for it)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    acc = Accelerator(mixed_precision=cfg.loop.mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu)
+    _check_launcher_dynamo()
+    handlers = []
+    if cfg.loop.ddp_timeout:  # musubi's `ddp_timeout`: minutes the processes wait for each other
+        from datetime import timedelta
+
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.loop.ddp_timeout)))
+    acc = Accelerator(mixed_precision=cfg.loop.mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu,
+                      kwargs_handlers=handlers)
     if log_with:
         name = (log.log_prefix or "") + (log.log_tracker_name or "network_train")
-        init = {"wandb": {"name": log.wandb_run_name}} if log.wandb_run_name else {}
-        acc.init_trackers(name, config=_tracker_config(cfg), init_kwargs=init)
+        acc.init_trackers(name, config=_tracker_config(cfg), init_kwargs=_tracker_init(log))
     return acc
+
+
+def _tracker_init(log) -> dict:
+    """The trackers' init arguments: `log_tracker_config` (a TOML of {tracker: {argument: value}}, as in
+    musubi-tuner) and `wandb_run_name`."""
+    init: dict = {}
+    if log.log_tracker_config:
+        import toml
+
+        try:
+            init = toml.load(Path(log.log_tracker_config).expanduser())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"log_tracker_config {log.log_tracker_config}: cannot be read as TOML ({exc})") from None
+    if log.wandb_run_name:
+        init.setdefault("wandb", {})["name"] = log.wandb_run_name
+    return init
+
+
+def _check_launcher_dynamo() -> None:
+    """`accelerate launch --dynamo_backend X` (musubi-tuner-gui passes `no`) would compile a model handed to
+    accelerate's prepare(), which this trainer never does: say so instead of training uncompiled."""
+    backend = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+    if backend.strip().lower() not in ("no", ""):
+        raise ConfigError(f"accelerate was launched with --dynamo_backend {backend}, which this trainer does not use: "
+                          "launch with --dynamo_backend no and set `compile = true` (`compile_backend`, "
+                          "`compile_mode`) in the config to compile the DiT blocks")
 
 
 def _tracker_config(cfg: TrainConfig) -> dict:

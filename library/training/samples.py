@@ -15,6 +15,8 @@ import torch
 
 from library.config.schema import TrainConfig
 
+from .dtypes import VAE_DTYPES
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,13 +38,17 @@ class TrainingSampler:
         self.requests = encode_requests(encoder, requests, variant)
         del encoder
         gc.collect()
-        vae_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # `vae_dtype` as musubi-tuner reads it (its WAN default: bfloat16; on the CPU float32, which is faster there)
+        default = torch.bfloat16 if device.type == "cuda" else torch.float32
+        vae_dtype = VAE_DTYPES[m.vae_dtype] if m.vae_dtype else default
+        vae = load_vae(m.vae, device=device, dtype=vae_dtype, cache_cpu=cfg.memory.vae_cache_cpu)
+        vae.tile_sample_min_size = cfg.memory.vae_tile_size  # `vae_tiling`: samples decoded tile by tile
         clip = None
         if variant.image_embedding:  # WAN 2.1 I2V: the start image's CLIP tokens (`clip` checked by validate)
             clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
             clip = load_clip_vision(m.clip, device=device, dtype=clip_dtype)
         self.models = SamplingModels(
-            variant=variant, experts={e.name: e.model for e in experts}, vae=load_vae(m.vae, device=device, dtype=vae_dtype),
+            variant=variant, experts={e.name: e.model for e in experts}, vae=vae,
             networks=[e.network for e in experts], boundary=cfg.timesteps.timestep_boundary, clip=clip,
         )
         self.cfg = cfg

@@ -22,6 +22,7 @@ import torch
 
 OVERLAP = Fraction(1, 4)  # of a tile; the stride between tile starts is the remaining three quarters
 TILE_HALO = 8  # latent pixels of context computed around each tile's inner sides, then cropped away
+DEFAULT_TILE = 256  # pixels: musubi-tuner's `vae_spatial_tile_sample_min_size` when only `vae_tiling` is given
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:

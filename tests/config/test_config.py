@@ -15,31 +15,29 @@ from library.config import (
 from library.config.keys import is_off
 from library.config.schema import FIELD_GROUP
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "musubi_gui_wan_lora.toml"
 VALID = {"dit": "low.safetensors", "dataset_config": "data.toml"}
+# a WAN 2.2 run as musubi-tuner-gui writes it (tests/musubi_gui.py), with the user's settings in its text boxes
+GUI_USER = {"architecture": "wan", "task": "t2v-A14B", "dataset_config": "/home/user/wan/dataset.toml",
+            "dit": "/models/wan2.2_t2v_low_noise_14B_fp16.safetensors",
+            "dit_high_noise": "/models/wan2.2_t2v_high_noise_14B_fp16.safetensors", "vae": "/models/Wan2.1_VAE.pth",
+            "t5": "/models/models_t5_umt5-xxl-enc-bf16.pth", "network_module": "networks.lora_wan", "xformers": True,
+            "network_dim": 32, "network_alpha": 16, "mixed_precision": "bf16", "optimizer_type": "AdamW8bit",
+            "optimizer_args": "weight_decay=0.01 betas=0.9,0.999", "learning_rate": 2e-4,
+            "network_args": 'loraplus_lr_ratio=4 exclude_patterns=[".*ffn.*"] verbose=false',
+            "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 0.05, "timestep_boundary": 875,
+            "discrete_flow_shift": 5.0, "timestep_sampling": "shift"}
+
+
+def gui_run_toml(tmp_path) -> Path:
+    from tests.musubi_gui import gui_fields, write_run_toml
+
+    return write_run_toml(gui_fields(**GUI_USER, output_dir=str(tmp_path / "output")))
 
 
 def write(tmp_path, text: str, name="train.toml") -> str:
     path = tmp_path / name
     path.write_text(text)
     return str(path)
-
-
-def test_golden_musubi_gui_toml_parses_and_validates(caplog):
-    caplog.set_level(logging.INFO, logger="library.config")
-    cfg = validate(load_config(["--config_file", str(FIXTURE)]))
-    assert cfg.model.task == "t2v-A14B" and cfg.model.dit_high_noise.endswith("high_noise_14B_fp16.safetensors")
-    assert cfg.attention.attention_backend == "xformers" and cfg.loop.mixed_precision == "bf16"
-    assert cfg.optimizer.optimizer_type == "AdamW8bit" and cfg.optimizer.learning_rate == 2e-4
-    assert cfg.optimizer.optimizer_args == {"weight_decay": 0.01, "betas": (0.9, 0.999)}
-    assert cfg.network.network_args == {"loraplus_lr_ratio": 4, "exclude_patterns": [".*ffn.*"], "verbose": False}
-    assert cfg.network.network_alpha == 16.0 and isinstance(cfg.network.network_alpha, float)
-    assert cfg.scheduler.lr_scheduler == "cosine_with_restarts" and cfg.scheduler.lr_warmup_steps == 0.05
-    assert cfg.timesteps.timestep_boundary == 0.875 and cfg.timesteps.discrete_flow_shift == 5.0
-    assert cfg.network.base_weights == () and cfg.logging.log_tracker_config is None
-    assert "skipping GUI-only key 'caching_latent_device'" in caplog.text
-    assert "skipping GUI-only key 'wandb_api_key'" in caplog.text
-    assert "wandb_api_key" not in config_to_dict(cfg)
 
 
 def test_bad_toml_and_missing_file_are_clear(tmp_path):
@@ -49,9 +47,12 @@ def test_bad_toml_and_missing_file_are_clear(tmp_path):
         load_config(["--config_file", str(tmp_path / "nope.toml")])
 
 
-def test_dropped_keys_give_the_same_config():
-    """kohya_ss drops keys whose value is "", false, 0 or 0.0: the defaults must mean the same."""
-    raw = read_toml(FIXTURE)
+def test_dropped_keys_give_the_same_config(tmp_path):
+    """The GUIs drop keys whose value is "", false, 0 or 0.0 from a run's TOML (their saved configs keep
+    them): the defaults must mean the same."""
+    from tests.musubi_gui import gui_fields, write_saved_config
+
+    raw = read_toml(write_saved_config(gui_fields(**GUI_USER), tmp_path / "saved.toml"))
     dropped = {k: v for k, v in raw.items() if not is_off(v)}
     assert len(dropped) < len(raw) - 50
     assert config_from_dict(dropped, "dropped") == config_from_dict(raw, "full")
@@ -152,10 +153,11 @@ def test_gui_only_aliases_misplaced_and_unsupported(caplog):
                             "caching_teo_device": "cuda", "one_frame": False})
     assert cfg.memory.fp8_base is True and cfg.model.dit == "low.safetensors"
     assert "'fp8' is an old name of 'fp8_base'" in caplog.text
-    assert "skipping GUI-only key 'num_processes'" in caplog.text
+    assert "skipping num_processes, caching_teo_device: settings of the launcher" in caplog.text
+    assert "skipping one_frame: musubi-tuner options at their default" in caplog.text
     with pytest.raises(ConfigError, match="'dit' is given twice"):
         config_from_dict({"dit": "a", "dit_low_noise": "b"})
-    with pytest.raises(ConfigError, match="one_frame = True is a musubi option this trainer does not support"):
+    with pytest.raises(ConfigError, match="one_frame = True is a musubi-tuner option this trainer does not support"):
         config_from_dict({"one_frame": True})
     with pytest.raises(ConfigError, match="'pretrained_model_name_or_path' is the sd-scripts model key; pass the "
                                           "WAN DiT checkpoint as `dit`"):
@@ -170,7 +172,7 @@ def test_clip_skip_is_accepted_and_warned_once(tmp_path, caplog):
     path = write(tmp_path, "clip_skip = 2\n")
     cfg = load_config(["--config_file", path, "--clip_skip", "2"])
     warnings = [r for r in caplog.records if "clip_skip" in r.getMessage() and r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "ignored" in warnings[0].getMessage()
+    assert len(warnings) == 1 and "no meaning for WAN" in warnings[0].getMessage()
     assert cfg == dataclasses.replace(TrainConfig(), run=cfg.run) and cfg.run.config_file == path  # nothing else
 
 
@@ -182,7 +184,7 @@ def test_clip_skip_is_accepted_and_warned_once(tmp_path, caplog):
     ({"fp8_scaled": True}, "`fp8_scaled` needs `fp8_base = true`"),
     ({"task": "t2v-1.3B", "dit_high_noise": "h"}, "`dit_high_noise` is only for WAN 2.2 A14B tasks"),
     ({"task": "t2v-14B", "timestep_boundary": 0.9}, "`timestep_boundary` is only for WAN 2.2 A14B"),
-    ({"sdpa": True, "xformers": True, "sage_attn": True}, "more than one attention backend is set (sdpa, xformers, sage_attn)"),
+    ({"sdpa": True, "xformers": True, "sage_attn": True}, "`sage_attn`: SageAttention has no backward pass"),
     ({"sage_attn": True}, "`sage_attn`: SageAttention has no backward pass, so it cannot train"),
     ({"min_timestep": 800, "max_timestep": 200}, "`min_timestep` (800) must be less than `max_timestep` (200)"),
     ({"max_timestep": 1200}, "`max_timestep` = 1200 must be within 0-1000"),
@@ -195,7 +197,6 @@ def test_clip_skip_is_accepted_and_warned_once(tmp_path, caplog):
     ({"task": "t2v-A14B", "dit_high_noise": "h", "shared_expert_lora": True, "network_dim_high_noise": 8},
      "`shared_expert_lora` trains one LoRA for both experts"),
     ({"i2v_probability": 0.5}, "`i2v_probability` is only for TI2V tasks"),
-    ({"network_module": "networks.lora"}, "use 'networks.lora_wan'"),
     ({"network_args": ["loraplus_lr_ratio=4", "exclude_pattern=.*"]},
      "network_args: unknown key 'exclude_pattern'; did you mean 'exclude_patterns'?"),
     ({"network_args": ["exclude_patterns=['(']"]}, "network_args: exclude_patterns: '(' is not a valid regex"),
@@ -215,19 +216,19 @@ def test_validate_lists_every_problem_and_accepts_good_configs():
     with pytest.raises(ConfigError) as err:
         validate(config_from_dict({"fp8_scaled": True, "xformers": True, "sdpa": True}))
     text = str(err.value)
-    assert text.count("\n  - ") == 4  # dit, dataset_config, fp8_scaled, attention
+    assert text.count("\n  - ") == 3  # dit, dataset_config, fp8_scaled (two attention flags: musubi's first)
     validate(config_from_dict({**VALID, "task": "ti2v-5B", "i2v_probability": 0.3, "lr_warmup_steps": 0.1}))
     validate(config_from_dict({**VALID, "task": "i2v-A14B", "dit_high_noise": "h", "offload_inactive_dit": True,
                                "learning_rate_high_noise": 1e-4, "network_dim_high_noise": 16}))
 
 
 def test_output_config_round_trip(tmp_path):
-    cfg = validate(load_config(["--config_file", str(FIXTURE), "--output_config", str(tmp_path / "out.toml"),
-                                "--seed", "7", "--preset", "character"]))
+    cfg = validate(load_config(["--config_file", str(gui_run_toml(tmp_path)), "--output_config",
+                                str(tmp_path / "out.toml"), "--seed", "7", "--preset", "character"]))
     written = save_config(cfg, cfg.run.output_config)
     assert not list(tmp_path.glob("*.tmp"))
     text = written.read_text()
-    assert "output_config" not in text and "config_file" not in text and "caching_" not in text
+    assert "output_config =" not in text and "config_file =" not in text and "caching_" not in text
     again = load_config(["--config_file", str(written)])
     expected = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, config_file=str(written), output_config=None))
     assert again == expected

@@ -137,19 +137,21 @@ def test_non_finite_losses_skip_then_stop_with_state(workspace, tmp_path, monkey
 
 
 def test_gui_toml_parses_and_trains(workspace, tmp_path):
-    """The golden musubi-tuner-gui TOML, with this machine's paths appended on the command line."""
+    """A run TOML as musubi-tuner-gui writes it (tests/musubi_gui.py: its writer and defaults), with the GUI
+    user's settings for this machine; the GUI's own command lines run in tests/test_musubi_gui.py."""
+    from tests.musubi_gui import gui_fields, write_run_toml
+
     m = workspace["models"]
-    fixture = REPO / "tests" / "fixtures" / "musubi_gui_wan_lora.toml"
-    prompts = tmp_path / "prompt.txt"  # the GUI's prompt file lives on the GUI's machine: point at one here
+    prompts = tmp_path / "prompt.txt"
     prompts.write_text("a test prompt --w 32 --h 32 --f 1 --s 2\n")
-    cfg = validate(load_config([
-        "--config_file", str(fixture), "--task", "t2v-tiny", "--dit", str(m.dit), "--dit_high_noise",
-        str(m.dit_high_noise), "--vae", str(m.vae), "--t5", str(m.t5), "--dataset_config", str(workspace["dataset"]),
-        "--output_dir", str(tmp_path), "--max_train_steps", "2", "--max_train_epochs", "0",
-        "--mixed_precision", "no", "--optimizer_type", "AdamW", "--max_data_loader_n_workers", "0",
-        "--sample_prompts", str(prompts), "--xformers", "false", "--sdpa", "true", "--gradient_checkpointing", "true",
-        "--save_every_n_epochs", "0", "--logging_dir", str(tmp_path / "logs"), "--log_with", "tensorboard",
-    ]))
+    fields = gui_fields(
+        architecture="wan", task="t2v-A14B", dit=str(m.dit), dit_high_noise=str(m.dit_high_noise), vae=str(m.vae),
+        t5=str(m.t5), dataset_config=str(workspace["dataset"]), output_dir=str(tmp_path), max_train_steps=2,
+        mixed_precision="no", network_module="networks.lora_wan", sdpa=True, gradient_checkpointing=True,
+        sample_prompts=str(prompts), logging_dir=str(tmp_path / "logs"), log_with="tensorboard",
+        timestep_boundary=875)
+    cfg = validate(load_config(["--config_file", str(write_run_toml(fields)), "--task", "t2v-tiny",
+                                "--max_data_loader_n_workers", "0"]))
     assert Trainer(cfg).run() == 0
     assert list(tmp_path.glob("*_high_noise.safetensors")) and list((tmp_path / "logs").rglob("events.*"))
 
