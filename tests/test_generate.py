@@ -107,7 +107,7 @@ def test_entry_scripts_import_this_repos_library(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('the wrong library package was imported')\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
-    for script in ("generate_video_wan.py", "tools/compare_checkpoints.py"):
+    for script in ("generate_video_wan.py", "wan_generate_video.py", "tools/compare_checkpoints.py"):
         proc = subprocess.run([sys.executable, str(REPO / script), "--help"], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and "--task" in proc.stdout, proc.stderr

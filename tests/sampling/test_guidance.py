@@ -130,3 +130,24 @@ def test_offload_inactive_brings_each_expert_in_once(t2v, monkeypatch):
     high, low = t2v.experts["high_noise"], t2v.experts["low_noise"]
     assert moves == [(low, "cpu"), (high, "cpu"), (high, "cpu"), (low, "cpu")]  # other out, active in; twice
     torch.testing.assert_close(latents, base, rtol=0, atol=0)
+
+
+def test_skipped_blocks_keep_the_block_swap_schedule(t2v):
+    """With block swap (its schedule run on the CPU), skipping a block still loads and drops it in order and
+    gives the flow skipping gives without swap."""
+    import copy
+
+    from library.runtime.block_swap import BlockSwapper, HostTransport
+    from library.runtime.memory import BlockRunner
+
+    model = copy.deepcopy(t2v.experts["low_noise"])
+    inputs = (torch.randn(1, 16, 1, 4, 4), torch.tensor([500.0]), [torch.randn(3, t2v.variant.text_dim)])
+    with torch.no_grad(), skipping_blocks(model, (1,)):
+        expected = model(*inputs)
+    trace = []
+    model.block_runner = BlockRunner(BlockSwapper(model.blocks, 1, HostTransport(), prefetch=1, trace=trace))
+    with torch.no_grad(), skipping_blocks(model, (1,)):  # the swapped block is the skipped one
+        got = model(*inputs)
+    assert isinstance(model.block_runner, BlockRunner)  # restored
+    assert trace == [("load", 1), ("use", 1), ("drop", 1)]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
