@@ -1,5 +1,13 @@
 """Command-line pieces shared by the two caching tools: the musubi-compatible flags, the process split
-under `accelerate launch`, and running a caching function with a summary and an exit status."""
+under `accelerate launch`, and running a caching function with a summary and an exit status.
+
+Every flag of musubi-tuner's `wan_cache_latents.py` / `wan_cache_text_encoder_outputs.py` (and the
+HunyuanVideo VAE flags musubi-tuner-gui passes to them: `--vae_tiling`, `--vae_chunk_size`,
+`--vae_spatial_tile_sample_min_size`) is accepted, and `musubi_flag_problems` says what each one does
+here: used, skipped with a log line, or an error when it asks for something this tool cannot do. Sources:
+kohya-ss/musubi-tuner 30c658c4 `cache_latents.py` / `cache_text_encoder_outputs.py` (setup_parser_common,
+hv_setup_parser) and `wan_cache_latents.py`; bmaltais/musubi-tuner-gui 1b5a41ed `lora_gui.py` (train_model).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import torch
 
 from library.errors import EXIT_USER_ERROR, UserError, user_message
 from library.prep.arguments import whole_number
+from library.wan.vae_tiling import DEFAULT_TILE
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +49,76 @@ def common_parser(description: str) -> argparse.ArgumentParser:
                         help="cuda, cuda:1 or cpu (default: the process's accelerator, else cpu)")
     parser.add_argument("--batch_size", type=whole_number(1), default=None,
                         help="items (or captions) encoded together")
-    parser.add_argument("--num_workers", type=whole_number(0), default=2,
-                        help="threads decoding media ahead of the VAE")
+    parser.add_argument("--num_workers", type=whole_number(0), default=None,
+                        help="threads decoding media ahead of the VAE (default 2)")
     parser.add_argument("--skip_existing", action="store_true",
                         help="accepted for musubi compatibility: fresh caches are always reused, stale ones rebuilt")
+    parser.add_argument("--keep_cache", action="store_true",
+                        help="accepted for musubi compatibility: this tool never deletes cache files (musubi-tuner "
+                             "deletes those of items no longer in the dataset unless --keep_cache)")
+    parser.add_argument("--debug_mode", default=None, choices=("image", "console", "video"),
+                        help="musubi-tuner's dataset viewer instead of caching: not built in, an error that points "
+                             "to tools/check_dataset.py")
+    for flag in ("console_width", "console_back", "console_num_images"):
+        parser.add_argument(f"--{flag}", default=None, help="a --debug_mode display setting: no effect here (logged)")
+    parser.add_argument("--disable_cudnn_backend", action="store_true",
+                        help="turn PyTorch's cuDNN backend off (can help on AMD GPUs)")
     parser.add_argument("--strict", action="store_true", help="fail on the first skipped file instead of reporting it")
     parser.add_argument("--task", default=None,
                         help="WAN task (t2v-A14B, i2v-A14B, ti2v-5B, ...): target fps and VAE checks")
     parser.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
     return parser
+
+
+def add_vae_flags(parser: argparse.ArgumentParser) -> None:
+    """The latent tool's VAE memory flags (musubi-tuner-gui passes them from its HunyuanVideo widgets)."""
+    parser.add_argument("--vae_tiling", action="store_true",
+                        help=f"encode frames larger than a tile ({DEFAULT_TILE} px unless "
+                             "--vae_spatial_tile_sample_min_size) in overlapping tiles blended at the seams: less "
+                             "memory, latents within a small tolerance of untiled ones")
+    parser.add_argument("--vae_spatial_tile_sample_min_size", type=int, default=None,
+                        help="VAE tile side in pixels; turns --vae_tiling on")
+    parser.add_argument("--vae_chunk_size", type=int, default=None,
+                        help="no effect here (logged): the WAN VAE already runs one time chunk at a time")
+    parser.add_argument("--one_frame", action="store_true",
+                        help="musubi-tuner's one-frame caching: not implemented here (an error)")
+
+
+def vae_tile_size(args: argparse.Namespace) -> int | None:
+    """The tile side in pixels, as musubi-tuner reads its two flags; None: no tiling."""
+    size = getattr(args, "vae_spatial_tile_sample_min_size", None)
+    return size if size else (DEFAULT_TILE if getattr(args, "vae_tiling", False) else None)
+
+
+def musubi_flag_problems(args: argparse.Namespace) -> str | None:
+    """Say what each musubi-tuner flag given does here (logged once); the error message, when one asks for
+    what this tool cannot do."""
+    if args.debug_mode:
+        return (f"--debug_mode {args.debug_mode}: musubi-tuner shows the dataset instead of caching it; this tool "
+                "has no viewer: run `python tools/check_dataset.py --dataset_config ...` to list every item, bucket "
+                "and problem, then cache without --debug_mode")
+    if getattr(args, "one_frame", False):
+        return "--one_frame: one-frame (single image) caching is not implemented; cache images with an I2V --task"
+    size = getattr(args, "vae_spatial_tile_sample_min_size", None)
+    if size is not None and size <= 0:
+        return f"--vae_spatial_tile_sample_min_size {size}: give a tile side in pixels (e.g. 256)"
+    if args.skip_existing:
+        logger.info("--skip_existing: fresh caches are always reused here, stale ones rebuilt")
+    if args.keep_cache:
+        logger.info("--keep_cache: this tool never deletes cache files")
+    shown = [f"--{f}" for f in ("console_width", "console_back", "console_num_images") if getattr(args, f) is not None]
+    if shown:
+        logger.info("skipping %s: display settings of musubi-tuner's --debug_mode, which is not given",
+                    ", ".join(shown))
+    if getattr(args, "vae_chunk_size", None):
+        logger.info("skipping --vae_chunk_size %s: the WAN VAE already runs its causal convolutions one chunk at a "
+                    "time (4 frames encoding, 1 latent frame decoding)", args.vae_chunk_size)
+    if vae_tile_size(args):
+        logger.info("VAE tiling: frames larger than %d px are encoded tile by tile", vae_tile_size(args))
+    if args.disable_cudnn_backend:
+        torch.backends.cudnn.enabled = False
+        logger.info("--disable_cudnn_backend: cuDNN is off")
+    return None
 
 
 def process_split(device: str | None) -> tuple[int, int, str]:

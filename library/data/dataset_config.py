@@ -240,6 +240,7 @@ def parse_dataset_config(data: dict, path: Path) -> DatasetConfig:
     config = DatasetConfig(path=path, general=DatasetOptions(**general), datasets=specs["datasets"],
                            validation_datasets=specs["validation_datasets"])
     _check_cache_directories(config)
+    _note_fps_resampling(config)
     return config
 
 
@@ -269,6 +270,26 @@ def _check_cache_directories(config: DatasetConfig) -> None:
                 f"{spec.where()} and [[{other.table}]] #{other.index} share the cache directory "
                 f"{spec.cache_directory}: give each dataset its own cache_directory")
         seen[spec.cache_directory] = spec
+
+
+def _note_fps_resampling(config: DatasetConfig) -> None:
+    """Where this trainer reads a dataset differently from musubi-tuner, say so once, at parse time: without
+    `source_fps` musubi-tuner takes every frame of a clip as it is; here a clip is resampled from the frame
+    rate its file states to the model's (16 fps; 24 for TI2V-5B), keeping its real speed."""
+    from .video_io import resample_indices
+
+    specs = [s for s in config.all if s.kind == "video" and s.source_fps is None and s.target_fps is None]
+    frames = max((max(s.target_frames) for s in specs), default=1)
+    if frames < 5:
+        return
+    at16, at24 = (round_frames(len(resample_indices(frames, 30.0, fps))) for fps in (16.0, 24.0))
+    names = ", ".join(f"[[{s.table}]] #{s.index}" for s in specs)
+    logger.warning(
+        "%s: %s set no `source_fps`: musubi-tuner then takes every frame of a clip as it is, this trainer resamples "
+        "each clip from the frame rate its file states to the model's (16 fps; 24 fps for TI2V-5B) so motion keeps "
+        "its real speed: a %d-frame clip filmed at 30 fps gives %d frames at 16 fps (%d at 24 fps) here, all %d with "
+        "musubi-tuner. To take every frame as musubi-tuner does, set `target_fps` to the clips' frame rate",
+        config.path, names, frames, at16, at24, frames)
 
 
 def load_dataset_config(path: str | Path) -> DatasetConfig:

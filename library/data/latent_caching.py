@@ -269,12 +269,15 @@ def resolve_task(vae_kind: str, task: str | None, i2v: bool, clip: bool = False)
 
 def cache_latents(config: DatasetConfig, vae_path: str | Path, *, task: str | None = None, i2v: bool = False,
                   device: str = "cpu", vae_dtype: torch.dtype = torch.float32, clip_path: str | Path | None = None,
-                  clip_dtype: torch.dtype | None = None, vae_cache_cpu: bool = False, **kwargs) -> CacheSummary:
+                  clip_dtype: torch.dtype | None = None, vae_cache_cpu: bool = False, vae_tile_size: int | None = None,
+                  **kwargs) -> CacheSummary:
     """Load the VAE (and the CLIP vision encoder for WAN 2.1 I2V), work out the task settings, and cache
-    every item's latents. `clip_dtype` defaults to float16 on CUDA (as WAN runs it), float32 elsewhere."""
+    every item's latents. `clip_dtype` defaults to float16 on CUDA (as WAN runs it), float32 elsewhere.
+    `vae_tile_size` (pixels): frames larger than a tile are encoded tile by tile (`--vae_tiling`)."""
     from library.wan.loading import load_clip_vision, load_vae
 
     vae = load_vae(vae_path, device=device, dtype=vae_dtype, cache_cpu=vae_cache_cpu)
+    vae.tile_sample_min_size = vae_tile_size
     info = resolve_task("2.1" if vae.spatial_stride == 8 else "2.2", task, i2v, clip=clip_path is not None)
     if info.needs_clip and clip_path is None:
         raise CachingError(_NEEDS_CLIP.format(task=info.task))
