@@ -185,7 +185,9 @@ def _skip_reason(name: str, value: Any, source: str) -> tuple[int, str] | None:
     if name == "wandb_api_key":
         if K.is_off(value):
             return logging.INFO, "empty"
-        os.environ.setdefault("WANDB_API_KEY", str(value))
+        if os.environ.get("WANDB_API_KEY"):
+            return logging.INFO, "WANDB_API_KEY is set in the environment; wandb logs in with that key"
+        os.environ["WANDB_API_KEY"] = str(value)
         return logging.INFO, "used to log in to wandb as WANDB_API_KEY (a secret is never stored in the config)"
     if name in K.UNSUPPORTED_FLAGS:
         if K.is_musubi_default(name, value):

@@ -73,15 +73,22 @@ def test_a_saved_config_of_another_architecture_is_refused(tmp_path):
         load_config(["--config_file", str(path)])
 
 
-def test_every_gui_field_is_a_known_key(tmp_path):
-    """Each widget of every architecture, set to a non-default value, is used, skipped with a log line or
-    refused with a message naming it: none is an unknown key and none is silently taken."""
+def test_every_gui_field_is_used_skipped_or_refused(monkeypatch, caplog):
+    """Each widget of every architecture, set to a value other than its default, is used (the config
+    changes), skipped with a log line naming it, or refused with a message naming it: none is an unknown key
+    and none is silently taken."""
+    monkeypatch.setenv("WANDB_API_KEY", "")  # restored after the test: the loader exports a given key
+    caplog.set_level(logging.INFO)
+    base = config_to_dict(load_config([]))
     for name, default in GUI_DEFAULTS.items():
         value = True if default is False else "x" if isinstance(default, str) or default is None else 3
+        caplog.clear()
         try:
-            load_config([f"--{name}", str(value)] if value is not True else [f"--{name}"])
+            cfg = load_config([f"--{name}", str(value)] if value is not True else [f"--{name}"])
         except ConfigError as exc:
             assert "unknown key" not in str(exc) and name in str(exc), (name, exc)
+            continue
+        assert config_to_dict(cfg) != base or (name in caplog.text and "skipping" in caplog.text), name
 
 
 def test_config_file_without_extension_means_toml(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """The training engines: what trains on each expert's DiT, behind one interface (`TrainableNetwork`).
 
-- `lora`: a LoRA network attached to the frozen DiT (`networks.lora_wan`, Kohya's create_network), the
-  default of `train_network_wan.py`;
+- `lora`: the network `network_module` names, attached to the frozen DiT: `networks.lora_wan` (Kohya's
+  create_network), the default of `train_network_wan.py`, or LyCORIS (`lycoris`, optional);
 - `full` (+ `parameters`, `fused`, `sharding`): the DiT's own weights (`full_fine_tune`), with fp32 masters
   or `full_bf16`, the optimizer step inside the backward pass, and FSDP2 sharding over processes;
 - `base_weights`: LoRA files merged into the DiT before training.
