@@ -57,6 +57,7 @@ def read_lora_file(path_or_sd) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
     except SafetensorError as exc:
-        reason = str(exc).removeprefix("Error while deserializing header: ")
+        reason = "empty: 0 bytes" if path.stat().st_size == 0 else str(exc).removeprefix(
+            "Error while deserializing header: ")
         raise LoraInputError(f"{path}: not a readable .safetensors LoRA file ({reason}); the file is damaged, "
                              "truncated or not a LoRA: export or download it again") from None

@@ -39,9 +39,13 @@ def _train(args: list[str], full_fine_tune: bool, usage: str | None) -> int:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Everything about the inputs that needs no model, so a typo fails in a second rather than after a
-    14B DiT has loaded: each path the run reads exists, the output folder can be a folder, `dit` and
-    `dit_high_noise` are two models, the sample prompts parse, the optimizer imports. ConfigError otherwise."""
+    """Everything about the inputs that needs no model loaded, so a typo fails in a second rather than after
+    a 14B DiT has loaded: each path the run reads exists, the output folder can be a folder, `dit` and
+    `dit_high_noise` are two models, each model file's header says it is the model its key wants (and the
+    DiTs the task's variant), the sample prompts parse, the optimizer imports. ConfigError (CheckpointError
+    for a model file) otherwise."""
+    from library.wan.loading import check_model_file
+
     from .optimizers import optimizer_class, scheduler_class
 
     m, sampling = cfg.model, bool(cfg.sampling.sample_prompts)
@@ -56,6 +60,10 @@ def check_inputs(cfg: TrainConfig) -> None:
             raise ConfigError(f"`{key}` = {value}: no such file or folder{where}; check the path")
     _check_output_dir(cfg.saving.output_dir or "output")
     _check_experts(m.dit, m.dit_high_noise)
+    files = {"dit": m.dit, "dit_high_noise": m.dit_high_noise, **({"vae": m.vae, "t5": m.t5} if sampling else {})}
+    for key, path in files.items():
+        if path:  # headers only: a wrong or damaged file fails now, not after the DiTs have loaded
+            check_model_file(path, "dit" if key.startswith("dit") else key, m.task)
     if sampling:
         _check_prompts(cfg.sampling.sample_prompts)
     optimizer_class(cfg.optimizer.optimizer_type)

@@ -81,9 +81,11 @@ def _read_header(path: Path, size: int) -> tuple[dict, int]:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            raise CheckpointError(f"{path}: unreadable safetensors header ({reason}); the file is damaged") from None
+            raise CheckpointError(f"{path}: unreadable safetensors header ({reason}); the file is damaged: re-download "
+                                  "or re-export it") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a table of tensors; the file is damaged")
+        raise CheckpointError(f"{path}: the safetensors header is not a table of tensors; the file is damaged: "
+                              "re-download or re-export it")
     problems = [p for name, entry in header.items() if name != "__metadata__" and (p := _entry_problem(name, entry))]
     if problems:
         raise CheckpointError(f"{path}: damaged safetensors header: {problems[0]}"

@@ -27,8 +27,8 @@ from .variants import get_variant
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_clip_vision", "load_dit", "load_dit_fp8", "load_text_encoder", "load_vae",
-           "open_dit_checkpoint"]
+__all__ = ["CheckpointError", "check_model_file", "load_clip_vision", "load_dit", "load_dit_fp8", "load_text_encoder",
+           "load_vae", "open_dit_checkpoint"]
 
 
 def _resolve_dit_path(path: Path) -> Path:
@@ -54,6 +54,19 @@ def open_dit_checkpoint(path: str | os.PathLike, task: str | None = None):
     layout = plan_dit_layout(ckpt)
     variant = detect_variant(ckpt, layout, get_variant(task) if task else None)
     return ckpt, layout, variant
+
+
+def check_model_file(path: str | os.PathLike, kind: str, task: str | None = None) -> None:
+    """Check from its headers alone (nothing is loaded) that `path` holds `kind`: "dit" (of `task`'s variant
+    when given), "vae" or "t5". A damaged, hostile or misplaced file fails here in a second, with the message
+    its loader would give, instead of after the models before it have loaded."""
+    if kind == "dit":
+        open_dit_checkpoint(path, task)
+        return
+    ckpt = open_checkpoint(Path(path).expanduser())
+    what, wanted = describe_checkpoint(ckpt.keys()), {"vae": "a WAN VAE", "t5": "a umT5 text encoder"}[kind]
+    if what != wanted and not (kind == "t5" and what == "an unknown model"):  # umT5 names vary: its loader decides
+        raise wrong_model(ckpt.source, what, wanted)
 
 
 def _check_keys(ckpt: Checkpoint, expected: dict, present: dict, what: str) -> None:
