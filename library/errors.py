@@ -48,8 +48,10 @@ def _os_message(exc: OSError) -> str | None:
     advice = advice or _DISK_ERRORS.get(exc.errno)
     if advice is None:
         return None
-    if exc.errno is None or exc.filename is None:  # raised by our code with a message of its own
-        return str(exc) if exc.args else advice
+    if exc.errno is None:  # raised by our code with a message of its own
+        return str(exc) or advice
+    if exc.filename is None:  # a write into an open file that ran out of space
+        return advice
     where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 else "")
     return f"{where}: {advice}"
 
