@@ -6,8 +6,8 @@ subclass (`ConfigError`, `CheckpointError`, `DatasetConfigError`, ...), usually 
 `RuntimeError` for callers that catch those. `run_cli(main)` turns a UserError, and the operating system
 errors a user causes (a missing path, a file where a folder belongs, no permission, a full disk), into one
 line on stderr and exit status 2; anything else is our bug and keeps its traceback. `positive_int`,
-`positive_float`, `finite_float` and `non_negative_int` are argparse types for the numbers a command line takes (argparse
-then names the flag and exits with 2).
+`positive_float`, `finite_float` and `non_negative_int` are argparse types for the numbers a command line
+takes (argparse then names the flag and exits with 2).
 
 Imports nothing from the project: it is the bottom of the floor plan, so every package (`networks`
 too) may raise a UserError.
