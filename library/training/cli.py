@@ -13,7 +13,7 @@ from pathlib import Path
 
 from library.config import ConfigError, load_config, save_config, validate
 from library.config.schema import TrainConfig
-from library.errors import run_cli
+from library.errors import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,24 @@ def _train(args: list[str], full_fine_tune: bool, usage: str | None) -> int:
         print(f"wrote {save_config(cfg, cfg.run.output_config)}")
         return 0
     check_inputs(cfg)
+    import torch
+
     from .trainer import Trainer  # torch, accelerate and the models only when training
 
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    except torch.cuda.OutOfMemoryError as exc:
+        where = f"--config_file {cfg.run.config_file}" if cfg.run.config_file else f"--task {cfg.model.task}"
+        raise GPUMemoryError(
+            f"the GPU ran out of memory ({str(exc).splitlines()[0]}): these settings do not fit this card. "
+            f"`python tools/plan_memory.py {where} --width W --height H --frames F` (your largest bucket) shows "
+            "what fits: gradient_checkpointing, fp8_base, blocks_to_swap, a smaller batch or resolution"
+            + ("; auto_memory = true picks it for you" if cfg.finetune.full_fine_tune else "")
+            + ". Saves made before are kept (resume = 'latest' continues from the last state)") from None
+
+
+class GPUMemoryError(UserError, RuntimeError):
+    """CUDA ran out of memory during a run: the settings do not fit the card; the message names the planner."""
 
 
 def check_inputs(cfg: TrainConfig) -> None:

@@ -245,3 +245,21 @@ def test_both_entry_scripts_exit_2_on_a_config_error(tiny_models, cached_demo, t
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert_refused(result, "`network_dim` = 32 is a LoRA setting" if full else "`learning_rate` = nan must be a "
                                                                                 "finite number")
+
+
+def test_gpu_out_of_memory_points_to_the_planner(tiny_models, cached_demo, tmp_path, monkeypatch, capsys):
+    from library.training.trainer import Trainer
+
+    def out_of_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB total)\n"
+                                          "Of the allocated memory ...")
+
+    monkeypatch.setattr(Trainer, "run", out_of_memory)
+    assert cli.main(flags(tiny_models, cached_demo, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err == ("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB "
+                   "total)): these settings do not fit this card. `python tools/plan_memory.py --task t2v-tiny "
+                   "--width W --height H --frames F` (your largest bucket) shows what fits: gradient_checkpointing, "
+                   "fp8_base, blocks_to_swap, a smaller batch or resolution. Saves made before are kept (resume = "
+                   "'latest' continues from the last state)\n")
