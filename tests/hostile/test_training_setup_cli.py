@@ -263,3 +263,16 @@ def test_gpu_out_of_memory_points_to_the_planner(tiny_models, cached_demo, tmp_p
                    "--width W --height H --frames F` (your largest bucket) shows what fits: gradient_checkpointing, "
                    "fp8_base, blocks_to_swap, a smaller batch or resolution. Saves made before are kept (resume = "
                    "'latest' continues from the last state)\n")
+
+
+def test_a_copy_of_one_expert_as_the_other_is_a_warning(tiny_models, cached_demo, tmp_path, caplog):
+    from library.config import load_config, validate
+
+    copy = tmp_path / "copy_of_low_noise.safetensors"
+    shutil.copyfile(tiny_models.dit, copy)
+    cfg = validate(load_config(flags(tiny_models, cached_demo, tmp_path / "out", dit_high_noise=copy)))
+    cli.check_inputs(cfg)  # two paths: allowed, but said
+    assert f"`dit` ({tiny_models.dit}) and `dit_high_noise` ({copy}) hold the same bytes" in caplog.text
+    caplog.clear()
+    cli.check_inputs(validate(load_config(flags(tiny_models, cached_demo, tmp_path / "out"))))
+    assert "hold the same bytes" not in caplog.text  # the two real experts share a header, not their weights
