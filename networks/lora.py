@@ -38,6 +38,11 @@ _MODULE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer."
 KOHYA_PREFIX = "lora_unet_"
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Autocast is on for this device type (False for types autocast does not know, such as `meta`)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def kohya_name(module_name: str, prefix: str = KOHYA_PREFIX) -> str:
     """`blocks.0.self_attn.q` -> `lora_unet_blocks_0_self_attn_q`."""
     return prefix + module_name.replace(".", "_")
@@ -111,7 +116,7 @@ class LoRAModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] in the base dtype -> the fp32 delta [..., out]. LoRA weights are fp32 parameters."""
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        if _autocast_on(device_type):
             with torch.autocast(device_type, enabled=False):
                 return self.forward(x)
         h, scale = self._down(x, fp32=True)
@@ -134,7 +139,7 @@ class LoRAModule(nn.Module):
             return output
         device_type = output.device.type
         if output.dtype in _HALF and self.lora_up.weight.dtype == torch.float32:
-            if torch.is_autocast_enabled(device_type):
+            if _autocast_on(device_type):
                 with torch.autocast(device_type, enabled=False):
                     return self._add_to(args[0], output)
             return self._add_to(args[0], output)

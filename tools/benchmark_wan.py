@@ -5,12 +5,18 @@
     python tools/benchmark_wan.py --task t2v-A14B --compare_cap 24      # capped vs uncapped, target <= 2x
     python tools/benchmark_wan.py --task t2v-A14B --two_experts --plan  # host RAM with offload_inactive_dit
     python tools/benchmark_wan.py --cpu                                 # tiny model on the CPU (CI)
+    python tools/benchmark_wan.py --estimate --gpu h100 [--attention flash3 --compile]   # no GPU needed
 
 Builds the model block by block directly on the GPU, applies the memory features exactly as training
 does (`apply_memory_features`), runs warm-up then timed steps (forward, MSE loss, backward, AdamW on the
 LoRA) and prints s/step, tokens/s, peak VRAM, host RAM and MFU (formula: library/training/benchmark.py).
 `--vram_cap_gb` caps PyTorch's allocator with `torch.cuda.set_per_process_memory_fraction`; `--plan`
 takes fp8 / checkpointing / offload / block swap from the memory planner for that cap.
+
+`--estimate` runs no GPU step: one full-size step is traced on the meta device and costed with the rates
+of `--gpu` (h100, h200, a100, 4090, 5090; library/training/estimate.py states each rate and its source),
+printing an estimated step time, the MFU it implies and the kernels that take the time. Every figure it
+prints is labelled as an estimate; it takes under a minute on a CPU.
 """
 
 from __future__ import annotations
@@ -54,10 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--two_experts", action="store_true", help="both A14B experts, alternating, inactive on the CPU")
-    p.add_argument("--full", action="store_true", help="full fine-tuning steps (every DiT weight trains) instead of LoRA")
+    p.add_argument("--full", action="store_true",
+                   help="full fine-tuning steps (every DiT weight trains) instead of LoRA")
     p.add_argument("--full_bf16", action="store_true", help="full fine-tuning: bf16 weights and optimizer state")
-    p.add_argument("--fused_backward_pass", action="store_true", help="full fine-tuning: step each tensor in the backward")
-    p.add_argument("--optimizer", default="AdamW", help="optimizer by its Kohya name (AdamW, AdamW8bit, AdaFactor, ...)")
+    p.add_argument("--fused_backward_pass", action="store_true",
+                   help="full fine-tuning: step each tensor in the backward")
+    p.add_argument("--optimizer", default="AdamW",
+                   help="optimizer by its Kohya name (AdamW, AdamW8bit, AdaFactor, ...)")
     p.add_argument("--vram_cap_gb", type=positive_float, help="cap PyTorch's GPU memory at this many GiB")
     p.add_argument("--plan", action="store_true", help="memory settings from the planner for the cap / the GPU")
     p.add_argument("--compare_cap", type=positive_float, metavar="GB",
@@ -65,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=positive_float,
                    help="dense bf16 peak of the GPU (default: known GPUs, e.g. H100 SXM 989)")
     p.add_argument("--cpu", action="store_true", help="tiny variant on the CPU (keeps this script tested)")
+    p.add_argument("--estimate", action="store_true",
+                   help="no GPU run: a roofline estimate of the step on --gpu from a meta-device trace")
+    p.add_argument("--gpu", default="h100", choices=("h100", "h200", "a100", "4090", "5090"),
+                   help="with --estimate: the GPU whose rates are applied (default h100)")
     p.add_argument("--json", help="also write the result to this JSON file")
     return p.parse_args(argv)
 
@@ -164,6 +177,26 @@ def _sdpa_kernel(name: str | None):
     return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[name])])
 
 
+def _estimate(args) -> int:
+    """The roofline estimate of one step on `args.gpu` (library/training/estimate.py), nothing run on a GPU."""
+    from library.training.estimate import StepSetup, estimate_step
+    from library.wan.variants import get_variant
+
+    if args.full or args.fp8_base or args.fp8_scaled or args.blocks_to_swap or args.sdpa_kernel:
+        print("--estimate covers LoRA steps in bf16 (with or without checkpointing, any --attention, --compile); "
+              "--full, fp8, block swap and --sdpa_kernel are not modelled", file=sys.stderr)
+        return 2
+    setup = StepSetup(get_variant(args.task), args.width, args.height, args.frames, args.batch_size,
+                      args.network_dim, checkpointing=not args.no_gradient_checkpointing)
+    result = estimate_step(setup, args.gpu, args.attention, args.compile)
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"estimate": True, "gpu": args.gpu, "seconds_per_step": result.seconds,
+                                               "mfu": result.mfu, "kernels": result.kernels,
+                                               "memory_bound_tb": result.memory_bound_tb}, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.sdpa_kernel and args.attention != "sdpa":
@@ -172,6 +205,8 @@ def main(argv=None) -> int:
         return 2
     if args.compare_cap:
         return _compare(args, argv)
+    if args.estimate:
+        return _estimate(args)
     if args.cpu:
         defaults = parse_args([])
         for name, value in (("task", "t2v-tiny"), ("width", 64), ("height", 64), ("frames", 9), ("steps", 3),

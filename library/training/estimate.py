@@ -1,0 +1,379 @@
+"""A roofline estimate of one training step on a GPU we do not have (`tools/benchmark_wan.py --estimate`).
+
+One full-size LoRA step (forward, loss, backward; the optimizer step on the LoRA is left out) runs on the
+`meta` device, where tensors have shapes and no data, under a dispatch mode that records every kernel: its
+FLOPs (`torch.utils.flop_counter`'s formulas for matmuls; attention counted by this module) and the bytes
+it reads and writes (views are free; a broadcast input is read once). Each kernel then costs
+
+    max(FLOPs / the GPU's rate for its kind, bytes / the GPU's memory bandwidth)
+
+with the rates of `GPUS` (each with its source). With `compiled`, runs of consecutive kernels that are
+neither matmuls nor attention are taken as fused the way inductor fuses them: one kernel reading the
+buffers that come from outside the run and writing those used after it. Every figure it prints is an
+estimate of a roofline, not a measurement: real kernels reach their rate only at large sizes, launch
+gaps, host overheads and the optimizer step are not counted, and no graph break is assumed.
+
+Attention is whatever SDPA (or a flash-attn package) would run: on the meta device it is one counting
+op, and the GPU's rate for the backend the code would choose (`attention.sdpa_plan` for SDPA) is applied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from library.wan.model import WanModel
+from library.wan.variants import WanVariant
+
+from .benchmark import step_flops
+
+
+@dataclass(frozen=True)
+class GpuRates:
+    """Sustained rates assumed for one GPU. TFLOP/s and TB/s; attention as (forward, backward) per backend
+    in the FlashAttention papers' convention (backward = 2.5x the forward's FLOPs)."""
+
+    name: str
+    peak_tflops: float  # dense bf16 tensor-core peak (datasheet), the MFU denominator
+    matmul_tflops: float  # large bf16 GEMMs (cuBLAS), sustained
+    vector_tflops: float  # fp32 CUDA-core work (elementwise maths that is not memory-bound)
+    bandwidth_tbs: float  # sustained DRAM bandwidth
+    attention: dict = field(default_factory=dict)  # "fa2" | "fa3" | "cudnn" -> (forward, backward)
+    capability: tuple[int, int] = (9, 0)
+    source: str = ""
+
+
+_HOPPER_ATTENTION = {"fa2": (330.0, 290.0), "fa3": (640.0, 500.0), "cudnn": (595.0, 460.0)}
+_HOPPER_SOURCE = ("peak: NVIDIA H100 / H200 datasheets (989 TFLOP/s dense bf16 SXM; 3.35 / 4.8 TB/s HBM); "
+                  "sustained matmul 650 TFLOP/s and 2.8 TB/s on the H100 (issue 17's assumptions, about 2/3 of "
+                  "peak FLOPs and 84% of peak bandwidth), H200 bandwidth 4.0 TB/s (the same 84%); attention: "
+                  "FA2 330 / 290 and FA3 640 / 500 forward / backward (issue 17; FlashAttention-3 paper, Shah "
+                  "et al. 2024, H100 SXM5, head dim 128), cuDNN 595 forward from the same paper's head-dim-128 "
+                  "non-causal chart at 16k, 460 backward assumed (0.92x FA3, as forward)")
+GPUS = {
+    "h100": GpuRates("H100 SXM (estimate)", 989.0, 650.0, 67.0, 2.8, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE),
+    "h200": GpuRates("H200 SXM (estimate)", 989.0, 650.0, 67.0, 4.0, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE),
+    "a100": GpuRates("A100 SXM 80GB (estimate)", 312.0, 250.0, 19.5, 1.7, {"fa2": (220.0, 190.0)}, (8, 0),
+                     "peak: NVIDIA A100 datasheet (312 TFLOP/s dense bf16, 2.04 TB/s); sustained matmul 250 "
+                     "(80% of peak) and 1.7 TB/s (84%) assumed; FA2 220 / 190 (FlashAttention-2 paper, Dao "
+                     "2023, A100, head dim 128, about 70% / 60% of peak)"),
+    "4090": GpuRates("RTX 4090 (estimate)", 165.2, 140.0, 82.6, 0.9, {"fa2": (120.0, 100.0)}, (8, 9),
+                     "peak: NVIDIA Ada whitepaper (165.2 TFLOP/s bf16 with fp32 accumulate, 1.01 TB/s GDDR6X); "
+                     "sustained matmul 140 (85%), 0.9 TB/s, FA2 120 / 100 assumed (no published figure read)"),
+    "5090": GpuRates("RTX 5090 (estimate)", 209.5, 175.0, 104.8, 1.6, {"fa2": (150.0, 125.0),
+                                                                      "cudnn": (150.0, 125.0)}, (12, 0),
+                     "peak: NVIDIA Blackwell GeForce whitepaper (209.5 TFLOP/s bf16 with fp32 accumulate, "
+                     "1.79 TB/s GDDR7); sustained matmul 175 (84%), 1.6 TB/s, attention 150 / 125 assumed (no "
+                     "published figure read)"),
+}
+
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "convolution_backward"}
+_ATTENTION = {"attention", "attention_backward"}
+
+
+# ---- the counting attention op ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("wan_estimate::attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("wan_estimate::attention only counts, on the meta device")
+
+
+@_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("wan_estimate::attention_backward", mutates_args=())
+def _attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    raise RuntimeError("wan_estimate::attention_backward only counts, on the meta device")
+
+
+@_attention_backward.register_fake
+def _(grad, q, k, v):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_attention.register_autograd(lambda ctx, grad: _attention_backward(grad, *ctx.saved_tensors),
+                             setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+def _counting_sdpa(q, k, v, *args, **kwargs):
+    """`F.scaled_dot_product_attention` ([B, H, L, D]) as the counting op."""
+    return _attention(q, k, v)
+
+
+# ---- recording kernels ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Kernel:
+    name: str
+    kind: str  # "matmul" | "attention" | "attention_backward" | "other"
+    flops: float
+    reads: list  # [(buffer id, bytes)]
+    writes: list
+    dtype: torch.dtype
+
+
+def _bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches in t: each distinct element once (a broadcast dimension, stride 0, is free)."""
+    if t.numel() == 0:
+        return 0
+    return math.prod(s for s, st in zip(t.shape, t.stride()) if st != 0) * t.element_size()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    flat, _ = torch.utils._pytree.tree_flatten(tree)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+class KernelRecorder(TorchDispatchMode):
+    """Records each kernel of the ops that run under it (views, which launch nothing, are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[Kernel] = []
+        self._alive: list[torch.Tensor] = []  # keeps every buffer alive, so no id is reused
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._overloadpacket.__name__
+        if torch.Tag.view_copy in func.tags or func.is_view or name in ("detach", "lift_fresh", "alias"):
+            return out
+        inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+        self._alive += outputs
+        kind = ("matmul" if name in _MATMULS else name if name in _ATTENTION else "other")
+        flops = self._flops(func, name, args, kwargs, out)
+        self.kernels.append(Kernel(name, kind, flops, [(t.untyped_storage()._cdata, _bytes(t)) for t in inputs],
+                                   [(t.untyped_storage()._cdata, _bytes(t)) for t in outputs],
+                                   outputs[0].dtype if outputs else torch.float32))
+        return out
+
+    @staticmethod
+    def _flops(func, name, args, kwargs, out) -> float:
+        if name == "attention":  # q [B, H, Lq, D], k [B, H, Lk, D]: QK^T and PV
+            q, k = args[0], args[1]
+            return 4.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        if name == "attention_backward":  # 2.5x the forward (five matmuls), the FlashAttention convention
+            q, k = args[1], args[2]
+            return 10.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        counter = flop_registry.get(func._overloadpacket)
+        return float(counter(*args, **kwargs, out_val=out)) if counter else 0.0
+
+
+# ---- one step on the meta device ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    """What the traced step trains: one expert, a LoRA of `rank`, bf16 weights and compute."""
+
+    variant: WanVariant
+    width: int = 832
+    height: int = 480
+    frames: int = 81
+    batch: int = 1
+    rank: int = 32
+    checkpointing: bool = True
+
+    def latent_shape(self) -> tuple[int, ...]:
+        v = self.variant
+        st, sh, sw = v.vae_stride
+        return (self.batch, v.latent_channels, (self.frames - 1) // st + 1, self.height // sh, self.width // sw)
+
+    def tokens(self) -> int:
+        _, _, f, h, w = self.latent_shape()
+        pt, ph, pw = self.variant.patch_size
+        return f // pt * (h // ph) * (w // pw)
+
+
+def meta_model(variant: WanVariant, dtype=torch.bfloat16) -> WanModel:
+    """The DiT on the meta device, frozen, with training dtypes (fp32 norms, modulation and time MLPs)."""
+    with torch.device("meta"):
+        model = WanModel(variant)
+    for name, param in model.named_parameters():
+        if not WanModel.is_fp32_param(name):
+            param.data = param.data.to(dtype)
+    model.compute_dtype = dtype
+    return model.requires_grad_(False)
+
+
+def trace_step(setup: StepSetup) -> list[Kernel]:
+    """Every kernel of one LoRA training step (forward, MSE loss, backward) at full size, on meta."""
+    from networks import lora_wan
+
+    v = setup.variant
+    model = meta_model(v)
+    model.enable_gradient_checkpointing(setup.checkpointing)
+    network = lora_wan.create_network(1.0, setup.rank, setup.rank, None, None, model)
+    network.apply_to()
+    network.to("meta")
+    meta = torch.device("meta")
+    shape = setup.latent_shape()
+    x, target = torch.empty(shape, device=meta), torch.empty(shape, device=meta)
+    y = torch.empty(shape[0], v.in_dim - v.latent_channels, *shape[2:], device=meta) if v.is_i2v else None
+    context = torch.empty(setup.batch, v.text_len, v.text_dim, device=meta, dtype=torch.bfloat16)
+    clip = torch.empty(setup.batch, v.clip_tokens, v.clip_dim, device=meta) if v.image_embedding else None
+    recorder, original = KernelRecorder(), F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _counting_sdpa
+    try:
+        with recorder:
+            pred = model(x, torch.full((setup.batch,), 500.0, device=meta), context, y=y, clip_fea=clip)
+            (pred.float() - target).pow(2).mean().backward()
+    finally:
+        F.scaled_dot_product_attention = original
+    return recorder.kernels
+
+
+# ---- costing ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cost:
+    name: str
+    kind: str
+    flops: float
+    bytes: float
+    seconds: float
+
+
+def attention_kernel(backend: str, gpu: GpuRates) -> str:
+    """Which attention kernel (a key of `gpu.attention`) the code would run for `backend` on this GPU."""
+    if backend == "flash3":
+        if "fa3" not in gpu.attention:
+            raise ValueError(f"FlashAttention 3 runs on Hopper GPUs only, not on the {gpu.name}")
+        return "fa3"
+    if backend == "sdpa":
+        from library.wan import attention
+
+        plan = getattr(attention, "sdpa_plan", None)  # absent before issue 17: PyTorch's order, FA2 first
+        enabled = tuple(torch.nn.attention.SDPBackend.__members__[n] for n in
+                        ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"))
+        order = plan(gpu.capability, enabled).order if plan else None
+        if order and order[0].name == "CUDNN_ATTENTION" and "cudnn" in gpu.attention:
+            return "cudnn"
+    return "fa2"  # flash_attn, xformers (cutlass, no faster than FA2) and SDPA's FlashAttention 2
+
+
+def _rate(kernel: Kernel, gpu: GpuRates, attention: str) -> float:
+    if kernel.kind == "attention":
+        return gpu.attention[attention][0]
+    if kernel.kind == "attention_backward":
+        return gpu.attention[attention][1]
+    if kernel.kind == "matmul" and kernel.dtype != torch.float32:
+        return gpu.matmul_tflops
+    return gpu.vector_tflops
+
+
+def _seconds(flops: float, nbytes: float, tflops: float, gpu: GpuRates) -> float:
+    return max(flops / (tflops * 1e12), nbytes / (gpu.bandwidth_tbs * 1e12))
+
+
+def cost(kernels: list[Kernel], gpu: GpuRates, attention: str, compiled: bool) -> list[Cost]:
+    """The estimated time of each kernel; with `compiled`, runs of kernels that are neither matmuls nor
+    attention are fused into one, which reads what comes from outside the run and writes what is used after."""
+    if not compiled:
+        return [Cost(k.name, k.kind, k.flops, sum(b for _, b in k.reads + k.writes),
+                     _seconds(k.flops, sum(b for _, b in k.reads + k.writes), _rate(k, gpu, attention), gpu))
+                for k in kernels]
+    last_read: dict = {}
+    for i, k in enumerate(kernels):
+        for buffer, _ in k.reads:
+            last_read[buffer] = i
+    costs, start = [], 0
+    for i in range(len(kernels) + 1):
+        if i < len(kernels) and kernels[i].kind == "other":
+            continue
+        if start < i:
+            costs.append(_fused(kernels, start, i, last_read, gpu))
+        if i < len(kernels):
+            k = kernels[i]
+            nbytes = sum(b for _, b in k.reads + k.writes)
+            seconds = _seconds(k.flops, nbytes, _rate(k, gpu, attention), gpu)
+            costs.append(Cost(k.name, k.kind, k.flops, nbytes, seconds))
+        start = i + 1
+    return costs
+
+
+def _fused(kernels: list[Kernel], start: int, end: int, last_read: dict, gpu: GpuRates) -> Cost:
+    produced, reads, writes = set(), {}, {}
+    for k in kernels[start:end]:
+        for buffer, nbytes in k.reads:
+            if buffer not in produced:
+                reads[buffer] = max(reads.get(buffer, 0), nbytes)
+        for buffer, nbytes in k.writes:
+            produced.add(buffer)
+            if last_read.get(buffer, math.inf) >= end:  # used after the run (or never read: a result)
+                writes[buffer] = max(writes.get(buffer, 0), nbytes)
+    flops = sum(k.flops for k in kernels[start:end])
+    nbytes = sum(reads.values()) + sum(writes.values())
+    names = sorted({k.name for k in kernels[start:end]})
+    name = names[0] if len(names) == 1 else "fused(" + "+".join(names[:4]) + ("+..." if len(names) > 4 else "") + ")"
+    return Cost(name, "other", flops, nbytes, _seconds(flops, nbytes, gpu.vector_tflops, gpu))
+
+
+@dataclass
+class StepEstimate:
+    """The estimate of one step: time, MFU, where the time goes. Every figure is an estimate."""
+
+    gpu: GpuRates
+    setup: StepSetup
+    attention: str
+    compiled: bool
+    seconds: float
+    mfu: float
+    model_tflop: float
+    kernels: int
+    memory_bound_tb: float
+    by_kind: dict
+    top: list  # [(name, kind, seconds, count)]
+
+    def table(self, top: int = 10) -> str:
+        s, v = self.setup, self.setup.variant
+        lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
+                 f"{s.width}x{s.height}x{s.frames}, {s.tokens()} tokens, batch {s.batch}, LoRA rank {s.rank}, "
+                 f"checkpointing {'on' if s.checkpointing else 'off'}, attention {self.attention}, "
+                 f"{'compiled blocks' if self.compiled else 'eager'}, on a {self.gpu.name}",
+                 f"  estimated step time      {self.seconds:.2f} s",
+                 f"  estimated MFU            {100 * self.mfu:.1f}% ({self.model_tflop:.0f} model TFLOP a step at "
+                 f"{self.gpu.peak_tflops:g} TFLOP/s dense bf16)",
+                 f"  estimated kernels        {self.kernels}",
+                 f"  estimated memory-bound traffic  {self.memory_bound_tb:.2f} TB a step"]
+        for kind, seconds in sorted(self.by_kind.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  estimated {kind:<24s}{seconds:8.2f} s")
+        lines.append(f"  top kernels by estimated time (of {self.kernels}):")
+        for name, kind, seconds, count in self.top[:top]:
+            lines.append(f"    {seconds:7.2f} s  {count:6d} x  {name} ({kind})")
+        return "\n".join(lines)
+
+
+def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", compiled: bool = False,
+                  kernels: list[Kernel] | None = None) -> StepEstimate:
+    """Trace (or reuse `kernels` of) one step and cost it on `gpu` (a key of GPUS)."""
+    rates = GPUS[gpu]
+    kernels = trace_step(setup) if kernels is None else kernels
+    kernel = attention_kernel(attention, rates)
+    costs = cost(kernels, rates, kernel, compiled)
+    seconds = sum(c.seconds for c in costs)
+    by_kind, groups = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for c in costs:
+        label = {"matmul": "matmuls", "attention": f"attention forward ({kernel})",
+                 "attention_backward": f"attention backward ({kernel})"}.get(c.kind, "memory-bound kernels")
+        by_kind[label] += c.seconds
+        groups[(c.name, c.kind)][0] += c.seconds
+        groups[(c.name, c.kind)][1] += 1
+    top = sorted(((n, k, s, count) for (n, k), (s, count) in groups.items()), key=lambda t: -t[2])
+    flops = step_flops(setup.variant, setup.tokens(), setup.batch)
+    memory = sum(c.bytes for c in costs if c.kind == "other") / 1e12
+    mfu = flops / (seconds * rates.peak_tflops * 1e12)
+    return StepEstimate(rates, setup, f"{attention} ({kernel})", compiled, seconds, mfu, flops / 1e12, len(costs),
+                        memory, dict(by_kind), top)
