@@ -15,13 +15,15 @@ gaps, host overheads and the optimizer step are not counted, and no graph break 
 
 Attention is whatever SDPA (or a flash-attn package) would run: on the meta device it is one counting
 op, and the GPU's rate for the backend the code would choose (`attention.sdpa_plan` for SDPA) is applied.
+`F.rms_norm` is one counting op forward and one backward too, as CUDA's fused kernel runs it (on the meta
+device it would decompose into the CPU formula).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,46 +34,8 @@ from library.wan.model import WanModel
 from library.wan.variants import WanVariant
 
 from .benchmark import step_flops
+from .gpu_rates import GPUS, GpuRates
 
-
-@dataclass(frozen=True)
-class GpuRates:
-    """Sustained rates assumed for one GPU. TFLOP/s and TB/s; attention as (forward, backward) per backend
-    in the FlashAttention papers' convention (backward = 2.5x the forward's FLOPs)."""
-
-    name: str
-    peak_tflops: float  # dense bf16 tensor-core peak (datasheet), the MFU denominator
-    matmul_tflops: float  # large bf16 GEMMs (cuBLAS), sustained
-    vector_tflops: float  # fp32 CUDA-core work (elementwise maths that is not memory-bound)
-    bandwidth_tbs: float  # sustained DRAM bandwidth
-    attention: dict = field(default_factory=dict)  # "fa2" | "fa3" | "cudnn" -> (forward, backward)
-    capability: tuple[int, int] = (9, 0)
-    source: str = ""
-
-
-_HOPPER_ATTENTION = {"fa2": (330.0, 290.0), "fa3": (640.0, 500.0), "cudnn": (595.0, 460.0)}
-_HOPPER_SOURCE = ("peak: NVIDIA H100 / H200 datasheets (989 TFLOP/s dense bf16 SXM; 3.35 / 4.8 TB/s HBM); "
-                  "sustained matmul 650 TFLOP/s and 2.8 TB/s on the H100 (issue 17's assumptions, about 2/3 of "
-                  "peak FLOPs and 84% of peak bandwidth), H200 bandwidth 4.0 TB/s (the same 84%); attention: "
-                  "FA2 330 / 290 and FA3 640 / 500 forward / backward (issue 17; FlashAttention-3 paper, Shah "
-                  "et al. 2024, H100 SXM5, head dim 128), cuDNN 595 forward from the same paper's head-dim-128 "
-                  "non-causal chart at 16k, 460 backward assumed (0.92x FA3, as forward)")
-GPUS = {
-    "h100": GpuRates("H100 SXM (estimate)", 989.0, 650.0, 67.0, 2.8, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE),
-    "h200": GpuRates("H200 SXM (estimate)", 989.0, 650.0, 67.0, 4.0, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE),
-    "a100": GpuRates("A100 SXM 80GB (estimate)", 312.0, 250.0, 19.5, 1.7, {"fa2": (220.0, 190.0)}, (8, 0),
-                     "peak: NVIDIA A100 datasheet (312 TFLOP/s dense bf16, 2.04 TB/s); sustained matmul 250 "
-                     "(80% of peak) and 1.7 TB/s (84%) assumed; FA2 220 / 190 (FlashAttention-2 paper, Dao "
-                     "2023, A100, head dim 128, about 70% / 60% of peak)"),
-    "4090": GpuRates("RTX 4090 (estimate)", 165.2, 140.0, 82.6, 0.9, {"fa2": (120.0, 100.0)}, (8, 9),
-                     "peak: NVIDIA Ada whitepaper (165.2 TFLOP/s bf16 with fp32 accumulate, 1.01 TB/s GDDR6X); "
-                     "sustained matmul 140 (85%), 0.9 TB/s, FA2 120 / 100 assumed (no published figure read)"),
-    "5090": GpuRates("RTX 5090 (estimate)", 209.5, 175.0, 104.8, 1.6, {"fa2": (150.0, 125.0),
-                                                                      "cudnn": (150.0, 125.0)}, (12, 0),
-                     "peak: NVIDIA Blackwell GeForce whitepaper (209.5 TFLOP/s bf16 with fp32 accumulate, "
-                     "1.79 TB/s GDDR7); sustained matmul 175 (84%), 1.6 TB/s, attention 150 / 125 assumed (no "
-                     "published figure read)"),
-}
 
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "convolution_backward"}
 _ATTENTION = {"attention", "attention_backward"}
@@ -87,7 +51,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 @_attention.register_fake
 def _(q, k, v):
-    return q.new_empty(q.shape)
+    return torch.empty_like(q)  # the layout of q, as the flash / cuDNN kernels allocate it
 
 
 @torch.library.custom_op("wan_estimate::attention_backward", mutates_args=())
@@ -98,7 +62,7 @@ def _attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 @_attention_backward.register_fake
 def _(grad, q, k, v):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 _attention.register_autograd(lambda ctx, grad: _attention_backward(grad, *ctx.saved_tensors),
@@ -108,6 +72,37 @@ _attention.register_autograd(lambda ctx, grad: _attention_backward(grad, *ctx.sa
 def _counting_sdpa(q, k, v, *args, **kwargs):
     """`F.scaled_dot_product_attention` ([B, H, L, D]) as the counting op."""
     return _attention(q, k, v)
+
+
+@torch.library.custom_op("wan_estimate::rms_norm", mutates_args=())
+def _rms_norm(x: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("wan_estimate::rms_norm only counts, on the meta device")
+
+
+@_rms_norm.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("wan_estimate::rms_norm_backward", mutates_args=())
+def _rms_norm_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("wan_estimate::rms_norm_backward only counts, on the meta device")
+
+
+@_rms_norm_backward.register_fake
+def _(grad, x):
+    return torch.empty_like(x)
+
+
+_rms_norm.register_autograd(lambda ctx, grad: _rms_norm_backward(grad, *ctx.saved_tensors),
+                            setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
+
+
+def _counting_rms_norm(x, normalized_shape, weight=None, eps=None):
+    """`F.rms_norm` as CUDA runs it (one fused kernel forward, one backward; on the meta device it would
+    decompose into the CPU formula's pow, mean, rsqrt and multiplies)."""
+    out = _rms_norm(x)
+    return out * weight if weight is not None else out
 
 
 # ---- recording kernels ---------------------------------------------------------------------------------------
@@ -147,7 +142,7 @@ class KernelRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func._overloadpacket.__name__
-        if torch.Tag.view_copy in func.tags or func.is_view or name in ("detach", "lift_fresh", "alias"):
+        if func.is_view or name in ("detach", "lift_fresh", "alias", "_unsafe_view"):
             return out
         inputs, outputs = _tensors((args, kwargs)), _tensors(out)
         self._alive += outputs
@@ -223,14 +218,14 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
     y = torch.empty(shape[0], v.in_dim - v.latent_channels, *shape[2:], device=meta) if v.is_i2v else None
     context = torch.empty(setup.batch, v.text_len, v.text_dim, device=meta, dtype=torch.bfloat16)
     clip = torch.empty(setup.batch, v.clip_tokens, v.clip_dim, device=meta) if v.image_embedding else None
-    recorder, original = KernelRecorder(), F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _counting_sdpa
+    recorder, originals = KernelRecorder(), (F.scaled_dot_product_attention, F.rms_norm)
+    F.scaled_dot_product_attention, F.rms_norm = _counting_sdpa, _counting_rms_norm
     try:
         with recorder:
             pred = model(x, torch.full((setup.batch,), 500.0, device=meta), context, y=y, clip_fea=clip)
             (pred.float() - target).pow(2).mean().backward()
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, F.rms_norm = originals
     return recorder.kernels
 
 

@@ -1,0 +1,47 @@
+"""Sustained rates of the GPUs `library/training/estimate.py` models, each with its source. Figures from
+datasheets and papers are marked so; the rest are assumptions, and every estimate built on them is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GpuRates:
+    """Sustained rates assumed for one GPU. TFLOP/s and TB/s; attention as (forward, backward) per backend
+    in the FlashAttention papers' convention (backward = 2.5x the forward's FLOPs)."""
+
+    name: str
+    peak_tflops: float  # dense bf16 tensor-core peak (datasheet), the MFU denominator
+    matmul_tflops: float  # large bf16 GEMMs (cuBLAS), sustained
+    vector_tflops: float  # fp32 CUDA-core work (elementwise maths that is not memory-bound)
+    bandwidth_tbs: float  # sustained DRAM bandwidth
+    attention: dict = field(default_factory=dict)  # "fa2" | "fa3" | "cudnn" -> (forward, backward)
+    capability: tuple[int, int] = (9, 0)
+    source: str = ""
+
+
+_HOPPER_ATTENTION = {"fa2": (330.0, 290.0), "fa3": (640.0, 500.0), "cudnn": (595.0, 460.0)}
+_HOPPER_SOURCE = ("peak: NVIDIA H100 / H200 datasheets (989 TFLOP/s dense bf16 SXM; 3.35 / 4.8 TB/s HBM); "
+                  "sustained matmul 650 TFLOP/s and 2.8 TB/s on the H100 (issue 17's assumptions, about 2/3 of "
+                  "peak FLOPs and 84% of peak bandwidth), H200 bandwidth 4.0 TB/s (the same 84%); attention: "
+                  "FA2 330 / 290 and FA3 640 / 500 forward / backward (issue 17; FlashAttention-3 paper, Shah "
+                  "et al. 2024, H100 SXM5, head dim 128), cuDNN 595 forward from the same paper's head-dim-128 "
+                  "non-causal chart at 16k, 460 backward assumed (0.92x FA3, as forward)")
+GPUS = {
+    "h100": GpuRates("H100 SXM (estimate)", 989.0, 650.0, 67.0, 2.8, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE),
+    "h200": GpuRates("H200 SXM (estimate)", 989.0, 650.0, 67.0, 4.0, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE),
+    "a100": GpuRates("A100 SXM 80GB (estimate)", 312.0, 250.0, 19.5, 1.7, {"fa2": (220.0, 190.0)}, (8, 0),
+                     "peak: NVIDIA A100 datasheet (312 TFLOP/s dense bf16, 2.04 TB/s); sustained matmul 250 "
+                     "(80% of peak) and 1.7 TB/s (84%) assumed; FA2 220 / 190 (FlashAttention-2 paper, Dao "
+                     "2023, A100, head dim 128, about 70% / 60% of peak)"),
+    "4090": GpuRates("RTX 4090 (estimate)", 165.2, 140.0, 82.6, 0.9, {"fa2": (120.0, 100.0)}, (8, 9),
+                     "peak: NVIDIA Ada whitepaper (165.2 TFLOP/s bf16 with fp32 accumulate, 1.01 TB/s GDDR6X); "
+                     "sustained matmul 140 (85%), 0.9 TB/s, FA2 120 / 100 assumed (no published figure read)"),
+    "5090": GpuRates("RTX 5090 (estimate)", 209.5, 175.0, 104.8, 1.6, {"fa2": (150.0, 125.0),
+                                                                      "cudnn": (150.0, 125.0)}, (12, 0),
+                     "peak: NVIDIA Blackwell GeForce whitepaper (209.5 TFLOP/s bf16 with fp32 accumulate, "
+                     "1.79 TB/s GDDR7); sustained matmul 175 (84%), 1.6 TB/s, attention 150 / 125 assumed (no "
+                     "published figure read)"),
+}
