@@ -18,8 +18,7 @@ import sys
 
 import torch
 
-from library.errors import EXIT_USER_ERROR, UserError, user_message
-from library.prep.arguments import whole_number
+from library.errors import EXIT_USER_ERROR, UserError, non_negative_int, positive_int, user_message
 from library.wan.vae_tiling import DEFAULT_TILE
 
 logger = logging.getLogger(__name__)
@@ -47,9 +46,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--dataset_config", required=True, help="dataset TOML (musubi-tuner schema)")
     parser.add_argument("--device", type=device_name, default=None,
                         help="cuda, cuda:1 or cpu (default: the process's accelerator, else cpu)")
-    parser.add_argument("--batch_size", type=whole_number(1), default=None,
+    parser.add_argument("--batch_size", type=positive_int, default=None,
                         help="items (or captions) encoded together")
-    parser.add_argument("--num_workers", type=whole_number(0), default=None,
+    parser.add_argument("--num_workers", type=non_negative_int, default=None,
                         help="threads decoding media ahead of the VAE (default 2)")
     parser.add_argument("--skip_existing", action="store_true",
                         help="accepted for musubi compatibility: fresh caches are always reused, stale ones rebuilt")

@@ -39,7 +39,8 @@ def _opt(default, help_text: str, video: bool = False):
 class DatasetOptions:
     """Keys valid in `[general]` and in each dataset; a dataset's own value overrides `[general]`."""
 
-    resolution: tuple[int, int] = _opt((960, 544), "target size as W and H (an int means a square); buckets keep its area")
+    resolution: tuple[int, int] = _opt((960, 544), "target size as W and H (an int means a square); buckets keep its "
+                                       "area; sides are multiples of 16 (32 for the WAN 2.2 VAE)")
     caption_extension: str = _opt(".txt", "extension of caption files beside the media or in captions/")
     batch_size: int = _opt(1, "items per batch; a batch never mixes buckets")
     num_repeats: int = _opt(1, "how many times each item is seen per epoch")
@@ -52,7 +53,8 @@ class DatasetOptions:
     frame_stride: int = _opt(1, "frames between window starts for `slide`", True)
     frame_sample: int = _opt(1, "number of windows for `uniform`", True)
     max_frames: int = _opt(129, "longest window for `full` (1 + 4k)", True)
-    source_fps: float | None = _opt(None, "the clips' frame rate, overriding what the file says (required to resample frame folders)", True)
+    source_fps: float | None = _opt(None, "the clips' frame rate, overriding what the file says (required to resample "
+                                          "frame folders)", True)
 
 
 @dataclass(frozen=True, kw_only=True)

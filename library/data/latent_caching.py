@@ -162,7 +162,8 @@ def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info
         tensors["clip_fea"] = clip_fea.to(cache.STORE_DTYPE)  # [257, width]
     meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind), vae_hash,
                                  cache.source_fingerprint(item.media_path), clip_hash)
-    cache.write_safetensors_atomic(tensors, cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind), meta)
+    path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
+    cache.write_safetensors_atomic(tensors, path, meta)
 
 
 def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, str | None],

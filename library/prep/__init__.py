@@ -7,7 +7,6 @@ windows), `standardize` (bars, resize, crop, colour), `quality` (per-frame and p
 dataset TOML), `report` (report.json / report.html), `pipeline` (orchestration), `captioning` and
 `caption_files` (transformers captioners and caption file modes), `synthetic` (media with known defects
 for tests, the benchmark and the demo), `pixel_limit` (the pixel limit every image and video read checks
-from the header, also used by `library.data`), `arguments` (argparse value types of the dataset tools). Nothing
-runs at import. May import: `library.wan` and
+from the header, also used by `library.data`). Nothing runs at import. May import: `library.wan` and
 `library.guide`; imported by `library.data` (the dataset linter) and the tools.
 """
