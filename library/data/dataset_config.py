@@ -300,7 +300,8 @@ def load_dataset_config(path: str | Path) -> DatasetConfig:
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
-        raise DatasetConfigError(f"dataset config {path} does not exist")
+        what = "is a folder; give the dataset TOML file in it" if path.is_dir() else "does not exist"
+        raise DatasetConfigError(f"dataset config {path} {what}")
     try:
         data = toml.loads(path.read_text(encoding="utf-8"))
     except (toml.TomlDecodeError, UnicodeDecodeError) as exc:

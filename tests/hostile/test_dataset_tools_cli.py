@@ -121,6 +121,9 @@ FLAGS = {
                                    "error: text encoder {root}/none.pth does not exist"),
     "text: tokenizer missing": ("cache_text_encoder_outputs", "--t5 {t5} --tokenizer {root}/tok --device cpu",
                                 "error: tokenizer {root}/tok does not exist"),
+    "latents: dataset config is a folder": ("cache_latents", "--vae {vae} --device cpu --dataset_config {root}",
+                                            "error: dataset config {root} is a folder; give the dataset TOML file in "
+                                            "it"),
     "check: unknown task": ("check_dataset", "--task t2v-A15B", "error: unknown WAN task 't2v-A15B'"),
     "check: --json inside a file": ("check_dataset", "--json {root}/dataset.toml/lint.json",
                                     "error: cannot write --json {root}/dataset.toml/lint.json: Not a directory "
