@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .pinned import CudaPinner, PinnedArena, pinned_bytes
+
 logger = logging.getLogger(__name__)
 
 
@@ -78,6 +80,7 @@ class BlockSwapper:
     prefetch: int = 1
     pin_memory: bool = False
     trace: list | None = None  # when a list, ("load" | "use" | "drop", block) events are appended
+    pinner: object = field(default=None, repr=False)  # page-locks the host copies (default: CUDA's, with pin_memory)
     _slots: dict = field(default_factory=dict, repr=False)
     _pending: dict = field(default_factory=dict, repr=False)  # block -> (tensors, event) in flight
     _resident: set = field(default_factory=set, repr=False)
@@ -87,21 +90,30 @@ class BlockSwapper:
         if not 0 < self.n_swap < count:
             raise ValueError(f"blocks_to_swap must be between 1 and {count - 1} for a {count}-block model")
         self.swapped = range(count - self.n_swap, count)
-        for i in self.swapped:
-            self._slots[i] = self._to_host(self.blocks[i])
+        pinner = self.pinner or (CudaPinner() if self.pin_memory and torch.cuda.is_available() else None)
+        # one page-locked arena of the exact size for every swapped tensor (pinning each tensor on its own
+        # would round each up to a power of two: 17.0 GiB instead of 11.1 for 34 fp8 A14B blocks)
+        self.arena = None
+        if pinner is not None:
+            nbytes = sum(pinned_bytes([t for *_, t in self._tensors(self.blocks[i])], rounded=False)
+                         for i in self.swapped)
+            self.arena = PinnedArena(nbytes, pinner)
+        for i in self.swapped:  # block by block: the original of a block is freed before the next is copied
+            self._slots[i] = self._to_host(self._tensors(self.blocks[i]))
         self.max_resident = 0
 
-    def _to_host(self, block: nn.Module) -> list[_Slot]:
+    @staticmethod
+    def _tensors(block: nn.Module) -> list[tuple]:
+        """(module, name, is_param, tensor) of every parameter and buffer of a block."""
+        return [(module, name, is_param, tensor) for module in block.modules()
+                for table, is_param in ((module._parameters, True), (module._buffers, False))
+                for name, tensor in table.items() if tensor is not None]
+
+    def _to_host(self, items: list[tuple]) -> list[_Slot]:
         slots = []
-        for module in block.modules():
-            for table, is_param in ((module._parameters, True), (module._buffers, False)):
-                for name, tensor in table.items():
-                    if tensor is None:
-                        continue
-                    host = tensor.detach().to("cpu")
-                    if self.pin_memory and torch.cuda.is_available():
-                        host = host.pin_memory()
-                    slots.append(_Slot(module, name, is_param, host))
+        for module, name, is_param, tensor in items:
+            host = self.arena.copy_of(tensor) if self.arena is not None else tensor.detach().to("cpu")
+            slots.append(_Slot(module, name, is_param, host))
         for slot in slots:
             self._assign(slot, slot.host)
         return slots

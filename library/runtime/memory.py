@@ -16,6 +16,7 @@ through `WanModel.block_runner`, the one hook the model offers around each block
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn as nn
 from library.wan.fp8 import FP8Config, FP8Linear, FP8Report, quantize_model_fp8
 
 from .block_swap import BlockSwapper, CudaTransport
+from .pinned import CudaPinner, HostBufferPool
 
 logger = logging.getLogger(__name__)
 
@@ -37,23 +39,37 @@ def fp8_config(memory) -> FP8Config | None:
 
 
 class _Offloaded:
-    __slots__ = ("host", "device", "event")
+    """One offloaded tensor: its host copy (a view of a pooled page-locked `buffer` on CUDA), the device it
+    returns to, the event of its device-to-host copy, and its way back once started (tensor, event)."""
 
-    def __init__(self, host, device, event):
-        self.host, self.device, self.event = host, device, event
+    __slots__ = ("host", "device", "event", "buffer", "fetched", "n", "__weakref__")
+
+    def __init__(self, host, device, event, buffer: list, n: int):
+        self.host, self.device, self.event, self.buffer, self.n = host, device, event, buffer, n
+        self.fetched = None
 
 
 class ActivationOffloader:
     """Saved-tensor hooks that move one tensor (a checkpointed block's input) to host memory while the
     forward pass goes on, and back when the backward pass recomputes the block. On CUDA the copies run
-    on a side stream; on a CPU device the 'host copy' is a clone (the same code path, for tests)."""
+    on a side stream, into page-locked host buffers of the exact size reused from step to step
+    (`pinned.HostBufferPool`: torch's own pinned allocations round 640 MiB up to 1 GiB); when block i's
+    input comes back, block i-1's copy back starts at once on the side stream, so it overlaps block i's
+    recomputation and backward instead of stalling block i-1. On a CPU device the 'host copy' is a clone
+    (the same bookkeeping, for tests); `trace`, when a list, records ("offload" | "fetch" | "use", n) for
+    the n-th offloaded tensor."""
 
-    def __init__(self, device: torch.device, pin_memory: bool = True):
+    def __init__(self, device: torch.device, pin_memory: bool = True, pinner=None, trace: list | None = None):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.pin_memory = pin_memory and self.cuda
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.pool = HostBufferPool(pinner or (CudaPinner() if self.pin_memory else None))
         self.offloaded = 0  # tensors sent to the host so far (for logs and tests)
+        self.trace = trace
+        # offloaded and not yet brought back, in forward order (weak: a graph freed without a backward pass
+        # takes its entries with it, and their buffers go back to the pool)
+        self._waiting: list[weakref.ref] = []
 
     def hooks(self, x: torch.Tensor):
         """A context in which saving `x` (and only `x`) for backward keeps a host copy instead."""
@@ -69,28 +85,66 @@ class ActivationOffloader:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
-    def _to_host(self, t: torch.Tensor) -> _Offloaded:
-        self.offloaded += 1
-        if not self.cuda:
-            return _Offloaded(t.detach().clone(), t.device, None)
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin_memory)
-        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete
-        with torch.cuda.stream(self.stream):
-            host.copy_(t.detach(), non_blocking=self.pin_memory)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        t.record_stream(self.stream)  # t's memory is not reused before the copy has read it
-        return _Offloaded(host, t.device, event)
+    def _log(self, what: str, packed: _Offloaded) -> None:
+        if self.trace is not None:
+            self.trace.append((what, packed.n))
 
-    def _to_device(self, packed: _Offloaded) -> torch.Tensor:
+    def _release(self, buffer: list) -> None:
+        """Give a packed tensor's host buffer back to the pool (once)."""
+        if buffer and buffer[0] is not None:
+            self.pool.put(buffer[0])
+            buffer[0] = None
+
+    def _to_host(self, t: torch.Tensor) -> _Offloaded:
         if not self.cuda:
-            return packed.host
-        compute = torch.cuda.current_stream(packed.device)
+            packed = _Offloaded(t.detach().clone(), t.device, None, [None], self.offloaded)
+        else:
+            buffer = self.pool.get(t.numel() * t.element_size())
+            host = HostBufferPool.view(buffer, tuple(t.shape), t.dtype)
+            self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete
+            with torch.cuda.stream(self.stream):
+                host.copy_(t.detach(), non_blocking=self.pin_memory)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            t.record_stream(self.stream)  # t's memory is not reused before the copy has read it
+            packed = _Offloaded(host, t.device, event, [buffer], self.offloaded)
+            weakref.finalize(packed, self._release, packed.buffer)
+        self.offloaded += 1
+        self._waiting = [ref for ref in self._waiting if ref() is not None] + [weakref.ref(packed)]
+        self._log("offload", packed)
+        return packed
+
+    def _fetch(self, packed: _Offloaded) -> None:
+        """Start the copy back to the device (on the side stream; on a CPU device the clone itself)."""
+        self._log("fetch", packed)
+        if not self.cuda:
+            packed.fetched = (packed.host, None)
+            return
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(packed.event)
             tensor = packed.host.to(packed.device, non_blocking=self.pin_memory)
-        compute.wait_stream(self.stream)
-        tensor.record_stream(compute)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        # the next device-to-host copy into this buffer is queued on the same side stream, after this one
+        self._release(packed.buffer)
+        packed.fetched = (tensor, done)
+
+    def _to_device(self, packed: _Offloaded) -> torch.Tensor:
+        if packed.fetched is None:
+            self._fetch(packed)
+        waiting = [ref() for ref in self._waiting]
+        if packed in waiting:
+            n = waiting.index(packed)
+            before = waiting[n - 1] if n > 0 else None
+            self._waiting.pop(n)
+            if before is not None and before.fetched is None:
+                self._fetch(before)  # the block before comes next in the backward pass
+        tensor, done = packed.fetched
+        self._log("use", packed)
+        if self.cuda:
+            compute = torch.cuda.current_stream(packed.device)
+            compute.wait_event(done)
+            tensor.record_stream(compute)
         return tensor
 
 
