@@ -6,6 +6,12 @@ Blocks are compiled one by one, not the whole model: every block has the same co
 all of them, and the parts around the blocks (per-sample text padding, RoPE tables) stay eager. Compile
 after the LoRA hooks are attached, so the compiled graphs include them. Checkpointing, activation offload
 and block swap wrap the call of a block and keep working around the compiled block.
+
+Unless `compile_dynamic = false`, the model marks its token count dynamic before the first compiled call
+(`WanModel.dynamic_tokens`), so one graph serves every bucket: five bucket shapes on the tiny model give
+one graph instead of two (the first compiled static, the second recompiled dynamic). Before the blocks are
+compiled, a small function goes through the same backend and mode, forward and backward, once per process:
+when that fails (no C++ compiler, no Triton for this GPU) the blocks stay eager, with one warning.
 """
 
 from __future__ import annotations
@@ -29,8 +35,28 @@ def set_cuda_flags(compilation) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+_WORKS: dict[tuple, str | None] = {}  # (backend, mode, device) -> None, or why compiling fails there
+
+
+def compile_problem(backend: str, mode: str | None, device: str) -> str | None:
+    """None when `torch.compile` with this backend and mode compiles and runs a small function, forward and
+    backward, on `device`; else the error, in one line. Tried once per process."""
+    key = (backend, mode, device)
+    if key not in _WORKS:
+        try:
+            fn = torch.compile(lambda t: torch.nn.functional.gelu(t * 2.0).sum(), backend=backend, mode=mode)
+            x = torch.randn(8, 8, device=device, requires_grad=True)
+            fn(x).backward()
+            _WORKS[key] = None
+        except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly, and say why
+            exc = getattr(exc, "inner_exception", None) or exc  # the backend's own error, not Dynamo's wrapper
+            _WORKS[key] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    return _WORKS[key]
+
+
 def compile_blocks(model: torch.nn.Module, compilation) -> int:
-    """`torch.compile` each DiT block in place with the configured backend and mode; returns the count."""
+    """`torch.compile` each DiT block in place with the configured backend and mode; returns the count (0
+    when compiling is off, or does not work on this machine: then the blocks run eagerly, with a warning)."""
     if not compilation.compile:
         return 0
     import torch._dynamo
@@ -38,9 +64,19 @@ def compile_blocks(model: torch.nn.Module, compilation) -> int:
     if compilation.compile_cache_size_limit:
         torch._dynamo.config.cache_size_limit = compilation.compile_cache_size_limit
     mode = None if compilation.compile_mode == "default" else compilation.compile_mode
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = compile_problem(compilation.compile_backend, mode, device)
+    if problem is not None:
+        if not getattr(compile_blocks, "warned", False):
+            logger.warning("torch.compile (backend %s, mode %s) does not work on this %s (%s): the blocks run "
+                           "eagerly", compilation.compile_backend, compilation.compile_mode, device, problem)
+            compile_blocks.warned = True
+        return 0
+    dynamic = _DYNAMIC[compilation.compile_dynamic]
     for block in model.blocks:
         block.compile(backend=compilation.compile_backend, mode=mode, fullgraph=compilation.compile_fullgraph,
-                      dynamic=_DYNAMIC[compilation.compile_dynamic])
+                      dynamic=dynamic)
+    model.dynamic_tokens = dynamic is not False
     logger.info("compiled %d blocks (backend %s, mode %s)", len(model.blocks), compilation.compile_backend,
                 compilation.compile_mode)
     return len(model.blocks)

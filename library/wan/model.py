@@ -244,6 +244,9 @@ class WanModel(nn.Module):
         self.split_attn = False
         self.gradient_checkpointing = False
         self.compute_dtype: torch.dtype | None = None  # None: the dtype of the Linear weights
+        # Compiled blocks: mark the token count dynamic before the first call, so one graph serves every
+        # bucket (without it the first bucket is compiled static and the second recompiles)
+        self.dynamic_tokens = False
         # Optional object whose `run(index, block, args, run_block)` runs each block in place of a direct
         # call (memory features: block swap, activation offload); None runs the blocks directly.
         self.block_runner = None
@@ -399,6 +402,9 @@ class WanModel(nn.Module):
         e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
         ctx = self._context(context, clip_fea, dtype)
         rope = self._rope(grid, x.device)
+        if self.dynamic_tokens:
+            for t in (x, *rope):
+                torch._dynamo.maybe_mark_dynamic(t, 1 if t is x else 0)
         for i, block in enumerate(self.blocks):
             args = (x, e0, ctx, rope, self.attention_backend, self.split_attn, dtype)
             if self.block_runner is not None:
