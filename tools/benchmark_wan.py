@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--keep_attention", action="store_true",
+                   help="selective checkpointing: keep each block's self-attention outputs instead of recomputing "
+                        "them (2 T C + 4 H T bytes more a block)")
     p.add_argument("--two_experts", action="store_true", help="both A14B experts, alternating, inactive on the CPU")
     p.add_argument("--full", action="store_true",
                    help="full fine-tuning steps (every DiT weight trains) instead of LoRA")
@@ -116,7 +119,8 @@ def _config(args):
         variant=variant, width=args.width, height=args.height, frames=args.frames, batch_size=args.batch_size,
         rank=args.network_dim, steps=args.steps, warmup=args.warmup, device="cpu" if args.cpu else "cuda",
         dtype=torch.float32 if args.cpu else torch.bfloat16, memory=memory, attention=args.attention,
-        fp8_scaled_mm=args.fp8_scaled_mm, compile=args.compile, two_experts=args.two_experts,
+        fp8_scaled_mm=args.fp8_scaled_mm, compile=args.compile, keep_attention=args.keep_attention,
+        two_experts=args.two_experts,
         peak_tflops=args.peak_tflops, full=args.full, optimizer=args.optimizer, **full,
         planned_gib=_planned(args, variant, memory, full, experts),
     )
@@ -187,7 +191,8 @@ def _estimate(args) -> int:
               "--full, fp8, block swap and --sdpa_kernel are not modelled", file=sys.stderr)
         return 2
     setup = StepSetup(get_variant(args.task), args.width, args.height, args.frames, args.batch_size,
-                      args.network_dim, checkpointing=not args.no_gradient_checkpointing)
+                      args.network_dim, checkpointing=not args.no_gradient_checkpointing,
+                      keep_attention=args.keep_attention)
     result = estimate_step(setup, args.gpu, args.attention, args.compile)
     print(result.table())
     if args.json:

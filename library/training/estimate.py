@@ -179,6 +179,7 @@ class StepSetup:
     batch: int = 1
     rank: int = 32
     checkpointing: bool = True
+    keep_attention: bool = False  # selective checkpointing: self-attention outputs kept, not recomputed
 
     def latent_shape(self) -> tuple[int, ...]:
         v = self.variant
@@ -208,7 +209,7 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
 
     v = setup.variant
     model = meta_model(v)
-    model.enable_gradient_checkpointing(setup.checkpointing)
+    model.enable_gradient_checkpointing(setup.checkpointing, setup.keep_attention)
     network = lora_wan.create_network(1.0, setup.rank, setup.rank, None, None, model)
     network.apply_to()
     network.to("meta")
@@ -334,9 +335,10 @@ class StepEstimate:
 
     def table(self, top: int = 10) -> str:
         s, v = self.setup, self.setup.variant
+        checkpointing = ("on, keeping self-attention" if s.keep_attention else "on") if s.checkpointing else "off"
         lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
                  f"{s.width}x{s.height}x{s.frames}, {s.tokens()} tokens, batch {s.batch}, LoRA rank {s.rank}, "
-                 f"checkpointing {'on' if s.checkpointing else 'off'}, attention {self.attention}, "
+                 f"checkpointing {checkpointing}, attention {self.attention}, "
                  f"{'compiled blocks' if self.compiled else 'eager'}, on a {self.gpu.name}",
                  f"  estimated step time      {self.seconds:.2f} s",
                  f"  estimated MFU            {100 * self.mfu:.1f}% ({self.model_tflop:.0f} model TFLOP a step at "

@@ -95,3 +95,12 @@ def test_the_command_runs_in_under_a_minute():
     assert "attention flash3 (fa3), compiled blocks, on a H200 SXM (estimate)" in run.stdout
     for label in ("estimated step time", "estimated MFU", "estimated memory-bound traffic", "top kernels"):
         assert label in run.stdout
+
+
+def test_keeping_self_attention_removes_its_recomputation():
+    setup = StepSetup(get_variant("t2v-1.3B"), 256, 256, 17, rank=16, keep_attention=True)
+    kept = trace_step(setup)
+    layers = setup.variant.num_layers
+    assert sum(k.kind == "attention" for k in kept) == 3 * layers  # self once, cross twice, per block
+    plain = estimate_step(REDUCED, "h100", "flash3", compiled=True)
+    assert estimate_step(setup, "h100", "flash3", compiled=True, kernels=kept).seconds < plain.seconds
