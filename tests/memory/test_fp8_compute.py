@@ -1,0 +1,79 @@
+"""fp8 compute (issue 17, lever 6): dequantisation to bf16 / fp16 without fp32 temporaries (the same bits as
+before), and the fp8 matmul path for training, forward and input gradient (`torch._scaled_mm` runs on the
+CPU too), with its error against the bf16 path: 2.7% relative L2 measured for both, on random data."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from library.wan import fp8
+from library.wan.fp8 import _FP8LinearFunction, dequantize_weight, quantize_weight
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.calls += [(str(func), t.dtype, t.untyped_storage().nbytes()) for t in outs if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _weight(per_channel, out=256, inp=128):
+    torch.manual_seed(0)
+    return quantize_weight(torch.randn(out, inp) * 0.02, True, per_channel)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantisation_is_the_fp32_formula_without_an_fp32_copy(per_channel, dtype):
+    q, scale = _weight(per_channel)
+    expected = (q.float() * (scale.reshape(-1, 1) if scale.dim() else scale)).to(dtype)
+    with Ops() as ops:
+        got = dequantize_weight(q, scale, dtype)
+    assert torch.equal(got, expected)
+    assert not [c for c in ops.calls if c[1] == torch.float32 and c[2] >= 4 * q.numel()]
+
+
+def _run(q, scale, fast, x, grad):
+    x = x.detach().clone().requires_grad_(True)
+    y = _FP8LinearFunction.apply(x, q, scale, torch.zeros(q.shape[0], dtype=torch.bfloat16), torch.bfloat16, fast)
+    y.backward(grad)
+    return y.detach().float(), x.grad.float()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp8_matmuls_forward_and_input_gradient_against_bf16(per_channel):
+    q, scale = _weight(per_channel, out=512, inp=256)
+    torch.manual_seed(1)
+    x, grad = torch.randn(2, 300, 256).bfloat16(), torch.randn(2, 300, 512).bfloat16()
+    y_ref, gx_ref = _run(q, scale, False, x, grad)
+    with Ops() as ops:
+        y, gx = _run(q, scale, True, x, grad)
+    assert sum(name.startswith("aten._scaled_mm") for name, _, _ in ops.calls) == 2  # forward and input gradient
+    assert (y - y_ref).norm() / y_ref.norm() < 0.04
+    assert (gx - gx_ref).norm() / gx_ref.norm() < 0.04
+
+
+def test_an_input_gradient_matmul_that_fails_falls_back_to_dequantising(monkeypatch, caplog):
+    q, scale = _weight(True)
+    x, grad = torch.randn(16, 128).bfloat16(), torch.randn(16, 256).bfloat16()
+    _, expected = _run(q, scale, False, x, grad)
+    forward = _FP8LinearFunction.forward
+
+    def forward_then_break(ctx, *args):
+        out = forward(ctx, *args)
+        monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no fp8")))
+        return out
+
+    monkeypatch.setattr(_FP8LinearFunction, "forward", staticmethod(forward_then_break))
+    with caplog.at_level(logging.WARNING, logger=fp8.__name__):
+        _, got = _run(q, scale, True, x, grad)
+    assert torch.equal(got, expected) and "dequantising" in caplog.text
