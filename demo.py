@@ -87,7 +87,8 @@ def main() -> int:
     train = out / "train"
     run([str(REPO / "generate_video_wan.py"), "--task", "t2v-tiny", "--dit", str(models.dit), "--dit_high_noise",
          str(models.dit_high_noise), "--vae", str(models.vae), "--t5", str(models.t5), "--from_file", str(prompts),
-         "--lora", str(train / "demo_lora_high_noise.safetensors"), "--lora", str(train / "demo_lora_low_noise.safetensors"),
+         "--lora", str(train / "demo_lora_high_noise.safetensors"),
+         "--lora", str(train / "demo_lora_low_noise.safetensors"),
          "--lora_strength_sweep", "0.5,0.7,0.9,1.0", "--compare_base", "--output_dir", str(out / "eval"),
          "--output_name", "demo"], "strength sweep")
     run([str(REPO / "tools" / "pick_checkpoint.py"), str(train)], "which checkpoint to test first")

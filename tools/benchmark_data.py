@@ -119,11 +119,13 @@ def _cached_items(root: Path, items: int, text_len: int):
     spec = config.datasets[0]
     for item in enumerate_dataset(spec, info.step, info.fps)[0]:
         latents = torch.randn(16, 21, 60, 104)
-        meta = cache.latent_metadata(item, latent_settings(item, "2.1"), "benchmark", cache.source_fingerprint(item.media_path))
+        meta = cache.latent_metadata(item, latent_settings(item, "2.1"), "benchmark",
+                                     cache.source_fingerprint(item.media_path))
         cache.write_safetensors_atomic({"latents": latents.to(cache.STORE_DTYPE)},
                                        cache.latent_cache_path(spec.cache_directory, item.key, "2.1"), meta)
         context = torch.randn(text_len, 4096)
-        cache.write_safetensors_atomic({"t5": context.to(cache.STORE_DTYPE)}, cache.text_cache_path(spec.cache_directory, item.caption),
+        cache.write_safetensors_atomic({"t5": context.to(cache.STORE_DTYPE)},
+                                       cache.text_cache_path(spec.cache_directory, item.caption),
                                        cache.text_metadata(item.caption, "benchmark", text_len))
     return config
 
@@ -136,7 +138,8 @@ def bench_loader(root: Path, items: int, batches: int, num_workers: int, batch_s
     for dataset in datasets:
         dataset.check_caches()
         dataset.batch_size = batch_size
-    loader = batch_loader(datasets, seed=0, epoch=0, num_workers=num_workers, prefetch_factor=4 if num_workers else None)
+    loader = batch_loader(datasets, seed=0, epoch=0, num_workers=num_workers,
+                          prefetch_factor=4 if num_workers else None)
     iterator = iter(loader)
     for _ in range(num_workers * 2 + 2):  # warm-up: worker start-up is paid once per run
         batch = next(iterator)

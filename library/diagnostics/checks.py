@@ -68,7 +68,7 @@ def _read(d: Diagnosis):
         what = _sniff(path)  # only now: a safetensors header length may begin with any byte
         d.add("error", f"{path.name} is {what}, not a .safetensors LoRA" if what else str(exc))
         return None
-    except Exception as exc:  # safetensors' own error types
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types: any of them means "unreadable"
         d.add("error", f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc}); re-save or "
                        "re-download it")
         return None

@@ -28,7 +28,7 @@ def is_whole_dit(path: Path) -> bool:
     try:
         with safe_open(str(path), framework="pt") as fh:
             keys = list(fh.keys())
-    except Exception:  # an unreadable file is reported when its column is set up
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when its column is set up
         return False
     return describe_checkpoint(keys) == "a WAN DiT"
 
@@ -103,7 +103,8 @@ def run_compare(args) -> int:
         logger.error("%s", exc)
         return 2
     logger.info("comparing %d checkpoints: %s", len(checkpoints), ", ".join(c.label for c in checkpoints))
-    base = {"high_noise": args.dit_high_noise, "low_noise": args.dit} if models.variant.two_experts else {"dit": args.dit}
+    two = models.variant.two_experts
+    base = {"high_noise": args.dit_high_noise, "low_noise": args.dit} if two else {"dit": args.dit}
     columns = checkpoint_columns(models, checkpoints, args.strength, args.include_base,
                                  {k: Path(v) for k, v in base.items() if v})
     out = Path(args.output_dir) if args.output_dir else Path(args.run_dir) / "compare"

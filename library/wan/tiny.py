@@ -76,7 +76,8 @@ def tiny_t5_state_dict(d_model: int, vocab: int = 160, layers: int = 2, heads: i
             f"blocks.{i}.norm1.weight": (d_model,), f"blocks.{i}.norm2.weight": (d_model,),
             **{f"blocks.{i}.attn.{p}.weight": (d_model, d_model) for p in "qkvo"},
             f"blocks.{i}.ffn.gate.0.weight": (ffn, d_model), f"blocks.{i}.ffn.fc1.weight": (ffn, d_model),
-            f"blocks.{i}.ffn.fc2.weight": (d_model, ffn), f"blocks.{i}.pos_embedding.embedding.weight": (buckets, heads),
+            f"blocks.{i}.ffn.fc2.weight": (d_model, ffn),
+            f"blocks.{i}.pos_embedding.embedding.weight": (buckets, heads),
         }
     sd = {}
     for key, shape in shapes.items():

@@ -158,7 +158,8 @@ def test_fp8_scaled_file_is_used_as_stored(tmp_path, state, spelling, monkeypatc
     dequantised = load_dit(path, dtype=torch.float32)  # the existing path: dequantise to the dtype
     import library.wan.loading as loading_module
 
-    monkeypatch.setattr(loading_module, "quantize_weight", lambda *a, **k: pytest.fail("re-quantised a stored fp8 weight"))
+    monkeypatch.setattr(loading_module, "quantize_weight",
+                        lambda *a, **k: pytest.fail("re-quantised a stored fp8 weight"))
     model = load_dit(path, dtype=torch.float32, fp8=FP8Config())
     assert model.fp8_report.mode == "from file, scaled" and model.fp8_report.layers == 20
     with safe_open(str(path), "pt") as fh:

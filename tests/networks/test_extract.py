@@ -29,7 +29,8 @@ def known_deltas(sd, rank=3, seed=7, every=1, std=0.05) -> dict[str, torch.Tenso
     out = {}
     for key in target_weights(sd)[::every]:
         rows, cols = sd[key].shape
-        out[key[: -len(".weight")]] = (torch.randn(rows, rank, generator=g) * std) @ torch.randn(rank, cols, generator=g)
+        low_rank = (torch.randn(rows, rank, generator=g) * std) @ torch.randn(rank, cols, generator=g)
+        out[key[: -len(".weight")]] = low_rank
     return out
 
 
@@ -123,7 +124,8 @@ def test_cli(tmp_path, capsys):
 
     base_sd = random_official_dit_state(get_variant(TASK))
     write_pair(tmp_path, known_deltas(base_sd, every=4))
-    assert main(["--model_org", str(tmp_path / "base.safetensors"), "--model_tuned", str(tmp_path / "tuned.safetensors"),
+    assert main(["--model_org", str(tmp_path / "base.safetensors"),
+                 "--model_tuned", str(tmp_path / "tuned.safetensors"),
                  "--save_to", str(tmp_path / "x.safetensors"), "--dim", "3", "--expert", "low_noise"]) == 0
     out = capsys.readouterr().out
     assert "15 target layers unchanged (skipped)" in out and "x_low_noise.safetensors (t2v-tiny)" in out

@@ -255,7 +255,8 @@ def _foreign_lora(path, modules):
     tensors = {}
     for name, (out_dim, in_dim) in modules.items():
         stem = "lora_unet_" + name.replace(".", "_")
-        tensors |= {f"{stem}.lora_down.weight": torch.randn(4, in_dim), f"{stem}.lora_up.weight": torch.randn(out_dim, 4),
+        tensors |= {f"{stem}.lora_down.weight": torch.randn(4, in_dim),
+                    f"{stem}.lora_up.weight": torch.randn(out_dim, 4),
                     f"{stem}.alpha": torch.tensor(4.0)}
     save_file(tensors, str(path), metadata={"modelspec.architecture": "wan2.1-t2v-14b/lora"})
     return path
@@ -265,13 +266,16 @@ def test_errors_name_the_module_the_shapes_and_the_cause(tmp_path):
     write_dit(tmp_path / "base.safetensors")
     big = _foreign_lora(tmp_path / "big.safetensors", {"blocks.0.self_attn.q": (48, 48)})
     with pytest.raises(ValueError, match=r"blocks\.0\.self_attn\.q is \[48, 48\] but the DiT weight "
-                                         r"blocks\.0\.self_attn\.q\.weight is \[32, 32\].*another model \(wan2\.1-t2v-14b"):
+                                         r"blocks\.0\.self_attn\.q\.weight is \[32, 32\]"
+                                         r".*another model \(wan2\.1-t2v-14b"):
         merge_into_dit(tmp_path / "base.safetensors", [(big, 1.0)], tmp_path / "o.safetensors")
     deep = _foreign_lora(tmp_path / "deep.safetensors", {"blocks.7.ffn.0": (64, 32)})
-    with pytest.raises(ValueError, match=r"module blocks\.7\.ffn\.0 matches no weight of the DiT \(t2v-tiny, 2 blocks\)"):
+    with pytest.raises(ValueError,
+                       match=r"module blocks\.7\.ffn\.0 matches no weight of the DiT \(t2v-tiny, 2 blocks\)"):
         merge_into_dit(tmp_path / "base.safetensors", [(deep, 1.0)], tmp_path / "o.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors: LoRA file not found"):
-        merge_into_dit(tmp_path / "base.safetensors", [(tmp_path / "missing.safetensors", 1.0)], tmp_path / "o.safetensors")
+        merge_into_dit(tmp_path / "base.safetensors", [(tmp_path / "missing.safetensors", 1.0)],
+                       tmp_path / "o.safetensors")
     lora = write_lora(tmp_path / "a.safetensors")
     with pytest.raises(CheckpointError, match="no such file or folder"):
         merge_into_dit(tmp_path / "nodit.safetensors", [(lora, 1.0)], tmp_path / "o.safetensors")
@@ -310,7 +314,8 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert main(["--merge_into_lora", "--models", str(a), str(b), "--ratios", "1", "0.5", "--new_rank", "6",
                  "--save_to", str(tmp_path / "ab.safetensors"), "--format", "comfyui"]) == 0
     assert "mean rank 8.0 -> 6.0" in capsys.readouterr().out
-    run_ = subprocess.run([sys.executable, str(REPO / "tools" / "merge_lora.py"), "--dit", str(tmp_path / "base.safetensors"),
+    run_ = subprocess.run([sys.executable, str(REPO / "tools" / "merge_lora.py"),
+                           "--dit", str(tmp_path / "base.safetensors"),
                            "--loras", str(tmp_path / "nope.safetensors"), "--save_to", str(tmp_path / "x.safetensors")],
                           capture_output=True, text=True)
     assert run_.returncode == 2 and "nope.safetensors: LoRA file not found" in run_.stderr

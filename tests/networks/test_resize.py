@@ -42,7 +42,8 @@ def spectral_lora(path, spectra: dict, fmt="kohya", alpha=3.0, dims=(32, 64)):
 
 
 def test_full_rank_is_exact_and_lower_rank_keeps_the_dominant_directions(tmp_path):
-    truth = spectral_lora(tmp_path / "in.safetensors", {"blocks.0.ffn.0": SPECTRUM, "blocks.1.self_attn.q": SPECTRUM[:4]})
+    truth = spectral_lora(tmp_path / "in.safetensors",
+                          {"blocks.0.ffn.0": SPECTRUM, "blocks.1.self_attn.q": SPECTRUM[:4]})
     original = lora_deltas(tmp_path / "in.safetensors")
     resize_lora(tmp_path / "in.safetensors", tmp_path / "full.safetensors", new_rank=6)
     for name, delta in lora_deltas(tmp_path / "full.safetensors").items():
@@ -116,7 +117,8 @@ def test_bad_requests_are_clear(tmp_path):
     with pytest.raises(ValueError, match="give a new rank"):
         resize_lora(tmp_path / "in.safetensors", tmp_path / "o.safetensors")
     with pytest.raises(ValueError, match="sv_ratio keeps singular values >= max / X: X must be >= 1"):
-        resize_lora(tmp_path / "in.safetensors", tmp_path / "o.safetensors", dynamic_method="sv_ratio", dynamic_param=0.5)
+        resize_lora(tmp_path / "in.safetensors", tmp_path / "o.safetensors", dynamic_method="sv_ratio",
+                    dynamic_param=0.5)
     with pytest.raises(ValueError, match="sv_fro needs --dynamic_param"):
         resize_lora(tmp_path / "in.safetensors", tmp_path / "o.safetensors", dynamic_method="sv_fro")
     with pytest.raises(FileNotFoundError, match="nope.safetensors: LoRA file not found"):

@@ -148,7 +148,8 @@ def test_truncated_file_is_a_clear_error(tmp_path, state):
 
 def test_vae_passed_as_dit_is_a_clear_error(tmp_path):
     vae_like = {"encoder.conv1.weight": torch.zeros(4, 3, 3, 3, 3),
-                "decoder.middle.0.residual.0.gamma": torch.ones(4, 1, 1, 1), "conv1.weight": torch.zeros(32, 32, 1, 1, 1)}
+                "decoder.middle.0.residual.0.gamma": torch.ones(4, 1, 1, 1),
+                "conv1.weight": torch.zeros(32, 32, 1, 1, 1)}
     path = write(tmp_path, "wan_2.1_vae.safetensors", vae_like)
     with pytest.raises(CheckpointError, match=r"wan_2\.1_vae\.safetensors: this is a WAN VAE, not a WAN DiT"):
         load_dit(path)

@@ -19,8 +19,8 @@ resuming are the LoRA trainer's own. What differs:
 - `fsdp`: with several processes, each block's weights, gradients and optimizer state are split across them
   (PyTorch FSDP2, `sharding.shard_model`); a block is gathered for its forward and backward pass only. Gradients
   are averaged by the sharding itself; saving gathers one tensor at a time and the main process writes;
-  training states are saved per process (`sharding.sharded_optimizer_state` / `restore_sharded_optimizer`), to be resumed with the
-  same number of processes.
+  training states are saved per process (`sharding.sharded_optimizer_state` / `restore_sharded_optimizer`), to
+  be resumed with the same number of processes.
 
 Memory per weight, AdamW: fp32 master 4 + grad 4 + states 8 = 16 bytes (a 1.3B model: ~21 GiB; 5B: ~80 GiB);
 `full_bf16`: 2 + 2 + 4 = 8 bytes; `fused_backward_pass` removes the gradient term (one tensor at a time).

@@ -191,8 +191,8 @@ class MemoryPlan:
         rows = [cols]
         for s, e in self.candidates:
             mark = "->" if s == self.settings else ""
-            rows.append((mark, s.label(), *(f"{x:.1f}" for x in (e.weights, e.lora, e.activations, e.workspace,
-                                                                  e.total)), "yes" if e.total <= self.budget_gb else "no"))
+            figures = (f"{x:.1f}" for x in (e.weights, e.lora, e.activations, e.workspace, e.total))
+            rows.append((mark, s.label(), *figures, "yes" if e.total <= self.budget_gb else "no"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
         lines = [head] + ["  ".join(cell.ljust(wd) if i < 2 else cell.rjust(wd) for i, (cell, wd) in
                                     enumerate(zip(r, widths))) for r in rows]
