@@ -19,26 +19,9 @@ import torch
 
 from library.training import checkpoints as ckpt
 
-from .conftest import DEMO_TOML, REPO, assert_refused
+from .conftest import REPO, assert_refused
 
 LOCK = "training.lock"
-
-
-@pytest.fixture(scope="module")
-def cached_demo(demo_source, tiny_models, tmp_path_factory) -> Path:
-    """The demo dataset with its latents and text cached (dataset.toml inside)."""
-    from library.data.dataset_config import load_dataset_config
-    from library.data.latent_caching import cache_latents
-    from library.data.text_caching import cache_text_encoder_outputs
-
-    root = tmp_path_factory.mktemp("hostile_training") / "demo"
-    shutil.copytree(demo_source, root, ignore=shutil.ignore_patterns("cache", "dataset.toml"))
-    (root / "dataset.toml").write_text(DEMO_TOML, encoding="utf-8")
-    config = load_dataset_config(root / "dataset.toml")
-    cache_latents(config, tiny_models.vae, task="t2v-tiny", progress=False)
-    cache_text_encoder_outputs(config, tiny_models.t5, tokenizer=tiny_models.tokenizer, dtype=torch.float32,
-                               progress=False)
-    return root
 
 
 def train_args(models, demo: Path, out: Path, **over) -> list[str]:

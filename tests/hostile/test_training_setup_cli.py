@@ -26,26 +26,9 @@ from library.wan.variants import get_variant
 from tests.helpers import random_official_dit_state
 
 from . import model_files as mf
-from .conftest import DEMO_TOML, REPO, assert_refused
+from .conftest import REPO, assert_refused
 
 EARLIER = b"an earlier save of this run"
-
-
-@pytest.fixture(scope="module")
-def cached_demo(demo_source, tiny_models, tmp_path_factory) -> Path:
-    """The demo dataset with its latents and text cached (dataset.toml inside)."""
-    from library.data.dataset_config import load_dataset_config
-    from library.data.latent_caching import cache_latents
-    from library.data.text_caching import cache_text_encoder_outputs
-
-    root = tmp_path_factory.mktemp("hostile_setup") / "demo"
-    shutil.copytree(demo_source, root, ignore=shutil.ignore_patterns("cache", "dataset.toml"))
-    (root / "dataset.toml").write_text(DEMO_TOML, encoding="utf-8")
-    config = load_dataset_config(root / "dataset.toml")
-    cache_latents(config, tiny_models.vae, task="t2v-tiny", progress=False)
-    cache_text_encoder_outputs(config, tiny_models.t5, tokenizer=tiny_models.tokenizer, dtype=torch.float32,
-                               progress=False)
-    return root
 
 
 def flags(models, demo: Path, out: Path, **over) -> list[str]:
