@@ -27,7 +27,7 @@ from .solvers import make_solver
 
 
 @dataclass
-class Expert:
+class GuidedExpert:
     """One DiT that denoises part of the schedule, with its CFG scale."""
 
     name: str  # "high_noise", "low_noise" or "dit"
@@ -77,10 +77,10 @@ def _flow(model, x, t, cond: Conditioning, guidance: float, cfg: bool = True, sl
 
 
 @torch.no_grad()
-def denoise(latents: torch.Tensor, schedule: FlowSchedule, experts: Sequence[Expert], cond: Conditioning,
+def denoise(latents: torch.Tensor, schedule: FlowSchedule, experts: Sequence[GuidedExpert], cond: Conditioning,
             sampler: str = "unipc", boundary: float | None = None,
             progress: Callable[[int, int, str], None] | None = None, guidance: GuidanceOptions | None = None,
-            activate: Callable[[Expert], None] | None = None) -> torch.Tensor:
+            activate: Callable[[GuidedExpert], None] | None = None) -> torch.Tensor:
     """Run the sampler from pure noise `latents` [B, z, T, h, w] (fp32) to clean latents. `activate` is
     called with each expert before its first step (offloading the inactive one)."""
     solver = make_solver(sampler, schedule)

@@ -24,7 +24,7 @@ import torch
 
 from library.wan.conditioning import i2v_condition
 
-from .denoise import Conditioning, Expert, denoise
+from .denoise import Conditioning, GuidedExpert, denoise
 from .finite import check_finite_sample
 from .guidance import GuidanceOptions
 from .prompts import PromptError, SampleRequest, request_problems
@@ -65,7 +65,7 @@ class SamplingModels:
             return torch.device(self.run_device)
         return next(iter(self.experts.values())).patch_embedding.weight.device
 
-    def activate(self, expert: Expert) -> None:
+    def activate(self, expert: GuidedExpert) -> None:
         """Move `expert` to the sampling device and the other experts to host memory (offload_inactive)."""
         from library.runtime.memory import place_model
 
@@ -213,7 +213,7 @@ def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         guidance = {"high_noise": s["guidance_high_noise"], "low_noise": s["guidance_low_noise"],
                     "dit": s["guidance_low_noise"]}
-        experts = [Expert(name, model, guidance[name]) for name, model in models.experts.items()]
+        experts = [GuidedExpert(name, model, guidance[name]) for name, model in models.experts.items()]
         if variant.two_experts and len(experts) == 1:
             logger.warning("%s: only the %s expert is loaded; it denoises every step", variant.name, experts[0].name)
         plan = flow_schedule(s["steps"], s["flow_shift"], sampler, schedule)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.sampling.denoise import Conditioning, Expert, denoise
+from library.sampling.denoise import Conditioning, GuidedExpert, denoise
 from library.sampling.generate import generate
 from library.sampling.guidance import GuidanceOptions, skipping_blocks
 from library.sampling.prompts import SampleRequest
@@ -67,7 +67,7 @@ def test_skip_layer_guidance_formulas(t2v, mode):
                         [torch.randn(3, t2v.variant.text_dim, generator=g)])
     schedule = flow_schedule(1, 5.0, "euler")
     options = GuidanceOptions(slg_mode=mode, slg_layers=(0,), slg_scale=2.0, slg_start=0.0, slg_end=1.0)
-    got = denoise(x, schedule, [Expert("low_noise", model, 4.0)], cond, "euler", guidance=options)
+    got = denoise(x, schedule, [GuidedExpert("low_noise", model, 4.0)], cond, "euler", guidance=options)
     t = schedule.timesteps[:1]
     with torch.no_grad():
         v_cond = model(x, t, list(cond.context))

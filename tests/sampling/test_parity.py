@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from library.sampling.denoise import Conditioning, Expert, denoise
+from library.sampling.denoise import Conditioning, GuidedExpert, denoise
 from library.wan.conditioning import i2v_condition as i2v_y
 from library.sampling.schedules import flow_schedule
 from library.sampling.solvers import make_solver
@@ -87,7 +87,7 @@ def test_t2v_two_experts_match_wanpipeline(t2v_experts, sampler):
                     latents=latents.clone(), output_type="latent").frames
     schedule = flow_schedule(STEPS, SHIFT, sampler, "diffusers")
     used = set()
-    experts = [Expert("high_noise", high, GUIDANCE[1]), Expert("low_noise", low, GUIDANCE[0])]
+    experts = [GuidedExpert("high_noise", high, GUIDANCE[1]), GuidedExpert("low_noise", low, GUIDANCE[0])]
     got = denoise(latents.clone(), schedule, experts, Conditioning([cond], [neg]), sampler, variant.boundary,
                   progress=lambda i, n, name: used.add(name))
     assert used == {"high_noise", "low_noise"}  # the boundary really falls inside this schedule
@@ -116,7 +116,7 @@ def test_ti2v_image_to_video_matches_diffusers():
     image = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1  # [1, 3, 1, H, W]
     with torch.no_grad():
         first = vae.encode(image)
-    got = denoise(latents.clone(), flow_schedule(STEPS, SHIFT, "unipc", "diffusers"), [Expert("dit", ours, 5.0)],
+    got = denoise(latents.clone(), flow_schedule(STEPS, SHIFT, "unipc", "diffusers"), [GuidedExpert("dit", ours, 5.0)],
                   Conditioning([cond], [neg], first_frame=first), "unipc")
     err = _rel(got, expected)
     print(f"ti2v i2v unipc: relative max error {err:.2e}")
@@ -146,7 +146,7 @@ def test_i2v_a14b_matches_diffusers():
     image = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
     with torch.no_grad():
         y = i2v_y(vae.encode(torch.cat([image, torch.zeros(1, 3, 8, 32, 32)], dim=2)))
-    experts = [Expert("high_noise", high, 3.5), Expert("low_noise", low, 3.0)]
+    experts = [GuidedExpert("high_noise", high, 3.5), GuidedExpert("low_noise", low, 3.0)]
     got = denoise(latents.clone(), flow_schedule(STEPS, SHIFT, "unipc", "diffusers"), experts,
                   Conditioning([cond], [neg], y=y), "unipc", variant.boundary)
     err = _rel(got, expected)

@@ -80,7 +80,7 @@ def test_wan21_i2v_matches_diffusers_pipeline():
     except ImportError:
         from transformers import CLIPImageProcessor
 
-    from library.sampling.denoise import Conditioning, Expert, denoise
+    from library.sampling.denoise import Conditioning, GuidedExpert, denoise
     from library.wan.conditioning import i2v_condition as i2v_y
     from library.sampling.schedules import flow_schedule
     from library.wan.loading import load_clip_vision
@@ -115,12 +115,13 @@ def test_wan21_i2v_matches_diffusers_pipeline():
         clip_fea = clip(processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"])
         image = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
         y = i2v_y(vae.encode(torch.cat([image, torch.zeros(1, 3, 8, 32, 32)], dim=2)))
-    got = denoise(latents.clone(), flow_schedule(STEPS, SHIFT, "unipc", "diffusers"), [Expert("dit", ours, 5.0)],
+    got = denoise(latents.clone(), flow_schedule(STEPS, SHIFT, "unipc", "diffusers"), [GuidedExpert("dit", ours, 5.0)],
                   Conditioning([cond], [neg], y=y, clip_fea=clip_fea), "unipc")
     err = _rel(got, expected)
     print(f"wan2.1 i2v unipc: relative max error {err:.2e}")
     assert err <= TOL
-    blind = denoise(latents.clone(), flow_schedule(STEPS, SHIFT, "unipc", "diffusers"), [Expert("dit", ours, 5.0)],
+    blind = denoise(latents.clone(), flow_schedule(STEPS, SHIFT, "unipc", "diffusers"),
+                    [GuidedExpert("dit", ours, 5.0)],
                     Conditioning([cond], [neg], y=y, clip_fea=torch.zeros_like(clip_fea)), "unipc")
     assert _rel(blind, expected) > 100 * TOL  # the comparison can tell whether the image tokens were used
 
