@@ -44,15 +44,17 @@ def stop_message(bad: int, step: int, items: list[str], saved, reason: str | Non
     if saved is not None:
         return head + (f"The training state of the last optimizer step (weights still finite) is saved in {saved}. "
                        "Check those items (a damaged video or image, a cache with NaN: re-cache it) and resume from "
-                       "that state; if the loss was growing before, lower the learning rate and start again")
+                       "that state; if the loss was growing before, lower learning_rate for the resumed run (it "
+                       "trains at the config's learning rate)")
     return head + nothing_saved(reason, newest)
 
 
 def nothing_saved(reason: str, newest) -> str:
     earlier = f"the newest earlier state is {newest}" if newest else "there is no earlier state"
     return (f"No training state was saved now: {reason}; {earlier}. Lower the learning rate (and keep "
-            "max_grad_norm at 1.0), or check the items named above, then start again"
-            + (" or resume from that state" if newest else ""))
+            "max_grad_norm at 1.0), or check the items named above, then "
+            + ("resume from that state (it trains at the config's learning rate) or start again" if newest
+               else "start again"))
 
 
 def diverged_message(step: int, newest) -> str:

@@ -221,6 +221,7 @@ def restore_payload(payload: dict, experts: list, optimizer, scheduler, sharded:
     """Put a `state_payload` back into this run's networks, optimizer and schedule; a state of another
     run (other experts, rank, trainable set or optimizer) is a StateError naming the folder."""
     folder = payload.get("folder", "the training state")
+    configured = list(getattr(scheduler, "base_lrs", []))  # this run's learning rates, before the saved ones
     try:
         for expert in experts:
             if expert.name not in payload["networks"]:
@@ -235,3 +236,26 @@ def restore_payload(payload: dict, experts: list, optimizer, scheduler, sharded:
         raise StateError(f"resume: {folder} does not fit this run ({str(exc).strip(chr(39))}); resume with the "
                          "settings it was saved with (task, network_dim and network_args, trainable patterns, "
                          "optimizer), or start a new run") from None
+    keep_configured_learning_rates(scheduler, configured)
+
+
+def keep_configured_learning_rates(scheduler, configured: list[float]) -> None:
+    """A resumed run trains at the learning rates of its config, not those saved with the state: the saved
+    schedule state brings back the old base rates, so a run resumed with a lower `learning_rate` (after a
+    divergence) would silently keep the old one. The optimizer's moments and the position in the schedule
+    stay as saved; only the base rates change, and the change is logged."""
+    saved = list(getattr(scheduler, "base_lrs", []))
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or saved == configured:
+        return
+    step = scheduler.last_epoch
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, configured, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(step)
+    scheduler.base_lrs = configured
+    scheduler._last_lr = [group["lr"] for group in groups]
+    logger.warning("resume: learning rate %s from the config replaces %s saved with the state (optimizer moments and "
+                   "the schedule position are kept)", _rates(configured), _rates(saved))
+
+
+def _rates(values: list[float]) -> str:
+    return ", ".join(f"{v:g}" for v in sorted(set(values)))
