@@ -116,6 +116,14 @@ def load_image(path: str, width: int, height: int, source: str = "prompt") -> to
     """An image file -> [1, 3, 1, height, width] in [-1, 1]: scaled to cover the size, centre-cropped."""
     import cv2
 
+    from library.prep.pixel_limit import TooManyPixels, open_image
+
+    try:  # the header first: a decompression bomb is refused before anything is decoded
+        open_image(path).close()
+    except TooManyPixels as exc:
+        raise PromptError(f"{source}: the start image {path} is not used: {exc}") from None
+    except (OSError, ValueError):  # missing, or a format only OpenCV reads: decided below
+        pass
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise PromptError(f"{source}: cannot read the start image {path} (missing or not an image file)")

@@ -120,3 +120,13 @@ def test_sample_during_training_files_and_rng(t2v, tmp_path):
 
     sidecar = json.loads((tmp_path / "sample" / "run_step00000040_01.json").read_text())
     assert sidecar["training"] == {"step": 40, "epoch": 2} and sidecar["settings"]["prompt"] == "a dog"
+
+
+def test_a_start_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    """A PNG claiming 10^12 pixels is refused before decoding (it would take gigabytes), naming the prompt."""
+    from library.sampling.generate import load_image
+    from tests.hostile.media import png_header_bomb
+
+    bomb = png_header_bomb(tmp_path / "bomb.png")
+    with pytest.raises(PromptError, match=r"prompt 3: the start image .*bomb\.png is not used: .*over the limit"):
+        load_image(str(bomb), 64, 64, source="prompt 3")
