@@ -168,4 +168,9 @@ def _gather_reports(report: str, code: int) -> list[tuple[str, int]] | None:
         return [(report, code)]
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object((report, code), gathered, dst=0)
+    # every process is done with the group: shut it down together, here, not in the interpreter's teardown,
+    # where gloo's threads can still be running and abort a process ("terminate called without an active
+    # exception") after its work is done
+    dist.barrier()
+    dist.destroy_process_group()
     return gathered
