@@ -94,10 +94,12 @@ def _config(args):
     from library.wan.variants import get_variant
 
     variant = get_variant(args.task)
+    checkpointing = not args.no_gradient_checkpointing
     memory = MemoryArgs(fp8_base=args.fp8_base or args.fp8_scaled, fp8_scaled=args.fp8_scaled,
                         blocks_to_swap=args.blocks_to_swap, use_pinned_memory_for_block_swap=True,
-                        gradient_checkpointing=not args.no_gradient_checkpointing,
-                        gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload)
+                        gradient_checkpointing=checkpointing,
+                        gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload,
+                        gradient_checkpointing_keep_attention=args.keep_attention and checkpointing)
     experts = 2 if args.two_experts else 1
     full = {"full_bf16": args.full_bf16, "fused_backward_pass": args.fused_backward_pass}
     if args.plan and args.full:
@@ -119,7 +121,7 @@ def _config(args):
         variant=variant, width=args.width, height=args.height, frames=args.frames, batch_size=args.batch_size,
         rank=args.network_dim, steps=args.steps, warmup=args.warmup, device="cpu" if args.cpu else "cuda",
         dtype=torch.float32 if args.cpu else torch.bfloat16, memory=memory, attention=args.attention,
-        fp8_scaled_mm=args.fp8_scaled_mm, compile=args.compile, keep_attention=args.keep_attention,
+        fp8_scaled_mm=args.fp8_scaled_mm, compile=args.compile,
         two_experts=args.two_experts,
         peak_tflops=args.peak_tflops, full=args.full, optimizer=args.optimizer, **full,
         planned_gib=_planned(args, variant, memory, full, experts),
@@ -140,7 +142,7 @@ def _planned(args, variant, memory, full: dict, experts: int) -> float:
     w = Workload(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim, "adamw", experts)
     s = Settings(fp8=memory.fp8_base, checkpointing=memory.gradient_checkpointing,
                  offload_activations=memory.gradient_checkpointing_cpu_offload, blocks_to_swap=memory.blocks_to_swap,
-                 offload_inactive=args.two_experts)
+                 offload_inactive=args.two_experts, keep_attention=memory.gradient_checkpointing_keep_attention)
     return estimate(w, s).total
 
 

@@ -42,6 +42,9 @@ def _models(cfg: TrainConfig, variant, errors: list[str]) -> None:
         errors.append("`fp8_scaled` needs `fp8_base = true`")
     if mem.gradient_checkpointing_cpu_offload and not mem.gradient_checkpointing:
         errors.append("`gradient_checkpointing_cpu_offload` needs `gradient_checkpointing = true`")
+    if mem.gradient_checkpointing_keep_attention and not mem.gradient_checkpointing:
+        errors.append("`gradient_checkpointing_keep_attention` needs `gradient_checkpointing = true` (without "
+                      "checkpointing every activation is kept anyway)")
     if mem.offload_inactive_dit and not m.dit_high_noise:
         errors.append("`offload_inactive_dit` needs two experts: set `dit_high_noise` too")
     if variant is None:

@@ -82,7 +82,6 @@ class BenchConfig:
     attention: str = "sdpa"
     fp8_scaled_mm: bool = False
     compile: bool = False
-    keep_attention: bool = False  # selective checkpointing: self-attention outputs kept, not recomputed
     two_experts: bool = False  # build both experts and alternate them, the inactive one in host memory
     peak_tflops: float | None = None
     seed: int = 0
@@ -214,9 +213,7 @@ def _expert(cfg: BenchConfig, device, seed: int):
     model = build_random_model(cfg.variant, device, masters, fp8, seed, host_blocks)
     model.compute_dtype = cfg.dtype
     model.set_attention_backend(cfg.attention)
-    setup = apply_memory_features(model, cfg.memory, device)
-    if cfg.keep_attention:
-        model.enable_gradient_checkpointing(model.gradient_checkpointing, keep_attention=True)
+    setup = apply_memory_features(model, cfg.memory, device)  # gradient_checkpointing_keep_attention too
     torch.manual_seed(seed)
     if cfg.full:
         network = FullNetwork(model, select_trainable(model), None)

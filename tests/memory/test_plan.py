@@ -60,7 +60,7 @@ def test_choices_for_24_40_80_gib():
     assert s24.fp8 and s24.offload_activations and 30 <= s24.blocks_to_swap < 40 and a14b[24].fits
     ti2v = {vram: plan_memory(vram, "ti2v-5B", 1280, 704, 121) for vram in (24, 40, 80)}
     assert ti2v[24].settings == Settings(checkpointing=True, offload_activations=True) and ti2v[24].fits
-    assert ti2v[40].settings == ti2v[80].settings == Settings(checkpointing=True)
+    assert ti2v[40].settings == ti2v[80].settings == Settings(checkpointing=True, keep_attention=True)
     small = plan_memory(24, "t2v-A14B", 832, 480, 33)
     assert small.fits and small.settings.fp8 and small.settings.blocks_to_swap < 39
 
@@ -73,7 +73,7 @@ def test_more_memory_never_adds_features(task, size, experts):
         plan = plan_memory(vram, task, *size, experts=experts)
         order = [s for s, _ in plan.candidates]
         rank = (plan.settings.fp8, plan.settings.offload_activations, plan.settings.blocks_to_swap,
-                plan.settings.checkpointing)
+                plan.settings.checkpointing, plan.settings.checkpointing and not plan.settings.keep_attention)
         if plan.fits:
             assert plan.estimate.total <= plan.budget_gb
         if previous is not None:

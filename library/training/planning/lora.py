@@ -4,9 +4,14 @@ state, activations and workspace, and choose fp8 / block swap / checkpointing (`
 
 Candidates are tried from fastest and most precise to most frugal; the first that fits is the plan:
 
-    1 bf16 weights                 4 fp8 + checkpointing + activation offload
-    2 bf16 + checkpointing         5 ... + block swap of N blocks, the smallest N that fits
-    3 bf16 + checkpointing + activation offload
+    1 bf16 weights                                  4 bf16 + checkpointing + activation offload
+    2 bf16 + checkpointing keeping self-attention   5 fp8 + checkpointing + activation offload
+    3 bf16 + checkpointing                          6 ... + block swap of N blocks, the smallest N that fits
+
+Rung 2 is selective checkpointing (`gradient_checkpointing_keep_attention`): each block's self-attention
+output and log-sum-exp stay on the GPU (2 C + 4 H bytes a token and block), so the backward pass does not
+run the attention forward again. With `fp8_fast` (fp8 matmuls need fp8 weights) every rung is taken with
+fp8 weights.
 
 With two experts (WAN 2.2 A14B) each candidate is tried with both experts on the GPU, then with the
 inactive one in host memory (`offload_inactive_dit`). A bigger card never gets a later candidate, so the
@@ -36,6 +41,9 @@ GIB = 2**30
 ACT_PER_C, ACT_PER_F, ACT_PER_RANK = 43, 4, 49
 # Transient gradients while one block runs its backward pass, per token.
 WORK_PER_C, WORK_PER_F = 26, 3
+# Kept per token and block by selective checkpointing: the self-attention output in bf16 (2 C bytes) and
+# its fp32 log-sum-exp, one per head (4 H bytes); measured by tests/memory/test_plan.py.
+KEEP_PER_C, KEEP_PER_HEAD = 2, 4
 FIXED_WORKSPACE_GIB = 0.25  # cuBLAS / attention kernel workspaces
 CUDA_CONTEXT_GIB = 0.6  # the CUDA context and kernels: outside PyTorch's allocator, inside the card
 FRAGMENTATION = 0.95  # the share of the rest the caching allocator can really use
@@ -73,11 +81,13 @@ class Settings:
     offload_activations: bool = False
     blocks_to_swap: int = 0
     offload_inactive: bool = False
+    keep_attention: bool = False  # selective checkpointing: self-attention outputs kept (needs checkpointing)
 
     def label(self) -> str:
         parts = ["fp8" if self.fp8 else "bf16"]
         if self.checkpointing:
-            parts.append("ckpt" + ("+offload" if self.offload_activations else ""))
+            parts.append("ckpt" + ("+offload" if self.offload_activations else "")
+                         + (" keeping attention" if self.keep_attention else ""))
         if self.blocks_to_swap:
             parts.append(f"swap {self.blocks_to_swap}")
         if self.offload_inactive:
@@ -155,6 +165,8 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     else:
         stored = 4 * c * t * b * (2 if s.offload_activations else v.num_layers)  # fp32 block inputs
         activations = per_block + stored + context + shared
+        if s.keep_attention:  # every other block's self-attention output and log-sum-exp (the recomputed
+            activations += (v.num_layers - 1) * (KEEP_PER_C * c + KEEP_PER_HEAD * v.num_heads) * t * b  # one's: above
     workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB
     return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB)
 
@@ -177,7 +189,8 @@ class MemoryPlan:
         s = self.settings
         return dataclasses.replace(
             memory, fp8_base=s.fp8, fp8_scaled=s.fp8, gradient_checkpointing=s.checkpointing,
-            gradient_checkpointing_cpu_offload=s.offload_activations, blocks_to_swap=s.blocks_to_swap,
+            gradient_checkpointing_cpu_offload=s.offload_activations,
+            gradient_checkpointing_keep_attention=s.keep_attention, blocks_to_swap=s.blocks_to_swap,
             use_pinned_memory_for_block_swap=s.blocks_to_swap > 0 or memory.use_pinned_memory_for_block_swap,
             offload_inactive_dit=s.offload_inactive,
         )
@@ -206,24 +219,32 @@ class MemoryPlan:
         return "\n".join(lines + [verdict])
 
 
-def _candidates(w: Workload):
-    base = [Settings(), Settings(checkpointing=True), Settings(checkpointing=True, offload_activations=True),
+def _candidates(w: Workload, fp8: bool = False):
+    base = [Settings(), Settings(checkpointing=True, keep_attention=True), Settings(checkpointing=True),
+            Settings(checkpointing=True, offload_activations=True),
             Settings(fp8=True, checkpointing=True, offload_activations=True)]
     swaps = [Settings(True, True, True, n) for n in range(1, w.variant.num_layers)]
+    seen = set()
     for s in base + swaps:
+        s = dataclasses.replace(s, fp8=True) if fp8 else s
+        if s in seen:  # with fp8 required, rungs 4 and 5 are one
+            continue
+        seen.add(s)
         yield s
         if w.experts > 1:
             yield dataclasses.replace(s, offload_inactive=True)
 
 
 def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int,
-                batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1) -> MemoryPlan:
-    """The first candidate (see the module docstring) whose estimated peak fits the card."""
+                batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1,
+                fp8: bool = False) -> MemoryPlan:
+    """The first candidate (see the module docstring) whose estimated peak fits the card; with `fp8` only
+    candidates with fp8 weights (`fp8_fast` needs them)."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
     w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
     tried = []
-    for s in _candidates(w):
+    for s in _candidates(w, fp8):
         e = estimate(w, s)
         tried.append((s, e))
         if e.total <= budget:
