@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
             help_text = f.metadata["help"]
             if "choices" in f.metadata:
                 help_text += f" (one of: {', '.join(c for c in f.metadata['choices'] if c)})"
-            if tp is bool:
+            if tp is bool or tp == bool | None:
                 group.add_argument(f"--{f.name}", nargs="?", const=True, metavar="BOOL", help=help_text)
             elif tp is dict or typing.get_origin(tp) is tuple:
                 group.add_argument(f"--{f.name}", nargs="*", metavar="VALUE", help=help_text)

@@ -257,7 +257,9 @@ class FineTuneArgs:
 
 @dataclass(frozen=True)
 class CompileArgs:
-    compile: bool = arg(False, "torch.compile the DiT blocks")
+    compile: bool | None = arg(None, "torch.compile the DiT blocks, one block at a time (not set: on when training "
+                                     "on a CUDA GPU, except with fsdp, eager elsewhere; false: always eager). A "
+                                     "backend that fails on this machine falls back to eager with one warning")
     compile_backend: str = arg("inductor", "torch.compile backend")
     compile_mode: str = arg("default", "torch.compile mode",
                             choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))

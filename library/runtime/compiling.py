@@ -7,6 +7,9 @@ all of them, and the parts around the blocks (per-sample text padding, RoPE tabl
 after the LoRA hooks are attached, so the compiled graphs include them. Checkpointing, activation offload
 and block swap wrap the call of a block and keep working around the compiled block.
 
+`compile` not set means: on for a CUDA device (`compile_wanted`), eager elsewhere; `compile = false` is
+always eager.
+
 Unless `compile_dynamic = false`, the model marks its token count dynamic before the first compiled call
 (`WanModel.dynamic_tokens`), so one graph serves every bucket: five bucket shapes on the tiny model give
 one graph instead of two (the first compiled static, the second recompiled dynamic). Before the blocks are
@@ -54,17 +57,31 @@ def compile_problem(backend: str, mode: str | None, device: str) -> str | None:
     return _WORKS[key]
 
 
-def compile_blocks(model: torch.nn.Module, compilation) -> int:
+def compile_wanted(compilation, device=None) -> bool:
+    """`compile` as set, or when it is not set (None), whether `device` (default: CUDA when available) is a
+    CUDA device: compiled blocks are the default on GPUs, eager on the CPU."""
+    if compilation.compile is not None:
+        return bool(compilation.compile)
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def compile_blocks(model: torch.nn.Module, compilation, device=None) -> int:
     """`torch.compile` each DiT block in place with the configured backend and mode; returns the count (0
-    when compiling is off, or does not work on this machine: then the blocks run eagerly, with a warning)."""
-    if not compilation.compile:
+    when compiling is off (`compile_wanted` for `device`), or does not work on this machine: then the
+    blocks run eagerly, with a warning)."""
+    if not compile_wanted(compilation, device):
         return 0
     import torch._dynamo
+
+    if compilation.compile is None:
+        logger.info("compiling the DiT blocks (the default on a CUDA GPU; `compile = false` runs them eagerly)")
 
     if compilation.compile_cache_size_limit:
         torch._dynamo.config.cache_size_limit = compilation.compile_cache_size_limit
     mode = None if compilation.compile_mode == "default" else compilation.compile_mode
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     problem = compile_problem(compilation.compile_backend, mode, device)
     if problem is not None:
         if not getattr(compile_blocks, "warned", False):

@@ -4,6 +4,7 @@ trains attached (LoRA or full), and the blocks compiled."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -62,10 +63,13 @@ def build_experts(cfg: TrainConfig, variant: WanVariant, info: RunInfo, device, 
                          else cfg.network.network_dim),
         ))
     set_cuda_flags(cfg.compilation)
+    compilation = cfg.compilation
+    if compilation.compile is None and shard:  # FSDP-sharded blocks stay eager unless `compile = true`
+        compilation = dataclasses.replace(compilation, compile=False)
     for i, expert in enumerate(experts):
         attach_network(expert, cfg, device, experts[0] if cfg.network.shared_expert_lora and i else None)
         expert.network.to(device)  # LoRA weights always live on the accelerator, swapped blocks or not
-        compile_blocks(expert.model, cfg.compilation)  # after the LoRA hooks, so the graphs include them
+        compile_blocks(expert.model, compilation, device)  # after the LoRA hooks, so the graphs include them
         logger.info("expert %s: %s, timesteps %g-%g, lr %g, %s", expert.name, expert.model.variant.name,
                     expert.sampler.min_timestep, expert.sampler.max_timestep, expert.learning_rate,
                     "full fine-tuning" if full else f"rank {expert.network_dim}")

@@ -12,6 +12,7 @@ unpickling; `checkpoint_pickle.py` says why a file was refused. A damaged file o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -136,6 +137,10 @@ class SafetensorsFile:
             return torch.empty(self.shape(key), dtype=self.dtype(key))
         raw = torch.frombuffer(self._mapping(), dtype=torch.uint8, count=end - start, offset=self._data_start + start)
         return raw.view(self.dtype(key)).reshape(self.shape(key))
+
+    def span(self, key: str) -> tuple[int, int]:  # (byte offset in the file, byte count): for streamed reads
+        start, end = self._entries[key]["data_offsets"]
+        return self._data_start + start, end - start
 
     def release(self, key: str) -> None:
         """Drop the mapped pages of a tensor that has been copied elsewhere (keeps peak RSS at one copy)."""
@@ -307,8 +312,6 @@ def fingerprint(path: str | os.PathLike, sample: int = 1 << 20) -> tuple | None:
     in a folder: equal for copies of one model, different for two models with the same layout (the two
     WAN 2.2 experts share their headers, not their weights). Reads at most 2 MiB a file; None when the
     path is neither."""
-    import hashlib
-
     path = Path(path).expanduser()
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pth")) if path.is_dir() else [path]
     prints = []

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .cast_read import CastReader, streamable
 from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
 from .clip_vision import load_clip_vision  # official .pth, open_clip, ComfyUI / HF names
 from .dit_formats import (FP8_DTYPES, dequantize, describe_checkpoint, detect_variant, plan_dit_layout,
@@ -26,6 +27,9 @@ from .model import WanModel
 from .variants import get_variant
 
 logger = logging.getLogger(__name__)
+# Tensors cast on the CPU from a safetensors file (the fp32 official shards loaded as bf16) are read and cast
+# overlapped (`cast_read.CastReader`); False reads them through the memory map one after another.
+STREAM_CASTS = True
 
 __all__ = ["CheckpointError", "check_model_file", "load_clip_vision", "load_dit", "load_dit_fp8", "load_text_encoder",
            "load_vae", "open_dit_checkpoint"]
@@ -104,6 +108,13 @@ def check_finite(ckpt: Checkpoint, file_key: str, tensor: torch.Tensor) -> None:
             "the model (or an earlier checkpoint)")
 
 
+def _streamed_cast(ckpt: Checkpoint, file_key: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """A float tensor of a safetensors file cast to another float dtype on the CPU (`CastReader`'s case)."""
+    source = ckpt.dtype(file_key)
+    return (device.type == "cpu" and source != dtype and source.is_floating_point and source not in FP8_DTYPES
+            and dtype.is_floating_point and streamable(ckpt, file_key))
+
+
 def _materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dtype) -> torch.Tensor:
     """Read one tensor, dequantise fp8, cast and move, and check it is finite; a CPU tensor already in
     `dtype` stays a zero-copy view of the mapped file, anything copied releases its mapped pages."""
@@ -142,7 +153,6 @@ def load_dit(
     expected = model.state_dict()
     _check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
     device = torch.device(device)
-    state = {}
     for name, ref in expected.items():
         file_key = layout.key_map[name]
         if ckpt.shape(file_key) != tuple(ref.shape):
@@ -150,7 +160,19 @@ def load_dit(
                 f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape {list(ckpt.shape(file_key))}, "
                 f"expected {list(ref.shape)} for {variant.name}"
             )
-        state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype))
+    casts = [(layout.key_map[n], _target_dtype(n, dtype)) for n in expected] if STREAM_CASTS else []
+    casts = [(k, d) for k, d in casts if _streamed_cast(ckpt, k, d, device)]
+    streamed, state = {k for k, _ in casts}, {}
+    with CastReader(ckpt, casts) as reader:
+        for name in expected:
+            file_key = layout.key_map[name]
+            if file_key in streamed:
+                tensor, finite = reader.take(file_key)
+                if not finite:
+                    check_finite(ckpt, file_key, tensor)  # counts, and refuses NaN / infinity
+                state[name] = tensor
+            else:
+                state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype))
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
     fp8 = layout.scales or any(ckpt.dtype(k) in FP8_DTYPES for k in layout.key_map.values())

@@ -67,3 +67,41 @@ def test_a_backend_that_cannot_compile_leaves_the_blocks_eager_with_one_warning(
     assert len(warnings) == 1 and "no C++ compiler found" in warnings[0] and "run eagerly" in warnings[0]
     assert all(block._compiled_call_impl is None for block in models[0].blocks)
     assert all(torch.equal(a, b) for a, b in zip(_run_buckets(models[0]), expected))
+
+
+def test_compile_defaults_to_on_for_cuda_and_off_elsewhere(monkeypatch):
+    """`compile` not set: compiled on a CUDA device, eager on the CPU; set, it decides everywhere."""
+    from library.config import config_from_dict
+
+    unset = config_from_dict({}).compilation
+    assert unset.compile is None
+    assert compiling.compile_wanted(unset, "cuda") and compiling.compile_wanted(unset, torch.device("cuda", 1))
+    assert not compiling.compile_wanted(unset, "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no device given: CUDA when there is one
+    assert compiling.compile_wanted(unset)
+    off = config_from_dict({"compile": False}).compilation
+    on = config_from_dict({"compile": "true"}).compilation
+    assert not compiling.compile_wanted(off, "cuda") and compiling.compile_wanted(on, "cpu")
+
+
+def test_unset_compile_on_cuda_compiles_the_blocks_and_false_does_not(fresh_dynamo, monkeypatch, caplog):
+    """The default on a (pretended) CUDA device goes through the same path as `compile = true`, with the
+    backend check run on the CPU tensors this test has; `compile = false` leaves the blocks eager."""
+    monkeypatch.setattr(compiling, "compile_problem", lambda backend, mode, device: None)
+    model = _model()
+    with caplog.at_level(logging.INFO, logger=compiling.__name__):
+        assert compile_blocks(model, CompileArgs(compile_backend="eager"), "cuda") == 3
+    assert "the default on a CUDA GPU" in caplog.text
+    assert all(block._compiled_call_impl is not None for block in model.blocks)
+    eager = _model()
+    assert compile_blocks(eager, CompileArgs(compile=False, compile_backend="eager"), "cuda") == 0
+    assert compile_blocks(eager, CompileArgs(compile_backend="eager"), "cpu") == 0
+    assert all(block._compiled_call_impl is None for block in eager.blocks)
+
+
+def test_compile_flag_takes_an_optional_value():
+    from library.config import load_config
+
+    assert load_config(["--compile"]).compilation.compile is True
+    assert load_config(["--compile", "false"]).compilation.compile is False
+    assert load_config([]).compilation.compile is None
