@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "PyTorch's choice)")
     p.add_argument("--fp8_base", action="store_true", help="block Linear weights in fp8")
     p.add_argument("--fp8_scaled", action="store_true", help="with per-tensor scales (implies --fp8_base)")
-    p.add_argument("--fp8_scaled_mm", action="store_true", help="fp8 x fp8 forward matmuls (Ada / Hopper)")
+    p.add_argument("--fp8_fast", "--fp8_scaled_mm", dest="fp8_scaled_mm", action="store_true",
+                   help="fp8 matmuls for the frozen fp8 weights, forward and input gradient (`fp8_fast`; Ada / Hopper)")
     p.add_argument("--blocks_to_swap", type=non_negative_int, default=0)
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
@@ -97,7 +98,7 @@ def _config(args):
     checkpointing = not args.no_gradient_checkpointing
     memory = MemoryArgs(fp8_base=args.fp8_base or args.fp8_scaled, fp8_scaled=args.fp8_scaled,
                         blocks_to_swap=args.blocks_to_swap, use_pinned_memory_for_block_swap=True,
-                        gradient_checkpointing=checkpointing,
+                        gradient_checkpointing=checkpointing, fp8_fast=args.fp8_scaled_mm,
                         gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload,
                         gradient_checkpointing_keep_attention=args.keep_attention and checkpointing)
     experts = 2 if args.two_experts else 1

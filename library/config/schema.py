@@ -63,6 +63,11 @@ class ModelArgs:
 class MemoryArgs:
     fp8_base: bool = arg(False, "keep the DiT Linear weights in fp8 (LoRA weights stay fp32)")
     fp8_scaled: bool = arg(False, "scaled fp8 quantisation of the DiT weights (needs fp8_base)")
+    fp8_fast: bool = arg(False, "with fp8_base: the frozen block Linears multiply in fp8 (torch._scaled_mm, forward "
+                                "and input gradient; activations and gradients quantised per row) on GPUs with "
+                                "fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell), twice the "
+                                "bf16 rate; elsewhere one warning and bf16 matmuls. Error against bf16: "
+                                "docs/memory.md")
     fp8_t5: bool = arg(False, "umT5 block weights in fp8 e4m3 with per-row scales (about 4.6 GB less for umT5-XXL)")
     blocks_to_swap: int = arg(0, "number of DiT blocks kept on the CPU and swapped in during each step")
     use_pinned_memory_for_block_swap: bool = arg(False, "use pinned host memory for block swap")

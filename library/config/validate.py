@@ -40,6 +40,9 @@ def _models(cfg: TrainConfig, variant, errors: list[str]) -> None:
         errors.append("`dataset_config` is required: the dataset TOML")
     if mem.fp8_scaled and not mem.fp8_base:
         errors.append("`fp8_scaled` needs `fp8_base = true`")
+    if mem.fp8_fast and not (mem.fp8_base or mem.auto_memory):
+        errors.append("`fp8_fast` multiplies the fp8 block weights in fp8: it needs `fp8_base = true` (with "
+                      "`fp8_scaled = true`), or `auto_memory = true`, which then plans with fp8 weights")
     if mem.gradient_checkpointing_cpu_offload and not mem.gradient_checkpointing:
         errors.append("`gradient_checkpointing_cpu_offload` needs `gradient_checkpointing = true`")
     if mem.gradient_checkpointing_keep_attention and not mem.gradient_checkpointing:

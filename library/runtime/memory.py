@@ -4,6 +4,8 @@
 
 - fp8 (`fp8_base`, `fp8_scaled`): block Linear weights in float8 (see `library.wan.fp8`); best done while
   loading (`load_dit(..., fp8=fp8_config(cfg.memory))`), otherwise the loaded model is converted here.
+  With `fp8_fast` their matmuls run in fp8 (`torch._scaled_mm`) where the GPU has fp8 tensor cores
+  (compute capability 8.9+); elsewhere one warning, and the weights are dequantised to bf16 for each matmul.
 - gradient checkpointing per block (`gradient_checkpointing`), with the checkpointed block inputs (the
   fp32 residual stream, the only activations checkpointing keeps) copied to host memory on a side stream
   and brought back for the recomputation (`gradient_checkpointing_cpu_offload`).
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from library.wan.fp8 import FP8Config, FP8Linear, FP8Report, quantize_model_fp8
+from library.wan.fp8 import FP8Config, FP8Linear, FP8Report, quantize_model_fp8, scaled_mm_supported
 
 from .block_swap import BlockSwapper, CudaTransport
 from .pinned import CudaPinner, HostBufferPool
@@ -34,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 def fp8_config(memory) -> FP8Config | None:
     """The `load_dit(fp8=...)` argument for a `MemoryArgs`: None unless `fp8_base`."""
-    return FP8Config(scaled=bool(memory.fp8_scaled)) if memory.fp8_base else None
+    fast = bool(getattr(memory, "fp8_fast", False))
+    return FP8Config(scaled=bool(memory.fp8_scaled), use_scaled_mm=fast) if memory.fp8_base else None
 
 
 # ---- activation offload ------------------------------------------------------------------------------
@@ -236,6 +239,28 @@ def _note(setup: MemorySetup, message: str, *args, warn: bool = False) -> None:
     setup.notes.append(text)
 
 
+def _fp8_matmuls(model: nn.Module, fast: bool, device: torch.device, setup: MemorySetup) -> None:
+    """`fp8_fast`: the fp8 layers multiply in fp8 where this device can (`FP8Linear` decides per call and
+    falls back to dequantising when it cannot); says which, once."""
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    for layer in layers:
+        layer.use_scaled_mm = fast
+    if not fast or not layers:
+        return
+    if scaled_mm_supported(device, 16, 16):
+        _note(setup, "fp8_fast: %d fp8 Linear layers multiply in fp8 (torch._scaled_mm)", len(layers))
+    else:
+        what = "a CPU" if device.type != "cuda" else "this GPU (compute capability %d.%d)" % \
+            torch.cuda.get_device_capability(device)
+        _note(setup, "fp8_fast: fp8 matmuls need an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell), "
+                     "not %s: the fp8 weights are dequantised to bf16 for each matmul instead", what,
+              warn=not _fp8_matmuls.warned)  # once a process, not once an expert
+        _fp8_matmuls.warned = True
+
+
+_fp8_matmuls.warned = False
+
+
 def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, transport=None,
                           place: bool = True) -> MemorySetup:
     """Apply a `MemoryArgs` (or anything with the same fields) to a loaded WAN model and put the model on
@@ -252,6 +277,7 @@ def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, t
         else:
             work = device if device.type == "cuda" else None
             setup.fp8 = quantize_model_fp8(model, scaled=bool(memory.fp8_scaled), work_device=work)
+        _fp8_matmuls(model, bool(getattr(memory, "fp8_fast", False)), device, setup)
     # 2. checkpointing and what rides on it
     swap, checkpointing = int(memory.blocks_to_swap or 0), bool(memory.gradient_checkpointing)
     offload = bool(getattr(memory, "gradient_checkpointing_cpu_offload", False)) and checkpointing

@@ -207,7 +207,8 @@ def _batch(cfg: BenchConfig, device):
 def _expert(cfg: BenchConfig, device, seed: int):
     from networks import lora_wan
 
-    fp8 = FP8Config(scaled=cfg.memory.fp8_scaled, use_scaled_mm=cfg.fp8_scaled_mm) if cfg.memory.fp8_base else None
+    fast = cfg.fp8_scaled_mm or cfg.memory.fp8_fast
+    fp8 = FP8Config(scaled=cfg.memory.fp8_scaled, use_scaled_mm=fast) if cfg.memory.fp8_base else None
     host_blocks = cfg.memory.blocks_to_swap if device.type == "cuda" else 0
     masters = torch.float32 if cfg.full and not cfg.full_bf16 else cfg.dtype
     model = build_random_model(cfg.variant, device, masters, fp8, seed, host_blocks)

@@ -6,9 +6,9 @@ buffers (`os.preadv`, which releases the GIL: no memory map, so no page faults o
 pages to drop afterwards), while the caller's thread casts each chunk into the new tensor and screens the
 chunk for NaN / infinity while it is still in cache. Reading chunk i + 1 overlaps casting chunk i; the file
 is never resident beside the result, so peak memory is the result plus `depth` chunks. While a reader is
-open, PyTorch's intra-op threads are set to one: the cast of one cache-sized chunk gains nothing from a
-parallel region, and on a busy machine each region's barrier waits for a descheduled thread (the cast took
-4x longer on the 2-core development VM with two threads). The reader thread is the second core's work. The values are
+open, PyTorch's intra-op threads leave one core to the reader thread (one thread on a 2-core machine): with
+both cores in every parallel region, each region's barrier waits for a descheduled thread and the cast
+took 4x longer on the 2-core development VM. The values are
 those of `tensor.to(dtype)`, bit for bit (the same conversion, chunk by chunk).
 """
 
@@ -72,7 +72,7 @@ class CastReader:
         self._threads = None  # PyTorch's intra-op thread count before this reader set it to one
         if self._jobs:
             self._threads = torch.get_num_threads()
-            torch.set_num_threads(1)
+            torch.set_num_threads(max(1, min(self._threads, (os.cpu_count() or 2) - 1)))
             self._thread.start()
 
     def __enter__(self) -> CastReader:

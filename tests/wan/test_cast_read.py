@@ -5,6 +5,7 @@ inside and across tensors, sharded files, a NaN, a file cut short while open, an
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def test_threads_are_restored_and_reads_overlap(fp32_file, monkeypatch):
     monkeypatch.setattr(cast_read.CastReader, "take", take)
     before = torch.get_num_threads()
     _load(fp32_file, torch.bfloat16, True, monkeypatch)
-    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    expected = max(1, min(before, (os.cpu_count() or 2) - 1))  # one core left to the reader thread
+    assert seen and set(seen) == {expected} and torch.get_num_threads() == before
 
 
 def test_sharded_files_stream_too(tmp_path, monkeypatch):

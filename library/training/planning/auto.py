@@ -28,7 +28,7 @@ def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_expert
         return cfg.memory
     width, height, frames, batch = largest_bucket(data)
     plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
-                       cfg.optimizer.optimizer_type, experts=n_experts)
+                       cfg.optimizer.optimizer_type, experts=n_experts, fp8=cfg.memory.fp8_fast)
     logger.info("auto_memory plan for %.0f GiB:\n%s", vram, plan.table())
     return plan.apply(cfg.memory)
 
