@@ -5,7 +5,8 @@
     python tools/benchmark_wan.py --task t2v-A14B --compare_cap 24      # capped vs uncapped, target <= 2x
     python tools/benchmark_wan.py --task t2v-A14B --two_experts --plan  # host RAM with offload_inactive_dit
     python tools/benchmark_wan.py --cpu                                 # tiny model on the CPU (CI)
-    python tools/benchmark_wan.py --estimate --gpu h100 [--attention flash3 --compile]   # no GPU needed
+    python tools/benchmark_wan.py --estimate --gpu h100 --plan    # no GPU needed: the auto_memory defaults
+    python tools/benchmark_wan.py --estimate --gpu h100 --plan --fp8_fast [--attention flash3]
 
 Builds the model block by block directly on the GPU, applies the memory features exactly as training
 does (`apply_memory_features`), runs warm-up then timed steps (forward, MSE loss, backward, AdamW on the
@@ -15,7 +16,10 @@ takes fp8 / checkpointing / offload / block swap from the memory planner for tha
 
 `--estimate` runs no GPU step: one full-size step is traced on the meta device and costed with the rates
 of `--gpu` (h100, h200, a100, 4090, 5090; library/training/estimate.py states each rate and its source),
-printing an estimated step time, the MFU it implies and the kernels that take the time. Every figure it
+printing an estimated step time, the MFU it implies (against the dense bf16 peak, fp8 matmuls or not) and
+the kernels that take the time. With `--plan` the memory planner chooses for the card's memory what
+`auto_memory` would (checkpointing, keeping self-attention, fp8 weights). Blocks are compiled unless
+`--eager`, as training compiles them on a CUDA GPU by default (`--cpu` runs eagerly). Every figure it
 prints is labelled as an estimate; it takes under a minute on a CPU.
 """
 
@@ -59,7 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--blocks_to_swap", type=non_negative_int, default=0)
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each block (the default on a GPU and for --estimate, as in training)")
+    p.add_argument("--eager", action="store_true", help="do not compile the blocks (training's `compile = false`)")
     p.add_argument("--keep_attention", action="store_true",
                    help="selective checkpointing: keep each block's self-attention outputs instead of recomputing "
                         "them (2 T C + 4 H T bytes more a block)")
@@ -122,11 +128,16 @@ def _config(args):
         variant=variant, width=args.width, height=args.height, frames=args.frames, batch_size=args.batch_size,
         rank=args.network_dim, steps=args.steps, warmup=args.warmup, device="cpu" if args.cpu else "cuda",
         dtype=torch.float32 if args.cpu else torch.bfloat16, memory=memory, attention=args.attention,
-        fp8_scaled_mm=args.fp8_scaled_mm, compile=args.compile,
+        fp8_scaled_mm=args.fp8_scaled_mm, compile=_compiled(args),
         two_experts=args.two_experts,
         peak_tflops=args.peak_tflops, full=args.full, optimizer=args.optimizer, **full,
         planned_gib=_planned(args, variant, memory, full, experts),
     )
+
+
+def _compiled(args) -> bool:
+    """Compiled blocks unless `--eager`; on the CPU (`--cpu`) only with `--compile`."""
+    return args.compile or not (args.eager or args.cpu)
 
 
 def _planned(args, variant, memory, full: dict, experts: int) -> float:
@@ -189,14 +200,34 @@ def _estimate(args) -> int:
     from library.training.estimate import StepSetup, estimate_step
     from library.wan.variants import get_variant
 
-    if args.full or args.fp8_base or args.fp8_scaled or args.blocks_to_swap or args.sdpa_kernel:
-        print("--estimate covers LoRA steps in bf16 (with or without checkpointing, any --attention, --compile); "
-              "--full, fp8, block swap and --sdpa_kernel are not modelled", file=sys.stderr)
+    from library.training.gpu_rates import GPUS
+    from library.training.planning.lora import plan_memory
+
+    unmodelled = "--full, block swap, activation offload and --sdpa_kernel are not modelled"
+    if args.full or args.blocks_to_swap or args.sdpa_kernel or args.gradient_checkpointing_cpu_offload:
+        print(f"--estimate covers LoRA steps (bf16 or fp8 weights, checkpointing, any --attention); {unmodelled}",
+              file=sys.stderr)
         return 2
-    setup = StepSetup(get_variant(args.task), args.width, args.height, args.frames, args.batch_size,
-                      args.network_dim, checkpointing=not args.no_gradient_checkpointing,
-                      keep_attention=args.keep_attention)
-    result = estimate_step(setup, args.gpu, args.attention, args.compile)
+    variant = get_variant(args.task)
+    fp8 = args.fp8_base or args.fp8_scaled or args.fp8_scaled_mm
+    checkpointing, keep = not args.no_gradient_checkpointing, args.keep_attention
+    if args.plan:
+        plan = plan_memory(GPUS[args.gpu].memory_gib, variant, args.width, args.height, args.frames,
+                           args.batch_size, args.network_dim, "adamw", fp8=args.fp8_scaled_mm)
+        print(plan.table())
+        s = plan.settings
+        if s.offload_activations or s.blocks_to_swap or not plan.fits:
+            print(f"the plan for this card needs {s.label()}: {unmodelled}", file=sys.stderr)
+            return 2
+        fp8, checkpointing, keep = s.fp8, s.checkpointing, s.keep_attention
+    setup = StepSetup(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim,
+                      checkpointing=checkpointing, keep_attention=keep and checkpointing, fp8=fp8,
+                      fp8_fast=args.fp8_scaled_mm)
+    try:
+        result = estimate_step(setup, args.gpu, args.attention, _compiled(args))
+    except ValueError as exc:  # flash3 or fp8 matmuls on a GPU without them
+        print(f"--estimate: {exc}", file=sys.stderr)
+        return 2
     print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps({"estimate": True, "gpu": args.gpu, "seconds_per_step": result.seconds,

@@ -15,6 +15,7 @@ gaps, host overheads and the optimizer step are not counted, and no graph break 
 
 Attention is whatever SDPA (or a flash-attn package) would run: on the meta device it is one counting
 op, and the GPU's rate for the backend the code would choose (`attention.sdpa_plan` for SDPA) is applied.
+`fp8`: fp8 block weights, dequantised per matmul; `fp8_fast`: fp8 matmuls (`_scaled_mm`, at the fp8 rate).
 `F.rms_norm` is one counting op forward and one backward too, as CUDA's fused kernel runs it (on the meta
 device it would decompose into the CPU formula).
 """
@@ -35,7 +36,6 @@ from library.wan.variants import WanVariant
 
 from .benchmark import step_flops
 from .gpu_rates import GPUS, GpuRates
-
 
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "convolution_backward"}
 _ATTENTION = {"attention", "attention_backward"}
@@ -180,6 +180,8 @@ class StepSetup:
     rank: int = 32
     checkpointing: bool = True
     keep_attention: bool = False  # selective checkpointing: self-attention outputs kept, not recomputed
+    fp8: bool = False  # block Linear weights in fp8, dequantised for each matmul (`fp8_base`)
+    fp8_fast: bool = False  # ... multiplied in fp8 instead (`fp8_fast`; implies fp8 weights)
 
     def latent_shape(self) -> tuple[int, ...]:
         v = self.variant
@@ -203,12 +205,28 @@ def meta_model(variant: WanVariant, dtype=torch.bfloat16) -> WanModel:
     return model.requires_grad_(False)
 
 
+def _fp8_layers(model: WanModel, fast: bool) -> None:
+    """The block Linears as fp8 layers on meta (no autocast check: it knows no meta device); `fast`: fp8 matmuls."""
+    from library.wan.fp8 import FP8_DTYPE, FP8Linear, _FP8LinearFunction, fp8_targets
+
+    class MetaFP8Linear(FP8Linear):
+        def forward(self, x):
+            return _FP8LinearFunction.apply(x, self.weight, self.scale_weight, self.bias, torch.bfloat16, fast)
+
+    for name in fp8_targets(model):
+        w = model.get_submodule(name).weight
+        model.set_submodule(name, MetaFP8Linear(torch.empty(w.shape, dtype=FP8_DTYPE, device="meta"),
+                                                torch.empty((), device="meta"), model.get_submodule(name).bias))
+
+
 def trace_step(setup: StepSetup) -> list[Kernel]:
     """Every kernel of one LoRA training step (forward, MSE loss, backward) at full size, on meta."""
     from networks import lora_wan
 
     v = setup.variant
     model = meta_model(v)
+    if setup.fp8 or setup.fp8_fast:
+        _fp8_layers(model, setup.fp8_fast)
     model.enable_gradient_checkpointing(setup.checkpointing, setup.keep_attention)
     network = lora_wan.create_network(1.0, setup.rank, setup.rank, None, None, model)
     network.apply_to()
@@ -265,6 +283,10 @@ def _rate(kernel: Kernel, gpu: GpuRates, attention: str) -> float:
         return gpu.attention[attention][0]
     if kernel.kind == "attention_backward":
         return gpu.attention[attention][1]
+    if kernel.kind == "matmul" and kernel.name == "_scaled_mm":
+        if not gpu.fp8_matmul_tflops:
+            raise ValueError(f"the {gpu.name} has no fp8 matmul rate here (fp8 tensor cores: Ada, Hopper)")
+        return gpu.fp8_matmul_tflops
     if kernel.kind == "matmul" and kernel.dtype != torch.float32:
         return gpu.matmul_tflops
     return gpu.vector_tflops
@@ -336,6 +358,7 @@ class StepEstimate:
     def table(self, top: int = 10) -> str:
         s, v = self.setup, self.setup.variant
         checkpointing = ("on, keeping self-attention" if s.keep_attention else "on") if s.checkpointing else "off"
+        checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
         lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
                  f"{s.width}x{s.height}x{s.frames}, {s.tokens()} tokens, batch {s.batch}, LoRA rank {s.rank}, "
                  f"checkpointing {checkpointing}, attention {self.attention}, "
@@ -363,7 +386,8 @@ def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", 
     seconds = sum(c.seconds for c in costs)
     by_kind, groups = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for c in costs:
-        label = {"matmul": "matmuls", "attention": f"attention forward ({kernel})",
+        label = {"matmul": "fp8 matmuls" if c.name == "_scaled_mm" else "matmuls",
+                 "attention": f"attention forward ({kernel})",
                  "attention_backward": f"attention backward ({kernel})"}.get(c.kind, "memory-bound kernels")
         by_kind[label] += c.seconds
         groups[(c.name, c.kind)][0] += c.seconds

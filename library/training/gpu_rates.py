@@ -20,6 +20,8 @@ class GpuRates:
     attention: dict = field(default_factory=dict)  # "fa2" | "fa3" | "cudnn" -> (forward, backward)
     capability: tuple[int, int] = (9, 0)
     source: str = ""
+    fp8_matmul_tflops: float = 0.0  # large fp8 x fp8 GEMMs with fp32 accumulation (`_scaled_mm`); 0: none
+    memory_gib: float = 0.0  # what torch reports as the card's memory (the planner's input for `--plan`)
 
 
 _HOPPER_ATTENTION = {"fa2": (330.0, 290.0), "fa3": (640.0, 500.0), "cudnn": (595.0, 460.0)}
@@ -28,20 +30,25 @@ _HOPPER_SOURCE = ("peak: NVIDIA H100 / H200 datasheets (989 TFLOP/s dense bf16 S
                   "peak FLOPs and 84% of peak bandwidth), H200 bandwidth 4.0 TB/s (the same 84%); attention: "
                   "FA2 330 / 290 and FA3 640 / 500 forward / backward (issue 17; FlashAttention-3 paper, Shah "
                   "et al. 2024, H100 SXM5, head dim 128), cuDNN 595 forward from the same paper's head-dim-128 "
-                  "non-causal chart at 16k, 460 backward assumed (0.92x FA3, as forward)")
+                  "non-causal chart at 16k, 460 backward assumed (0.92x FA3, as forward); fp8 matmuls 1300 "
+                  "(the datasheets' dense fp8 peak, 1979, is twice bf16's; the same 2/3 sustained assumed); "
+                  "memory as torch reports an 80 GB H100 / 141 GB H200, about 79.2 / 139.8 GiB")
 GPUS = {
-    "h100": GpuRates("H100 SXM (estimate)", 989.0, 650.0, 67.0, 2.8, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE),
-    "h200": GpuRates("H200 SXM (estimate)", 989.0, 650.0, 67.0, 4.0, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE),
+    "h100": GpuRates("H100 SXM (estimate)", 989.0, 650.0, 67.0, 2.8, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE,
+                     fp8_matmul_tflops=1300.0, memory_gib=79.2),
+    "h200": GpuRates("H200 SXM (estimate)", 989.0, 650.0, 67.0, 4.0, _HOPPER_ATTENTION, (9, 0), _HOPPER_SOURCE,
+                     fp8_matmul_tflops=1300.0, memory_gib=139.8),
     "a100": GpuRates("A100 SXM 80GB (estimate)", 312.0, 250.0, 19.5, 1.7, {"fa2": (220.0, 190.0)}, (8, 0),
                      "peak: NVIDIA A100 datasheet (312 TFLOP/s dense bf16, 2.04 TB/s); sustained matmul 250 "
                      "(80% of peak) and 1.7 TB/s (84%) assumed; FA2 220 / 190 (FlashAttention-2 paper, Dao "
-                     "2023, A100, head dim 128, about 70% / 60% of peak)"),
+                     "2023, A100, head dim 128, about 70% / 60% of peak); no fp8 tensor cores", memory_gib=79.2),
     "4090": GpuRates("RTX 4090 (estimate)", 165.2, 140.0, 82.6, 0.9, {"fa2": (120.0, 100.0)}, (8, 9),
                      "peak: NVIDIA Ada whitepaper (165.2 TFLOP/s bf16 with fp32 accumulate, 1.01 TB/s GDDR6X); "
-                     "sustained matmul 140 (85%), 0.9 TB/s, FA2 120 / 100 assumed (no published figure read)"),
+                     "sustained matmul 140 (85%), 0.9 TB/s, FA2 120 / 100 assumed (no published figure read); fp8 "
+                     "matmuls not modelled", memory_gib=23.6),
     "5090": GpuRates("RTX 5090 (estimate)", 209.5, 175.0, 104.8, 1.6, {"fa2": (150.0, 125.0),
                                                                       "cudnn": (150.0, 125.0)}, (12, 0),
                      "peak: NVIDIA Blackwell GeForce whitepaper (209.5 TFLOP/s bf16 with fp32 accumulate, "
                      "1.79 TB/s GDDR7); sustained matmul 175 (84%), 1.6 TB/s, attention 150 / 125 assumed (no "
-                     "published figure read)"),
+                     "published figure read); fp8 matmuls not modelled", memory_gib=31.4),
 }
