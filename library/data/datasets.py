@@ -61,6 +61,7 @@ class TaskInfo:
     fps: float
     is_i2v: bool
     needs_clip: bool = False  # WAN 2.1 I2V: CLIP image tokens of the first frame (`clip_fea`)
+    end_frame: bool = False  # WAN 2.1 FLF2V: the last frame conditions too (image latents and clip_fea)
 
     @property
     def step(self) -> int:
@@ -72,12 +73,14 @@ def task_info(task: str) -> TaskInfo:
 
     variant = get_variant(task)
     return TaskInfo(task=variant.name, vae_kind=variant.vae, fps=float(variant.fps), is_i2v=variant.is_i2v,
-                    needs_clip=variant.image_embedding)
+                    needs_clip=variant.image_embedding, end_frame=variant.end_frame)
 
 
-def latent_settings(item: MediaItem, vae_kind: str) -> dict:
-    """Everything that decides an item's latents besides the source file and the VAE weights."""
-    return {"vae_kind": vae_kind, "bucket": list(item.bucket), "frames": list(item.frames), "fps": item.fps}
+def latent_settings(item: MediaItem, vae_kind: str, end_frame: bool = False) -> dict:
+    """Everything that decides an item's latents besides the source file and the VAE weights (FLF2V caches
+    are marked: their image latents and CLIP tokens also hold the last frame)."""
+    settings = {"vae_kind": vae_kind, "bucket": list(item.bucket), "frames": list(item.frames), "fps": item.fps}
+    return settings | ({"conditioning": "first_last_frame"} if end_frame else {})
 
 
 def read_skip_lists(cache_dir: Path, vae_kind: str) -> dict[str, dict]:
@@ -153,7 +156,8 @@ class CachedDataset(torch.utils.data.Dataset):
         problems, vae_hashes, clip_hashes, encoders = [], set(), set(), set()
         for item in self.items:
             path = self.latent_path(item)
-            problem = cache.latent_cache_problem(path, item, latent_settings(item, self.info.vae_kind),
+            settings = latent_settings(item, self.info.vae_kind, self.info.end_frame)
+            problem = cache.latent_cache_problem(path, item, settings,
                                                  need_image_latents=self.info.is_i2v,
                                                  need_clip_fea=self.info.needs_clip)
             if problem:

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from library.wan.conditioning import i2v_condition
+from library.wan import flf2v
 
 from .denoise import Conditioning, GuidedExpert, denoise
 from .finite import check_finite_sample
@@ -109,6 +109,7 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
         flow_shift=request.flow_shift if request.flow_shift is not None else variant.flow_shift,
         guidance_low_noise=float(low), guidance_high_noise=float(high),
         boundary=boundary if boundary is not None else variant.boundary, image=request.image, source=request.source,
+        **({"end_image": request.end_image} if variant.end_frame else {}),
     )
 
 
@@ -184,11 +185,14 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
     cond = Conditioning([context], [negative])
     if s["image"] and variant.model_type in ("i2v", "ti2v"):
         image = load_image(s["image"], s["width"], s["height"], request.source)  # the VAE moves and casts it
-        if variant.is_i2v:  # the image, then black frames, encoded as one clip
-            clip = torch.cat([image, torch.zeros_like(image).expand(-1, -1, s["frames"] - 1, -1, -1)], dim=2)
-            cond.y = i2v_condition(vae.encode(clip).float()).to(device)
+        if variant.is_i2v:  # the image, then black frames (FLF2V: then the end image), encoded as one clip
+            last = load_image(s["end_image"], s["width"], s["height"], request.source) if variant.end_frame else None
+            clip = flf2v.conditioning_video(image, s["frames"], last)
+            cond.y = flf2v.condition(vae.encode(clip).float(), variant.end_frame).to(device)
             if variant.image_embedding:
-                cond.clip_fea = _clip_features(models, image[:, :, 0], request.source).to(device)
+                frames = image[:, :, 0] if last is None else torch.cat([image[:, :, 0], last[:, :, 0]])
+                clip_fea = _clip_features(models, frames, request.source)  # [1 or 2, 257, width]
+                cond.clip_fea = clip_fea.flatten(0, 1)[None].to(device)  # FLF2V: first then last frame's tokens
         else:  # TI2V: the clean first latent frame
             cond.first_frame = vae.encode(image).float().to(device)
     return cond

@@ -23,7 +23,7 @@ import torch
 from library.config import save_config
 from library.config.schema import TrainConfig
 from library.errors import UserError
-from library.wan.conditioning import i2v_condition
+from library.wan import flf2v
 from library.wan.variants import get_variant
 
 from . import checkpoints as ckpt
@@ -216,12 +216,12 @@ class Trainer:
         x_t, target = add_noise(x0, noise, sigma)
         timestep, y, mask = sigma * 1000.0, None, None
         if self.variant.is_i2v:
-            y = i2v_condition(batch["image_latents"].to(dev, torch.float32))
+            y = flf2v.condition(batch["image_latents"].to(dev, torch.float32), self.variant.end_frame)
         elif self.variant.model_type == "ti2v" and self.cfg.loop.i2v_probability > 0:
             use_image = torch.tensor([torch.rand(1, generator=g).item() < self.cfg.loop.i2v_probability for g in gens])
             x_t, timestep, mask = ti2v_condition(x0, x_t, sigma, use_image.to(dev), self.variant.patch_size)
         context = [c.to(dev) for c in batch["context"]]
-        clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame
+        clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame (FLF2V: 2 frames)
         clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
         with self.accelerator.autocast(self.autocast_kwargs):
             pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea)  # [B, z, T, h, w] fp32

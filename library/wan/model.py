@@ -210,17 +210,22 @@ class Head(nn.Module):
 
 
 class ImageEmbedding(nn.Module):
-    """WAN 2.1 I2V: CLIP ViT-H tokens [B, 257, 1280] -> [B, 257, C] (`img_emb.proj.0/1/3/4`)."""
+    """WAN 2.1 I2V: CLIP ViT-H tokens [B, 257, 1280] -> [B, 257, C] (`img_emb.proj.0/1/3/4`). FLF2V: the
+    first and last frames' tokens side by side ([B, 514, 1280], also accepted as [B, 2, 257, 1280] or
+    [2B, 257, 1280] with each sample's two frames adjacent) plus the learned `img_emb.emb_pos` [1, 514, 1280]."""
 
-    def __init__(self, clip_dim: int, dim: int):
+    def __init__(self, clip_dim: int, dim: int, pos_tokens: int = 0):
         super().__init__()
         self.proj = nn.Sequential(
             FP32LayerNorm(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(), nn.Linear(clip_dim, dim),
             FP32LayerNorm(dim),
         )
+        self.emb_pos = nn.Parameter(torch.zeros(1, pos_tokens, clip_dim)) if pos_tokens else None
 
     def forward(self, clip_fea: torch.Tensor, dtype) -> torch.Tensor:
         norm0, lin1, act, lin3, norm4 = self.proj
+        if self.emb_pos is not None:
+            clip_fea = clip_fea.reshape(-1, *self.emb_pos.shape[1:]) + self.emb_pos.to(clip_fea.dtype)
         x = lin3(act(lin1(norm0(clip_fea).to(dtype))))
         return norm4(x).to(dtype)
 
@@ -276,7 +281,7 @@ class WanModel(nn.Module):
         self.time_embedding = nn.Sequential(nn.Linear(v.freq_dim, v.dim), nn.SiLU(), nn.Linear(v.dim, v.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(v.dim, 6 * v.dim))
         # 2. Transformer blocks
-        image_tokens = v.clip_tokens if v.image_embedding else 0
+        image_tokens = v.clip_tokens * v.image_frames if v.image_embedding else 0
         self.blocks = nn.ModuleList(
             WanBlock(v.dim, v.ffn_dim, v.num_heads, v.eps, image_tokens) for _ in range(v.num_layers)
         )
@@ -284,7 +289,7 @@ class WanModel(nn.Module):
         self.head = Head(v.dim, math.prod(v.patch_size) * v.out_dim, v.eps)
         # 4. WAN 2.1 I2V image embedding
         if v.image_embedding:
-            self.img_emb = ImageEmbedding(v.clip_dim, v.dim)
+            self.img_emb = ImageEmbedding(v.clip_dim, v.dim, image_tokens if v.end_frame else 0)
         self._rope_cache: dict = {}
         if not self.patch_embedding.weight.is_meta:  # on meta (before loading) there is nothing to fill
             self.init_weights()
@@ -382,7 +387,8 @@ class WanModel(nn.Module):
         ctx = self.text_embedding(context.to(dtype))  # [B, 512, C]
         if self.variant.image_embedding:
             if clip_fea is None:
-                raise ValueError(f"{self.variant.name} needs CLIP image features (clip_fea [B, 257, 1280])")
+                raise ValueError(f"{self.variant.name} needs CLIP image features (clip_fea [B, "
+                                 f"{self.variant.image_frames * 257}, 1280])")
             ctx = torch.cat([self.img_emb(clip_fea, dtype), ctx], dim=1)  # [B, 257 + 512, C]
         return ctx
 
