@@ -162,7 +162,6 @@ ERRORS = {
     "--one_frame_inference target_index=1": "--one_frame_inference is not supported",
     "--control_image_path a.png": "--control_image_path is for one-frame inference",
     "--control_image_mask_path m.png": "--control_image_mask_path is for one-frame inference",
-    "--lycoris": "--lycoris: generation does not apply LyCORIS networks (LoKr, LoHa, ...) yet",
     "--task i2v-14B-FC": "the Fun-Control models are not supported",
     "--width -64": "--width must be a positive number of pixels, got -64",
     "--height 0": "--height must be a positive number of pixels, got 0",

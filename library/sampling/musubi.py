@@ -35,10 +35,9 @@ UNSUPPORTED = {
     "one_frame_inference": "--one_frame_inference is not supported; render --video_length 1 for a single image",
     "control_image_path": "--control_image_path is for one-frame inference, which is not supported",
     "control_image_mask_path": "--control_image_mask_path is for one-frame inference, which is not supported",
-    "lycoris": "--lycoris: generation does not apply LyCORIS networks (LoKr, LoHa, ...) yet, only LoRA files "
-               "(Kohya, ComfyUI or diffusers keys); render a LyCORIS network with musubi-tuner",
 }
 NO_EFFECT = {
+    "lycoris": "--lycoris: LyCORIS LoHa / LoKr files are recognised from their keys and applied like LoRAs",
     "cpu_noise": "--cpu_noise: the noise is always drawn on the CPU here (ComfyUI's noise for the seed)",
     "force_v2_1_time_embedding": "--force_v2_1_time_embedding: the A14B experts already use one timestep "
                                  "embedding per video (the WAN 2.1 form)",
@@ -89,7 +88,6 @@ def add_musubi_args(parser: argparse.ArgumentParser) -> None:
         u.add_argument(f"--{name}", help="not supported (a clear error)")
     for name in ("control_image_path", "control_image_mask_path"):
         u.add_argument(f"--{name}", nargs="*", help="not supported (a clear error)")
-    u.add_argument("--lycoris", action="store_true", help="not supported (a clear error)")
 
 
 def _task(args, errors: list[str]) -> None:
