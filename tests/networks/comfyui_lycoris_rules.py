@@ -59,7 +59,8 @@ def apply_like_comfyui(lora: dict, weights: dict[str, torch.Tensor], strength: f
             used = [f"{stem}.hada_{p}" for p in ("w1_a", "w1_b", "w2_a", "w2_b")]
         elif any(f"{stem}.lokr_{p}" in lora for p in ("w1", "w2", "w1_a", "w2_a")):
             delta, scale = _lokr(lora, stem, alpha)
-            used = [f"{stem}.lokr_{p}" for p in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b") if f"{stem}.lokr_{p}" in lora]
+            used = [f"{stem}.lokr_{p}" for p in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b")
+                    if f"{stem}.lokr_{p}" in lora]
         else:
             continue
         loaded.update(used + ([f"{stem}.alpha"] if alpha is not None else []))

@@ -112,8 +112,9 @@ def test_merging_into_a_dit_and_into_one_lora(base, tmp_path):
     save_file(base, str(tmp_path / "dit.safetensors"))
     save_file(lycoris_state(base, "loha"), str(tmp_path / "loha.safetensors"))
     save_file(lycoris_state(base, "lokr", seed=1), str(tmp_path / "lokr.safetensors"))
-    merge_into_dit(tmp_path / "dit.safetensors", [(tmp_path / "loha.safetensors", 0.5), (tmp_path / "lokr.safetensors", 1.0)],
-                   tmp_path / "merged.safetensors", save_precision="fp32", task=VARIANT)
+    loras = [(tmp_path / "loha.safetensors", 0.5), (tmp_path / "lokr.safetensors", 1.0)]
+    merge_into_dit(tmp_path / "dit.safetensors", loras, tmp_path / "merged.safetensors", save_precision="fp32",
+                   task=VARIANT)
     merged = load_file(str(tmp_path / "merged.safetensors"))
     expected = apply_like_comfyui(load_file(str(tmp_path / "loha.safetensors")), base, 0.5)[0]
     expected = apply_like_comfyui(load_file(str(tmp_path / "lokr.safetensors")), {**base, **expected}, 1.0)[0]
