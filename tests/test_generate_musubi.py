@@ -159,9 +159,10 @@ def test_musubi_flag_works(musubi_run, flag):
 ERRORS = {
     "--control_path c.mp4": "--control_path is for the Wan2.1 Fun-Control models",
     "--video_path v.mp4": "--video_path (video-to-video) is not supported",
-    "--one_frame_inference target_index=1": "--one_frame_inference is not supported",
-    "--control_image_path a.png": "--control_image_path is for one-frame inference",
-    "--control_image_mask_path m.png": "--control_image_mask_path is for one-frame inference",
+    "--one_frame_inference target_index=1": "give target_index=N and control_index=A",
+    "--one_frame_inference target_index=1,control_index=0 --control_image_path a.png":
+        "one-frame inference is for the WAN 2.1 I2V and FLF2V models (i2v-14B, flf2v-14B), not t2v-tiny",
+    "--control_image_mask_path m.png": "--control_image_mask_path: WAN one-frame inference uses no masks",
     "--task i2v-14B-FC": "the Fun-Control models are not supported",
     "--width -64": "--width must be a positive number of pixels, got -64",
     "--height 0": "--height must be a positive number of pixels, got 0",

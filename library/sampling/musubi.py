@@ -32,9 +32,7 @@ logger = logging.getLogger(__name__)
 UNSUPPORTED = {
     "control_path": "--control_path is for the Wan2.1 Fun-Control models, which this trainer does not run",
     "video_path": "--video_path (video-to-video) is not supported; generate from text or a start image",
-    "one_frame_inference": "--one_frame_inference is not supported; render --video_length 1 for a single image",
-    "control_image_path": "--control_image_path is for one-frame inference, which is not supported",
-    "control_image_mask_path": "--control_image_mask_path is for one-frame inference, which is not supported",
+    "control_image_mask_path": "--control_image_mask_path: WAN one-frame inference uses no masks (as musubi-tuner)",
 }
 NO_EFFECT = {
     "lycoris": "--lycoris: LyCORIS LoHa / LoKr files are recognised from their keys and applied like LoRAs",
@@ -84,10 +82,9 @@ def add_musubi_args(parser: argparse.ArgumentParser) -> None:
     u = parser.add_argument_group("musubi-tuner flags that are accepted for its command lines")
     for name in NO_EFFECT:
         u.add_argument(f"--{name}", action="store_true", help=NO_EFFECT[name].split(": ", 1)[1])
-    for name in ("control_path", "video_path", "one_frame_inference"):
+    for name in ("control_path", "video_path"):
         u.add_argument(f"--{name}", help="not supported (a clear error)")
-    for name in ("control_image_path", "control_image_mask_path"):
-        u.add_argument(f"--{name}", nargs="*", help="not supported (a clear error)")
+    u.add_argument("--control_image_mask_path", nargs="*", help="not supported (a clear error)")
 
 
 def _task(args, errors: list[str]) -> None:

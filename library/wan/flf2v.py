@@ -31,6 +31,13 @@ def condition(image_latents: torch.Tensor, end_frame: bool) -> torch.Tensor:
     return flf2v_condition(image_latents) if end_frame else i2v_condition(image_latents)
 
 
+def known_frames_condition(image_latents: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """One-frame mode: image latents [B, z, T, h, w] and frame_mask [B, T] (1 where the latent frame is a known
+    control image) -> y [B, 4 + z, T, h, w] with all 4 mask channels set on the known frames."""
+    mask = frame_mask.to(image_latents)[:, None, :, None, None].expand(-1, 4, -1, *image_latents.shape[3:])
+    return torch.cat([mask, image_latents], dim=1)
+
+
 def conditioning_video(first: torch.Tensor, frames: int, last: torch.Tensor | None = None) -> torch.Tensor:
     """first / last [B, 3, 1, H, W] -> [B, 3, frames, H, W]: first, black frames, then last (when given) as
     the final frame: what the VAE encodes into the image latents of `y`."""

@@ -18,13 +18,13 @@ USED = [
     ("--s 20", "steps", 20), ("--l 4.5", "guidance", 4.5), ("--g 6.0", "guidance", 6.0),
     ("--fs 3.0", "flow_shift", 3.0), ("--n blurry, low quality", "negative_prompt", "blurry, low quality"),
     ("--i start.png", "image", "start.png"), ("--W 640", "width", 640),  # options are case-insensitive
-    ("--ei end.png", "end_image", "end.png"),
+    ("--ei end.png", "end_image", "end.png"), ("--of target_index=1,control_index=0", "one_frame",
+                                               "target_index=1,control_index=0"),
+    ("--ci a.png --ci b.png", "control_images", ("a.png", "b.png")),
 ]
 # musubi options for features this trainer does not have: the line renders, one note per file
 NOTED = [("--cn control.mp4", "control videos are for the Wan2.1 Fun-Control models"),
-         ("--ci ref.png", "control images are for one-frame inference"),
-         ("--cim mask.png", "control image masks are for one-frame inference"),
-         ("--of target_index=1", "one-frame inference is not supported"),
+         ("--cim mask.png", "control image masks (alpha) are not used by WAN one-frame inference"),
          ("--zz 3", "unknown option --zz is ignored")]
 # values that break their option's rule -> the error
 BAD = [("--w -64", "--w must be a positive number of pixels, got -64"),
