@@ -326,7 +326,7 @@ def test_save_merged_model(tiny, tmp_path, caplog):
 
 
 def test_ckpt_dir_and_musubi_tasks(tiny, tmp_path, caplog):
-    """An official release folder fills the model paths; t2i-14B is t2v-14B with one frame."""
+    """An official release folder fills the model paths; t2i-14B is its own (1-frame) task."""
     from library.sampling.commands import generate_parser
     from library.sampling.musubi import normalise
 
@@ -348,7 +348,7 @@ def test_ckpt_dir_and_musubi_tasks(tiny, tmp_path, caplog):
     args = generate_parser().parse_args(["--task", "t2i-14B", "--prompt", "x", "--lazy_loading", "--compile_args",
                                          "inductor", "max-autotune-no-cudagraphs", "False", "True"])
     assert normalise(args) == []
-    assert (args.task, args.frames, args.offload_inactive_dit) == ("t2v-14B", 1, True)
+    assert (args.task, args.offload_inactive_dit) == ("t2i-14B", True)
     assert (args.compile_backend, args.compile_mode, args.compile_dynamic, args.compile_fullgraph) == \
         ("inductor", "max-autotune-no-cudagraphs", "false", True)
     assert generate_parser().parse_args(["--prompt", "x"]).task == "t2v-14B"  # musubi's default task

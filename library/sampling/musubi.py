@@ -12,7 +12,7 @@ Flags with our own spelling are aliases on the same option (`--video_length` = `
   regex filters the i-th LoRA of each list by `re.search` on its Kohya module names
   (`lora_unet_blocks_9_cross_attn_k`), include first, then exclude;
 - `--ckpt_dir` (an official release folder) fills `--dit`, `--dit_high_noise`, `--vae`, `--t5`, `--clip`
-  that are not given; `--task t2i-14B` is `t2v-14B` with 1 frame; `--lazy_loading` is
+  that are not given; `--task t2i-14B` (its own variant) renders 1-frame images; `--lazy_loading` is
   `--offload_inactive_dit`; `--compile_args` is the old spelling of the `--compile_*` flags;
   `--timestep_boundary` above 1 is read as 0-1000.
 `UNSUPPORTED` flags are clear errors that say why; `NO_EFFECT` flags ask for what already happens and are
@@ -45,7 +45,6 @@ NO_EFFECT = {
     "fp8_fast": "--fp8_fast: fp8 matrix multiplication is not available; the fp8 weights are multiplied in "
                 "bf16, as with --fp8_scaled alone",
 }
-MUSUBI_TASKS = {"t2i-14b": "t2v-14B"}  # text-to-image: the T2V 14B model with one frame
 UNSUPPORTED_TASKS = ("-fc",)
 # official release file names, for --ckpt_dir
 CKPT_FILES = {"vae": ("Wan2.1_VAE.pth", "Wan2.2_VAE.pth"), "t5": ("models_t5_umt5-xxl-enc-bf16.pth",),
@@ -89,11 +88,7 @@ def add_musubi_args(parser: argparse.ArgumentParser) -> None:
 
 def _task(args, errors: list[str]) -> None:
     task = str(args.task)
-    if task.lower() in MUSUBI_TASKS:
-        logger.info("--task %s: the %s model with 1 frame", task, MUSUBI_TASKS[task.lower()])
-        args.task = MUSUBI_TASKS[task.lower()]
-        args.frames = 1 if args.frames is None else args.frames
-    elif any(part in task.lower() for part in UNSUPPORTED_TASKS):
+    if any(part in task.lower() for part in UNSUPPORTED_TASKS):
         errors.append(f"--task {task}: the Fun-Control models are not supported by this trainer")
 
 

@@ -261,6 +261,9 @@ def request_problems(request: SampleRequest, variant) -> list[str]:
     if getattr(variant, "end_frame", False) and not request.end_image:
         problems.append(f"{request.source}: {variant.name} is a first-last-frame model and needs an end image; "
                         "add `--ei last.png` to the prompt line or pass --end_image_path")
+    if getattr(variant, "images_only", False) and request.frames not in (None, 1):
+        problems.append(f"{request.source}: {variant.name} is text-to-image: it renders single images (frames 1, "
+                        f"not {request.frames}); use t2v-14B for videos")
     if request.one_frame is not None:
         from .one_frame import problems as one_frame_problems
 

@@ -90,6 +90,9 @@ def build_data(cfg: TrainConfig, variant: WanVariant, accelerator, seed: int) ->
         raise ValueError("; ".join(problems))
     for ds in datasets:
         ds.check_caches()
+        if variant.images_only and any(item.bucket[2] != 1 for item in ds.items):
+            raise ValueError(f"{ds.spec.where()}: {variant.name} trains text-to-image on single frames; this dataset "
+                             "has multi-frame clips: use images (or target_frames = [1]), or train t2v-14B on videos")
         if variant.is_i2v and not is_one_frame(ds.spec) and any(item.is_image for item in ds.items):
             raise ValueError(
                 f"{ds.spec.where()}: {variant.name} is image-to-video and learns the frames that follow the "

@@ -94,3 +94,14 @@ def test_other_key_names_load_with_emb_pos(tmp_path, naming):
     model = load_dit(tmp_path / "dit.safetensors")
     assert model.variant.name == TASK
     assert torch.equal(model.img_emb.emb_pos, ours.img_emb.emb_pos)
+
+
+def test_full_size_flf2v_is_i2v_14b_plus_emb_pos():
+    from library.wan.model import WanModel
+
+    with torch.device("meta"):
+        flf, i2v = WanModel(get_variant("flf2v-14B")), WanModel(get_variant("i2v-14B"))
+    ours, base = flf.state_dict(), i2v.state_dict()
+    assert set(ours) - set(base) == {"img_emb.emb_pos"} and tuple(ours["img_emb.emb_pos"].shape) == (1, 514, 1280)
+    assert all(ours[k].shape == base[k].shape for k in base) and len(ours) == 1304
+    assert sum(p.numel() for p in flf.parameters()) == 16_394_878_784 + 514 * 1280
