@@ -42,7 +42,8 @@ OFFICIAL_NEGATIVE_PROMPT = (
 
 
 def default_negative_prompt(variant) -> str:
-    return ("镜头晃动，" if variant.version == "2.1" and variant.is_i2v else "") + OFFICIAL_NEGATIVE_PROMPT
+    prefix = ("镜头切换，" if variant.end_frame else "镜头晃动，") if variant.version == "2.1" and variant.is_i2v else ""
+    return prefix + OFFICIAL_NEGATIVE_PROMPT  # FLF2V: the official first_last_frame2video prefix
 
 
 @dataclass
