@@ -42,8 +42,9 @@ OFFICIAL_NEGATIVE_PROMPT = (
 
 
 def default_negative_prompt(variant) -> str:
-    prefix = ("镜头切换，" if variant.end_frame else "镜头晃动，") if variant.version == "2.1" and variant.is_i2v else ""
-    return prefix + OFFICIAL_NEGATIVE_PROMPT  # FLF2V: the official first_last_frame2video prefix
+    if variant.version != "2.1" or not variant.is_i2v:
+        return OFFICIAL_NEGATIVE_PROMPT
+    return ("镜头切换，" if variant.end_frame else "镜头晃动，") + OFFICIAL_NEGATIVE_PROMPT  # FLF2V: first_last_frame2video
 
 
 @dataclass
