@@ -44,7 +44,7 @@ OFFICIAL_NEGATIVE_PROMPT = (
 def default_negative_prompt(variant) -> str:
     if variant.version != "2.1" or not variant.is_i2v:
         return OFFICIAL_NEGATIVE_PROMPT
-    return ("镜头切换，" if variant.end_frame else "镜头晃动，") + OFFICIAL_NEGATIVE_PROMPT  # FLF2V: first_last_frame2video
+    return ("镜头切换，" if variant.end_frame else "镜头晃动，") + OFFICIAL_NEGATIVE_PROMPT  # FLF2V: its own
 
 
 @dataclass
