@@ -4,6 +4,8 @@
     comfyui   diffusion_model.blocks.0.self_attn.q.lora_A.weight / .lora_B.weight / .alpha
     diffusers transformer.blocks.0.attn1.to_q.lora_A.weight / .lora_B.weight        (alpha folded in)
 
+LyCORIS LoHa / LoKr files keep their part names (`.hada_w1_a`, `.lokr_w1`, ...) under the kohya or comfyui
+stems (ComfyUI loads both); to diffusers they are written as their exact LoRA equivalent.
 Any of the three (and peft's `.default` spelling) is read; the WAN module-name grammar below turns
 Kohya's underscored names back into official dotted names. The metadata is kept, with the format noted.
 """
@@ -18,6 +20,7 @@ import torch
 from .lora import group_lora_keys
 from .lora_files import LoraInputError, read_lora_file
 from .lora_wan import diffusers_module_to_official
+from .lycoris_weights import as_lora, group_lycoris, is_lycoris, lycoris_keys
 
 FORMATS = ("kohya", "comfyui", "diffusers")
 
@@ -64,9 +67,17 @@ def diffusers_name(official: str) -> str:
     return official
 
 
-def read_modules(path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-    """{official module name: {"down", "up", "alpha"}} and the metadata, from a file in any format."""
+def read_modules(path, native: bool = False) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """{official module name: {"down", "up", "alpha"}} and the metadata, from a file in any format. A LyCORIS
+    LoHa / LoKr file gives its exact LoRA equivalent (`networks.lycoris_weights`), or with `native` its own
+    parts (hada_* / lokr_* / alpha)."""
     sd, meta = read_lora_file(path)
+    if is_lycoris(sd):
+        grouped, unknown = group_lycoris(sd, diffusers_module_to_official)
+        if unknown:
+            raise LoraInputError(f"{path}: {len(unknown)} keys are not LoHa / LoKr tensors (e.g. {unknown[:3]})")
+        modules = {official_name(kohya): parts for kohya, parts in grouped.items()}
+        return (modules if native else {n: as_lora(n, p) for n, p in modules.items()}), meta
     grouped, unknown = group_lora_keys(sd, diffusers_module_to_official)
     if unknown:
         raise LoraInputError(f"{path}: {len(unknown)} keys are not LoRA down / up / alpha tensors (e.g. "
@@ -105,8 +116,12 @@ def convert_lora(src, dst, fmt: str, dtype: torch.dtype | None = None) -> Path:
     """Read a WAN LoRA in any format and write it (atomically) in `fmt`, optionally cast to `dtype`."""
     from .lora import write_lora_file
 
-    modules, meta = read_modules(src)
-    tensors = to_format(modules, fmt)
+    modules, meta = read_modules(src, native=True)
+    lycoris = any(kind in part for parts in modules.values() for part in parts for kind in ("hada_", "lokr_"))
+    if lycoris and fmt == "diffusers":  # no LoHa / LoKr keys there: the exact LoRA equivalent
+        tensors = to_format({n: as_lora(n, p) for n, p in modules.items()}, fmt)
+    else:
+        tensors = lycoris_keys(modules, fmt) if lycoris else to_format(modules, fmt)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     meta = {**meta, "ss_lora_format": fmt, "ss_converted_from": Path(str(src)).name}

@@ -138,7 +138,7 @@ def _lora_metadata(inputs: list[LoraInput], modules: Modules, fmt: str, warnings
     first = inputs[0].metadata
     meta = {k: v for k, v in first.items() if k.startswith("modelspec.")}
     for key in ("ss_network_module", "ss_base_model_version"):
-        if key in first:
+        if key in first and first[key] != "lycoris.kohya":  # a LyCORIS network merges into a plain LoRA
             meta[key] = first[key]
     archs = {lo.metadata.get("modelspec.architecture") for lo in inputs} - {None}
     if len(archs) > 1:

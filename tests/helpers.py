@@ -64,6 +64,7 @@ def diffusers_transformer(variant):
         freq_dim=variant.freq_dim, ffn_dim=variant.ffn_dim, num_layers=variant.num_layers,
         image_dim=variant.clip_dim if variant.image_embedding else None,
         added_kv_proj_dim=variant.dim if variant.image_embedding else None,
+        pos_embed_seq_len=2 * variant.clip_tokens if getattr(variant, "end_frame", False) else None,
     )
 
 

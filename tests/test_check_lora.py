@@ -62,7 +62,7 @@ def test_a_trained_file_is_ok_with_its_facts(tmp_path):
     assert report.verdict == "OK", report.findings
     assert report.key_format == "kohya" and report.comfyui == "loads natively" and report.modules == 20
     assert report.rank == [4] and report.alpha_scale == [0.5] and report.dtypes == ["float32"]
-    assert report.fits == ["t2v-tiny", "i2v-tiny", "ti2v-tiny", "i2v-tiny-2.1"]
+    assert report.fits == ["t2v-tiny", "i2v-tiny", "ti2v-tiny", "i2v-tiny-2.1", "t2i-tiny", "flf2v-tiny"]
     assert report.shapes == {"dim": 32, "ffn_dim": 64, "blocks": 2, "last_block": 1, "k_img": False}
     assert report.metadata_variant == "t2v-tiny" and report.training["steps"] == 1000
     assert any("applies to both experts" in m for m in levels(report, "note"))  # a 2.2 two-expert variant
@@ -152,7 +152,7 @@ def test_expert_pair_with_and_without_partner(tmp_path):
 
 def test_metadata_that_disagrees_with_the_shapes(tmp_path):
     path = write_lora(tmp_path / "i2v21.safetensors", variant="i2v-tiny-2.1")  # has cross_attn.k_img / v_img
-    assert diagnose(path).fits == ["i2v-tiny-2.1"] and diagnose(path).verdict == "OK"
+    assert diagnose(path).fits == ["i2v-tiny-2.1", "flf2v-tiny"] and diagnose(path).verdict == "OK"
     sd = load_file(str(path))
     save_file(sd, str(tmp_path / "lie.safetensors"), metadata={"modelspec.architecture": "wan2.2-t2v-tiny/lora"})
     report = diagnose(tmp_path / "lie.safetensors")
@@ -186,8 +186,8 @@ def test_real_variants_from_shapes_alone(tmp_path):
         save_file(sd, str(tmp_path / "x.safetensors"))
         return diagnose(tmp_path / "x.safetensors").fits
 
-    assert fits(5120, 13824) == ["t2v-A14B", "i2v-A14B", "t2v-14B", "i2v-14B"]
-    assert fits(5120, 13824, k_img=True) == ["i2v-14B"]
+    assert fits(5120, 13824) == ["t2v-A14B", "i2v-A14B", "t2v-14B", "i2v-14B", "flf2v-14B", "t2i-14B"]
+    assert fits(5120, 13824, k_img=True) == ["i2v-14B", "flf2v-14B"]
     assert fits(3072, 14336) == ["ti2v-5B"]
     assert fits(1536, 8960) == ["t2v-1.3B"]
 

@@ -157,15 +157,13 @@ def test_musubi_flag_works(musubi_run, flag):
 # ---- the flags that are clear errors, and numbers outside their rules ------------------------------------
 
 ERRORS = {
-    "--end_image_path e.png": "--end_image_path (first-last-frame video, FLF2V) is not supported yet",
     "--control_path c.mp4": "--control_path is for the Wan2.1 Fun-Control models",
     "--video_path v.mp4": "--video_path (video-to-video) is not supported",
-    "--one_frame_inference target_index=1": "--one_frame_inference is not supported",
-    "--control_image_path a.png": "--control_image_path is for one-frame inference",
-    "--control_image_mask_path m.png": "--control_image_mask_path is for one-frame inference",
-    "--lycoris": "--lycoris: generation does not apply LyCORIS networks (LoKr, LoHa, ...) yet",
-    "--task flf2v-14B": "the FLF2V and Fun-Control models are not supported",
-    "--task i2v-14B-FC": "the FLF2V and Fun-Control models are not supported",
+    "--one_frame_inference target_index=1": "give target_index=N and control_index=A",
+    "--one_frame_inference target_index=1,control_index=0 --control_image_path a.png":
+        "one-frame inference is for the WAN 2.1 I2V and FLF2V models (i2v-14B, flf2v-14B), not t2v-tiny",
+    "--control_image_mask_path m.png": "--control_image_mask_path: WAN one-frame inference uses no masks",
+    "--task i2v-14B-FC": "the Fun-Control models are not supported",
     "--width -64": "--width must be a positive number of pixels, got -64",
     "--height 0": "--height must be a positive number of pixels, got 0",
     "--width 40": "--width 40 is not a multiple of 16 (the VAE stride x the DiT patch of t2v-tiny); use 32 or 48",
@@ -328,7 +326,7 @@ def test_save_merged_model(tiny, tmp_path, caplog):
 
 
 def test_ckpt_dir_and_musubi_tasks(tiny, tmp_path, caplog):
-    """An official release folder fills the model paths; t2i-14B is t2v-14B with one frame."""
+    """An official release folder fills the model paths; t2i-14B is its own (1-frame) task."""
     from library.sampling.commands import generate_parser
     from library.sampling.musubi import normalise
 
@@ -350,7 +348,7 @@ def test_ckpt_dir_and_musubi_tasks(tiny, tmp_path, caplog):
     args = generate_parser().parse_args(["--task", "t2i-14B", "--prompt", "x", "--lazy_loading", "--compile_args",
                                          "inductor", "max-autotune-no-cudagraphs", "False", "True"])
     assert normalise(args) == []
-    assert (args.task, args.frames, args.offload_inactive_dit) == ("t2v-14B", 1, True)
+    assert (args.task, args.offload_inactive_dit) == ("t2i-14B", True)
     assert (args.compile_backend, args.compile_mode, args.compile_dynamic, args.compile_fullgraph) == \
         ("inductor", "max-autotune-no-cudagraphs", "false", True)
     assert generate_parser().parse_args(["--prompt", "x"]).task == "t2v-14B"  # musubi's default task

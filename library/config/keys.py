@@ -80,6 +80,8 @@ NO_EFFECT_KEYS: dict[str, str] = {
     "ddp_static_graph": "this trainer does not wrap the model in DDP (it averages the gradients in buckets itself)",
     "persistent_data_loader_workers": "each epoch builds its loader for its own batch order, so workers start "
                                       "once per epoch (about a second)",
+    "one_frame": "samples of prompts with musubi's `--of` (and `--ci`) options always render one-frame; one-frame "
+                 "datasets are the ones with fp_1f_* keys",
     "vae_chunk_size": "the WAN VAE already runs its causal convolutions one chunk at a time (4 frames when "
                       "encoding, 1 latent frame when decoding), the least memory chunking can give",
 }
@@ -89,8 +91,6 @@ _COMPILE = "this trainer compiles the DiT blocks with `compile = true` (`compile
 _HUB = "uploading to the Hugging Face Hub is not built in: upload the output folder with `huggingface-cli upload`"
 # name: (musubi's default value(s), what to do instead)
 UNSUPPORTED_FLAGS: dict[str, tuple[tuple, str]] = {
-    "one_frame": ((False,), "one-frame (single image) training is not implemented; train on images with the I2V task"),
-    "num_timestep_buckets": ((None,), "timestep buckets are not implemented"),
     "block_swap_h2d_only": ((False,), "use blocks_to_swap alone"),
     "block_swap_ring_size": ((2,), "this trainer's block swap has no ring of blocks to size; use blocks_to_swap"),
     "disable_numpy_memmap": ((False,), "caches are always memory-mapped"),

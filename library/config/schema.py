@@ -131,6 +131,8 @@ class TimestepArgs:
     min_timestep: int = arg(0, "lowest training timestep, 0-1000")
     max_timestep: int = arg(1000, "highest training timestep, 0-1000")
     preserve_distribution_shape: bool = arg(False, "restrict to [min, max] by rejection, keeping the shape")
+    num_timestep_buckets: int | None = arg(None, "stratified timesteps: each epoch's draws spread evenly over N "
+                                                 "equal buckets of the distribution (musubi-tuner's; None or 1: off)")
     timestep_boundary: int | float | None = arg(
         None, "WAN 2.2 A14B expert switch: a fraction 0-1 or a timestep 0-1000 (0 or absent: the variant's)",
         coerce=normalise_timestep_boundary,

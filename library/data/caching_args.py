@@ -80,7 +80,7 @@ def add_vae_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae_chunk_size", type=int, default=None,
                         help="no effect here (logged): the WAN VAE already runs one time chunk at a time")
     parser.add_argument("--one_frame", action="store_true",
-                        help="musubi-tuner's one-frame caching: not implemented here (an error)")
+                        help="musubi-tuner's one-frame caching; datasets with fp_1f_* keys always cache that way")
 
 
 def vae_tile_size(args: argparse.Namespace) -> int | None:
@@ -97,7 +97,7 @@ def musubi_flag_problems(args: argparse.Namespace) -> str | None:
                 "has no viewer: run `python tools/check_dataset.py --dataset_config ...` to list every item, bucket "
                 "and problem, then cache without --debug_mode")
     if getattr(args, "one_frame", False):
-        return "--one_frame: one-frame (single image) caching is not implemented; cache images with an I2V --task"
+        logger.info("--one_frame: datasets with fp_1f_* keys are cached for one-frame training (they always are)")
     size = getattr(args, "vae_spatial_tile_sample_min_size", None)
     if size is not None and size <= 0:
         return f"--vae_spatial_tile_sample_min_size {size}: give a tile side in pixels (e.g. 256)"

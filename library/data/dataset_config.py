@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 FRAME_EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")
 SOURCE_KEYS = ("image_directory", "image_jsonl_file", "video_directory", "video_jsonl_file")
-DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val")
+DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val", "control_directory")
+ONE_FRAME_KEYS = ("fp_1f_clean_indices", "fp_1f_target_index", "fp_1f_no_post")  # image datasets only
 TABLES = ("general", "datasets", "validation_datasets")
 
 
@@ -55,6 +56,10 @@ class DatasetOptions:
     max_frames: int = _opt(129, "longest window for `full` (1 + 4k)", True)
     source_fps: float | None = _opt(None, "the clips' frame rate, overriding what the file says (required to resample "
                                           "frame folders)", True)
+    # one-frame training (musubi-tuner's FramePack keys, used by its WAN one-frame mode; `library/data/one_frame.py`)
+    fp_1f_clean_indices: tuple[int, ...] | None = _opt(None, "one-frame: RoPE frame index of each control image")
+    fp_1f_target_index: int | None = _opt(None, "one-frame: RoPE frame index of the target image")
+    fp_1f_no_post: bool = _opt(False, "FramePack's clean_latent_post switch; no effect for WAN (as in musubi-tuner)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +74,7 @@ class DatasetSpec(DatasetOptions):
     index: int = 0  # position in its TOML table
     table: str = "datasets"
     config_path: Path = Path("dataset.toml")
+    control_directory: Path | None = None  # control images (one-frame), same stem as each image
 
     def where(self) -> str:
         """How error messages name this dataset: file, table and position."""
@@ -123,6 +129,14 @@ def _coerce(name: str, value: Any, where: str):
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 for v in value)):
             raise bad("an int >= 16 or [W, H]")
         return (int(value[0]), int(value[1]))
+    if name in ONE_FRAME_KEYS[:2]:
+        value = [value] if name == "fp_1f_clean_indices" and isinstance(value, int) else value
+        values = value if name == "fp_1f_clean_indices" else [value]
+        if not (isinstance(values, (list, tuple)) and values
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)):
+            raise bad("a list of frame indices (integers >= 0) such as [0]" if name == "fp_1f_clean_indices"
+                      else "a frame index (an integer >= 0)")
+        return tuple(values) if name == "fp_1f_clean_indices" else int(value)
     if name == "target_frames":
         value = [value] if isinstance(value, int) and not isinstance(value, bool) else value
         if not (isinstance(value, (list, tuple)) and value
@@ -200,6 +214,9 @@ def _build_spec(table: dict, general: dict, index: int, table_name: str, config_
             raise DatasetConfigError(
                 f"{where}: {misplaced[0]!r} is a video key but this is an image dataset ({source_key}); "
                 "remove it or use video_directory / video_jsonl_file")
+    elif any(k in ONE_FRAME_KEYS for k in own):
+        raise DatasetConfigError(f"{where}: the one-frame keys fp_1f_* are for image datasets; this is a video "
+                                 "dataset")
     base = config_path.parent
     source = _resolve_path(table[source_key], source_key, where, base)
     jsonl = source_key.endswith("jsonl_file")
@@ -213,11 +230,15 @@ def _build_spec(table: dict, general: dict, index: int, table_name: str, config_
     if not isinstance(is_val, bool):
         raise DatasetConfigError(f"{where}: is_val must be true or false")
     is_val = is_val or table_name == "validation_datasets"
+    control = _resolve_path(table["control_directory"], "control_directory", where, base) \
+        if "control_directory" in table else None
     merged = {**general, **own}
+    if kind == "video":
+        merged = {k: v for k, v in merged.items() if k not in ONE_FRAME_KEYS}  # from [general]: images only
     if kind == "image":
         merged["target_frames"] = (1,)
     return DatasetSpec(kind=kind, source=source, jsonl=jsonl, cache_directory=cache_dir, is_val=is_val,
-                       index=index, table=table_name, config_path=config_path, **merged)
+                       index=index, table=table_name, config_path=config_path, control_directory=control, **merged)
 
 
 def parse_dataset_config(data: dict, path: Path) -> DatasetConfig:

@@ -61,6 +61,7 @@ class TaskInfo:
     fps: float
     is_i2v: bool
     needs_clip: bool = False  # WAN 2.1 I2V: CLIP image tokens of the first frame (`clip_fea`)
+    end_frame: bool = False  # WAN 2.1 FLF2V: the last frame conditions too (image latents and clip_fea)
 
     @property
     def step(self) -> int:
@@ -72,12 +73,19 @@ def task_info(task: str) -> TaskInfo:
 
     variant = get_variant(task)
     return TaskInfo(task=variant.name, vae_kind=variant.vae, fps=float(variant.fps), is_i2v=variant.is_i2v,
-                    needs_clip=variant.image_embedding)
+                    needs_clip=variant.image_embedding, end_frame=variant.end_frame)
 
 
-def latent_settings(item: MediaItem, vae_kind: str) -> dict:
-    """Everything that decides an item's latents besides the source file and the VAE weights."""
-    return {"vae_kind": vae_kind, "bucket": list(item.bucket), "frames": list(item.frames), "fps": item.fps}
+def latent_settings(item: MediaItem, vae_kind: str, end_frame: bool = False, spec=None) -> dict:
+    """Everything that decides an item's latents besides the source file and the VAE weights (FLF2V caches
+    are marked: their image latents and CLIP tokens also hold the last frame; one-frame caches hold their
+    indices and control files)."""
+    from .one_frame import is_one_frame, settings as one_frame_settings
+
+    settings = {"vae_kind": vae_kind, "bucket": list(item.bucket), "frames": list(item.frames), "fps": item.fps}
+    if spec is not None and is_one_frame(spec):
+        settings["one_frame"] = one_frame_settings(spec, item.media_path)
+    return settings | ({"conditioning": "first_last_frame"} if end_frame else {})
 
 
 def read_skip_lists(cache_dir: Path, vae_kind: str) -> dict[str, dict]:
@@ -153,7 +161,8 @@ class CachedDataset(torch.utils.data.Dataset):
         problems, vae_hashes, clip_hashes, encoders = [], set(), set(), set()
         for item in self.items:
             path = self.latent_path(item)
-            problem = cache.latent_cache_problem(path, item, latent_settings(item, self.info.vae_kind),
+            settings = latent_settings(item, self.info.vae_kind, self.info.end_frame, self.spec)
+            problem = cache.latent_cache_problem(path, item, settings,
                                                  need_image_latents=self.info.is_i2v,
                                                  need_clip_fea=self.info.needs_clip)
             if problem:
@@ -213,6 +222,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "latents": tensors["latents"],  # [z, T, h, w] bf16 as stored
             "image_latents": tensors.get("image_latents") if self.info.is_i2v else None,
             "clip_fea": tensors.get("clip_fea") if self.info.needs_clip else None,  # [257, width] or None
+            "frame_mask": tensors.get("frame_mask"), "frame_positions": tensors.get("frame_positions"),  # one-frame
             "context": context,  # [L, d]
             "key": item.key, "caption": caption, "is_image": item.is_image, "bucket": item.bucket,
         }
@@ -258,6 +268,8 @@ def collate(items: list[dict]) -> dict:
         "latents": torch.stack([item["latents"] for item in items]).float(),  # [B, z, T, h, w]
         "image_latents": None if any(x is None for x in image) else torch.stack(image).float(),
         "clip_fea": None if any(x is None for x in clip) else torch.stack(clip).float(),  # [B, 257, width]
+        **{k: torch.stack([item[k] for item in items]) for k in ("frame_mask", "frame_positions")
+           if all(item.get(k) is not None for item in items)},  # one-frame: [B, T] each
         "context": [item["context"].float() for item in items],  # B x [L_i, d]
         "keys": [item["key"] for item in items],
         "captions": [item["caption"] for item in items],

@@ -23,7 +23,7 @@ import torch
 
 from library.errors import UserError
 
-from . import cache
+from . import cache, one_frame
 from .dataset_config import DatasetConfig, DatasetSpec
 from .datasets import TaskInfo, latent_settings, task_info
 from .items import MediaItem, Skip, enumerate_dataset
@@ -123,9 +123,10 @@ def load_pixels(item: MediaItem) -> torch.Tensor:
     return video.float().div_(127.5).sub_(1.0)
 
 
-def _decode(item: MediaItem):
+def _decode(item: MediaItem, spec: DatasetSpec | None = None):
     try:
-        return load_pixels(item)
+        return one_frame.load_frames(spec, item) if spec is not None and one_frame.is_one_frame(spec) \
+            else load_pixels(item)
     except (MediaError, OSError) as exc:
         return exc
 
@@ -143,24 +144,37 @@ def _batches(todo: list[tuple[DatasetSpec, MediaItem]], batch_size: int):
 
 
 @torch.no_grad()
-def encode_batch(vae, videos: torch.Tensor, is_i2v: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[B, 3, F, H, W] -> latents [B, z, T, h, w] and, for I2V, the latents of (first frame, zeros)."""
+def encode_batch(vae, videos: torch.Tensor, is_i2v: bool,
+                 end_frame: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[B, 3, F, H, W] -> latents [B, z, T, h, w] and, for I2V, the latents of (first frame, zeros) (FLF2V:
+    (first frame, zeros, last frame))."""
     latents = vae.encode(videos)
     if not is_i2v:
         return latents, None
     condition = torch.zeros_like(videos)
     condition[:, :, :1] = videos[:, :, :1]  # the official I2V conditioning video: frame 0, then black
+    if end_frame:
+        condition[:, :, -1:] = videos[:, :, -1:]  # FLF2V: ... and the last frame
     return latents, vae.encode(condition)
 
 
+def encode_clip(clip, videos: torch.Tensor, end_frame: bool) -> torch.Tensor:
+    """CLIP tokens of the first frames [B, 257, width], or for FLF2V of the first and last [B, 2, 257, width]."""
+    if not end_frame:
+        return clip.encode(videos[:, :, 0])
+    b = videos.shape[0]
+    pair = clip.encode(torch.cat([videos[:, :, 0], videos[:, :, -1]]))  # [2B, 257, width]
+    return torch.stack([pair[:b], pair[b:]], dim=1)
+
+
 def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str,
-                clip_fea=None, clip_hash: str | None = None) -> None:
-    tensors = {"latents": latents.to(cache.STORE_DTYPE)}
+                clip_fea=None, clip_hash: str | None = None, extra: dict | None = None) -> None:
+    tensors = {"latents": latents.to(cache.STORE_DTYPE), **(extra or {})}
     if image_latents is not None:
         tensors["image_latents"] = image_latents.to(cache.STORE_DTYPE)
     if clip_fea is not None:
-        tensors["clip_fea"] = clip_fea.to(cache.STORE_DTYPE)  # [257, width]
-    meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind), vae_hash,
+        tensors["clip_fea"] = clip_fea.to(cache.STORE_DTYPE)  # [257, width] (FLF2V: [2, 257, width])
+    meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind, info.end_frame, spec), vae_hash,
                                  cache.source_fingerprint(item.media_path), clip_hash)
     path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
     cache.write_safetensors_atomic(tensors, path, meta)
@@ -169,10 +183,19 @@ def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info
 def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, str | None],
                       summary: CacheSummary) -> None:
     """Encode decoded items of one bucket together and write one cache file each."""
+    single = [g for g in good if one_frame.is_one_frame(g[0])]
+    for spec, item, frames in single:  # one-frame items: each image encoded on its own
+        tensors = one_frame.encode(vae, clip, frames, spec)
+        _write_item(spec, item, tensors.pop("latents"), tensors.pop("image_latents"), info, hashes[0],
+                    tensors.pop("clip_fea", None), hashes[1], extra=tensors)
+        summary.cached += 1
+    good = [g for g in good if not one_frame.is_one_frame(g[0])]
+    if not good:
+        return
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     videos = torch.stack([g[2] for g in good]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
-    latents, image_latents = encode_batch(vae, videos, info.is_i2v)
-    clip_fea = clip.encode(videos[:, :, 0]) if clip is not None else None  # first frames -> [B, 257, width]
+    latents, image_latents = encode_batch(vae, videos, info.is_i2v, info.end_frame)
+    clip_fea = encode_clip(clip, videos, info.end_frame) if clip is not None else None  # [B, (2,) 257, width]
     for j, (spec, item, _) in enumerate(good):
         _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j], info, hashes[0],
                     None if clip_fea is None else clip_fea[j], hashes[1])
@@ -183,7 +206,7 @@ def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, cl
     todo = []
     for spec, item in entries:
         path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
-        problem = cache.latent_cache_problem(path, item, latent_settings(item, info.vae_kind),
+        problem = cache.latent_cache_problem(path, item, latent_settings(item, info.vae_kind, info.end_frame, spec),
                                              need_image_latents=info.is_i2v, vae_hash=vae_hash,
                                              need_clip_fea=info.needs_clip, clip_hash=clip_hash,
                                              verify_content=True)
@@ -205,6 +228,9 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
 
     if info.needs_clip and clip is None:
         raise CachingError(_NEEDS_CLIP.format(task=info.task))
+    problems = one_frame.task_problems(config.all, info.task, info.needs_clip, info.end_frame)
+    if problems:
+        raise CachingError("; ".join(problems))
     summary = CacheSummary("latents")
     entries = split_for_rank(collect_items(config, info, summary, strict), rank, world_size)
     todo = _find_todo(entries, info, vae_hash, summary, clip_hash if info.needs_clip else None)
@@ -219,7 +245,7 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
                 entry = next(queue, None)
                 if entry is None:
                     break
-                pending.append(pool.submit(_decode, entry[1]))
+                pending.append(pool.submit(_decode, entry[1], entry[0]))
             decoded = [pending.popleft().result() for _ in batch]
             good = []
             for (spec, item), pixels in zip(batch, decoded):

@@ -213,6 +213,25 @@ def _check_training(d: Diagnosis, meta: dict) -> None:
                          "'No visible effect' list")
 
 
+def _lycoris_as_lora(d: Diagnosis, sd: dict) -> dict:
+    """A LyCORIS LoHa / LoKr file is checked as its exact LoRA equivalent (a note says so)."""
+    from networks.lora_files import LoraInputError
+    from networks.lora_wan import diffusers_module_to_official
+    from networks.lycoris_weights import is_lycoris, lycoris_as_lora_state
+
+    if not is_lycoris(sd):
+        return sd
+    kinds = " / ".join(k for k, tag in (("LoHa", ".hada_"), ("LoKr", ".lokr_")) if any(tag in key for key in sd))
+    try:
+        converted, unknown = lycoris_as_lora_state(sd, diffusers_module_to_official)
+    except LoraInputError as exc:
+        d.add("error", str(exc))
+        return {}
+    d.add("note", f"LyCORIS {kinds} network: checked as its exact LoRA equivalent (ranks below are that LoRA's); "
+                  "ComfyUI loads its keys natively")
+    return converted | {k: sd[k] for k in unknown}
+
+
 def diagnose(path, task: str | None = None, dit: DitReference | None = None) -> Diagnosis:
     """Every check on one LoRA file; `task` (a variant name) or `dit` adds the fit against that model."""
     d = Diagnosis(Path(path))
@@ -220,6 +239,7 @@ def diagnose(path, task: str | None = None, dit: DitReference | None = None) -> 
     if read is None:
         return d
     sd, meta = read
+    sd = _lycoris_as_lora(d, sd)
     modules, foreign, incomplete, d.not_lora_keys = split_modules(sd)
     modules = _check_tensors(d, sd, modules)
     if _check_keys(d, sd, modules, foreign, incomplete):

@@ -74,6 +74,11 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--from_file", help="prompt file: .txt (musubi / Kohya sample-prompt lines), .toml or .json")
     g.add_argument("--negative_prompt", help="default: the official WAN negative prompt")
     g.add_argument("--image", "--image_path", help="start image for I2V / TI2V (a line's --i wins)")
+    g.add_argument("--end_image", "--end_image_path", help="last frame for FLF2V (flf2v-14B; a line's --ei wins)")
+    g.add_argument("--one_frame_inference", help="one-frame inference, e.g. target_index=1,control_index=0 "
+                                                 "(WAN 2.1 I2V / FLF2V; a line's --of wins)")
+    g.add_argument("--control_image_path", nargs="*", help="control images of one-frame inference, one per "
+                                                         "control_index (a line's --ci wins)")
     g.add_argument("--width", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--height", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--frames", "--video_length", type=int, help="frame count, 1 + 4k")
@@ -109,7 +114,9 @@ def build_requests(args) -> tuple[list[SampleRequest], list[PromptError]]:
         except PromptError as exc:
             errors.append(exc)
     notes.log()
-    defaults = dict(negative_prompt=args.negative_prompt, image=args.image, width=args.width, height=args.height,
+    defaults = dict(negative_prompt=args.negative_prompt, image=args.image, end_image=args.end_image,
+                    one_frame=args.one_frame_inference, control_images=tuple(args.control_image_path or ()) or None,
+                    width=args.width, height=args.height,
                     frames=args.frames, steps=args.steps, seed=args.seed, guidance=args.guidance_scale,
                     guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift)
     requests = [r.with_defaults(**defaults) for r in requests]

@@ -160,7 +160,10 @@ def _interactive(models, writer: Writer) -> int:
 
 
 def _defaults(args) -> dict:
-    return dict(negative_prompt=args.negative_prompt, image=args.image, width=args.width, height=args.height,
+    return dict(negative_prompt=args.negative_prompt, image=args.image, end_image=getattr(args, "end_image", None),
+                one_frame=getattr(args, "one_frame_inference", None),
+                control_images=tuple(getattr(args, "control_image_path", None) or ()) or None,
+                width=args.width, height=args.height,
                 frames=args.frames, steps=args.steps, seed=args.seed, guidance=args.guidance_scale,
                 guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift)
 

@@ -44,6 +44,10 @@ class Conditioning:
     y: torch.Tensor | None = None  # I2V: [B, 4 + z, T, h, w]
     first_frame: torch.Tensor | None = None  # TI2V: clean latent of frame 0, [B, z, 1, h, w]
     clip_fea: torch.Tensor | None = None  # WAN 2.1 I2V CLIP tokens
+    frame_positions: list[int] | None = None  # one-frame inference: the RoPE time index of each latent frame
+
+    def extra(self) -> dict:
+        return {} if self.frame_positions is None else {"frame_positions": self.frame_positions}
 
 
 def _token_timesteps(t: torch.Tensor, latents: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
@@ -58,13 +62,13 @@ def _token_timesteps(t: torch.Tensor, latents: torch.Tensor, patch: tuple[int, i
 def _flow(model, x, t, cond: Conditioning, guidance: float, cfg: bool = True, slg: GuidanceOptions | None = None):
     """The guided flow: uncond + g * (cond - uncond). No negative prompt, a CFG-skipped step or g == 1 (without
     skip-layer guidance) skip the uncond pass; `slg` (on this step) adds skip-layer guidance."""
-    v = model(x, t, list(cond.context), y=cond.y, clip_fea=cond.clip_fea)
+    v = model(x, t, list(cond.context), y=cond.y, clip_fea=cond.clip_fea, **cond.extra())
     if cond.negative is None or not cfg or (guidance == 1.0 and slg is None):
         return v
 
     def uncond(skip: tuple[int, ...] = ()) -> torch.Tensor:
         with skipping_blocks(model, skip):
-            return model(x, t, list(cond.negative), y=cond.y, clip_fea=cond.clip_fea)
+            return model(x, t, list(cond.negative), y=cond.y, clip_fea=cond.clip_fea, **cond.extra())
 
     if slg is not None and slg.slg_mode == "uncond":  # Wan2GP: the skip-layer flow is the uncond
         v_skip = uncond(slg.slg_layers)

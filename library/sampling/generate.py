@@ -22,8 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from library.wan.conditioning import i2v_condition
+from library.wan import flf2v
 
+from . import one_frame
 from .denoise import Conditioning, GuidedExpert, denoise
 from .finite import check_finite_sample
 from .guidance import GuidanceOptions
@@ -41,7 +42,9 @@ OFFICIAL_NEGATIVE_PROMPT = (
 
 
 def default_negative_prompt(variant) -> str:
-    return ("镜头晃动，" if variant.version == "2.1" and variant.is_i2v else "") + OFFICIAL_NEGATIVE_PROMPT
+    if variant.version != "2.1" or not variant.is_i2v:
+        return OFFICIAL_NEGATIVE_PROMPT
+    return ("镜头切换，" if variant.end_frame else "镜头晃动，") + OFFICIAL_NEGATIVE_PROMPT  # FLF2V: its own
 
 
 @dataclass
@@ -92,7 +95,7 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
     high = request.guidance_high if request.guidance_high is not None else (
         request.guidance if request.guidance is not None else variant.guidance[1])
     problems = request_problems(replace(request, width=width, height=height), variant)
-    frames = request.frames or variant.num_frames
+    frames = 1 if request.one_frame else (request.frames or variant.num_frames)
     try:
         parse_frames(frames)
     except ValueError as exc:
@@ -109,6 +112,9 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
         flow_shift=request.flow_shift if request.flow_shift is not None else variant.flow_shift,
         guidance_low_noise=float(low), guidance_high_noise=float(high),
         boundary=boundary if boundary is not None else variant.boundary, image=request.image, source=request.source,
+        **({"end_image": request.end_image} if variant.end_frame else {}),
+        **({"one_frame": request.one_frame, "control_images": list(request.control_images or ())}
+           if request.one_frame else {}),
     )
 
 
@@ -184,11 +190,19 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
     cond = Conditioning([context], [negative])
     if s["image"] and variant.model_type in ("i2v", "ti2v"):
         image = load_image(s["image"], s["width"], s["height"], request.source)  # the VAE moves and casts it
-        if variant.is_i2v:  # the image, then black frames, encoded as one clip
-            clip = torch.cat([image, torch.zeros_like(image).expand(-1, -1, s["frames"] - 1, -1, -1)], dim=2)
-            cond.y = i2v_condition(vae.encode(clip).float()).to(device)
+        if variant.is_i2v:  # the image, then black frames (FLF2V: then the end image), encoded as one clip
+            last = load_image(s["end_image"], s["width"], s["height"], request.source) if variant.end_frame else None
+            if s.get("one_frame"):  # the control images at their RoPE frame indices, the target frame among them
+                controls = [load_image(p, s["width"], s["height"], request.source) for p in s["control_images"]]
+                y, cond.frame_positions, s["one_frame_index"] = one_frame.condition(vae, s["one_frame"], controls)
+                cond.y = y.to(device)
+            else:
+                clip = flf2v.conditioning_video(image, s["frames"], last)
+                cond.y = flf2v.condition(vae.encode(clip).float(), variant.end_frame).to(device)
             if variant.image_embedding:
-                cond.clip_fea = _clip_features(models, image[:, :, 0], request.source).to(device)
+                frames = image[:, :, 0] if last is None else torch.cat([image[:, :, 0], last[:, :, 0]])
+                clip_fea = _clip_features(models, frames, request.source)  # [1 or 2, 257, width]
+                cond.clip_fea = clip_fea.flatten(0, 1)[None].to(device)  # FLF2V: first then last frame's tokens
         else:  # TI2V: the clean first latent frame
             cond.first_frame = vae.encode(image).float().to(device)
     return cond
@@ -216,7 +230,8 @@ def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "
     with eval_mode(*models.experts.values(), models.vae, models.clip, *models.networks):
         cond = _conditioning(models, request, s, device)
         stride_t, stride_s = variant.vae_stride[0], variant.vae_stride[1]
-        shape = (1, variant.out_dim, (s["frames"] - 1) // stride_t + 1, s["height"] // stride_s, s["width"] // stride_s)
+        latent_frames = len(cond.frame_positions) if cond.frame_positions else (s["frames"] - 1) // stride_t + 1
+        shape = (1, variant.out_dim, latent_frames, s["height"] // stride_s, s["width"] // stride_s)
         generator = torch.Generator(device="cpu").manual_seed(s["seed"])  # never the global stream
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         guidance = {"high_noise": s["guidance_high_noise"], "low_noise": s["guidance_low_noise"],
@@ -227,6 +242,8 @@ def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "
         plan = flow_schedule(s["steps"], s["flow_shift"], sampler, schedule)
         activate = models.activate if models.offload_inactive and len(experts) > 1 else None
         latents = denoise(noise, plan, experts, cond, sampler, s["boundary"], progress, options, activate)
+        if cond.frame_positions:  # one-frame: the target frame alone
+            latents = latents[:, :, s["one_frame_index"]:s["one_frame_index"] + 1]
         check_finite_sample(latents, "latents", request)  # NaN would decode to an all-black video
         video = None
         if decode:

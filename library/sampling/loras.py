@@ -183,10 +183,26 @@ def _check_is_lora(path: Path, grouped: dict, not_lora: list[str]) -> None:
     if any("down" in parts and "up" in parts for parts in grouped.values()) or not (grouped or not_lora):
         return
     keys = not_lora + [f"{name}.{part}" for name, parts in grouped.items() for part in parts]
-    lycoris = any(re.search(r"\.(lokr|hada|oft|boft)_", k) for k in keys)
-    kind = "a LyCORIS network (LoKr / LoHa / ... tensors)" if lycoris else "not a LoRA file"
+    lycoris = any(re.search(r"\.(oft|boft)_", k) for k in keys)
+    kind = "a LyCORIS network of another kind than LoHa / LoKr (OFT, ...)" if lycoris else "not a LoRA file"
     raise LoraError(f"{path}: no LoRA up / down tensors (keys like {', '.join(keys[:3])}): this is {kind}; "
-                    "generation applies LoRA files (Kohya, ComfyUI or diffusers keys) only")
+                    "generation applies LoRA files (Kohya, ComfyUI or diffusers keys) and LyCORIS LoHa / LoKr")
+
+
+def _lycoris_as_lora(path: Path, sd: dict) -> dict:
+    """A LyCORIS LoHa / LoKr state dict as its exact LoRA equivalent (other files unchanged)."""
+    from networks.lora_files import LoraInputError
+    from networks.lora_wan import diffusers_module_to_official
+    from networks.lycoris_weights import is_lycoris, lycoris_as_lora_state
+
+    if not is_lycoris(sd):
+        return sd
+    try:
+        converted, unknown = lycoris_as_lora_state(sd, diffusers_module_to_official)
+    except LoraInputError as exc:
+        raise LoraError(f"{path}: {exc}") from None
+    logger.info("%s: LyCORIS network, applied as its exact LoRA equivalent", path.name)
+    return converted | {k: sd[k] for k in unknown}
 
 
 def _fit(spec: LoraSpec, sd: dict, meta: dict, model, expert: str, variant) -> tuple[LoraReport, dict]:
@@ -196,6 +212,7 @@ def _fit(spec: LoraSpec, sd: dict, meta: dict, model, expert: str, variant) -> t
 
     path = spec.path
     linears = {kohya_name(n): m for n, m in model.named_modules() if n and is_linear(m)}
+    sd = _lycoris_as_lora(path, sd)
     grouped, not_lora = group_lora_keys(sd, diffusers_module_to_official)
     _check_is_lora(path, grouped, not_lora)
     grouped = _filtered(spec, grouped)

@@ -12,7 +12,7 @@ Flags with our own spelling are aliases on the same option (`--video_length` = `
   regex filters the i-th LoRA of each list by `re.search` on its Kohya module names
   (`lora_unet_blocks_9_cross_attn_k`), include first, then exclude;
 - `--ckpt_dir` (an official release folder) fills `--dit`, `--dit_high_noise`, `--vae`, `--t5`, `--clip`
-  that are not given; `--task t2i-14B` is `t2v-14B` with 1 frame; `--lazy_loading` is
+  that are not given; `--task t2i-14B` (its own variant) renders 1-frame images; `--lazy_loading` is
   `--offload_inactive_dit`; `--compile_args` is the old spelling of the `--compile_*` flags;
   `--timestep_boundary` above 1 is read as 0-1000.
 `UNSUPPORTED` flags are clear errors that say why; `NO_EFFECT` flags ask for what already happens and are
@@ -30,17 +30,12 @@ from .guidance import CFG_SKIP_MODES, SLG_MODES
 logger = logging.getLogger(__name__)
 
 UNSUPPORTED = {
-    "end_image_path": "--end_image_path (first-last-frame video, FLF2V) is not supported yet: this trainer has no "
-                      "FLF2V task; render from the start image alone (--image_path) or use musubi-tuner for FLF2V",
     "control_path": "--control_path is for the Wan2.1 Fun-Control models, which this trainer does not run",
     "video_path": "--video_path (video-to-video) is not supported; generate from text or a start image",
-    "one_frame_inference": "--one_frame_inference is not supported; render --video_length 1 for a single image",
-    "control_image_path": "--control_image_path is for one-frame inference, which is not supported",
-    "control_image_mask_path": "--control_image_mask_path is for one-frame inference, which is not supported",
-    "lycoris": "--lycoris: generation does not apply LyCORIS networks (LoKr, LoHa, ...) yet, only LoRA files "
-               "(Kohya, ComfyUI or diffusers keys); render a LyCORIS network with musubi-tuner",
+    "control_image_mask_path": "--control_image_mask_path: WAN one-frame inference uses no masks (as musubi-tuner)",
 }
 NO_EFFECT = {
+    "lycoris": "--lycoris: LyCORIS LoHa / LoKr files are recognised from their keys and applied like LoRAs",
     "cpu_noise": "--cpu_noise: the noise is always drawn on the CPU here (ComfyUI's noise for the seed)",
     "force_v2_1_time_embedding": "--force_v2_1_time_embedding: the A14B experts already use one timestep "
                                  "embedding per video (the WAN 2.1 form)",
@@ -50,8 +45,7 @@ NO_EFFECT = {
     "fp8_fast": "--fp8_fast: fp8 matrix multiplication is not available; the fp8 weights are multiplied in "
                 "bf16, as with --fp8_scaled alone",
 }
-MUSUBI_TASKS = {"t2i-14b": "t2v-14B"}  # text-to-image: the T2V 14B model with one frame
-UNSUPPORTED_TASKS = ("flf2v", "-fc")
+UNSUPPORTED_TASKS = ("-fc",)
 # official release file names, for --ckpt_dir
 CKPT_FILES = {"vae": ("Wan2.1_VAE.pth", "Wan2.2_VAE.pth"), "t5": ("models_t5_umt5-xxl-enc-bf16.pth",),
               "clip": ("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",)}
@@ -87,21 +81,15 @@ def add_musubi_args(parser: argparse.ArgumentParser) -> None:
     u = parser.add_argument_group("musubi-tuner flags that are accepted for its command lines")
     for name in NO_EFFECT:
         u.add_argument(f"--{name}", action="store_true", help=NO_EFFECT[name].split(": ", 1)[1])
-    for name in ("end_image_path", "control_path", "video_path", "one_frame_inference"):
+    for name in ("control_path", "video_path"):
         u.add_argument(f"--{name}", help="not supported (a clear error)")
-    for name in ("control_image_path", "control_image_mask_path"):
-        u.add_argument(f"--{name}", nargs="*", help="not supported (a clear error)")
-    u.add_argument("--lycoris", action="store_true", help="not supported (a clear error)")
+    u.add_argument("--control_image_mask_path", nargs="*", help="not supported (a clear error)")
 
 
 def _task(args, errors: list[str]) -> None:
     task = str(args.task)
-    if task.lower() in MUSUBI_TASKS:
-        logger.info("--task %s: the %s model with 1 frame", task, MUSUBI_TASKS[task.lower()])
-        args.task = MUSUBI_TASKS[task.lower()]
-        args.frames = 1 if args.frames is None else args.frames
-    elif any(part in task.lower() for part in UNSUPPORTED_TASKS):
-        errors.append(f"--task {task}: the FLF2V and Fun-Control models are not supported by this trainer")
+    if any(part in task.lower() for part in UNSUPPORTED_TASKS):
+        errors.append(f"--task {task}: the Fun-Control models are not supported by this trainer")
 
 
 def _ckpt_dir(args, errors: list[str]) -> None:

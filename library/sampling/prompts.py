@@ -36,15 +36,13 @@ OPTIONS = {
     "w": ("width", v.parse_size), "h": ("height", v.parse_size), "f": ("frames", v.parse_frames),
     "d": ("seed", v.parse_seed), "s": ("steps", v.parse_steps), "l": ("guidance", v.parse_scale),
     "g": ("guidance", v.parse_scale), "fs": ("flow_shift", v.parse_positive), "n": ("negative_prompt", v.parse_text),
-    "i": ("image", v.parse_path),
+    "i": ("image", v.parse_path), "ei": ("end_image", v.parse_path), "of": ("one_frame", v.parse_text),
+    "ci": ("control_images", v.parse_path),  # repeatable: one per control image
 }
 # musubi options whose features this trainer does not have: the line renders without them (logged once)
 NOT_APPLICABLE = {
-    "ei": "end images (FLF2V) are not supported yet; rendered without an end frame",
     "cn": "control videos are for the Wan2.1 Fun-Control models, which are not supported; ignored",
-    "ci": "control images are for one-frame inference, which is not supported; ignored",
-    "cim": "control image masks are for one-frame inference, which is not supported; ignored",
-    "of": "one-frame inference is not supported; rendered as a normal video",
+    "cim": "control image masks (alpha) are not used by WAN one-frame inference (as in musubi-tuner); ignored",
 }
 # long names accepted in .toml / .json prompt files (ours and musubi's) -> field
 FIELD_NAMES = {
@@ -54,14 +52,16 @@ FIELD_NAMES = {
     "discrete_flow_shift": "flow_shift", "guidance": "guidance", "cfg_scale": "guidance",
     "guidance_scale": "guidance", "scale": "guidance", "guidance_high": "guidance_high",
     "guidance_scale_high_noise": "guidance_high", "image": "image", "image_path": "image",
+    "end_image": "end_image", "end_image_path": "end_image", "one_frame": "one_frame",
+    "one_frame_inference": "one_frame", "control_image_path": "control_images", "control_images": "control_images",
 }
 FIELD_PARSERS = {"width": v.parse_size, "height": v.parse_size, "frames": v.parse_frames, "seed": v.parse_seed,
                  "steps": v.parse_steps, "guidance": v.parse_scale, "guidance_high": v.parse_scale,
                  "flow_shift": v.parse_positive, "negative_prompt": v.parse_text, "image": v.parse_path,
-                 "prompt": v.parse_text}
+                 "end_image": v.parse_path, "prompt": v.parse_text, "one_frame": v.parse_text,
+                 "control_images": lambda x: tuple(v.parse_path(p) for p in ([x] if isinstance(x, str) else x))}
 # musubi's prompt-file keys for features this trainer does not have, and bookkeeping keys it adds
-FIELDS_NOT_APPLICABLE = {"end_image_path": "ei", "control_video_path": "cn", "control_path": "cn",
-                         "control_image_path": "ci", "control_image_mask_path": "cim", "one_frame": "of"}
+FIELDS_NOT_APPLICABLE = {"control_video_path": "cn", "control_path": "cn", "control_image_mask_path": "cim"}
 FIELDS_IGNORED = ("enum", "subset")
 
 
@@ -84,6 +84,9 @@ class SampleRequest:
     guidance_high: float | None = None  # CFG scale of the A14B high-noise expert
     flow_shift: float | None = None
     image: str | None = None  # start image for I2V / TI2V
+    end_image: str | None = None  # last frame for FLF2V (`--ei`, `--end_image_path`)
+    one_frame: str | None = None  # one-frame inference: `target_index=1,control_index=0` (`--of`)
+    control_images: tuple[str, ...] | None = None  # one-frame control images (`--ci`, `--control_image_path`)
     source: str = "prompt"  # where it came from, for messages: "prompts.txt line 3"
     extra: dict = field(default_factory=dict, compare=False)  # precomputed embeddings etc.
 
@@ -129,6 +132,7 @@ def parse_prompt_line(line: str, source: str = "prompt", notes: PromptNotes | No
     prompt = parts[0].strip()
     own = notes or PromptNotes(source)
     found: dict[str, tuple[str, object]] = {}
+    controls: list[str] = []
     for part in parts[1:]:
         key, _, text = part.strip().partition(" ")
         key, text = key.strip().lower(), text.strip()
@@ -140,6 +144,10 @@ def parse_prompt_line(line: str, source: str = "prompt", notes: PromptNotes | No
             found[key] = (name, parse(text))
         except ValueError as exc:
             raise PromptError(f"{source}: --{key} {exc}") from None
+        if key == "ci":
+            controls.append(found.pop(key)[1])
+    if controls:
+        found["ci"] = ("control_images", tuple(controls))
     if "g" in found and "l" in found and found["g"][1] != found["l"][1]:
         own.add("--g and --l both set the CFG scale; --l is used", source)
         del found["g"]
@@ -229,9 +237,12 @@ def read_prompt_file(path: str | Path) -> tuple[list[SampleRequest], list[Prompt
 
 def _image_beside(request: SampleRequest, folder: Path) -> SampleRequest:
     """A relative image path that is not found from the working directory is looked up beside the file."""
-    if request.image and not Path(request.image).expanduser().exists() and (folder / request.image).exists():
-        return replace(request, image=str(folder / request.image))
-    return request
+    def beside(path):
+        found = path and not Path(path).expanduser().exists() and (folder / path).exists()
+        return str(folder / path) if found else path
+
+    controls = tuple(beside(p) for p in request.control_images) if request.control_images else request.control_images
+    return replace(request, image=beside(request.image), end_image=beside(request.end_image), control_images=controls)
 
 
 def request_problems(request: SampleRequest, variant) -> list[str]:
@@ -247,6 +258,17 @@ def request_problems(request: SampleRequest, variant) -> list[str]:
     if variant.is_i2v and not request.image:
         problems.append(f"{request.source}: {variant.name} is an image-to-video model and needs a start image; "
                         "add `--i image.png` to the prompt line or pass --image")
+    if getattr(variant, "end_frame", False) and not request.end_image:
+        problems.append(f"{request.source}: {variant.name} is a first-last-frame model and needs an end image; "
+                        "add `--ei last.png` to the prompt line or pass --end_image_path")
+    if getattr(variant, "images_only", False) and request.frames not in (None, 1):
+        problems.append(f"{request.source}: {variant.name} is text-to-image: it renders single images (frames 1, "
+                        f"not {request.frames}); use t2v-14B for videos")
+    if request.one_frame is not None:
+        from .one_frame import problems as one_frame_problems
+
+        problems += [f"{request.source}: {p}" for p in one_frame_problems(variant, request.one_frame,
+                                                                          len(request.control_images or ()))]
     return problems
 
 
@@ -262,6 +284,9 @@ def check_requests(requests: list[SampleRequest], variant,
             continue
         if request.image and variant.model_type not in ("i2v", "ti2v"):
             notes.add(f"start images (--i) are ignored by the text-to-video model {variant.name}", request.source)
+        if request.end_image and not getattr(variant, "end_frame", False):
+            notes.add(f"end images (--ei) are for first-last-frame models (flf2v-14B); ignored by {variant.name}",
+                      request.source)
         good.append(request)
     notes.log()
     return good, errors

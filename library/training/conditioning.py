@@ -29,3 +29,13 @@ def ti2v_condition(x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, use
     loss_mask = torch.ones(b, 1, t, 1, 1, dtype=torch.float32, device=x0.device)
     loss_mask[use_image.bool(), :, 0] = 0.0
     return x_t, timestep.flatten(1), loss_mask
+
+
+def frame_positions(batch: dict) -> list[int] | None:
+    """One-frame batches: the RoPE frame positions, one list for the batch (a batch is from one dataset)."""
+    positions = batch.get("frame_positions")
+    if positions is None:
+        return None
+    if not bool((positions == positions[:1]).all()):
+        raise ValueError("a one-frame batch mixes items with different fp_1f indices")
+    return [int(p) for p in positions[0]]

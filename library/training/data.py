@@ -11,6 +11,7 @@ import torch
 from library.config.schema import TrainConfig
 from library.data.dataset_config import load_dataset_config
 from library.data.datasets import CollatedBatches, build_train_datasets, collate, make_batches
+from library.data.one_frame import is_one_frame, task_problems
 from library.wan.variants import WanVariant
 
 
@@ -84,9 +85,15 @@ def build_data(cfg: TrainConfig, variant: WanVariant, accelerator, seed: int) ->
     if not cfg.run.dataset_config:
         raise ValueError("dataset_config is not set: pass the dataset TOML (--dataset_config)")
     datasets = build_train_datasets(load_dataset_config(cfg.run.dataset_config), cfg.model.task, seed=seed)
+    problems = task_problems([ds.spec for ds in datasets], variant.name, variant.image_embedding, variant.end_frame)
+    if problems:
+        raise ValueError("; ".join(problems))
     for ds in datasets:
         ds.check_caches()
-        if variant.is_i2v and any(item.is_image for item in ds.items):
+        if variant.images_only and any(item.bucket[2] != 1 for item in ds.items):
+            raise ValueError(f"{ds.spec.where()}: {variant.name} trains text-to-image on single frames; this dataset "
+                             "has multi-frame clips: use images (or target_frames = [1]), or train t2v-14B on videos")
+        if variant.is_i2v and not is_one_frame(ds.spec) and any(item.is_image for item in ds.items):
             raise ValueError(
                 f"{ds.spec.where()}: {variant.name} is image-to-video and learns the frames that follow the "
                 "first one; single images give it nothing to learn (the first frame is its own target). Use "

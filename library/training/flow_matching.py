@@ -50,14 +50,22 @@ class TimestepSampler:
 
     # ---- the base distributions on (0, 1) -----------------------------------------------------------
 
-    def _raw(self, n: int, gen: torch.Generator, tokens: int | None = None) -> torch.Tensor:
-        normal = lambda: torch.randn(n, generator=gen)  # noqa: E731
+    def _raw(self, n: int, gen: torch.Generator | None, tokens: int | None = None,
+             u: torch.Tensor | None = None) -> torch.Tensor:
+        """n draws; with `u` (uniforms in (0, 1), e.g. stratified by num_timestep_buckets) each draw is the
+        distribution's quantile at u: the standard normal through its inverse CDF, uniforms as they are."""
+        if u is not None:
+            u = u.double().clamp(1e-7, 1 - 1e-7)
+            gaussian = (math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0)).float()
+            normal = lambda: gaussian  # noqa: E731
+        else:
+            normal = lambda: torch.randn(n, generator=gen)  # noqa: E731
         if self.method == "flux_shift":  # resolution-dependent shift: longer videos spend more time at high noise
             if tokens is None:
                 raise ValueError("flux_shift sampling needs the token count of the batch")
             return shift_sigma(torch.sigmoid(self.sigmoid_scale * normal()), flux_shift_for(tokens))
         if self.method == "uniform":
-            return torch.rand(n, generator=gen)
+            return u.float() if u is not None else torch.rand(n, generator=gen)
         if self.method == "sigmoid":
             return torch.sigmoid(self.sigmoid_scale * normal())
         if self.method == "shift":
@@ -67,12 +75,14 @@ class TimestepSampler:
         if self.method == "logit_normal":
             return torch.sigmoid(self.logit_mean + self.logit_std * normal())
         # "sigma": the shifted inference-style schedule, with the density of `weighting_scheme`
-        return shift_sigma(self._density(n, gen), self.shift)
+        return shift_sigma(self._density(n, gen, u), self.shift)
 
-    def _density(self, n: int, gen: torch.Generator) -> torch.Tensor:
+    def _density(self, n: int, gen: torch.Generator | None, u: torch.Tensor | None = None) -> torch.Tensor:
         if self.weighting_scheme == "logit_normal":
-            return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=gen))
-        u = torch.rand(n, generator=gen)
+            gaussian = torch.randn(n, generator=gen) if u is None else \
+                (math.sqrt(2.0) * torch.erfinv(2.0 * u.double().clamp(1e-7, 1 - 1e-7) - 1.0)).float()
+            return torch.sigmoid(self.logit_mean + self.logit_std * gaussian)
+        u = torch.rand(n, generator=gen) if u is None else u.float()
         if self.weighting_scheme == "mode":
             return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
         return u
@@ -99,6 +109,23 @@ class TimestepSampler:
             f"timestep range {self.min_timestep}-{self.max_timestep} has almost no probability under "
             f"{self.method}; widen it or turn off preserve_distribution_shape"
         )
+
+    def from_uniform(self, u: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
+        """Noise levels at the quantiles `u` [n] (num_timestep_buckets): the distribution `sample` draws from,
+        u mapped through its quantile function. With `preserve_distribution_shape` the quantiles are taken
+        within the part of the distribution that lies in [min, max] (the same shape `sample` keeps by
+        rejection), else the whole distribution is rescaled into the range as `sample` does."""
+        lo, hi = self.min_timestep / 1000.0, self.max_timestep / 1000.0
+        if not self.preserve_distribution_shape or (lo == 0.0 and hi == 1.0):
+            return (self._raw(len(u), None, tokens, u) * (hi - lo) + lo).clamp(1e-5, 1.0).float()
+        grid = torch.linspace(1e-6, 1 - 1e-6, 20001, dtype=torch.float64)
+        inside = ((values := self._raw(len(grid), None, tokens, grid)) >= lo) & (values <= hi)
+        if not bool(inside.any()):
+            raise RuntimeError(f"timestep range {self.min_timestep}-{self.max_timestep} has almost no probability "
+                               f"under {self.method}; widen it or turn off preserve_distribution_shape")
+        where = inside.nonzero()
+        a, b = grid[where.min()], grid[where.max()]  # every method maps u monotonically
+        return self._raw(len(u), None, tokens, a + u.double() * (b - a)).clamp(lo, hi).clamp(1e-5, 1.0).float()
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """Per-sample loss weights [n] (SD3-style); ones for schemes that only shape the sampling."""

@@ -23,7 +23,7 @@ import torch
 from library.config import save_config
 from library.config.schema import TrainConfig
 from library.errors import UserError
-from library.wan.conditioning import i2v_condition
+from library.wan import flf2v
 from library.wan.variants import get_variant
 
 from . import checkpoints as ckpt
@@ -31,7 +31,7 @@ from .advice import RunFacts, log_report
 from .assemble import build_experts
 from .checkpoints.state import StateError, load_state, restore_payload, save_state, state_payload
 from .checkpoints.weights import save_weights
-from .conditioning import ti2v_condition
+from .conditioning import frame_positions, ti2v_condition
 from .data import build_data
 from .engines.sharding import sharding
 from .experts import ExpertRouter, base_sampler, boundary_of
@@ -46,6 +46,7 @@ from .planning.auto import auto_full_settings
 from .run import RunState, make_accelerator, resolve_run
 from .samples import TrainingSampler
 from .seeding import derive_seed, generator
+from .timestep_buckets import TimestepBuckets
 
 logger = logging.getLogger(__name__)
 VALIDATION_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # fixed noise levels of the validation loss
@@ -99,6 +100,7 @@ class Trainer:
             self.run_info = replace(self.run_info, seed=payload["run_state"]["seed"])  # continue the same run
         self.state = RunState(seed=self.run_info.seed)
         self.data = build_data(cfg, self.variant, self.accelerator, self.run_info.seed)
+        self.buckets = TimestepBuckets.from_config(cfg, self.data, self.accelerator.process_index)
         if cfg.finetune.full_fine_tune and cfg.memory.auto_memory:
             cfg = self.cfg = auto_full_settings(cfg, self.variant, self.data, self.device,
                                                 self.accelerator.num_processes)
@@ -209,22 +211,28 @@ class Trainer:
         gens = [generator(*pos, "sample", key, keys[:i].count(key)) for i, key in enumerate(keys)]
         if sigma is None:
             tokens = (x0.shape[3] // 2) * (x0.shape[4] // 2)  # tokens per frame, for flux_shift
-            sigma = torch.cat([expert.sampler.sample(1, g, tokens) for g in gens]).to(dev)  # [B]
+            u = self.buckets.uniforms(self.state.epoch, self.state.batch_in_epoch, len(keys)) if self.buckets else None
+            sigma = (expert.sampler.from_uniform(u, tokens) if u is not None else  # num_timestep_buckets
+                     torch.cat([expert.sampler.sample(1, g, tokens) for g in gens])).to(dev)  # [B]
         else:
             sigma = torch.full((len(keys),), float(sigma), device=dev)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)
         x_t, target = add_noise(x0, noise, sigma)
         timestep, y, mask = sigma * 1000.0, None, None
-        if self.variant.is_i2v:
-            y = i2v_condition(batch["image_latents"].to(dev, torch.float32))
+        positions = frame_positions(batch)  # one-frame caches: the RoPE frame index of each latent frame
+        if self.variant.is_i2v and batch.get("frame_mask") is not None:  # one-frame: the known control frames
+            y = flf2v.known_frames_condition(batch["image_latents"].to(dev, torch.float32), batch["frame_mask"].to(dev))
+        elif self.variant.is_i2v:
+            y = flf2v.condition(batch["image_latents"].to(dev, torch.float32), self.variant.end_frame)
         elif self.variant.model_type == "ti2v" and self.cfg.loop.i2v_probability > 0:
             use_image = torch.tensor([torch.rand(1, generator=g).item() < self.cfg.loop.i2v_probability for g in gens])
             x_t, timestep, mask = ti2v_condition(x0, x_t, sigma, use_image.to(dev), self.variant.patch_size)
         context = [c.to(dev) for c in batch["context"]]
-        clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame
+        clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame (FLF2V: 2 frames)
         clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
         with self.accelerator.autocast(self.autocast_kwargs):
-            pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea)  # [B, z, T, h, w] fp32
+            pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea,
+                                **({"frame_positions": positions} if positions is not None else {}))  # fp32
         err = (pred.float() - target) ** 2
         if mask is not None:
             per_sample = (err * mask).sum(dim=(1, 2, 3, 4)) / (mask.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel())

@@ -194,7 +194,8 @@ def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant
                               "again") from None
     layers = len({k.split(".")[1] for k in layout.key_map if k.startswith("blocks.")})
     image = any(k.startswith("img_emb.") for k in layout.key_map)
-    signature = (dim, ffn_dim, layers, in_dim, out_dim, image)
+    end_frame = "img_emb.emb_pos" in layout.key_map  # WAN 2.1 FLF2V: positions of the first + last frame tokens
+    signature = (dim, ffn_dim, layers, in_dim, out_dim, image, end_frame)
     found = variants_matching(signature)
     if task_variant is not None:
         if task_variant.shape_signature() == signature:
@@ -211,7 +212,7 @@ def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant
 
 def _custom_variant(ckpt: Checkpoint, signature: tuple) -> WanVariant:
     """A DiT whose shapes match no named variant: heads from config.json, else head dim 128."""
-    dim, ffn_dim, layers, in_dim, out_dim, image = signature
+    dim, ffn_dim, layers, in_dim, out_dim, image, end_frame = signature
     cfg = _read_config_json(ckpt)
     heads = cfg.get("num_heads") or cfg.get("num_attention_heads")
     if not heads:
@@ -225,7 +226,7 @@ def _custom_variant(ckpt: Checkpoint, signature: tuple) -> WanVariant:
     return WanVariant(
         name=f"custom-{model_type}-{dim}x{layers}", version="2.1" if image else "2.2", model_type=model_type,
         dim=dim, ffn_dim=ffn_dim, num_heads=int(heads), num_layers=layers, in_dim=in_dim, out_dim=out_dim,
-        vae="2.2" if out_dim == 48 else "2.1", image_embedding=image,
+        vae="2.2" if out_dim == 48 else "2.1", image_embedding=image, end_frame=end_frame,
     )
 
 

@@ -91,9 +91,12 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0):
+def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float = 10000.0,
+                frame_positions: Sequence[int] | None = None):
     """cos/sin tables [L, 1, D/2, 2] (fp32) for a (F, H, W) token grid in f-major order, laid out for
-    `apply_rope`: cos repeated for both members of a pair, sin as (-sin, +sin).
+    `apply_rope`: cos repeated for both members of a pair, sin as (-sin, +sin). `frame_positions` (F
+    integers) replaces the frame positions 0..F-1 (one-frame training and inference: the RoPE time index of
+    each latent frame, as musubi-tuner's `f_indices`).
 
     Each axis has its own frequency ladder 1/theta^(2i/D_axis); pair j of a head is rotated by the
     frame angle for the first D_f/2 pairs, then the height angle, then the width angle.
@@ -102,6 +105,8 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, device, theta: float 
     for size, axis_dim, n_before in zip(grid, rope_axis_dims(head_dim), range(3)):
         inv = 1.0 / theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
         pos = torch.arange(size, dtype=torch.float64, device=device)
+        if n_before == 0 and frame_positions is not None:
+            pos = torch.tensor(list(frame_positions), dtype=torch.float64, device=device)
         a = pos[:, None] * inv[None]  # [size, axis_dim/2]
         shape = [1, 1, 1, a.shape[1]]
         shape[n_before] = size
@@ -210,17 +215,22 @@ class Head(nn.Module):
 
 
 class ImageEmbedding(nn.Module):
-    """WAN 2.1 I2V: CLIP ViT-H tokens [B, 257, 1280] -> [B, 257, C] (`img_emb.proj.0/1/3/4`)."""
+    """WAN 2.1 I2V: CLIP ViT-H tokens [B, 257, 1280] -> [B, 257, C] (`img_emb.proj.0/1/3/4`). FLF2V: the
+    first and last frames' tokens side by side ([B, 514, 1280], also accepted as [B, 2, 257, 1280] or
+    [2B, 257, 1280] with each sample's two frames adjacent) plus the learned `img_emb.emb_pos` [1, 514, 1280]."""
 
-    def __init__(self, clip_dim: int, dim: int):
+    def __init__(self, clip_dim: int, dim: int, pos_tokens: int = 0):
         super().__init__()
         self.proj = nn.Sequential(
             FP32LayerNorm(clip_dim), nn.Linear(clip_dim, clip_dim), nn.GELU(), nn.Linear(clip_dim, dim),
             FP32LayerNorm(dim),
         )
+        self.emb_pos = nn.Parameter(torch.zeros(1, pos_tokens, clip_dim)) if pos_tokens else None
 
     def forward(self, clip_fea: torch.Tensor, dtype) -> torch.Tensor:
         norm0, lin1, act, lin3, norm4 = self.proj
+        if self.emb_pos is not None:
+            clip_fea = clip_fea.reshape(-1, *self.emb_pos.shape[1:]) + self.emb_pos.to(clip_fea.dtype)
         x = lin3(act(lin1(norm0(clip_fea).to(dtype))))
         return norm4(x).to(dtype)
 
@@ -276,7 +286,7 @@ class WanModel(nn.Module):
         self.time_embedding = nn.Sequential(nn.Linear(v.freq_dim, v.dim), nn.SiLU(), nn.Linear(v.dim, v.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(v.dim, 6 * v.dim))
         # 2. Transformer blocks
-        image_tokens = v.clip_tokens if v.image_embedding else 0
+        image_tokens = v.clip_tokens * v.image_frames if v.image_embedding else 0
         self.blocks = nn.ModuleList(
             WanBlock(v.dim, v.ffn_dim, v.num_heads, v.eps, image_tokens) for _ in range(v.num_layers)
         )
@@ -284,7 +294,7 @@ class WanModel(nn.Module):
         self.head = Head(v.dim, math.prod(v.patch_size) * v.out_dim, v.eps)
         # 4. WAN 2.1 I2V image embedding
         if v.image_embedding:
-            self.img_emb = ImageEmbedding(v.clip_dim, v.dim)
+            self.img_emb = ImageEmbedding(v.clip_dim, v.dim, image_tokens if v.end_frame else 0)
         self._rope_cache: dict = {}
         if not self.patch_embedding.weight.is_meta:  # on meta (before loading) there is nothing to fill
             self.init_weights()
@@ -335,12 +345,15 @@ class WanModel(nn.Module):
 
     # ---- pieces of the forward pass ---------------------------------------------------------------
 
-    def _rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, str(device))
+    def _rope(self, grid: tuple[int, int, int], device, frame_positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = None if frame_positions is None else tuple(int(p) for p in frame_positions)
+        if positions is not None and len(positions) != grid[0]:
+            raise ValueError(f"frame_positions has {len(positions)} entries for {grid[0]} latent frames")
+        key = (grid, str(device), positions)
         if key not in self._rope_cache:
             if len(self._rope_cache) > 16:
                 self._rope_cache.clear()
-            self._rope_cache[key] = rope_tables(grid, self.variant.head_dim, device)
+            self._rope_cache[key] = rope_tables(grid, self.variant.head_dim, device, frame_positions=positions)
         return self._rope_cache[key]
 
     def _time_embeddings(self, timestep: torch.Tensor, batch: int, grid: tuple[int, int, int]):
@@ -382,7 +395,8 @@ class WanModel(nn.Module):
         ctx = self.text_embedding(context.to(dtype))  # [B, 512, C]
         if self.variant.image_embedding:
             if clip_fea is None:
-                raise ValueError(f"{self.variant.name} needs CLIP image features (clip_fea [B, 257, 1280])")
+                raise ValueError(f"{self.variant.name} needs CLIP image features (clip_fea [B, "
+                                 f"{self.variant.image_frames * 257}, 1280])")
             ctx = torch.cat([self.img_emb(clip_fea, dtype), ctx], dim=1)  # [B, 257 + 512, C]
         return ctx
 
@@ -410,9 +424,11 @@ class WanModel(nn.Module):
         context: torch.Tensor | Sequence[torch.Tensor],
         y: torch.Tensor | None = None,
         clip_fea: torch.Tensor | None = None,
+        frame_positions: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """x [B, C, F, H, W] latents; timestep [B] or [B, L] in 0..1000; context [B, L_txt, text_dim]
-        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V; clip_fea [B, 257, 1280] for 2.1 I2V.
+        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V; clip_fea [B, 257, 1280] for 2.1 I2V;
+        frame_positions: the RoPE time index of each latent frame (one-frame mode), default 0..F-1.
         Returns the predicted flow [B, out_dim, F, H, W] in fp32."""
         dtype = self._dtype()
         choose_sdpa()  # SDPA's kernel order for this GPU: chosen and logged once per process
@@ -426,7 +442,7 @@ class WanModel(nn.Module):
         x = x.flatten(2).transpose(1, 2).float().contiguous()  # [B, L, C], f-major token order
         e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
         ctx = self._context(context, clip_fea, dtype)
-        rope = self._rope(grid, x.device)
+        rope = self._rope(grid, x.device, frame_positions)
         if self.dynamic_tokens:
             for t in (x, *rope):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is x else 0)

@@ -131,6 +131,8 @@ def tiny_dit_state_dict(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
     model = WanModel(get_variant(task))
     with torch.no_grad():
         model.head.head.weight.normal_(0, 0.02)
+        if getattr(model, "img_emb", None) is not None and model.img_emb.emb_pos is not None:
+            model.img_emb.emb_pos.normal_(0, 0.1)  # FLF2V: trained positions are not zero
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 

@@ -28,6 +28,8 @@ class WanVariant:
     out_dim: int
     vae: str  # "2.1" (z 16, 4x8x8) or "2.2" (z 48, 4x16x16)
     image_embedding: bool = False  # WAN 2.1 I2V: CLIP tokens through img_emb, k_img / v_img
+    end_frame: bool = False  # WAN 2.1 FLF2V: first and last frame known (y mask, 2 x CLIP tokens, img_emb.emb_pos)
+    images_only: bool = False  # text-to-image training of a video model (musubi's t2i-14B): 1-frame items only
     two_experts: bool = False  # WAN 2.2 A14B: a high-noise and a low-noise expert
     # Defaults that belong to the model, not to a training run.
     boundary: float | None = None  # expert switch as a fraction of 1000 timesteps
@@ -66,10 +68,17 @@ class WanVariant:
 
     def shape_signature(self) -> tuple:
         """What the tensor shapes of a checkpoint reveal; used to detect the variant from a file."""
-        return (self.dim, self.ffn_dim, self.num_layers, self.in_dim, self.out_dim, self.image_embedding)
+        return (self.dim, self.ffn_dim, self.num_layers, self.in_dim, self.out_dim, self.image_embedding,
+                self.end_frame)
+
+    @property
+    def image_frames(self) -> int:
+        """How many frames' CLIP tokens the DiT takes: 2 for FLF2V (first, last), else 1."""
+        return 2 if self.end_frame else 1
 
     def describe(self) -> str:
         kind = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text/image-to-video"}[self.model_type]
+        kind = "first-last-frame-to-video" if self.end_frame else ("text-to-image" if self.images_only else kind)
         return f"{self.name} (WAN {self.version} {kind}, {self.in_dim} input channels)"
 
 
@@ -101,6 +110,12 @@ for _v in (
                num_layers=30, in_dim=16, out_dim=16, vae="2.1"),
     WanVariant(name="i2v-14B", model_type="i2v", in_dim=36, image_embedding=True, sample_steps=40,
                **_14B_21),
+    # WAN 2.1 FLF2V: the I2V-14B architecture plus img_emb.emb_pos; official sampling defaults (shift 16, 50 steps)
+    WanVariant(name="flf2v-14B", model_type="i2v", in_dim=36, image_embedding=True, end_frame=True,
+               flow_shift=16.0, resolution=(1280, 720), **_14B_21),
+    # musubi-tuner's t2i-14B: the WAN 2.1 T2V-14B model trained and sampled on single images
+    WanVariant(name="t2i-14B", model_type="t2v", in_dim=16, images_only=True, num_frames=1, resolution=(1024, 1024),
+               **_14B_21),
     # Tiny variants for tests and the CPU demo (head dim 16 keeps the 3D RoPE split non-trivial).
     WanVariant(name="t2v-tiny", version="2.2", model_type="t2v", dim=32, ffn_dim=64, num_heads=2,
                num_layers=2, in_dim=16, out_dim=16, vae="2.1", text_dim=64, freq_dim=32,
@@ -116,6 +131,12 @@ for _v in (
     WanVariant(name="i2v-tiny-2.1", version="2.1", model_type="i2v", dim=32, ffn_dim=64, num_heads=2,
                num_layers=2, in_dim=36, out_dim=16, vae="2.1", image_embedding=True, text_dim=64,
                freq_dim=32, clip_dim=40, sample_steps=8, num_frames=9, resolution=(64, 64)),
+    WanVariant(name="t2i-tiny", version="2.1", model_type="t2v", dim=32, ffn_dim=64, num_heads=2, num_layers=2,
+               in_dim=16, out_dim=16, vae="2.1", images_only=True, text_dim=64, freq_dim=32, sample_steps=8,
+               num_frames=1, resolution=(64, 64)),
+    WanVariant(name="flf2v-tiny", version="2.1", model_type="i2v", dim=32, ffn_dim=64, num_heads=2,
+               num_layers=2, in_dim=36, out_dim=16, vae="2.1", image_embedding=True, end_frame=True, text_dim=64,
+               freq_dim=32, clip_dim=40, flow_shift=16.0, sample_steps=8, num_frames=9, resolution=(64, 64)),
 ):
     _register(_v)
 

@@ -155,15 +155,16 @@ def test_unknown_keys_suggest_the_closest(tmp_path):
 def test_gui_only_aliases_misplaced_and_unsupported(caplog):
     caplog.set_level(logging.INFO, logger="library.config")
     cfg = config_from_dict({"fp8": True, "dit_low_noise": "low.safetensors", "num_processes": 2,
-                            "caching_teo_device": "cuda", "one_frame": False})
+                            "caching_teo_device": "cuda", "block_swap_h2d_only": False})
     assert cfg.memory.fp8_base is True and cfg.model.dit == "low.safetensors"
     assert "'fp8' is an old name of 'fp8_base'" in caplog.text
     assert "skipping num_processes, caching_teo_device: settings of the launcher" in caplog.text
-    assert "skipping one_frame: musubi-tuner options at their default" in caplog.text
+    assert "skipping block_swap_h2d_only: musubi-tuner options at their default" in caplog.text
     with pytest.raises(ConfigError, match="'dit' is given twice"):
         config_from_dict({"dit": "a", "dit_low_noise": "b"})
-    with pytest.raises(ConfigError, match="one_frame = True is a musubi-tuner option this trainer does not support"):
-        config_from_dict({"one_frame": True})
+    with pytest.raises(ConfigError, match="block_swap_h2d_only = True is a musubi-tuner option this trainer does not "
+                                          "support"):
+        config_from_dict({"block_swap_h2d_only": True})
     with pytest.raises(ConfigError, match="'pretrained_model_name_or_path' is the sd-scripts model key; pass the "
                                           "WAN DiT checkpoint as `dit`"):
         config_from_dict({"pretrained_model_name_or_path": "sdxl.safetensors"})

@@ -126,7 +126,7 @@ def test_each_flag_at_a_non_default_value_is_used_skipped_or_refused(flag, tmp_p
     value = NON_DEFAULT.get(flag, True)
     outcome = _outcome(flag, value, tmp_path, caplog, monkeypatch)
     expected = {"dynamo_backend": "error", "dynamo_mode": "error", "dynamo_fullgraph": "error",
-                "block_swap_ring_size": "error", "one_frame": "error", "huggingface_token": "error",
+                "block_swap_ring_size": "error", "one_frame": "skipped", "huggingface_token": "error",
                 "guidance_scale": "skipped", "img_in_txt_in_offloading": "skipped", "log_config": "skipped",
                 "ddp_static_graph": "skipped", "persistent_data_loader_workers": "skipped", "wandb_api_key": "skipped",
                 "network_module": "used", "vae_dtype": "used", "vae_cache_cpu": "used", "log_tracker_config": "used",

@@ -55,7 +55,6 @@ def test_vae_tiling_alone_means_musubis_256_pixels():
 
 @pytest.mark.parametrize("flags, message", [
     (["--debug_mode", "image"], "tools/check_dataset.py"),
-    (["--one_frame"], "one-frame (single image) caching is not implemented"),
     (["--vae_spatial_tile_sample_min_size", "-8"], "give a tile side in pixels"),
 ])
 def test_what_cannot_be_honoured_is_an_error(flags, message):

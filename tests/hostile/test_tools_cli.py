@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from library.wan.variants import VARIANTS
+
 from . import model_files as mf
 from .conftest import REPO, assert_refused, run_tool
 
@@ -19,7 +21,7 @@ LORA_UNREADABLE = ("not a readable .safetensors LoRA file ({why}); the file is d
                    "export or download it again")
 REFUSED = ("refused: unpickling it would import posix.system (code, not weights), so it was not loaded; a model "
            "file holds tensors only: use the model's .safetensors release, or a file from a source you trust")
-TASKS = "i2v-14B, i2v-A14B, i2v-tiny, i2v-tiny-2.1, t2v-1.3B, t2v-14B, t2v-A14B, t2v-tiny, ti2v-5B, ti2v-tiny"
+TASKS = ", ".join(sorted({v.name for v in VARIANTS.values()}))  # every registered task, in the message's order
 
 
 def _cut_lora(f: Path) -> Path:

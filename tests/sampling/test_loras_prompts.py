@@ -151,8 +151,9 @@ def test_a_lycoris_file_is_named_not_applied_silently(t2v, tmp_path):
     from safetensors.torch import save_file
 
     stem = "lora_unet_blocks_0_self_attn_q"
-    save_file({f"{stem}.lokr_w1": torch.zeros(4, 4), f"{stem}.lokr_w2": torch.zeros(8, 8),
-               f"{stem}.alpha": torch.tensor(1.0)}, str(tmp_path / "lokr.safetensors"))
-    with pytest.raises(LoraError, match=r"lokr.safetensors: no LoRA up / down tensors .*this is a LyCORIS network"):
-        attach_loras([LoraSpec(tmp_path / "lokr.safetensors")], t2v.experts, t2v.variant)
+    save_file({f"{stem}.oft_blocks": torch.zeros(4, 8, 8), f"{stem}.alpha": torch.tensor(1.0)},
+              str(tmp_path / "oft.safetensors"))  # LoHa / LoKr apply (tests/networks/test_lycoris.py); OFT does not
+    with pytest.raises(LoraError, match=r"oft.safetensors: no LoRA up / down tensors .*this is a LyCORIS network of "
+                                        r"another kind than LoHa / LoKr"):
+        attach_loras([LoraSpec(tmp_path / "oft.safetensors")], t2v.experts, t2v.variant)
     assert not any(m._forward_hooks for model in t2v.experts.values() for m in model.modules())

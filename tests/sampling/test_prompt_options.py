@@ -18,13 +18,13 @@ USED = [
     ("--s 20", "steps", 20), ("--l 4.5", "guidance", 4.5), ("--g 6.0", "guidance", 6.0),
     ("--fs 3.0", "flow_shift", 3.0), ("--n blurry, low quality", "negative_prompt", "blurry, low quality"),
     ("--i start.png", "image", "start.png"), ("--W 640", "width", 640),  # options are case-insensitive
+    ("--ei end.png", "end_image", "end.png"), ("--of target_index=1,control_index=0", "one_frame",
+                                               "target_index=1,control_index=0"),
+    ("--ci a.png --ci b.png", "control_images", ("a.png", "b.png")),
 ]
 # musubi options for features this trainer does not have: the line renders, one note per file
-NOTED = [("--ei end.png", "end images (FLF2V) are not supported yet"),
-         ("--cn control.mp4", "control videos are for the Wan2.1 Fun-Control models"),
-         ("--ci ref.png", "control images are for one-frame inference"),
-         ("--cim mask.png", "control image masks are for one-frame inference"),
-         ("--of target_index=1", "one-frame inference is not supported"),
+NOTED = [("--cn control.mp4", "control videos are for the Wan2.1 Fun-Control models"),
+         ("--cim mask.png", "control image masks (alpha) are not used by WAN one-frame inference"),
          ("--zz 3", "unknown option --zz is ignored")]
 # values that break their option's rule -> the error
 BAD = [("--w -64", "--w must be a positive number of pixels, got -64"),
@@ -92,7 +92,7 @@ def test_musubi_toml_and_json_prompt_files(tmp_path, caplog):
     assert errors == []
     assert [(r.prompt, r.seed, r.width, r.height, r.frames, r.steps, r.guidance) for r in requests] == [
         ("a cat", 1, 832, 480, 81, 20, 5.0), ("a dog", 2, 480, 480, 81, 20, 5.0)]
-    assert "'end_image_path': end images (FLF2V) are not supported yet" in caplog.text
+    assert requests[1].end_image == "e.png" and requests[0].end_image is None
     (tmp_path / "p.json").write_text('["a fox --w 64 --d 3", {"prompt": "an owl", "frame_count": 6}]')
     requests, errors = read_prompt_file(tmp_path / "p.json")
     assert [(r.prompt, r.width) for r in requests] == [("a fox", 64)]
