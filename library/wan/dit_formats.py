@@ -38,10 +38,12 @@ _DIFFUSERS_TO_OFFICIAL = [
     (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
     (r"^proj_out\.", "head.head."),
     (r"^scale_shift_table$", "head.modulation"),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^((?:vace_)?blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^((?:vace_)?blocks\.\d+)\.norm2\.", r"\1.norm3."),
+    (r"^((?:vace_)?blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
+    (r"^((?:vace_)?blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+    (r"^(vace_blocks\.\d+)\.proj_in\.", r"\1.before_proj."),  # diffusers WanVACETransformer3DModel
+    (r"^(vace_blocks\.\d+)\.proj_out\.", r"\1.after_proj."),
     (r"\.attn1\.", ".self_attn."),
     (r"\.attn2\.", ".cross_attn."),
     (r"\.to_q\.", ".q."),
@@ -194,7 +196,9 @@ def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant
                               "again") from None
     layers = len({k.split(".")[1] for k in layout.key_map if k.startswith("blocks.")})
     image = any(k.startswith("img_emb.") for k in layout.key_map)
-    signature = (dim, ffn_dim, layers, in_dim, out_dim, image)
+    vace_blocks = len({k.split(".")[1] for k in layout.key_map if k.startswith("vace_blocks.")})
+    vace_in = shape("vace_patch_embedding.weight")[1] if "vace_patch_embedding.weight" in layout.key_map else 0
+    signature = (dim, ffn_dim, layers, in_dim, out_dim, image, vace_blocks, vace_in)
     found = variants_matching(signature)
     if task_variant is not None:
         if task_variant.shape_signature() == signature:
@@ -211,7 +215,7 @@ def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant
 
 def _custom_variant(ckpt: Checkpoint, signature: tuple) -> WanVariant:
     """A DiT whose shapes match no named variant: heads from config.json, else head dim 128."""
-    dim, ffn_dim, layers, in_dim, out_dim, image = signature
+    dim, ffn_dim, layers, in_dim, out_dim, image, vace_blocks, vace_in = signature
     cfg = _read_config_json(ckpt)
     heads = cfg.get("num_heads") or cfg.get("num_attention_heads")
     if not heads:
@@ -222,10 +226,14 @@ def _custom_variant(ckpt: Checkpoint, signature: tuple) -> WanVariant:
             )
         heads = dim // 128
     model_type = "i2v" if in_dim == 36 else ("ti2v" if in_dim == 48 else "t2v")
+    vace_layers = ()
+    if vace_blocks:  # diffusers' config.json names them; else evenly spaced from 0 (ComfyUI's rule)
+        model_type = "vace"
+        vace_layers = tuple(cfg.get("vace_layers") or range(0, layers, layers // vace_blocks))[:vace_blocks]
     return WanVariant(
         name=f"custom-{model_type}-{dim}x{layers}", version="2.1" if image else "2.2", model_type=model_type,
         dim=dim, ffn_dim=ffn_dim, num_heads=int(heads), num_layers=layers, in_dim=in_dim, out_dim=out_dim,
-        vae="2.2" if out_dim == 48 else "2.1", image_embedding=image,
+        vae="2.2" if out_dim == 48 else "2.1", image_embedding=image, vace_layers=vace_layers, vace_in_dim=vace_in,
     )
 
 

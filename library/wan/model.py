@@ -403,19 +403,10 @@ class WanModel(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor | Sequence[torch.Tensor],
-        y: torch.Tensor | None = None,
-        clip_fea: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """x [B, C, F, H, W] latents; timestep [B] or [B, L] in 0..1000; context [B, L_txt, text_dim]
-        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V; clip_fea [B, 257, 1280] for 2.1 I2V.
-        Returns the predicted flow [B, out_dim, F, H, W] in fp32."""
-        dtype = self._dtype()
-        choose_sdpa()  # SDPA's kernel order for this GPU: chosen and logged once per process
+    def embed(self, x, timestep, context, y=None, clip_fea=None, dtype=None):
+        """The inputs as the blocks take them: tokens [B, L, C] fp32, e [B, G, C], e0 [B, G, 6, C], the
+        context [B, Lc, C], the rope tables and the token grid (F, H, W)."""
+        dtype = dtype or self._dtype()
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)  # I2V: noisy latents + mask + image latents
         if x.shape[1] != self.variant.in_dim:
@@ -430,11 +421,34 @@ class WanModel(nn.Module):
         if self.dynamic_tokens:
             for t in (x, *rope):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is x else 0)
+        return x, e, e0, ctx, rope, grid
+
+    def run_blocks(self, x, e0, ctx, rope, dtype, after_block=None) -> torch.Tensor:
+        """Every block in order; `after_block(i, x)` (VACE: adds the hint of block i) follows block i."""
         for i, block in enumerate(self.blocks):
             args = (x, e0, ctx, rope, self.attention_backend, self.split_attn, dtype)
             if self.block_runner is not None:
                 x = self.block_runner.run(i, block, args, self.run_block)
             else:
                 x = self.run_block(block, args)
+            if after_block is not None:
+                x = after_block(i, x)
+        return x
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor | Sequence[torch.Tensor],
+        y: torch.Tensor | None = None,
+        clip_fea: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, C, F, H, W] latents; timestep [B] or [B, L] in 0..1000; context [B, L_txt, text_dim]
+        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V; clip_fea [B, 257, 1280] for 2.1 I2V.
+        Returns the predicted flow [B, out_dim, F, H, W] in fp32."""
+        dtype = self._dtype()
+        choose_sdpa()  # SDPA's kernel order for this GPU: chosen and logged once per process
+        x, e, e0, ctx, rope, grid = self.embed(x, timestep, context, y, clip_fea, dtype)
+        x = self.run_blocks(x, e0, ctx, rope, dtype)
         out = self.head(x, e, dtype)  # [B, L, pt*ph*pw*out_dim]
         return self._unpatchify(out.float(), grid)
