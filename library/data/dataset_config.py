@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 FRAME_EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")
 SOURCE_KEYS = ("image_directory", "image_jsonl_file", "video_directory", "video_jsonl_file")
-DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val")
+# VACE conditioning media, matched to each item by name (JSONL: `control_path` / `mask_path` / `reference_path`)
+CONDITION_KEYS = ("control_directory", "mask_directory", "reference_directory")
+DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val", *CONDITION_KEYS)
 TABLES = ("general", "datasets", "validation_datasets")
 
 
@@ -66,6 +68,9 @@ class DatasetSpec(DatasetOptions):
     jsonl: bool
     cache_directory: Path
     is_val: bool = False
+    control_directory: Path | None = None  # VACE control videos / images, same names as the media
+    mask_directory: Path | None = None  # VACE masks (white = generate), same names as the media
+    reference_directory: Path | None = None  # VACE reference images, same names as the media
     index: int = 0  # position in its TOML table
     table: str = "datasets"
     config_path: Path = Path("dataset.toml")
@@ -214,6 +219,9 @@ def _build_spec(table: dict, general: dict, index: int, table_name: str, config_
         raise DatasetConfigError(f"{where}: is_val must be true or false")
     is_val = is_val or table_name == "validation_datasets"
     merged = {**general, **own}
+    for key in CONDITION_KEYS:
+        if key in table:
+            merged[key] = _resolve_path(table[key], key, where, base)
     if kind == "image":
         merged["target_frames"] = (1,)
     return DatasetSpec(kind=kind, source=source, jsonl=jsonl, cache_directory=cache_dir, is_val=is_val,

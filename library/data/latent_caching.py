@@ -24,6 +24,7 @@ import torch
 from library.errors import UserError
 
 from . import cache
+from .conditions import load_conditions
 from .dataset_config import DatasetConfig, DatasetSpec
 from .datasets import TaskInfo, latent_settings, task_info
 from .items import MediaItem, Skip, enumerate_dataset
@@ -124,8 +125,9 @@ def load_pixels(item: MediaItem) -> torch.Tensor:
 
 
 def _decode(item: MediaItem):
+    """(pixels, conditioning pixels or None) of one item, or the exception that makes it a skip."""
     try:
-        return load_pixels(item)
+        return load_pixels(item), (load_conditions(item) if item.conditions else None)
     except (MediaError, OSError) as exc:
         return exc
 
@@ -154,13 +156,14 @@ def encode_batch(vae, videos: torch.Tensor, is_i2v: bool) -> tuple[torch.Tensor,
 
 
 def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str,
-                clip_fea=None, clip_hash: str | None = None) -> None:
+                clip_fea=None, clip_hash: str | None = None, extra: dict | None = None) -> None:
     tensors = {"latents": latents.to(cache.STORE_DTYPE)}
     if image_latents is not None:
         tensors["image_latents"] = image_latents.to(cache.STORE_DTYPE)
     if clip_fea is not None:
         tensors["clip_fea"] = clip_fea.to(cache.STORE_DTYPE)  # [257, width]
-    meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind), vae_hash,
+    tensors.update({k: v.to(cache.STORE_DTYPE) for k, v in (extra or {}).items()})  # VACE context, references
+    meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind, info.is_vace), vae_hash,
                                  cache.source_fingerprint(item.media_path), clip_hash)
     path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
     cache.write_safetensors_atomic(tensors, path, meta)
@@ -170,20 +173,35 @@ def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, 
                       summary: CacheSummary) -> None:
     """Encode decoded items of one bucket together and write one cache file each."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    videos = torch.stack([g[2] for g in good]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
+    videos = torch.stack([g[2][0] for g in good]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
     latents, image_latents = encode_batch(vae, videos, info.is_i2v)
     clip_fea = clip.encode(videos[:, :, 0]) if clip is not None else None  # first frames -> [B, 257, width]
-    for j, (spec, item, _) in enumerate(good):
+    for j, (spec, item, (_, conditions)) in enumerate(good):
+        extra = vace_tensors(vae, conditions, videos.shape[2:]) if info.is_vace else None
         _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j], info, hashes[0],
-                    None if clip_fea is None else clip_fea[j], hashes[1])
+                    None if clip_fea is None else clip_fea[j], hashes[1], extra)
         summary.cached += 1
+
+
+@torch.no_grad()
+def vace_tensors(vae, inputs: dict | None, shape) -> dict[str, torch.Tensor]:
+    """VACE tasks: an item's `vace_context` [96, R + T, h, w] (and `reference_latents` [16, R, h, w]) from its
+    control video, mask and reference image (`conditions.load_conditions`; absent ones take the defaults of
+    `library.wan.vace_context`)."""
+    from library.wan.vace_context import vace_context
+
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    inputs = inputs or {"control": None, "mask": None, "references": []}
+    context, refs = vace_context(vae.encode, inputs["control"], inputs["mask"], inputs["references"],
+                                 frames=shape[0], size=tuple(shape[1:]), dtype=dtype, device=device)
+    return {"vace_context": context} | ({} if refs is None else {"reference_latents": refs})
 
 
 def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, clip_hash: str | None = None):
     todo = []
     for spec, item in entries:
         path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
-        problem = cache.latent_cache_problem(path, item, latent_settings(item, info.vae_kind),
+        problem = cache.latent_cache_problem(path, item, latent_settings(item, info.vae_kind, info.is_vace),
                                              need_image_latents=info.is_i2v, vae_hash=vae_hash,
                                              need_clip_fea=info.needs_clip, clip_hash=clip_hash,
                                              verify_content=True)

@@ -1,0 +1,126 @@
+"""VACE end to end on the tiny model: a dataset with control videos, masks and reference images -> latent
+and VACE-context caches -> LoRA training on the base and VACE blocks -> a LoRA ComfyUI resolves ->
+generation with it, a control video, a mask and a reference image."""
+
+from __future__ import annotations
+
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from library.config import config_from_dict, validate
+from library.training.trainer import Trainer
+from tests.networks.comfyui_lora_rules import comfyui_lora_targets
+
+TASK = "vace-tiny"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_media(root, name: str, frames: int, size: tuple[int, int], seed: int, image: bool = False):
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((frames, size[1], size[0], 3)) * 255).astype(np.uint8)
+    if image:
+        cv2.imwrite(str(root / f"{name}.png"), pixels[0])
+        return
+    writer = cv2.VideoWriter(str(root / f"{name}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 16, size)
+    for frame in pixels:
+        writer.write(frame)
+    writer.release()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The tiny VACE model set and two 9-frame clips with a control video, a mask and a reference each."""
+    from library.data.dataset_config import load_dataset_config
+    from library.data.latent_caching import cache_latents
+    from library.data.text_caching import cache_text_encoder_outputs
+    from library.prep.demo_dataset import write_demo_dataset
+    from library.wan.tiny import write_tiny_model_set
+
+    root = tmp_path_factory.mktemp("vace")
+    models = write_tiny_model_set(root / "models", TASK)
+    toml = write_demo_dataset(root / "data", clips=2, images=0, width=32, height=32, frames=9)
+    for sub in ("controls", "masks", "refs"):
+        (root / sub).mkdir()
+    for i in range(2):
+        _write_media(root / "controls", f"clip_{i:03d}", 9, (32, 32), i)
+        _write_media(root / "refs", f"clip_{i:03d}", 1, (24, 40), 10 + i, image=True)  # letterboxed
+    _write_media(root / "masks", "clip_000", 9, (32, 32), 20)  # a mask video
+    mask = np.zeros((32, 32, 3), np.uint8)
+    mask[8:24, 8:24] = 255
+    cv2.imwrite(str(root / "masks" / "clip_001.png"), mask)  # a still mask for every frame
+    text = toml.read_text()
+    text = text[: text.rindex("[[datasets]]")] + (
+        f'control_directory = "{(root / "controls").as_posix()}"\n'
+        f'mask_directory = "{(root / "masks").as_posix()}"\n'
+        f'reference_directory = "{(root / "refs").as_posix()}"\n')
+    toml.write_text(text)
+    config = load_dataset_config(toml)
+    summary = cache_latents(config, models.vae, task=TASK, progress=False)
+    assert summary.cached == 2 and summary.ok, summary.report()
+    cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32, progress=False)
+    return {"models": models, "dataset": toml, "root": root}
+
+
+def _config(ws, out, **over):
+    return validate(config_from_dict({
+        "task": TASK, "dit": str(ws["models"].dit), "dataset_config": str(ws["dataset"]), "output_dir": str(out),
+        "output_name": "lora", "network_dim": 4, "network_alpha": 4, "learning_rate": 5e-3,
+        "optimizer_type": "AdamW", "max_train_steps": 2, "seed": 3, "max_data_loader_n_workers": 0, **over}))
+
+
+def test_caches_hold_the_vace_context_and_reference_latents(workspace):
+    from library.data.cache import latent_cache_path
+
+    cache_dir = workspace["root"] / "data" / "cache" / "videos"
+    files = sorted(cache_dir.glob("*.safetensors"))
+    assert len(files) == 2
+    tensors = load_file(str(files[1]))
+    assert tensors["latents"].shape == (16, 3, 4, 4)
+    assert tensors["vace_context"].shape == (96, 4, 4, 4)  # 1 reference frame + 3 latent frames
+    assert tensors["reference_latents"].shape == (16, 1, 4, 4)
+    still = tensors["vace_context"][32:, 1:].float()  # the still mask: 1 inside [8, 24) pixels, 0 outside
+    assert still[:, :, 1:3, 1:3].eq(1).all() and still[:, :, 0].eq(0).all()
+    assert latent_cache_path(cache_dir, "x", "2.1").parent == cache_dir
+
+
+def test_trains_lora_on_base_and_vace_blocks_that_comfyui_resolves(workspace, tmp_path):
+    from library.wan.loading import load_dit
+
+    trainer = Trainer(_config(workspace, tmp_path, save_lora_format="comfyui"))
+    assert trainer.run() == 0
+    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    names = {k.rsplit(".", 2)[0] for k in weights if k.endswith("lora_B.weight")}
+    assert "diffusion_model.vace_blocks.1.self_attn.q" in names and "diffusion_model.blocks.3.ffn.2" in names
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "vace_blocks" in k and "lora_B" in k)
+    model_keys = {"diffusion_model." + k for k in load_dit(workspace["models"].dit, task=TASK).state_dict()}
+    targets = comfyui_lora_targets(weights, model_keys)  # ComfyUI's key map for WAN21_Vace
+    assert set(targets) == names and all(t.endswith(".weight") for t in targets.values())
+
+
+def test_loss_depends_on_the_vace_context(workspace, tmp_path):
+    trainer = Trainer(_config(workspace, tmp_path))
+    trainer.setup()
+    try:
+        batch = next(iter(trainer.data.loader(0)))
+        assert batch["vace_context"].shape == (1, 96, 4, 4, 4) and batch["latents"].shape == (1, 16, 4, 4, 4)
+        expert, pos = trainer.experts[0], (3, 0, 0)
+        with torch.no_grad():
+            real = trainer.loss(batch, expert, pos, sigma=0.5)
+            blank = trainer.loss({**batch, "vace_context": torch.zeros_like(batch["vace_context"])}, expert, pos,
+                                 sigma=0.5)
+        assert torch.isfinite(real) and abs(real.item() - blank.item()) > 1e-6
+    finally:
+        trainer.cleanup()
