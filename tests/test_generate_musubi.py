@@ -158,7 +158,7 @@ def test_musubi_flag_works(musubi_run, flag):
 
 ERRORS = {
     "--end_image_path e.png": "--end_image_path (first-last-frame video, FLF2V) is not supported yet",
-    "--control_path c.mp4": "--control_path is for the Wan2.1 Fun-Control models",
+    "--control_path c.mp4": "--control_path: control videos, masks and reference images are for the VACE models",
     "--video_path v.mp4": "--video_path (video-to-video) is not supported",
     "--one_frame_inference target_index=1": "--one_frame_inference is not supported",
     "--control_image_path a.png": "--control_image_path is for one-frame inference",

@@ -74,6 +74,10 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--from_file", help="prompt file: .txt (musubi / Kohya sample-prompt lines), .toml or .json")
     g.add_argument("--negative_prompt", help="default: the official WAN negative prompt")
     g.add_argument("--image", "--image_path", help="start image for I2V / TI2V (a line's --i wins)")
+    g.add_argument("--control_path", help="VACE: control video or frame folder (a line's --cn wins)")
+    g.add_argument("--mask_path", help="VACE: mask video, frame folder or image, white = generate (--mk)")
+    g.add_argument("--ref_image_path", help="VACE: reference image(s), comma-separated (--ri)")
+    g.add_argument("--vace_scale", type=float, help="VACE: scale of the VACE hints (default 1; --vs)")
     g.add_argument("--width", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--height", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--frames", "--video_length", type=int, help="frame count, 1 + 4k")
@@ -111,7 +115,9 @@ def build_requests(args) -> tuple[list[SampleRequest], list[PromptError]]:
     notes.log()
     defaults = dict(negative_prompt=args.negative_prompt, image=args.image, width=args.width, height=args.height,
                     frames=args.frames, steps=args.steps, seed=args.seed, guidance=args.guidance_scale,
-                    guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift)
+                    guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift,
+                    control=args.control_path, mask=args.mask_path, references=args.ref_image_path,
+                    vace_scale=args.vace_scale)
     requests = [r.with_defaults(**defaults) for r in requests]
     requests, bad = check_requests(requests, get_variant(args.task), args.from_file or "--prompt")
     return requests, errors + bad

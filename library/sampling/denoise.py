@@ -44,6 +44,7 @@ class Conditioning:
     y: torch.Tensor | None = None  # I2V: [B, 4 + z, T, h, w]
     first_frame: torch.Tensor | None = None  # TI2V: clean latent of frame 0, [B, z, 1, h, w]
     clip_fea: torch.Tensor | None = None  # WAN 2.1 I2V CLIP tokens
+    reference_frames: int = 0  # VACE: leading latent frames that hold reference images (y is the VACE context)
 
 
 def _token_timesteps(t: torch.Tensor, latents: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:

@@ -36,12 +36,12 @@ OPTIONS = {
     "w": ("width", v.parse_size), "h": ("height", v.parse_size), "f": ("frames", v.parse_frames),
     "d": ("seed", v.parse_seed), "s": ("steps", v.parse_steps), "l": ("guidance", v.parse_scale),
     "g": ("guidance", v.parse_scale), "fs": ("flow_shift", v.parse_positive), "n": ("negative_prompt", v.parse_text),
-    "i": ("image", v.parse_path),
+    "i": ("image", v.parse_path), "cn": ("control", v.parse_path), "mk": ("mask", v.parse_path),
+    "ri": ("references", v.parse_text), "vs": ("vace_scale", v.parse_scale),
 }
 # musubi options whose features this trainer does not have: the line renders without them (logged once)
 NOT_APPLICABLE = {
     "ei": "end images (FLF2V) are not supported yet; rendered without an end frame",
-    "cn": "control videos are for the Wan2.1 Fun-Control models, which are not supported; ignored",
     "ci": "control images are for one-frame inference, which is not supported; ignored",
     "cim": "control image masks are for one-frame inference, which is not supported; ignored",
     "of": "one-frame inference is not supported; rendered as a normal video",
@@ -54,14 +54,18 @@ FIELD_NAMES = {
     "discrete_flow_shift": "flow_shift", "guidance": "guidance", "cfg_scale": "guidance",
     "guidance_scale": "guidance", "scale": "guidance", "guidance_high": "guidance_high",
     "guidance_scale_high_noise": "guidance_high", "image": "image", "image_path": "image",
+    "control_path": "control", "control_video_path": "control", "vace_video": "control", "mask_path": "mask",
+    "vace_video_mask": "mask", "ref_image_path": "references", "reference_path": "references",
+    "vace_reference_image": "references", "vace_scale": "vace_scale",
 }
 FIELD_PARSERS = {"width": v.parse_size, "height": v.parse_size, "frames": v.parse_frames, "seed": v.parse_seed,
                  "steps": v.parse_steps, "guidance": v.parse_scale, "guidance_high": v.parse_scale,
                  "flow_shift": v.parse_positive, "negative_prompt": v.parse_text, "image": v.parse_path,
-                 "prompt": v.parse_text}
+                 "prompt": v.parse_text, "control": v.parse_path, "mask": v.parse_path,
+                 "references": lambda x: ",".join(x) if isinstance(x, list) else v.parse_text(x),
+                 "vace_scale": v.parse_scale}
 # musubi's prompt-file keys for features this trainer does not have, and bookkeeping keys it adds
-FIELDS_NOT_APPLICABLE = {"end_image_path": "ei", "control_video_path": "cn", "control_path": "cn",
-                         "control_image_path": "ci", "control_image_mask_path": "cim", "one_frame": "of"}
+FIELDS_NOT_APPLICABLE = {"end_image_path": "ei", "control_image_path": "ci", "control_image_mask_path": "cim", "one_frame": "of"}
 FIELDS_IGNORED = ("enum", "subset")
 
 
@@ -84,6 +88,10 @@ class SampleRequest:
     guidance_high: float | None = None  # CFG scale of the A14B high-noise expert
     flow_shift: float | None = None
     image: str | None = None  # start image for I2V / TI2V
+    control: str | None = None  # VACE: control video (library/sampling/vace.py)
+    mask: str | None = None  # VACE: mask video or image, white = generate
+    references: str | None = None  # VACE: reference image(s), comma-separated
+    vace_scale: float | None = None  # VACE: hint scale (default 1)
     source: str = "prompt"  # where it came from, for messages: "prompts.txt line 3"
     extra: dict = field(default_factory=dict, compare=False)  # precomputed embeddings etc.
 
@@ -228,10 +236,16 @@ def read_prompt_file(path: str | Path) -> tuple[list[SampleRequest], list[Prompt
 
 
 def _image_beside(request: SampleRequest, folder: Path) -> SampleRequest:
-    """A relative image path that is not found from the working directory is looked up beside the file."""
-    if request.image and not Path(request.image).expanduser().exists() and (folder / request.image).exists():
-        return replace(request, image=str(folder / request.image))
-    return request
+    """A relative image (or VACE control / mask) path that is not found from the working directory is looked up
+    beside the file."""
+    def beside(path: str | None) -> str | None:
+        if path and not Path(path).expanduser().exists() and (folder / path).exists():
+            return str(folder / path)
+        return path
+
+    refs = request.references and ",".join(beside(p.strip()) for p in request.references.split(","))
+    return replace(request, image=beside(request.image), control=beside(request.control), mask=beside(request.mask),
+                   references=refs)
 
 
 def request_problems(request: SampleRequest, variant) -> list[str]:
@@ -262,6 +276,9 @@ def check_requests(requests: list[SampleRequest], variant,
             continue
         if request.image and variant.model_type not in ("i2v", "ti2v"):
             notes.add(f"start images (--i) are ignored by the text-to-video model {variant.name}", request.source)
+        if (request.control or request.mask or request.references) and not variant.is_vace:
+            notes.add(f"control videos, masks and reference images (--cn / --mk / --ri) are for VACE models; "
+                      f"ignored by {variant.name}", request.source)
         good.append(request)
     notes.log()
     return good, errors

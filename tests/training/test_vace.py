@@ -4,6 +4,11 @@ generation with it, a control video, a mask and a reference image."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -13,7 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from library.config import config_from_dict, validate
+from library.sampling.prompts import PromptError
 from library.training.trainer import Trainer
+from tests.helpers import REPO
 from tests.networks.comfyui_lora_rules import comfyui_lora_targets
 
 TASK = "vace-tiny"
@@ -95,12 +102,17 @@ def test_caches_hold_the_vace_context_and_reference_latents(workspace):
     assert latent_cache_path(cache_dir, "x", "2.1").parent == cache_dir
 
 
-def test_trains_lora_on_base_and_vace_blocks_that_comfyui_resolves(workspace, tmp_path):
+@pytest.fixture(scope="module")
+def trained_lora(workspace, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vace_lora")
+    assert Trainer(_config(workspace, out, save_lora_format="comfyui")).run() == 0
+    return out / "lora.safetensors"
+
+
+def test_trains_lora_on_base_and_vace_blocks_that_comfyui_resolves(workspace, trained_lora):
     from library.wan.loading import load_dit
 
-    trainer = Trainer(_config(workspace, tmp_path, save_lora_format="comfyui"))
-    assert trainer.run() == 0
-    with safe_open(str(tmp_path / "lora.safetensors"), "pt") as f:
+    with safe_open(str(trained_lora), "pt") as f:
         weights = {k: f.get_tensor(k) for k in f.keys()}
     names = {k.rsplit(".", 2)[0] for k in weights if k.endswith("lora_B.weight")}
     assert "diffusion_model.vace_blocks.1.self_attn.q" in names and "diffusion_model.blocks.3.ffn.2" in names
@@ -124,3 +136,40 @@ def test_loss_depends_on_the_vace_context(workspace, tmp_path):
         assert torch.isfinite(real) and abs(real.item() - blank.item()) > 1e-6
     finally:
         trainer.cleanup()
+
+
+def test_generates_with_the_lora_control_mask_and_reference(workspace, trained_lora, tmp_path):
+    m, root = workspace["models"], workspace["root"]
+    args = ["--task", TASK, "--dit", m.dit, "--vae", m.vae, "--t5", m.t5, "--tokenizer", m.tokenizer,
+            "--lora", trained_lora, "--steps", "2", "--frames", "9", "--width", "32", "--height", "32",
+            "--output_dir", tmp_path, "--output_name", "v", "--prompt", "a painting --d 4",
+            "--control_path", root / "controls" / "clip_000.mp4", "--mask_path", root / "masks" / "clip_001.png",
+            "--ref_image_path", root / "refs" / "clip_000.png", "--vace_scale", "0.9"]
+    proc = subprocess.run([sys.executable, str(REPO / "generate_video_wan.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    video = next(tmp_path.glob("v*.mp4"))
+    capture = cv2.VideoCapture(str(video))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 9  # the reference frame is cut off before decoding
+    sidecar = json.loads(next(tmp_path.glob("v*.json")).read_text())
+    text = json.dumps(sidecar)
+    assert "clip_000.mp4" in text and "clip_001.png" in text and "0.9" in text
+
+
+def test_control_mask_and_reference_change_the_video(workspace, tmp_path):
+    from library.sampling.generate import generate
+    from library.sampling.prompts import SampleRequest
+    from tests.sampling.conftest import load_models
+
+    root = workspace["root"]
+    models = load_models(workspace["models"], text_encoder=True)
+    base = SampleRequest(prompt="a painting", width=32, height=32, frames=5, seed=1, steps=2)
+    plain = generate(models, base, decode=False).latents
+    ref = str(root / "refs" / "clip_000.png")
+    for request in (replace(base, control=str(root / "controls" / "clip_001.mp4")),
+                    replace(base, mask=str(root / "masks" / "clip_001.png")), replace(base, references=ref)):
+        latents = generate(models, request, decode=False).latents
+        assert latents.shape == plain.shape == (1, 16, 2, 4, 4) and (latents - plain).abs().max() > 1e-4
+    _write_media(tmp_path, "short", 3, (32, 32), 5)
+    with pytest.raises(PromptError, match="has 3 frames, the video 5"):
+        generate(models, replace(base, control=str(tmp_path / "short.mp4")))
