@@ -65,7 +65,8 @@ FIELD_PARSERS = {"width": v.parse_size, "height": v.parse_size, "frames": v.pars
                  "references": lambda x: ",".join(x) if isinstance(x, list) else v.parse_text(x),
                  "vace_scale": v.parse_scale}
 # musubi's prompt-file keys for features this trainer does not have, and bookkeeping keys it adds
-FIELDS_NOT_APPLICABLE = {"end_image_path": "ei", "control_image_path": "ci", "control_image_mask_path": "cim", "one_frame": "of"}
+FIELDS_NOT_APPLICABLE = {"end_image_path": "ei", "control_image_path": "ci", "control_image_mask_path": "cim",
+                         "one_frame": "of"}
 FIELDS_IGNORED = ("enum", "subset")
 
 
