@@ -21,7 +21,6 @@ USED = [
 ]
 # musubi options for features this trainer does not have: the line renders, one note per file
 NOTED = [("--ei end.png", "end images (FLF2V) are not supported yet"),
-         ("--cn control.mp4", "control videos are for the Wan2.1 Fun-Control models"),
          ("--ci ref.png", "control images are for one-frame inference"),
          ("--cim mask.png", "control image masks are for one-frame inference"),
          ("--of target_index=1", "one-frame inference is not supported"),
