@@ -224,6 +224,12 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
     if info.needs_clip and clip is None:
         raise CachingError(_NEEDS_CLIP.format(task=info.task))
     summary = CacheSummary("latents")
+    if not info.is_vace:
+        for spec in config.all:
+            keys = [k for k in ("mask_directory", "reference_directory") if getattr(spec, k) is not None]
+            if keys:
+                logger.warning("%s: %s are VACE inputs, not used for task %s (cache with --task vace-1.3B, vace-14B "
+                               "or vace-A14B)", spec.where(), " and ".join(keys), info.task)
     entries = split_for_rank(collect_items(config, info, summary, strict), rank, world_size)
     todo = _find_todo(entries, info, vae_hash, summary, clip_hash if info.needs_clip else None)
     failed: dict[Path, dict] = {spec.cache_directory: {} for spec in config.all}
