@@ -120,6 +120,16 @@ def test_trains_lora_on_base_and_vace_blocks_that_comfyui_resolves(workspace, tr
     model_keys = {"diffusion_model." + k for k in load_dit(workspace["models"].dit, task=TASK).state_dict()}
     targets = comfyui_lora_targets(weights, model_keys)  # ComfyUI's key map for WAN21_Vace
     assert set(targets) == names and all(t.endswith(".weight") for t in targets.values())
+    from library.diagnostics.checks import diagnose
+
+    from networks.convert import convert_lora, read_modules
+
+    report = diagnose(trained_lora)
+    assert report.fits == ["vace-tiny"] and not report.foreign_modules, report.findings  # VACE blocks need VACE
+    kohya = convert_lora(trained_lora, trained_lora.with_name("k.safetensors"), "kohya")
+    back = convert_lora(convert_lora(kohya, kohya.with_name("d.safetensors"), "diffusers"),
+                        kohya.with_name("k2.safetensors"), "kohya")
+    assert set(read_modules(back)[0]) == set(read_modules(trained_lora)[0]) == {n[16:] for n in names}
 
 
 def test_loss_depends_on_the_vace_context(workspace, tmp_path):

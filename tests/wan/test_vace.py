@@ -145,3 +145,14 @@ def test_real_variants_have_the_official_shapes():
     vace_params = sum(p.numel() for n, p in big.named_parameters() if n.startswith("vace_"))
     assert vace_params == 8 * (sum(p.numel() for p in big.blocks[0].parameters()) + 5120 * 5120 + 5120) + \
         5120 * 5120 + 5120 + 96 * 4 * 5120 + 5120
+
+
+def test_lora_module_names_agree_with_the_checkpoint_map():
+    from networks import lora_wan
+    from networks.convert import diffusers_name
+
+    ref = diffusers_vace(get_variant("vace-tiny"))
+    for name, module in ref.named_modules():
+        if isinstance(module, torch.nn.Linear) and "vace_blocks" in name:
+            official = diffusers_to_official(name + ".weight")[: -len(".weight")]
+            assert lora_wan.diffusers_module_to_official(name) == official and diffusers_name(official) == name
