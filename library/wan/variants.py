@@ -113,8 +113,8 @@ for _v in (
                **_14B_21),
     # VACE (video creation and editing): the T2V DiT plus VACE blocks fed a 96-channel context
     # [16 inactive | 16 reactive latents | 64 mask] (library/wan/vace.py, docs/vace.md)
-    WanVariant(name="vace-A14B", version="2.2", model_type="vace", in_dim=16, two_experts=True,
-               boundary=0.875, flow_shift=12.0, sample_steps=40, guidance=(3.0, 4.0), resolution=(1280, 720),
+    WanVariant(name="vace-A14B", version="2.2", model_type="vace", in_dim=16, two_experts=True,  # VideoX-Fun's
+               boundary=0.875, flow_shift=12.0, sample_steps=50, guidance=(5.0, 5.0), resolution=(832, 480),
                vace_layers=tuple(range(0, 40, 5)), vace_in_dim=96, aliases=("vace-fun-A14B",), **_A14B),
     WanVariant(name="vace-14B", model_type="vace", in_dim=16, resolution=(1280, 720), flow_shift=16.0,
                vace_layers=tuple(range(0, 40, 5)), vace_in_dim=96, **_14B_21),
