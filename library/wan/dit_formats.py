@@ -187,6 +187,10 @@ def _read_config_json(ckpt: Checkpoint) -> dict:
 def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant | None) -> WanVariant:
     """The variant that the tensor shapes describe, checked against the configured task."""
     shape = lambda k: ckpt.shape(layout.key_map[k])  # noqa: E731
+    if "patch_embedding.weight" not in layout.key_map and "vace_patch_embedding.weight" in layout.key_map:
+        raise CheckpointError(f"{ckpt.source}: this holds only the VACE blocks (a 'VACE module' file), not the DiT "
+                              "they extend; pass a whole VACE model (the official Wan2.1-VACE-14B / -1.3B folder, "
+                              "ComfyUI's wan2.1_vace_14B_fp16.safetensors, Wan2.2-VACE-Fun-A14B's expert folders)")
     try:
         dim, in_dim = shape("patch_embedding.weight")[:2]
         ffn_dim = shape("blocks.0.ffn.0.weight")[0]

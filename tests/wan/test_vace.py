@@ -43,6 +43,20 @@ def vace_twin(variant, seed=0):
     return ref, ours
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (intra-op threads only add overhead on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def twin():
+    return vace_twin(get_variant("vace-tiny"))
+
+
 def inputs(variant, frames=3, context_frames=3):
     torch.manual_seed(1)
     latent = torch.randn(2, variant.in_dim, frames, 4, 6)
@@ -60,9 +74,9 @@ def rel_err(ours, ref):
 
 
 @pytest.mark.parametrize("scale,context_frames", [(1.0, 3), ([0.5, 1.7], 3), (0.8, 2)])
-def test_forward_matches_diffusers(scale, context_frames):
+def test_forward_matches_diffusers(twin, scale, context_frames):
     variant = get_variant("vace-tiny")
-    ref, ours = vace_twin(variant)
+    ref, ours = twin
     latent, control, prompts, padded = inputs(variant, context_frames=context_frames)
     t = torch.tensor([999.0, 431.5])
     scales = torch.tensor(scale if isinstance(scale, list) else [scale] * len(variant.vace_layers))
@@ -104,9 +118,8 @@ def test_missing_context_and_wrong_scale_are_errors():
 
 
 @pytest.mark.parametrize("fmt", ["official", "comfyui", "diffusers"])
-def test_loads_every_naming_and_detects_vace(tmp_path, fmt):
-    variant = get_variant("vace-tiny")
-    ref, ours = vace_twin(variant)
+def test_loads_every_naming_and_detects_vace(twin, tmp_path, fmt):
+    ref, ours = twin
     if fmt == "diffusers":
         sd = ref.state_dict()
     else:
@@ -131,6 +144,10 @@ def test_task_contradicting_the_file_is_a_clear_error(tmp_path):
     save_file(base, str(tmp_path / "t2v.safetensors"))
     with pytest.raises(CheckpointError, match="configured task is vace-tiny"):
         load_dit(tmp_path / "t2v.safetensors", task="vace-tiny")
+    module = {k: v.contiguous() for k, v in ours.state_dict().items() if k.startswith("vace_")}
+    save_file(module, str(tmp_path / "module.safetensors"))
+    with pytest.raises(CheckpointError, match="only the VACE blocks"):
+        load_dit(tmp_path / "module.safetensors")
 
 
 def test_real_variants_have_the_official_shapes():
