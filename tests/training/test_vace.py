@@ -104,9 +104,21 @@ def test_caches_hold_the_vace_context_and_reference_latents(workspace):
 
 @pytest.fixture(scope="module")
 def trained_lora(workspace, tmp_path_factory):
+    """Two steps of `train_network_wan.py` (its command line, in a subprocess) on the cached VACE dataset."""
     out = tmp_path_factory.mktemp("vace_lora")
-    assert Trainer(_config(workspace, out, save_lora_format="comfyui")).run() == 0
+    flags = {"task": TASK, "dit": workspace["models"].dit, "dataset_config": workspace["dataset"], "output_dir": out,
+             "output_name": "lora", "network_module": "networks.lora_wan", "network_dim": 4, "network_alpha": 4,
+             "learning_rate": 5e-3, "optimizer_type": "AdamW", "max_train_steps": 2, "seed": 3,
+             "max_data_loader_n_workers": 0, "save_lora_format": "comfyui"}
+    proc = subprocess.run([sys.executable, str(REPO / "train_network_wan.py"),
+                           *sum(([f"--{k}", str(v)] for k, v in flags.items()), [])],
+                          capture_output=True, text=True, timeout=300, cwd=out, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out / "lora.safetensors"
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def test_trains_lora_on_base_and_vace_blocks_that_comfyui_resolves(workspace, trained_lora):
@@ -156,7 +168,7 @@ def test_generates_with_the_lora_control_mask_and_reference(workspace, trained_l
             "--control_path", root / "controls" / "clip_000.mp4", "--mask_path", root / "masks" / "clip_001.png",
             "--ref_image_path", root / "refs" / "clip_000.png", "--vace_scale", "0.9"]
     proc = subprocess.run([sys.executable, str(REPO / "generate_video_wan.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          text=True, timeout=300, cwd=tmp_path, env=_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     video = next(tmp_path.glob("v*.mp4"))
     capture = cv2.VideoCapture(str(video))
