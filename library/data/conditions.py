@@ -28,13 +28,22 @@ JSONL_KEYS = {"control": ("control_path", "vace_video"), "mask": ("mask_path", "
               "reference": ("reference_path", "vace_reference_image")}
 
 
-def _matching(folder: Path, name: str, role: str) -> Path | None:
-    """The file (or frame folder) in `folder` named `name` for `role`."""
-    frames = folder / name
-    if role != "reference" and frames.is_dir() and frame_files(frames):
-        return frames
-    for path in sorted(folder.glob(f"{name}.*")):
-        if path.is_file() and (is_image_file(path) or (role != "reference" and is_video_source(path))):
+def _index(folder: Path | None) -> dict[str, list[Path]]:
+    """{name: entries} of a conditioning folder: files by stem, frame folders by name (read once)."""
+    index: dict[str, list[Path]] = {}
+    if folder is not None and folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            index.setdefault(path.name if path.is_dir() else path.stem, []).append(path)
+    return index
+
+
+def _matching(entries: list[Path], role: str) -> Path | None:
+    """The entry usable for `role`: a frame folder (not for references), an image, or a video."""
+    for path in entries:
+        if path.is_dir():
+            if role != "reference" and frame_files(path):
+                return path
+        elif is_image_file(path) or (role != "reference" and is_video_source(path)):
             return path
     return None
 
@@ -45,6 +54,11 @@ class ConditionFinder:
     def __init__(self, spec: DatasetSpec):
         self.spec = spec
         self.folders = {role: getattr(spec, f"{role}_directory") for role in ROLES}
+        for role, folder in self.folders.items():
+            if folder is not None and not folder.is_dir():
+                raise MediaError(f"{spec.where()}: {role}_directory {folder} "
+                                 f"{'is not a folder' if folder.exists() else 'does not exist'}")
+        self.indexes = {role: _index(folder) for role, folder in self.folders.items()}
         self.records: dict[Path, dict[str, Path]] = self._jsonl_records() if spec.jsonl else {}
         self.has_reference = self.folders["reference"] is not None or any(
             "reference" in found for found in self.records.values())
@@ -77,7 +91,7 @@ class ConditionFinder:
         found = dict(self.records.get(media, {}))
         for role, folder in self.folders.items():
             if folder is not None and role not in found:
-                path = _matching(folder, name, role)
+                path = _matching(self.indexes[role].get(name, []), role)
                 if path is None:
                     what = "reference image" if role == "reference" else f"{role} video or image"
                     raise MediaError(f"{media}: no {what} named {name}.* in {role}_directory {folder}")

@@ -82,3 +82,11 @@ def test_references_all_or_none_and_keys_in_general_are_errors(tmp_path):
     with pytest.raises(DatasetConfigError, match="'mask_directory' belongs in each"):
         load_dataset_config(write_toml(tmp_path / "g.toml", '[general]\nmask_directory = "m"\n[[datasets]]\n'
                                                             'image_directory = "i"\n'))
+
+
+def test_a_missing_conditioning_folder_names_the_key(tmp_path):
+    from library.data.video_io import MediaError
+
+    config = _video_dataset(tmp_path, f'mask_directory = "{(tmp_path / "nowhere").as_posix()}"\n')
+    with pytest.raises(MediaError, match="mask_directory .*nowhere does not exist"):
+        enumerate_dataset(config.datasets[0], 16, 16.0)
