@@ -170,6 +170,8 @@ def test_generates_with_the_lora_control_mask_and_reference(workspace, trained_l
     proc = subprocess.run([sys.executable, str(REPO / "generate_video_wan.py"), *map(str, args)], capture_output=True,
                           text=True, timeout=300, cwd=tmp_path, env=_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "do not apply" not in log and "match no module" not in log  # every key, VACE blocks too, applies
     video = next(tmp_path.glob("v*.mp4"))
     capture = cv2.VideoCapture(str(video))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 9  # the reference frame is cut off before decoding
