@@ -28,6 +28,9 @@ FORMATS = ("kohya", "comfyui", "diffusers")
 _KOHYA_TO_OFFICIAL = [
     (re.compile(r"^blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)$"), r"blocks.\1.\2.\3"),
     (re.compile(r"^blocks_(\d+)_ffn_(0|2)$"), r"blocks.\1.ffn.\2"),
+    (re.compile(r"^vace_blocks_(\d+)_(self_attn|cross_attn)_(q|k|v|o)$"), r"vace_blocks.\1.\2.\3"),  # VACE
+    (re.compile(r"^vace_blocks_(\d+)_(ffn_0|ffn_2|before_proj|after_proj)$"),
+     lambda m: f"vace_blocks.{m[1]}.{m[2].replace('ffn_', 'ffn.')}"),
     (re.compile(r"^(text_embedding|time_embedding)_(0|2)$"), r"\1.\2"),
     (re.compile(r"^time_projection_1$"), "time_projection.1"),
     (re.compile(r"^head_head$"), "head.head"),
@@ -40,6 +43,8 @@ _OFFICIAL_TO_DIFFUSERS = [
     (re.compile(r"\.(attn[12])\.v$"), r".\1.to_v"), (re.compile(r"\.(attn[12])\.o$"), r".\1.to_out.0"),
     (re.compile(r"\.k_img$"), ".add_k_proj"), (re.compile(r"\.v_img$"), ".add_v_proj"),
     (re.compile(r"\.ffn\.0$"), ".ffn.net.0.proj"), (re.compile(r"\.ffn\.2$"), ".ffn.net.2"),
+    (re.compile(r"^(vace_blocks\.\d+)\.before_proj$"), r"\1.proj_in"),
+    (re.compile(r"^(vace_blocks\.\d+)\.after_proj$"), r"\1.proj_out"),
     (re.compile(r"^text_embedding\.0$"), "condition_embedder.text_embedder.linear_1"),
     (re.compile(r"^text_embedding\.2$"), "condition_embedder.text_embedder.linear_2"),
     (re.compile(r"^time_embedding\.0$"), "condition_embedder.time_embedder.linear_1"),

@@ -30,6 +30,7 @@ _DIFFUSERS_MODULES = [
     (r"\.to_v$", ".v"), (r"\.to_out\.0$", ".o"), (r"\.add_k_proj$", ".k_img"), (r"\.add_v_proj$", ".v_img"),
     (r"\.ffn\.net\.0\.proj$", ".ffn.0"), (r"\.ffn\.net\.2$", ".ffn.2"), (r"^proj_out$", "head.head"),
     (r"^condition_embedder\.time_proj$", "time_projection.1"),
+    (r"^(vace_blocks\.\d+)\.proj_in$", r"\1.before_proj"), (r"^(vace_blocks\.\d+)\.proj_out$", r"\1.after_proj"),
     (r"^condition_embedder\.time_embedder\.linear_(\d)$", lambda m: f"time_embedding.{2 * int(m[1]) - 2}"),
     (r"^condition_embedder\.text_embedder\.linear_(\d)$", lambda m: f"text_embedding.{2 * int(m[1]) - 2}"),
     (r"^condition_embedder\.image_embedder\.ff\.net\.0\.proj$", "img_emb.proj.1"),  # WAN 2.1 I2V image MLP

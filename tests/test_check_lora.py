@@ -62,7 +62,8 @@ def test_a_trained_file_is_ok_with_its_facts(tmp_path):
     assert report.verdict == "OK", report.findings
     assert report.key_format == "kohya" and report.comfyui == "loads natively" and report.modules == 20
     assert report.rank == [4] and report.alpha_scale == [0.5] and report.dtypes == ["float32"]
-    assert report.fits == ["t2v-tiny", "i2v-tiny", "ti2v-tiny", "i2v-tiny-2.1", "t2i-tiny", "flf2v-tiny"]
+    assert report.fits == ["t2v-tiny", "i2v-tiny", "ti2v-tiny", "i2v-tiny-2.1", "vace-tiny", "t2i-tiny",
+                           "flf2v-tiny"]  # VACE: T2V + blocks
     assert report.shapes == {"dim": 32, "ffn_dim": 64, "blocks": 2, "last_block": 1, "k_img": False}
     assert report.metadata_variant == "t2v-tiny" and report.training["steps"] == 1000
     assert any("applies to both experts" in m for m in levels(report, "note"))  # a 2.2 two-expert variant
@@ -186,10 +187,11 @@ def test_real_variants_from_shapes_alone(tmp_path):
         save_file(sd, str(tmp_path / "x.safetensors"))
         return diagnose(tmp_path / "x.safetensors").fits
 
-    assert fits(5120, 13824) == ["t2v-A14B", "i2v-A14B", "t2v-14B", "i2v-14B", "flf2v-14B", "t2i-14B"]
+    assert fits(5120, 13824) == ["t2v-A14B", "i2v-A14B", "t2v-14B", "i2v-14B", "flf2v-14B", "t2i-14B",
+                                 "vace-A14B", "vace-14B"]
     assert fits(5120, 13824, k_img=True) == ["i2v-14B", "flf2v-14B"]
     assert fits(3072, 14336) == ["ti2v-5B"]
-    assert fits(1536, 8960) == ["t2v-1.3B"]
+    assert fits(1536, 8960) == ["t2v-1.3B", "vace-1.3B"]
 
 
 def test_dit_gives_relative_norms(tmp_path):

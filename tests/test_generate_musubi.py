@@ -157,7 +157,7 @@ def test_musubi_flag_works(musubi_run, flag):
 # ---- the flags that are clear errors, and numbers outside their rules ------------------------------------
 
 ERRORS = {
-    "--control_path c.mp4": "--control_path is for the Wan2.1 Fun-Control models",
+    "--control_path c.mp4": "--control_path: control videos, masks and reference images are for the VACE models",
     "--video_path v.mp4": "--video_path (video-to-video) is not supported",
     "--one_frame_inference target_index=1": "give target_index=N and control_index=A",
     "--one_frame_inference target_index=1,control_index=0 --control_image_path a.png":

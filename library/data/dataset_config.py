@@ -23,7 +23,10 @@ logger = logging.getLogger(__name__)
 
 FRAME_EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")
 SOURCE_KEYS = ("image_directory", "image_jsonl_file", "video_directory", "video_jsonl_file")
-DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val", "control_directory")
+# conditioning media, matched to each item by name (JSONL: `control_path` / `mask_path` / `reference_path`):
+# control images of one-frame training, control videos of Fun-Control and VACE, VACE masks and references
+CONDITION_KEYS = ("control_directory", "mask_directory", "reference_directory")
+DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val", *CONDITION_KEYS)
 ONE_FRAME_KEYS = ("fp_1f_clean_indices", "fp_1f_target_index", "fp_1f_no_post")  # image datasets only
 TABLES = ("general", "datasets", "validation_datasets")
 
@@ -71,10 +74,12 @@ class DatasetSpec(DatasetOptions):
     jsonl: bool
     cache_directory: Path
     is_val: bool = False
+    control_directory: Path | None = None  # control media (one-frame images, Fun-Control / VACE videos), same names
+    mask_directory: Path | None = None  # VACE masks (white = generate), same names as the media
+    reference_directory: Path | None = None  # VACE reference images, same names as the media
     index: int = 0  # position in its TOML table
     table: str = "datasets"
     config_path: Path = Path("dataset.toml")
-    control_directory: Path | None = None  # control images (one-frame), same stem as each image
 
     def where(self) -> str:
         """How error messages name this dataset: file, table and position."""
@@ -230,15 +235,16 @@ def _build_spec(table: dict, general: dict, index: int, table_name: str, config_
     if not isinstance(is_val, bool):
         raise DatasetConfigError(f"{where}: is_val must be true or false")
     is_val = is_val or table_name == "validation_datasets"
-    control = _resolve_path(table["control_directory"], "control_directory", where, base) \
-        if "control_directory" in table else None
     merged = {**general, **own}
     if kind == "video":
         merged = {k: v for k, v in merged.items() if k not in ONE_FRAME_KEYS}  # from [general]: images only
+    for key in CONDITION_KEYS:
+        if key in table:
+            merged[key] = _resolve_path(table[key], key, where, base)
     if kind == "image":
         merged["target_frames"] = (1,)
     return DatasetSpec(kind=kind, source=source, jsonl=jsonl, cache_directory=cache_dir, is_val=is_val,
-                       index=index, table=table_name, config_path=config_path, control_directory=control, **merged)
+                       index=index, table=table_name, config_path=config_path, **merged)
 
 
 def parse_dataset_config(data: dict, path: Path) -> DatasetConfig:

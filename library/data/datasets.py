@@ -29,6 +29,7 @@ from library.errors import UserError
 
 from . import cache
 from .buckets import bucket_step
+from .conditions import condition_fingerprint
 from .dataset_config import DatasetConfig, DatasetSpec
 from .items import MediaItem, Skip, enumerate_dataset
 from .video_io import MediaError
@@ -62,6 +63,7 @@ class TaskInfo:
     is_i2v: bool
     needs_clip: bool = False  # WAN 2.1 I2V: CLIP image tokens of the first frame (`clip_fea`)
     end_frame: bool = False  # WAN 2.1 FLF2V: the last frame conditions too (image latents and clip_fea)
+    is_vace: bool = False  # VACE: the VACE context (`vace_context`) and reference latents, see conditions.py
 
     @property
     def step(self) -> int:
@@ -73,18 +75,21 @@ def task_info(task: str) -> TaskInfo:
 
     variant = get_variant(task)
     return TaskInfo(task=variant.name, vae_kind=variant.vae, fps=float(variant.fps), is_i2v=variant.is_i2v,
-                    needs_clip=variant.image_embedding, end_frame=variant.end_frame)
+                    needs_clip=variant.image_embedding, end_frame=variant.end_frame, is_vace=variant.is_vace)
 
 
-def latent_settings(item: MediaItem, vae_kind: str, end_frame: bool = False, spec=None) -> dict:
+def latent_settings(item: MediaItem, vae_kind: str, end_frame: bool = False, spec=None, *,
+                    vace: bool = False) -> dict:
     """Everything that decides an item's latents besides the source file and the VAE weights (FLF2V caches
     are marked: their image latents and CLIP tokens also hold the last frame; one-frame caches hold their
-    indices and control files)."""
+    indices and control files; VACE caches their conditioning files)."""
     from .one_frame import is_one_frame, settings as one_frame_settings
 
     settings = {"vae_kind": vae_kind, "bucket": list(item.bucket), "frames": list(item.frames), "fps": item.fps}
     if spec is not None and is_one_frame(spec):
         settings["one_frame"] = one_frame_settings(spec, item.media_path)
+    if vace:
+        settings["vace"] = condition_fingerprint(item)
     return settings | ({"conditioning": "first_last_frame"} if end_frame else {})
 
 
@@ -161,7 +166,8 @@ class CachedDataset(torch.utils.data.Dataset):
         problems, vae_hashes, clip_hashes, encoders = [], set(), set(), set()
         for item in self.items:
             path = self.latent_path(item)
-            settings = latent_settings(item, self.info.vae_kind, self.info.end_frame, self.spec)
+            settings = latent_settings(item, self.info.vae_kind, self.info.end_frame, self.spec,
+                                       vace=self.info.is_vace)
             problem = cache.latent_cache_problem(path, item, settings,
                                                  need_image_latents=self.info.is_i2v,
                                                  need_clip_fea=self.info.needs_clip)
@@ -218,8 +224,12 @@ class CachedDataset(torch.utils.data.Dataset):
         tensors = self._load(self.latent_path(item))
         caption = "" if self.drop_caption(item, epoch) else item.caption
         context = self._load(cache.text_cache_path(self.spec.cache_directory, caption))["t5"]
+        latents = tensors["latents"]  # [z, T, h, w] bf16 as stored
+        if self.info.is_vace and "reference_latents" in tensors:  # VACE: reference frames lead the clip
+            latents = torch.cat([tensors["reference_latents"], latents], dim=1)
         return {
-            "latents": tensors["latents"],  # [z, T, h, w] bf16 as stored
+            "latents": latents,
+            "vace_context": tensors.get("vace_context") if self.info.is_vace else None,  # [96, R + T, h, w]
             "image_latents": tensors.get("image_latents") if self.info.is_i2v else None,
             "clip_fea": tensors.get("clip_fea") if self.info.needs_clip else None,  # [257, width] or None
             "frame_mask": tensors.get("frame_mask"), "frame_positions": tensors.get("frame_positions"),  # one-frame
@@ -264,12 +274,14 @@ def collate(items: list[dict]) -> dict:
         raise ValueError(f"a batch must hold one bucket, got {sorted(buckets)}")
     image = [item["image_latents"] for item in items]
     clip = [item.get("clip_fea") for item in items]
+    vace = [item.get("vace_context") for item in items]
     return {
         "latents": torch.stack([item["latents"] for item in items]).float(),  # [B, z, T, h, w]
         "image_latents": None if any(x is None for x in image) else torch.stack(image).float(),
         "clip_fea": None if any(x is None for x in clip) else torch.stack(clip).float(),  # [B, 257, width]
         **{k: torch.stack([item[k] for item in items]) for k in ("frame_mask", "frame_positions")
            if all(item.get(k) is not None for item in items)},  # one-frame: [B, T] each
+        "vace_context": None if any(x is None for x in vace) else torch.stack(vace).float(),  # [B, 96, T', h, w]
         "context": [item["context"].float() for item in items],  # B x [L_i, d]
         "keys": [item["key"] for item in items],
         "captions": [item["caption"] for item in items],

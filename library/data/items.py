@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .buckets import resolution_problem, select_bucket
+from .conditions import ConditionFinder
 from .dataset_config import DatasetConfigError, DatasetSpec, round_frames
 from .video_io import (VIDEO_EXTENSIONS, MediaError, frame_files, is_image_file, is_video_source, missing_reason, probe,
                        resample_indices)
@@ -38,6 +39,7 @@ class MediaItem:
     frames: tuple[int, ...]  # source frame indices at the target fps; (0,) for an image
     bucket: tuple[int, int, int]  # (W, H, F)
     fps: float | None  # target fps of a video window
+    conditions: tuple[tuple[str, Path], ...] = ()  # VACE: ("control" | "mask" | "reference", file), see conditions.py
 
 
 @dataclass(frozen=True)
@@ -217,9 +219,12 @@ def enumerate_dataset(spec: DatasetSpec, step: int, model_fps: float) -> tuple[l
         raise DatasetConfigError(f"{spec.where()}: {problem}")
     sources, skips = captioned_sources(spec)
     items: list[MediaItem] = []
+    conditions = ConditionFinder(spec)
     for media, caption, caption_source in sources:
         try:
-            items.extend(_items_for(media, caption, caption_source, spec, step, model_fps))
+            found = conditions.find(media)
+            items.extend(replace(item, conditions=found)
+                         for item in _items_for(media, caption, caption_source, spec, step, model_fps))
         except MediaError as exc:
             message = str(exc)
             reason = message[len(str(media)) + 2:] if message.startswith(f"{media}: ") else message

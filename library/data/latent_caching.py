@@ -24,6 +24,7 @@ import torch
 from library.errors import UserError
 
 from . import cache, one_frame
+from .conditions import load_conditions
 from .dataset_config import DatasetConfig, DatasetSpec
 from .datasets import TaskInfo, latent_settings, task_info
 from .items import MediaItem, Skip, enumerate_dataset
@@ -124,9 +125,12 @@ def load_pixels(item: MediaItem) -> torch.Tensor:
 
 
 def _decode(item: MediaItem, spec: DatasetSpec | None = None):
+    """(pixels, conditioning pixels or None) of one item, or the exception that makes it a skip (one-frame
+    items: their target and control images as the pixels)."""
     try:
-        return one_frame.load_frames(spec, item) if spec is not None and one_frame.is_one_frame(spec) \
-            else load_pixels(item)
+        if spec is not None and one_frame.is_one_frame(spec):
+            return one_frame.load_frames(spec, item), None
+        return load_pixels(item), (load_conditions(item) if item.conditions else None)
     except (MediaError, OSError) as exc:
         return exc
 
@@ -169,12 +173,13 @@ def encode_clip(clip, videos: torch.Tensor, end_frame: bool) -> torch.Tensor:
 
 def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str,
                 clip_fea=None, clip_hash: str | None = None, extra: dict | None = None) -> None:
-    tensors = {"latents": latents.to(cache.STORE_DTYPE), **(extra or {})}
+    tensors = {"latents": latents.to(cache.STORE_DTYPE), **(extra or {})}  # one-frame masks / VACE context
     if image_latents is not None:
         tensors["image_latents"] = image_latents.to(cache.STORE_DTYPE)
     if clip_fea is not None:
         tensors["clip_fea"] = clip_fea.to(cache.STORE_DTYPE)  # [257, width] (FLF2V: [2, 257, width])
-    meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind, info.end_frame, spec), vae_hash,
+    settings = latent_settings(item, info.vae_kind, info.end_frame, spec, vace=info.is_vace)
+    meta = cache.latent_metadata(item, settings, vae_hash,
                                  cache.source_fingerprint(item.media_path), clip_hash)
     path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
     cache.write_safetensors_atomic(tensors, path, meta)
@@ -184,7 +189,7 @@ def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, 
                       summary: CacheSummary) -> None:
     """Encode decoded items of one bucket together and write one cache file each."""
     single = [g for g in good if one_frame.is_one_frame(g[0])]
-    for spec, item, frames in single:  # one-frame items: each image encoded on its own
+    for spec, item, (frames, _) in single:  # one-frame items: each image encoded on its own
         tensors = one_frame.encode(vae, clip, frames, spec)
         _write_item(spec, item, tensors.pop("latents"), tensors.pop("image_latents"), info, hashes[0],
                     tensors.pop("clip_fea", None), hashes[1], extra=tensors)
@@ -193,20 +198,37 @@ def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, 
     if not good:
         return
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    videos = torch.stack([g[2] for g in good]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
+    videos = torch.stack([g[2][0] for g in good]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
     latents, image_latents = encode_batch(vae, videos, info.is_i2v, info.end_frame)
     clip_fea = encode_clip(clip, videos, info.end_frame) if clip is not None else None  # [B, (2,) 257, width]
-    for j, (spec, item, _) in enumerate(good):
+    for j, (spec, item, (_, conditions)) in enumerate(good):
+        extra = {k: v.to(cache.STORE_DTYPE) for k, v in vace_tensors(vae, conditions, videos.shape[2:]).items()} \
+            if info.is_vace else None  # VACE context, references
         _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j], info, hashes[0],
-                    None if clip_fea is None else clip_fea[j], hashes[1])
+                    None if clip_fea is None else clip_fea[j], hashes[1], extra)
         summary.cached += 1
+
+
+@torch.no_grad()
+def vace_tensors(vae, inputs: dict | None, shape) -> dict[str, torch.Tensor]:
+    """VACE tasks: an item's `vace_context` [96, R + T, h, w] (and `reference_latents` [16, R, h, w]) from its
+    control video, mask and reference image (`conditions.load_conditions`; absent ones take the defaults of
+    `library.wan.vace_context`)."""
+    from library.wan.vace_context import vace_context
+
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    inputs = inputs or {"control": None, "mask": None, "references": []}
+    context, refs = vace_context(vae.encode, inputs["control"], inputs["mask"], inputs["references"],
+                                 frames=shape[0], size=tuple(shape[1:]), dtype=dtype, device=device)
+    return {"vace_context": context} | ({} if refs is None else {"reference_latents": refs})
 
 
 def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, clip_hash: str | None = None):
     todo = []
     for spec, item in entries:
         path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
-        problem = cache.latent_cache_problem(path, item, latent_settings(item, info.vae_kind, info.end_frame, spec),
+        settings = latent_settings(item, info.vae_kind, info.end_frame, spec, vace=info.is_vace)
+        problem = cache.latent_cache_problem(path, item, settings,
                                              need_image_latents=info.is_i2v, vae_hash=vae_hash,
                                              need_clip_fea=info.needs_clip, clip_hash=clip_hash,
                                              verify_content=True)
@@ -232,6 +254,12 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
     if problems:
         raise CachingError("; ".join(problems))
     summary = CacheSummary("latents")
+    if not info.is_vace:
+        for spec in config.all:
+            keys = [k for k in ("mask_directory", "reference_directory") if getattr(spec, k) is not None]
+            if keys:
+                logger.warning("%s: %s are VACE inputs, not used for task %s (cache with --task vace-1.3B, vace-14B "
+                               "or vace-A14B)", spec.where(), " and ".join(keys), info.task)
     entries = split_for_rank(collect_items(config, info, summary, strict), rank, world_size)
     todo = _find_todo(entries, info, vae_hash, summary, clip_hash if info.needs_clip else None)
     failed: dict[Path, dict] = {spec.cache_directory: {} for spec in config.all}

@@ -26,10 +26,10 @@ def known_variants() -> list[WanVariant]:
 @functools.lru_cache(maxsize=None)
 def variant_linears(name: str) -> dict[str, tuple[int, int]]:
     """{official name: (in, out)} of every Linear of a variant's DiT (built on `meta`: no memory)."""
-    from library.wan.model import WanModel
+    from library.wan.vace import build_dit
 
     with torch.device("meta"):
-        model = WanModel(get_variant(name))
+        model = build_dit(get_variant(name))
     return {n: (m.in_features, m.out_features) for n, m in model.named_modules() if n and is_linear(m)}
 
 

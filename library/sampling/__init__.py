@@ -4,5 +4,6 @@ stacking, video / image / latent outputs, musubi-tuner's generation command line
 
 Import from the submodules (`library.sampling.generate`, `.save`, ...); nothing is imported here so that
 `import library.sampling` stays cheap. May import: `library.wan`, `library.runtime`, `library.config`,
-`networks`; never `library.training` (training uses sampling for its samples, not the other way round).
+`library.data` (media decoding for the VACE inputs, `vace`), `networks`; never `library.training` (training
+uses sampling for its samples, not the other way round).
 """

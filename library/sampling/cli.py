@@ -79,6 +79,10 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
                                                  "(WAN 2.1 I2V / FLF2V; a line's --of wins)")
     g.add_argument("--control_image_path", nargs="*", help="control images of one-frame inference, one per "
                                                          "control_index (a line's --ci wins)")
+    g.add_argument("--control_path", help="VACE: control video or frame folder (a line's --cn wins)")
+    g.add_argument("--mask_path", help="VACE: mask video, frame folder or image, white = generate (--mk)")
+    g.add_argument("--ref_image_path", help="VACE: reference image(s), comma-separated (--ri)")
+    g.add_argument("--vace_scale", type=float, help="VACE: scale of the VACE hints (default 1; --vs)")
     g.add_argument("--width", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--height", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--frames", "--video_length", type=int, help="frame count, 1 + 4k")
@@ -118,7 +122,9 @@ def build_requests(args) -> tuple[list[SampleRequest], list[PromptError]]:
                     one_frame=args.one_frame_inference, control_images=tuple(args.control_image_path or ()) or None,
                     width=args.width, height=args.height,
                     frames=args.frames, steps=args.steps, seed=args.seed, guidance=args.guidance_scale,
-                    guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift)
+                    guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift,
+                    control=args.control_path, mask=args.mask_path, references=args.ref_image_path,
+                    vace_scale=args.vace_scale)
     requests = [r.with_defaults(**defaults) for r in requests]
     requests, bad = check_requests(requests, get_variant(args.task), args.from_file or "--prompt")
     return requests, errors + bad

@@ -165,7 +165,8 @@ def _defaults(args) -> dict:
                 control_images=tuple(getattr(args, "control_image_path", None) or ()) or None,
                 width=args.width, height=args.height,
                 frames=args.frames, steps=args.steps, seed=args.seed, guidance=args.guidance_scale,
-                guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift)
+                guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift, control=args.control_path,
+                mask=args.mask_path, references=args.ref_image_path, vace_scale=args.vace_scale)
 
 
 def run_generate(args) -> int:

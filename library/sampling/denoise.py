@@ -45,6 +45,7 @@ class Conditioning:
     first_frame: torch.Tensor | None = None  # TI2V: clean latent of frame 0, [B, z, 1, h, w]
     clip_fea: torch.Tensor | None = None  # WAN 2.1 I2V CLIP tokens
     frame_positions: list[int] | None = None  # one-frame inference: the RoPE time index of each latent frame
+    reference_frames: int = 0  # VACE: leading latent frames that hold reference images (y is the VACE context)
 
     def extra(self) -> dict:
         return {} if self.frame_positions is None else {"frame_positions": self.frame_positions}

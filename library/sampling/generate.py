@@ -30,6 +30,7 @@ from .finite import check_finite_sample
 from .guidance import GuidanceOptions
 from .prompts import PromptError, SampleRequest, request_problems
 from .schedules import flow_schedule
+from .vace import reference_paths, vace_inputs
 from .values import parse_frames
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
         **({"end_image": request.end_image} if variant.end_frame else {}),
         **({"one_frame": request.one_frame, "control_images": list(request.control_images or ())}
            if request.one_frame else {}),
+        **({"control": request.control, "mask": request.mask, "references": list(reference_paths(request.references)),
+            "vace_scale": 1.0 if request.vace_scale is None else request.vace_scale} if variant.is_vace else {}),
     )
 
 
@@ -188,6 +191,8 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
     context = _text(models, request, s["prompt"], "context").to(device)
     negative = _text(models, request, s["negative_prompt"], "negative_context").to(device)
     cond = Conditioning([context], [negative])
+    if variant.is_vace:  # the VACE context goes in as `y`; its reference frames lead the latents
+        cond.y, cond.reference_frames = vace_inputs(vae, s, device, request.source)
     if s["image"] and variant.model_type in ("i2v", "ti2v"):
         image = load_image(s["image"], s["width"], s["height"], request.source)  # the VAE moves and casts it
         if variant.is_i2v:  # the image, then black frames (FLF2V: then the end image), encoded as one clip
@@ -206,6 +211,19 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
         else:  # TI2V: the clean first latent frame
             cond.first_frame = vae.encode(image).float().to(device)
     return cond
+
+
+@contextlib.contextmanager
+def vace_scale(models, scale: float | None):
+    """Set the VACE hint scale of every VACE expert for one request (restored afterwards)."""
+    saved = [(m, m.vace_scale) for m in models if hasattr(m, "vace_scale")]
+    try:
+        for m, _ in saved:
+            m.vace_scale = 1.0 if scale is None else scale
+        yield
+    finally:
+        for m, value in saved:
+            m.vace_scale = value
 
 
 def _clip_features(models: SamplingModels, image: torch.Tensor, source: str) -> torch.Tensor:
@@ -230,8 +248,9 @@ def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "
     with eval_mode(*models.experts.values(), models.vae, models.clip, *models.networks):
         cond = _conditioning(models, request, s, device)
         stride_t, stride_s = variant.vae_stride[0], variant.vae_stride[1]
+        refs = cond.reference_frames  # VACE: reference images lead the latent frames
         latent_frames = len(cond.frame_positions) if cond.frame_positions else (s["frames"] - 1) // stride_t + 1
-        shape = (1, variant.out_dim, latent_frames, s["height"] // stride_s, s["width"] // stride_s)
+        shape = (1, variant.out_dim, latent_frames + refs, s["height"] // stride_s, s["width"] // stride_s)
         generator = torch.Generator(device="cpu").manual_seed(s["seed"])  # never the global stream
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         guidance = {"high_noise": s["guidance_high_noise"], "low_noise": s["guidance_low_noise"],
@@ -241,7 +260,9 @@ def generate(models: SamplingModels, request: SampleRequest, *, sampler: str = "
             logger.warning("%s: only the %s expert is loaded; it denoises every step", variant.name, experts[0].name)
         plan = flow_schedule(s["steps"], s["flow_shift"], sampler, schedule)
         activate = models.activate if models.offload_inactive and len(experts) > 1 else None
-        latents = denoise(noise, plan, experts, cond, sampler, s["boundary"], progress, options, activate)
+        with vace_scale(models.experts.values(), s.get("vace_scale")):
+            latents = denoise(noise, plan, experts, cond, sampler, s["boundary"], progress, options, activate)
+        latents = latents[:, :, refs:]  # VACE: the reference frames are not part of the video
         if cond.frame_positions:  # one-frame: the target frame alone
             latents = latents[:, :, s["one_frame_index"]:s["one_frame_index"] + 1]
         check_finite_sample(latents, "latents", request)  # NaN would decode to an all-black video

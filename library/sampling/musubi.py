@@ -30,7 +30,6 @@ from .guidance import CFG_SKIP_MODES, SLG_MODES
 logger = logging.getLogger(__name__)
 
 UNSUPPORTED = {
-    "control_path": "--control_path is for the Wan2.1 Fun-Control models, which this trainer does not run",
     "video_path": "--video_path (video-to-video) is not supported; generate from text or a start image",
     "control_image_mask_path": "--control_image_mask_path: WAN one-frame inference uses no masks (as musubi-tuner)",
 }
@@ -81,7 +80,7 @@ def add_musubi_args(parser: argparse.ArgumentParser) -> None:
     u = parser.add_argument_group("musubi-tuner flags that are accepted for its command lines")
     for name in NO_EFFECT:
         u.add_argument(f"--{name}", action="store_true", help=NO_EFFECT[name].split(": ", 1)[1])
-    for name in ("control_path", "video_path"):
+    for name in ("video_path",):
         u.add_argument(f"--{name}", help="not supported (a clear error)")
     u.add_argument("--control_image_mask_path", nargs="*", help="not supported (a clear error)")
 
@@ -137,6 +136,10 @@ def normalise(args) -> list[str]:
         return []
     args._normalised = True
     errors = [why for name, why in UNSUPPORTED.items() if getattr(args, name, None)]
+    vace_inputs = [f"--{n}" for n in ("control_path", "mask_path", "ref_image_path") if getattr(args, n, None)]
+    if vace_inputs and "vace" not in str(getattr(args, "task", "")).lower():
+        errors.append(f"{' / '.join(vace_inputs)}: control videos, masks and reference images are for the VACE "
+                      f"models (--task vace-1.3B, vace-14B, vace-A14B); {args.task} takes none")
     for name, note in NO_EFFECT.items():
         if getattr(args, name, False):
             logger.info("%s", note)

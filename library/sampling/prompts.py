@@ -38,10 +38,11 @@ OPTIONS = {
     "g": ("guidance", v.parse_scale), "fs": ("flow_shift", v.parse_positive), "n": ("negative_prompt", v.parse_text),
     "i": ("image", v.parse_path), "ei": ("end_image", v.parse_path), "of": ("one_frame", v.parse_text),
     "ci": ("control_images", v.parse_path),  # repeatable: one per control image
+    "cn": ("control", v.parse_path), "mk": ("mask", v.parse_path),
+    "ri": ("references", v.parse_text), "vs": ("vace_scale", v.parse_scale),
 }
 # musubi options whose features this trainer does not have: the line renders without them (logged once)
 NOT_APPLICABLE = {
-    "cn": "control videos are for the Wan2.1 Fun-Control models, which are not supported; ignored",
     "cim": "control image masks (alpha) are not used by WAN one-frame inference (as in musubi-tuner); ignored",
 }
 # long names accepted in .toml / .json prompt files (ours and musubi's) -> field
@@ -54,14 +55,20 @@ FIELD_NAMES = {
     "guidance_scale_high_noise": "guidance_high", "image": "image", "image_path": "image",
     "end_image": "end_image", "end_image_path": "end_image", "one_frame": "one_frame",
     "one_frame_inference": "one_frame", "control_image_path": "control_images", "control_images": "control_images",
+    "control_path": "control", "control_video_path": "control", "vace_video": "control", "mask_path": "mask",
+    "vace_video_mask": "mask", "ref_image_path": "references", "reference_path": "references",
+    "vace_reference_image": "references", "vace_scale": "vace_scale",
 }
 FIELD_PARSERS = {"width": v.parse_size, "height": v.parse_size, "frames": v.parse_frames, "seed": v.parse_seed,
                  "steps": v.parse_steps, "guidance": v.parse_scale, "guidance_high": v.parse_scale,
                  "flow_shift": v.parse_positive, "negative_prompt": v.parse_text, "image": v.parse_path,
                  "end_image": v.parse_path, "prompt": v.parse_text, "one_frame": v.parse_text,
-                 "control_images": lambda x: tuple(v.parse_path(p) for p in ([x] if isinstance(x, str) else x))}
+                 "control_images": lambda x: tuple(v.parse_path(p) for p in ([x] if isinstance(x, str) else x)),
+                 "control": v.parse_path, "mask": v.parse_path,
+                 "references": lambda x: ",".join(x) if isinstance(x, list) else v.parse_text(x),
+                 "vace_scale": v.parse_scale}
 # musubi's prompt-file keys for features this trainer does not have, and bookkeeping keys it adds
-FIELDS_NOT_APPLICABLE = {"control_video_path": "cn", "control_path": "cn", "control_image_mask_path": "cim"}
+FIELDS_NOT_APPLICABLE = {"control_image_mask_path": "cim"}
 FIELDS_IGNORED = ("enum", "subset")
 
 
@@ -87,6 +94,10 @@ class SampleRequest:
     end_image: str | None = None  # last frame for FLF2V (`--ei`, `--end_image_path`)
     one_frame: str | None = None  # one-frame inference: `target_index=1,control_index=0` (`--of`)
     control_images: tuple[str, ...] | None = None  # one-frame control images (`--ci`, `--control_image_path`)
+    control: str | None = None  # VACE: control video (library/sampling/vace.py)
+    mask: str | None = None  # VACE: mask video or image, white = generate
+    references: str | None = None  # VACE: reference image(s), comma-separated
+    vace_scale: float | None = None  # VACE: hint scale (default 1)
     source: str = "prompt"  # where it came from, for messages: "prompts.txt line 3"
     extra: dict = field(default_factory=dict, compare=False)  # precomputed embeddings etc.
 
@@ -236,13 +247,17 @@ def read_prompt_file(path: str | Path) -> tuple[list[SampleRequest], list[Prompt
 
 
 def _image_beside(request: SampleRequest, folder: Path) -> SampleRequest:
-    """A relative image path that is not found from the working directory is looked up beside the file."""
-    def beside(path):
-        found = path and not Path(path).expanduser().exists() and (folder / path).exists()
-        return str(folder / path) if found else path
+    """A relative image (or end image, control image / video, mask) path that is not found from the working
+    directory is looked up beside the file."""
+    def beside(path: str | None) -> str | None:
+        if path and not Path(path).expanduser().exists() and (folder / path).exists():
+            return str(folder / path)
+        return path
 
     controls = tuple(beside(p) for p in request.control_images) if request.control_images else request.control_images
-    return replace(request, image=beside(request.image), end_image=beside(request.end_image), control_images=controls)
+    refs = request.references and ",".join(beside(p.strip()) for p in request.references.split(","))
+    return replace(request, image=beside(request.image), end_image=beside(request.end_image), control_images=controls,
+                   control=beside(request.control), mask=beside(request.mask), references=refs)
 
 
 def request_problems(request: SampleRequest, variant) -> list[str]:
@@ -287,6 +302,9 @@ def check_requests(requests: list[SampleRequest], variant,
         if request.end_image and not getattr(variant, "end_frame", False):
             notes.add(f"end images (--ei) are for first-last-frame models (flf2v-14B); ignored by {variant.name}",
                       request.source)
+        if (request.control or request.mask or request.references) and not variant.is_vace:
+            notes.add(f"control videos, masks and reference images (--cn / --mk / --ri) are for VACE models; "
+                      f"ignored by {variant.name}", request.source)
         good.append(request)
     notes.log()
     return good, errors

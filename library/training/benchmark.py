@@ -30,6 +30,7 @@ import torch.nn as nn
 from library.config.schema import CompileArgs, MemoryArgs
 from library.wan.fp8 import FP8Config, FP8Report, quantize_block_fp8
 from library.wan.model import WanModel
+from library.wan.vace import build_dit
 from library.wan.variants import WanVariant
 
 from library.runtime.compiling import compile_blocks
@@ -155,7 +156,7 @@ def build_random_model(variant: WanVariant, device, dtype=torch.bfloat16, fp8: F
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
-        model = WanModel(variant)
+        model = build_dit(variant)
     for name, child in model.named_children():
         if name != "blocks":
             _materialise(child, name, device, dtype, gen)

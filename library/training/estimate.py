@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from library.wan.model import WanModel
+from library.wan.vace import build_dit
 from library.wan.variants import WanVariant
 
 from .benchmark import step_flops
@@ -197,7 +198,7 @@ class StepSetup:
 def meta_model(variant: WanVariant, dtype=torch.bfloat16) -> WanModel:
     """The DiT on the meta device, frozen, with training dtypes (fp32 norms, modulation and time MLPs)."""
     with torch.device("meta"):
-        model = WanModel(variant)
+        model = build_dit(variant)
     for name, param in model.named_parameters():
         if not WanModel.is_fp32_param(name):
             param.data = param.data.to(dtype)
@@ -235,6 +236,8 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
     shape = setup.latent_shape()
     x, target = torch.empty(shape, device=meta), torch.empty(shape, device=meta)
     y = torch.empty(shape[0], v.in_dim - v.latent_channels, *shape[2:], device=meta) if v.is_i2v else None
+    if v.is_vace:  # the VACE context (library/wan/vace.py)
+        y = torch.empty(shape[0], v.vace_in_dim, *shape[2:], device=meta)
     context = torch.empty(setup.batch, v.text_len, v.text_dim, device=meta, dtype=torch.bfloat16)
     clip = torch.empty(setup.batch, v.clip_tokens, v.clip_dim, device=meta) if v.image_embedding else None
     recorder, originals = KernelRecorder(), (F.scaled_dot_product_attention, F.rms_norm)

@@ -224,6 +224,8 @@ class Trainer:
             y = flf2v.known_frames_condition(batch["image_latents"].to(dev, torch.float32), batch["frame_mask"].to(dev))
         elif self.variant.is_i2v:
             y = flf2v.condition(batch["image_latents"].to(dev, torch.float32), self.variant.end_frame)
+        elif self.variant.is_vace:  # the VACE context goes in as `y` (library/wan/vace.py)
+            y = batch["vace_context"].to(dev, torch.float32)  # [B, 96, R + T, h, w]
         elif self.variant.model_type == "ti2v" and self.cfg.loop.i2v_probability > 0:
             use_image = torch.tensor([torch.rand(1, generator=g).item() < self.cfg.loop.i2v_probability for g in gens])
             x_t, timestep, mask = ti2v_condition(x0, x_t, sigma, use_image.to(dev), self.variant.patch_size)

@@ -38,10 +38,12 @@ _DIFFUSERS_TO_OFFICIAL = [
     (r"^condition_embedder\.image_embedder\.pos_embed$", "img_emb.emb_pos"),
     (r"^proj_out\.", "head.head."),
     (r"^scale_shift_table$", "head.modulation"),
-    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
-    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+    (r"^((?:vace_)?blocks\.\d+)\.scale_shift_table$", r"\1.modulation"),
+    (r"^((?:vace_)?blocks\.\d+)\.norm2\.", r"\1.norm3."),
+    (r"^((?:vace_)?blocks\.\d+)\.ffn\.net\.0\.proj\.", r"\1.ffn.0."),
+    (r"^((?:vace_)?blocks\.\d+)\.ffn\.net\.2\.", r"\1.ffn.2."),
+    (r"^(vace_blocks\.\d+)\.proj_in\.", r"\1.before_proj."),  # diffusers WanVACETransformer3DModel
+    (r"^(vace_blocks\.\d+)\.proj_out\.", r"\1.after_proj."),
     (r"\.attn1\.", ".self_attn."),
     (r"\.attn2\.", ".cross_attn."),
     (r"\.to_q\.", ".q."),
@@ -185,6 +187,10 @@ def _read_config_json(ckpt: Checkpoint) -> dict:
 def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant | None) -> WanVariant:
     """The variant that the tensor shapes describe, checked against the configured task."""
     shape = lambda k: ckpt.shape(layout.key_map[k])  # noqa: E731
+    if "patch_embedding.weight" not in layout.key_map and "vace_patch_embedding.weight" in layout.key_map:
+        raise CheckpointError(f"{ckpt.source}: this holds only the VACE blocks (a 'VACE module' file), not the DiT "
+                              "they extend; pass a whole VACE model (the official Wan2.1-VACE-14B / -1.3B folder, "
+                              "ComfyUI's wan2.1_vace_14B_fp16.safetensors, Wan2.2-VACE-Fun-A14B's expert folders)")
     try:
         dim, in_dim = shape("patch_embedding.weight")[:2]
         ffn_dim = shape("blocks.0.ffn.0.weight")[0]
@@ -195,7 +201,9 @@ def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant
     layers = len({k.split(".")[1] for k in layout.key_map if k.startswith("blocks.")})
     image = any(k.startswith("img_emb.") for k in layout.key_map)
     end_frame = "img_emb.emb_pos" in layout.key_map  # WAN 2.1 FLF2V: positions of the first + last frame tokens
-    signature = (dim, ffn_dim, layers, in_dim, out_dim, image, end_frame)
+    vace_blocks = len({k.split(".")[1] for k in layout.key_map if k.startswith("vace_blocks.")})
+    vace_in = shape("vace_patch_embedding.weight")[1] if "vace_patch_embedding.weight" in layout.key_map else 0
+    signature = (dim, ffn_dim, layers, in_dim, out_dim, image, end_frame, vace_blocks, vace_in)
     found = variants_matching(signature)
     if task_variant is not None:
         if task_variant.shape_signature() == signature:
@@ -212,7 +220,7 @@ def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant
 
 def _custom_variant(ckpt: Checkpoint, signature: tuple) -> WanVariant:
     """A DiT whose shapes match no named variant: heads from config.json, else head dim 128."""
-    dim, ffn_dim, layers, in_dim, out_dim, image, end_frame = signature
+    dim, ffn_dim, layers, in_dim, out_dim, image, end_frame, vace_blocks, vace_in = signature
     cfg = _read_config_json(ckpt)
     heads = cfg.get("num_heads") or cfg.get("num_attention_heads")
     if not heads:
@@ -223,10 +231,15 @@ def _custom_variant(ckpt: Checkpoint, signature: tuple) -> WanVariant:
             )
         heads = dim // 128
     model_type = "i2v" if in_dim == 36 else ("ti2v" if in_dim == 48 else "t2v")
+    vace_layers = ()
+    if vace_blocks:  # diffusers' config.json names them; else evenly spaced from 0 (ComfyUI's rule)
+        model_type = "vace"
+        vace_layers = tuple(cfg.get("vace_layers") or range(0, layers, layers // vace_blocks))[:vace_blocks]
     return WanVariant(
         name=f"custom-{model_type}-{dim}x{layers}", version="2.1" if image else "2.2", model_type=model_type,
         dim=dim, ffn_dim=ffn_dim, num_heads=int(heads), num_layers=layers, in_dim=in_dim, out_dim=out_dim,
-        vae="2.2" if out_dim == 48 else "2.1", image_embedding=image, end_frame=end_frame,
+        vae="2.2" if out_dim == 48 else "2.1", image_embedding=image, end_frame=end_frame, vace_layers=vace_layers,
+        vace_in_dim=vace_in,
     )
 
 

@@ -24,6 +24,7 @@ from .dit_formats import (FP8_DTYPES, dequantize, describe_checkpoint, detect_va
 from .fp8 import (COMPUTE_DTYPES, FP8Config, FP8Linear, FP8Report, fp8_targets, quantize_weight, relative_error,
                   tensor_bytes)
 from .model import WanModel
+from .vace import build_dit
 from .variants import get_variant
 
 logger = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def load_dit(
         return load_dit_fp8(path, device=device, dtype=dtype, task=task, config=fp8)
     ckpt, layout, variant = open_dit_checkpoint(path, task)
     with torch.device("meta"):
-        model = WanModel(variant)
+        model = build_dit(variant)
     expected = model.state_dict()
     _check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
     device = torch.device(device)
@@ -192,7 +193,7 @@ def load_dit_fp8(path: str | os.PathLike, device="cpu", dtype: torch.dtype = tor
     loaded as `load_dit` loads it. The model computes in `dtype` and carries `model.fp8_report`."""
     ckpt, layout, variant = open_dit_checkpoint(path, task)
     with torch.device("meta"):
-        model = WanModel(variant)
+        model = build_dit(variant)
     expected = model.state_dict()
     _check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
     device = torch.device(device)

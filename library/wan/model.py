@@ -417,6 +417,39 @@ class WanModel(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
 
+    def embed(self, x, timestep, context, y=None, clip_fea=None, dtype=None, frame_positions=None):
+        """The inputs as the blocks take them: tokens [B, L, C] fp32, e [B, G, C], e0 [B, G, 6, C], the
+        context [B, Lc, C], the rope tables and the token grid (F, H, W). `frame_positions`: the RoPE time
+        index of each latent frame (one-frame mode), default 0..F-1."""
+        dtype = dtype or self._dtype()
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)  # I2V: noisy latents + mask + image latents
+        if x.shape[1] != self.variant.in_dim:
+            hint = " (I2V models need `y`)" if self.variant.is_i2v and y is None else ""
+            raise ValueError(f"{self.variant.name} takes {self.variant.in_dim} input channels, got {x.shape[1]}{hint}")
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
+        batch, grid = x.shape[0], tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2).float().contiguous()  # [B, L, C], f-major token order
+        e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
+        ctx = self._context(context, clip_fea, dtype)
+        rope = self._rope(grid, x.device, frame_positions)
+        if self.dynamic_tokens:
+            for t in (x, *rope):
+                torch._dynamo.maybe_mark_dynamic(t, 1 if t is x else 0)
+        return x, e, e0, ctx, rope, grid
+
+    def run_blocks(self, x, e0, ctx, rope, dtype, after_block=None) -> torch.Tensor:
+        """Every block in order; `after_block(i, x)` (VACE: adds the hint of block i) follows block i."""
+        for i, block in enumerate(self.blocks):
+            args = (x, e0, ctx, rope, self.attention_backend, self.split_attn, dtype)
+            if self.block_runner is not None:
+                x = self.block_runner.run(i, block, args, self.run_block)
+            else:
+                x = self.run_block(block, args)
+            if after_block is not None:
+                x = after_block(i, x)
+        return x
+
     def forward(
         self,
         x: torch.Tensor,
@@ -432,25 +465,7 @@ class WanModel(nn.Module):
         Returns the predicted flow [B, out_dim, F, H, W] in fp32."""
         dtype = self._dtype()
         choose_sdpa()  # SDPA's kernel order for this GPU: chosen and logged once per process
-        if y is not None:
-            x = torch.cat([x, y.to(x.dtype)], dim=1)  # I2V: noisy latents + mask + image latents
-        if x.shape[1] != self.variant.in_dim:
-            hint = " (I2V models need `y`)" if self.variant.is_i2v and y is None else ""
-            raise ValueError(f"{self.variant.name} takes {self.variant.in_dim} input channels, got {x.shape[1]}{hint}")
-        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
-        batch, grid = x.shape[0], tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2).float().contiguous()  # [B, L, C], f-major token order
-        e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
-        ctx = self._context(context, clip_fea, dtype)
-        rope = self._rope(grid, x.device, frame_positions)
-        if self.dynamic_tokens:
-            for t in (x, *rope):
-                torch._dynamo.maybe_mark_dynamic(t, 1 if t is x else 0)
-        for i, block in enumerate(self.blocks):
-            args = (x, e0, ctx, rope, self.attention_backend, self.split_attn, dtype)
-            if self.block_runner is not None:
-                x = self.block_runner.run(i, block, args, self.run_block)
-            else:
-                x = self.run_block(block, args)
+        x, e, e0, ctx, rope, grid = self.embed(x, timestep, context, y, clip_fea, dtype, frame_positions)
+        x = self.run_blocks(x, e0, ctx, rope, dtype)
         out = self.head(x, e, dtype)  # [B, L, pt*ph*pw*out_dim]
         return self._unpatchify(out.float(), grid)

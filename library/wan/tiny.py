@@ -125,14 +125,17 @@ def tiny_clip_state_dict(hidden: int = 40, layers: int = 3, mlp: int = 160, patc
 
 def tiny_dit_state_dict(task: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random DiT weights for a tiny variant, official names, with a non-zero output head."""
-    from .model import WanModel
+    from .vace import build_dit
 
     torch.manual_seed(seed)
-    model = WanModel(get_variant(task))
+    model = build_dit(get_variant(task))
     with torch.no_grad():
         model.head.head.weight.normal_(0, 0.02)
         if getattr(model, "img_emb", None) is not None and model.img_emb.emb_pos is not None:
             model.img_emb.emb_pos.normal_(0, 0.1)  # FLF2V: trained positions are not zero
+        for name, param in model.named_parameters():  # VACE: a branch that changes the output
+            if name.startswith("vace_blocks.") and ("after_proj" in name or "before_proj" in name):
+                param.normal_(0, 0.02)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 

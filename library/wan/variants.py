@@ -19,7 +19,7 @@ class WanVariant:
 
     name: str
     version: str  # "2.1" or "2.2"
-    model_type: str  # "t2v", "i2v" or "ti2v"
+    model_type: str  # "t2v", "i2v", "ti2v" or "vace"
     dim: int
     ffn_dim: int
     num_heads: int
@@ -31,6 +31,9 @@ class WanVariant:
     end_frame: bool = False  # WAN 2.1 FLF2V: first and last frame known (y mask, 2 x CLIP tokens, img_emb.emb_pos)
     images_only: bool = False  # text-to-image training of a video model (musubi's t2i-14B): 1-frame items only
     two_experts: bool = False  # WAN 2.2 A14B: a high-noise and a low-noise expert
+    # VACE: the base blocks that receive a hint (one VACE block each) and the VACE context channels
+    vace_layers: tuple[int, ...] = ()
+    vace_in_dim: int = 0
     # Defaults that belong to the model, not to a training run.
     boundary: float | None = None  # expert switch as a fraction of 1000 timesteps
     flow_shift: float = 5.0
@@ -66,10 +69,15 @@ class WanVariant:
         """True when the model needs the image conditioning `y` (extra input channels)."""
         return self.model_type == "i2v"
 
+    @property
+    def is_vace(self) -> bool:
+        """True when the model has VACE blocks and takes a VACE context (`library.wan.vace`)."""
+        return bool(self.vace_layers)
+
     def shape_signature(self) -> tuple:
         """What the tensor shapes of a checkpoint reveal; used to detect the variant from a file."""
         return (self.dim, self.ffn_dim, self.num_layers, self.in_dim, self.out_dim, self.image_embedding,
-                self.end_frame)
+                self.end_frame, len(self.vace_layers), self.vace_in_dim)
 
     @property
     def image_frames(self) -> int:
@@ -77,7 +85,8 @@ class WanVariant:
         return 2 if self.end_frame else 1
 
     def describe(self) -> str:
-        kind = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text/image-to-video"}[self.model_type]
+        kind = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text/image-to-video",
+                "vace": f"VACE, {len(self.vace_layers)} VACE blocks"}[self.model_type]
         kind = "first-last-frame-to-video" if self.end_frame else ("text-to-image" if self.images_only else kind)
         return f"{self.name} (WAN {self.version} {kind}, {self.in_dim} input channels)"
 
@@ -116,6 +125,16 @@ for _v in (
     # musubi-tuner's t2i-14B: the WAN 2.1 T2V-14B model trained and sampled on single images
     WanVariant(name="t2i-14B", model_type="t2v", in_dim=16, images_only=True, num_frames=1, resolution=(1024, 1024),
                **_14B_21),
+    # VACE (video creation and editing): the T2V DiT plus VACE blocks fed a 96-channel context
+    # [16 inactive | 16 reactive latents | 64 mask] (library/wan/vace.py, docs/vace.md)
+    WanVariant(name="vace-A14B", version="2.2", model_type="vace", in_dim=16, two_experts=True,  # VideoX-Fun's
+               boundary=0.875, flow_shift=12.0, sample_steps=50, guidance=(5.0, 5.0), resolution=(832, 480),
+               vace_layers=tuple(range(0, 40, 5)), vace_in_dim=96, aliases=("vace-fun-A14B",), **_A14B),
+    WanVariant(name="vace-14B", model_type="vace", in_dim=16, resolution=(1280, 720), flow_shift=16.0,
+               vace_layers=tuple(range(0, 40, 5)), vace_in_dim=96, **_14B_21),
+    WanVariant(name="vace-1.3B", version="2.1", model_type="vace", dim=1536, ffn_dim=8960, num_heads=12,
+               num_layers=30, in_dim=16, out_dim=16, vae="2.1", flow_shift=16.0,
+               vace_layers=tuple(range(0, 30, 2)), vace_in_dim=96),
     # Tiny variants for tests and the CPU demo (head dim 16 keeps the 3D RoPE split non-trivial).
     WanVariant(name="t2v-tiny", version="2.2", model_type="t2v", dim=32, ffn_dim=64, num_heads=2,
                num_layers=2, in_dim=16, out_dim=16, vae="2.1", text_dim=64, freq_dim=32,
@@ -137,6 +156,9 @@ for _v in (
     WanVariant(name="flf2v-tiny", version="2.1", model_type="i2v", dim=32, ffn_dim=64, num_heads=2,
                num_layers=2, in_dim=36, out_dim=16, vae="2.1", image_embedding=True, end_frame=True, text_dim=64,
                freq_dim=32, clip_dim=40, flow_shift=16.0, sample_steps=8, num_frames=9, resolution=(64, 64)),
+    WanVariant(name="vace-tiny", version="2.1", model_type="vace", dim=32, ffn_dim=64, num_heads=2,
+               num_layers=4, in_dim=16, out_dim=16, vae="2.1", text_dim=64, freq_dim=32, sample_steps=8,
+               num_frames=9, resolution=(64, 64), vace_layers=(0, 2), vace_in_dim=96),
 ):
     _register(_v)
 

@@ -23,8 +23,7 @@ USED = [
     ("--ci a.png --ci b.png", "control_images", ("a.png", "b.png")),
 ]
 # musubi options for features this trainer does not have: the line renders, one note per file
-NOTED = [("--cn control.mp4", "control videos are for the Wan2.1 Fun-Control models"),
-         ("--cim mask.png", "control image masks (alpha) are not used by WAN one-frame inference"),
+NOTED = [("--cim mask.png", "control image masks (alpha) are not used by WAN one-frame inference"),
          ("--zz 3", "unknown option --zz is ignored")]
 # values that break their option's rule -> the error
 BAD = [("--w -64", "--w must be a positive number of pixels, got -64"),

@@ -29,6 +29,7 @@ import torch
 
 from library.training.engines.parameters import select_trainable
 from library.wan.model import WanModel
+from library.wan.vace import build_dit
 from library.wan.variants import WanVariant, get_variant
 
 from .lora import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload
@@ -115,7 +116,7 @@ def param_inventory(v: WanVariant, include: tuple[str, ...] = (),
     """Every DiT parameter (from a meta-device model) and whether it trains (`trainable_patterns` /
     `frozen_patterns`, chosen exactly as the trainer chooses them)."""
     with torch.device("meta"):
-        model = WanModel(v)
+        model = build_dit(v)
     trainable = set(select_trainable(model, include, exclude))
     layers = (torch.nn.Linear, torch.nn.Conv3d)
     cast = {f"{m}.{p}".lstrip(".") for m, mod in model.named_modules() if isinstance(mod, layers)

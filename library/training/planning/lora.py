@@ -137,10 +137,23 @@ def outer_params(v: WanVariant) -> tuple[int, int]:
     return bf16, fp32
 
 
+def vace_params(v: WanVariant) -> tuple[int, int]:
+    """(bf16, fp32) parameters of a VACE model's VACE blocks (block weights, `after_proj` on each and
+    `before_proj` on the first) and VACE patch embedding; (0, 0) for other models."""
+    n = len(v.vace_layers)
+    if not n:
+        return 0, 0
+    biases, fp32 = block_other_params(v)
+    projections = (n + 1) * (v.dim * v.dim + v.dim)
+    patch = v.vace_in_dim * math.prod(v.patch_size) * v.dim + v.dim
+    return n * (block_linear_params(v) + biases) + projections + patch, n * fp32
+
+
 def lora_params(v: WanVariant, rank: int) -> int:
-    """LoRA parameters over the WAN targets of every block: rank x (in + out) per Linear."""
+    """LoRA parameters over the WAN targets of every block (VACE blocks included): rank x (in + out) per
+    Linear."""
     per_block = 8 * 2 * v.dim + (4 * v.dim if v.image_embedding else 0) + 2 * (v.dim + v.ffn_dim)
-    return rank * per_block * v.num_layers
+    return rank * per_block * (v.num_layers + len(v.vace_layers))
 
 
 def _block_bytes(v: WanVariant, fp8: bool) -> float:
@@ -155,15 +168,19 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     bf16, fp32 = outer_params(v)
     resident_blocks = v.num_layers - s.blocks_to_swap + min(s.blocks_to_swap, SWAP_IN_FLIGHT)
     experts_on_gpu = 1 if (s.offload_inactive or w.experts == 1) else w.experts
-    weights = experts_on_gpu * (bf16 * 2 + fp32 * 4 + resident_blocks * _block_bytes(v, s.fp8))
+    vace_bf16, vace_fp32 = vace_params(v)  # VACE blocks: always resident, never fp8
+    weights = experts_on_gpu * (bf16 * 2 + fp32 * 4 + resident_blocks * _block_bytes(v, s.fp8)
+                                + vace_bf16 * 2 + vace_fp32 * 4)
     lora = w.experts * lora_params(v, w.rank) * (8 + OPTIMIZER_BYTES.get(w.optimizer.lower(), 8))
     per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else v.num_layers)
     shared = (4 * v.head_dim + 4 * c) * t * b  # RoPE tables, the incoming fp32 gradient
+    vace = len(v.vace_layers)
+    shared += 2 * c * t * b * vace  # VACE: one bf16 hint per VACE block, kept until its base block adds it
     if not s.checkpointing:
-        activations = v.num_layers * per_block + context + shared
-    else:
-        stored = 4 * c * t * b * (2 if s.offload_activations else v.num_layers)  # fp32 block inputs
+        activations = (v.num_layers + vace) * per_block + context + shared
+    else:  # fp32 block inputs; the VACE blocks' are never offloaded
+        stored = 4 * c * t * b * ((2 if s.offload_activations else v.num_layers) + vace)
         activations = per_block + stored + context + shared
         if s.keep_attention:  # every other block's self-attention output and log-sum-exp (the recomputed
             activations += (v.num_layers - 1) * (KEEP_PER_C * c + KEEP_PER_HEAD * v.num_heads) * t * b  # one's: above
