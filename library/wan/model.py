@@ -285,6 +285,9 @@ class WanModel(nn.Module):
         # 4. WAN 2.1 I2V image embedding
         if v.image_embedding:
             self.img_emb = ImageEmbedding(v.clip_dim, v.dim)
+        # 5. Fun-Control V1.1 / 2.2: a reference frame [B, z, H, W] embedded as one extra frame of tokens
+        if v.ref_conv:
+            self.ref_conv = nn.Conv2d(v.latent_channels, v.dim, kernel_size=v.patch_size[1:], stride=v.patch_size[1:])
         self._rope_cache: dict = {}
         if not self.patch_embedding.weight.is_meta:  # on meta (before loading) there is nothing to fill
             self.init_weights()
@@ -410,10 +413,12 @@ class WanModel(nn.Module):
         context: torch.Tensor | Sequence[torch.Tensor],
         y: torch.Tensor | None = None,
         clip_fea: torch.Tensor | None = None,
+        full_ref: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, C, F, H, W] latents; timestep [B] or [B, L] in 0..1000; context [B, L_txt, text_dim]
-        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V; clip_fea [B, 257, 1280] for 2.1 I2V.
-        Returns the predicted flow [B, out_dim, F, H, W] in fp32."""
+        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V and Fun; clip_fea [B, 257, 1280] for 2.1
+        I2V; full_ref [B, z, H, W] the reference latent of a model with `ref_conv` (None: zeros, as the
+        VideoX-Fun pipelines pass without a reference image). Returns the flow [B, out_dim, F, H, W] in fp32."""
         dtype = self._dtype()
         choose_sdpa()  # SDPA's kernel order for this GPU: chosen and logged once per process
         if y is not None:
@@ -424,6 +429,13 @@ class WanModel(nn.Module):
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
         batch, grid = x.shape[0], tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2).float().contiguous()  # [B, L, C], f-major token order
+        video_grid, ref_tokens = grid, 0
+        if self.variant.ref_conv:  # the reference frame's tokens go first, as frame 0 of an F + 1 grid
+            if full_ref is None:
+                full_ref = x.new_zeros(batch, self.variant.latent_channels,
+                                       *(g * p for g, p in zip(grid[1:], self.variant.patch_size[1:])))
+            ref = self.ref_conv(full_ref.to(self.ref_conv.weight.dtype)).flatten(2).transpose(1, 2).float()
+            x, grid, ref_tokens = torch.cat([ref, x], dim=1).contiguous(), (grid[0] + 1, *grid[1:]), ref.shape[1]
         e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
         ctx = self._context(context, clip_fea, dtype)
         rope = self._rope(grid, x.device)
@@ -437,4 +449,4 @@ class WanModel(nn.Module):
             else:
                 x = self.run_block(block, args)
         out = self.head(x, e, dtype)  # [B, L, pt*ph*pw*out_dim]
-        return self._unpatchify(out.float(), grid)
+        return self._unpatchify(out[:, ref_tokens:].float(), video_grid)
