@@ -158,14 +158,13 @@ def test_musubi_flag_works(musubi_run, flag):
 
 ERRORS = {
     "--end_image_path e.png": "--end_image_path (first-last-frame video, FLF2V) is not supported yet",
-    "--control_path c.mp4": "--control_path is for the Wan2.1 Fun-Control models",
     "--video_path v.mp4": "--video_path (video-to-video) is not supported",
     "--one_frame_inference target_index=1": "--one_frame_inference is not supported",
     "--control_image_path a.png": "--control_image_path is for one-frame inference",
     "--control_image_mask_path m.png": "--control_image_mask_path is for one-frame inference",
     "--lycoris": "--lycoris: generation does not apply LyCORIS networks (LoKr, LoHa, ...) yet",
-    "--task flf2v-14B": "the FLF2V and Fun-Control models are not supported",
-    "--task i2v-14B-FC": "the FLF2V and Fun-Control models are not supported",
+    "--task flf2v-14B": "the FLF2V models are not supported",
+    "--task i2v-14B-FC --prompt x": "i2v-14B-FC is a Fun-Control model and needs a control video",
     "--width -64": "--width must be a positive number of pixels, got -64",
     "--height 0": "--height must be a positive number of pixels, got 0",
     "--width 40": "--width 40 is not a multiple of 16 (the VAE stride x the DiT patch of t2v-tiny); use 32 or 48",

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 FRAME_EXTRACTION_MODES = ("head", "chunk", "slide", "uniform", "full")
 SOURCE_KEYS = ("image_directory", "image_jsonl_file", "video_directory", "video_jsonl_file")
-DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val")
+DATASET_ONLY_KEYS = (*SOURCE_KEYS, "cache_directory", "is_val", "control_directory")
 TABLES = ("general", "datasets", "validation_datasets")
 
 
@@ -66,6 +66,7 @@ class DatasetSpec(DatasetOptions):
     jsonl: bool
     cache_directory: Path
     is_val: bool = False
+    control_directory: Path | None = None  # Fun-Control: control media matched by name (library/data/control.py)
     index: int = 0  # position in its TOML table
     table: str = "datasets"
     config_path: Path = Path("dataset.toml")
@@ -216,6 +217,11 @@ def _build_spec(table: dict, general: dict, index: int, table_name: str, config_
     merged = {**general, **own}
     if kind == "image":
         merged["target_frames"] = (1,)
+    if "control_directory" in table:
+        if jsonl:
+            raise DatasetConfigError(f"{where}: control_directory is for directory datasets; a JSONL dataset names "
+                                     "each item's control with a `control_path` field on its line")
+        merged["control_directory"] = _resolve_path(table["control_directory"], "control_directory", where, base)
     return DatasetSpec(kind=kind, source=source, jsonl=jsonl, cache_directory=cache_dir, is_val=is_val,
                        index=index, table=table_name, config_path=config_path, **merged)
 

@@ -29,6 +29,7 @@ from library.errors import UserError
 
 from . import cache
 from .buckets import bucket_step
+from .control import CONTROL_KEY, control_cache_problem, require_controls
 from .dataset_config import DatasetConfig, DatasetSpec
 from .items import MediaItem, Skip, enumerate_dataset
 from .video_io import MediaError
@@ -61,6 +62,7 @@ class TaskInfo:
     fps: float
     is_i2v: bool
     needs_clip: bool = False  # WAN 2.1 I2V: CLIP image tokens of the first frame (`clip_fea`)
+    needs_control: bool = False  # Fun-Control: latents of each item's control video (`control_latents`)
 
     @property
     def step(self) -> int:
@@ -72,7 +74,8 @@ def task_info(task: str) -> TaskInfo:
 
     variant = get_variant(task)
     return TaskInfo(task=variant.name, vae_kind=variant.vae, fps=float(variant.fps), is_i2v=variant.is_i2v,
-                    needs_clip=variant.image_embedding)
+                    needs_clip=variant.image_embedding and variant.is_i2v,  # t2v Fun-Control: zero CLIP tokens
+                    needs_control=variant.control)
 
 
 def latent_settings(item: MediaItem, vae_kind: str) -> dict:
@@ -113,6 +116,8 @@ class CachedDataset(torch.utils.data.Dataset):
             items, self.skips = enumerate_dataset(spec, info.step, info.fps)
         except MediaError as exc:
             raise DatasetError(str(exc)) from None
+        if info.needs_control:
+            require_controls(spec, items, info.task)
         self.items = self._drop_known_skips(items)
         for skip in self.skips:
             logger.warning("%s: skipped %s", spec.where(), skip)
@@ -156,6 +161,8 @@ class CachedDataset(torch.utils.data.Dataset):
             problem = cache.latent_cache_problem(path, item, latent_settings(item, self.info.vae_kind),
                                                  need_image_latents=self.info.is_i2v,
                                                  need_clip_fea=self.info.needs_clip)
+            if problem is None and self.info.needs_control:
+                problem = control_cache_problem(path, item)
             if problem:
                 problems.append(f"latents {path}: {problem}")
             else:
@@ -213,6 +220,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "latents": tensors["latents"],  # [z, T, h, w] bf16 as stored
             "image_latents": tensors.get("image_latents") if self.info.is_i2v else None,
             "clip_fea": tensors.get("clip_fea") if self.info.needs_clip else None,  # [257, width] or None
+            "control_latents": tensors.get(CONTROL_KEY) if self.info.needs_control else None,  # [z, T, h, w]
             "context": context,  # [L, d]
             "key": item.key, "caption": caption, "is_image": item.is_image, "bucket": item.bucket,
         }
@@ -254,10 +262,12 @@ def collate(items: list[dict]) -> dict:
         raise ValueError(f"a batch must hold one bucket, got {sorted(buckets)}")
     image = [item["image_latents"] for item in items]
     clip = [item.get("clip_fea") for item in items]
+    control = [item.get("control_latents") for item in items]
     return {
         "latents": torch.stack([item["latents"] for item in items]).float(),  # [B, z, T, h, w]
         "image_latents": None if any(x is None for x in image) else torch.stack(image).float(),
         "clip_fea": None if any(x is None for x in clip) else torch.stack(clip).float(),  # [B, 257, width]
+        "control_latents": None if any(x is None for x in control) else torch.stack(control).float(),
         "context": [item["context"].float() for item in items],  # B x [L_i, d]
         "keys": [item["key"] for item in items],
         "captions": [item["caption"] for item in items],

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .buckets import resolution_problem, select_bucket
+from .control import attach_controls
 from .dataset_config import DatasetConfigError, DatasetSpec, round_frames
 from .video_io import (VIDEO_EXTENSIONS, MediaError, frame_files, is_image_file, is_video_source, missing_reason, probe,
                        resample_indices)
@@ -38,6 +39,7 @@ class MediaItem:
     frames: tuple[int, ...]  # source frame indices at the target fps; (0,) for an image
     bucket: tuple[int, int, int]  # (W, H, F)
     fps: float | None  # target fps of a video window
+    control_path: Path | None = None  # Fun-Control: the control video / image of this item (data/control.py)
 
 
 @dataclass(frozen=True)
@@ -224,4 +226,6 @@ def enumerate_dataset(spec: DatasetSpec, step: int, model_fps: float) -> tuple[l
             message = str(exc)
             reason = message[len(str(media)) + 2:] if message.startswith(f"{media}: ") else message
             skips.append(Skip(str(media), reason, spec.where()))
+    items, missing = attach_controls(spec, items)  # Fun-Control: control_directory / JSONL control_path
+    skips.extend(Skip(path, reason, spec.where()) for path, reason in missing)
     return items, skips

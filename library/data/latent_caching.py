@@ -24,6 +24,7 @@ import torch
 from library.errors import UserError
 
 from . import cache
+from .control import CONTROL_KEY, control_cache_problem, control_metadata, load_control_pixels, require_controls
 from .dataset_config import DatasetConfig, DatasetSpec
 from .datasets import TaskInfo, latent_settings, task_info
 from .items import MediaItem, Skip, enumerate_dataset
@@ -106,7 +107,12 @@ def scan_datasets(config: DatasetConfig, summary: CacheSummary, strict: bool, sc
 def collect_items(config: DatasetConfig, info: TaskInfo, summary: CacheSummary,
                   strict: bool) -> list[tuple[DatasetSpec, MediaItem]]:
     """Every item of every dataset (training and validation), skips and empty datasets recorded."""
-    scan = lambda spec: enumerate_dataset(spec, info.step, info.fps)  # noqa: E731
+    def scan(spec):
+        items, skips = enumerate_dataset(spec, info.step, info.fps)
+        if info.needs_control:  # Fun-Control: every dataset names its control videos
+            require_controls(spec, items, info.task)
+        return items, skips
+
     return [(spec, item) for spec, items in scan_datasets(config, summary, strict, scan) for item in items]
 
 
@@ -123,9 +129,11 @@ def load_pixels(item: MediaItem) -> torch.Tensor:
     return video.float().div_(127.5).sub_(1.0)
 
 
-def _decode(item: MediaItem):
+def _decode(item: MediaItem, control: bool = False):
+    """The item's pixels, with its control's pixels as a pair for Fun-Control tasks; or the exception."""
     try:
-        return load_pixels(item)
+        pixels = load_pixels(item)
+        return (pixels, load_control_pixels(item)) if control else pixels
     except (MediaError, OSError) as exc:
         return exc
 
@@ -154,7 +162,7 @@ def encode_batch(vae, videos: torch.Tensor, is_i2v: bool) -> tuple[torch.Tensor,
 
 
 def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str,
-                clip_fea=None, clip_hash: str | None = None) -> None:
+                clip_fea=None, clip_hash: str | None = None, control_latents=None) -> None:
     tensors = {"latents": latents.to(cache.STORE_DTYPE)}
     if image_latents is not None:
         tensors["image_latents"] = image_latents.to(cache.STORE_DTYPE)
@@ -162,6 +170,9 @@ def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info
         tensors["clip_fea"] = clip_fea.to(cache.STORE_DTYPE)  # [257, width]
     meta = cache.latent_metadata(item, latent_settings(item, info.vae_kind), vae_hash,
                                  cache.source_fingerprint(item.media_path), clip_hash)
+    if control_latents is not None:  # Fun-Control: [z, T, h, w] of the item's control video
+        tensors[CONTROL_KEY] = control_latents.to(cache.STORE_DTYPE)
+        meta.update(control_metadata(item))
     path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
     cache.write_safetensors_atomic(tensors, path, meta)
 
@@ -170,12 +181,16 @@ def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, 
                       summary: CacheSummary) -> None:
     """Encode decoded items of one bucket together and write one cache file each."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    videos = torch.stack([g[2] for g in good]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
+    pixels, control = [g[2] for g in good], None
+    if info.needs_control:  # (clip, control) pixel pairs
+        control = torch.stack([p[1] for p in pixels]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
+        control, pixels = vae.encode(control), [p[0] for p in pixels]
+    videos = torch.stack(pixels).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
     latents, image_latents = encode_batch(vae, videos, info.is_i2v)
     clip_fea = clip.encode(videos[:, :, 0]) if clip is not None else None  # first frames -> [B, 257, width]
     for j, (spec, item, _) in enumerate(good):
         _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j], info, hashes[0],
-                    None if clip_fea is None else clip_fea[j], hashes[1])
+                    None if clip_fea is None else clip_fea[j], hashes[1], None if control is None else control[j])
         summary.cached += 1
 
 
@@ -187,6 +202,8 @@ def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, cl
                                              need_image_latents=info.is_i2v, vae_hash=vae_hash,
                                              need_clip_fea=info.needs_clip, clip_hash=clip_hash,
                                              verify_content=True)
+        if problem is None and info.needs_control:
+            problem = control_cache_problem(path, item)
         if problem is None:
             summary.reused += 1
             continue
@@ -219,7 +236,7 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
                 entry = next(queue, None)
                 if entry is None:
                     break
-                pending.append(pool.submit(_decode, entry[1]))
+                pending.append(pool.submit(_decode, entry[1], info.needs_control))
             decoded = [pending.popleft().result() for _ in batch]
             good = []
             for (spec, item), pixels in zip(batch, decoded):

@@ -74,6 +74,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--from_file", help="prompt file: .txt (musubi / Kohya sample-prompt lines), .toml or .json")
     g.add_argument("--negative_prompt", help="default: the official WAN negative prompt")
     g.add_argument("--image", "--image_path", help="start image for I2V / TI2V (a line's --i wins)")
+    g.add_argument("--control_path", help="Fun-Control: the control video (or a folder of frames, or a still image); "
+                                          "read from frame 0 at the output size (a line's --cn wins)")
     g.add_argument("--width", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--height", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--frames", "--video_length", type=int, help="frame count, 1 + 4k")
@@ -109,7 +111,8 @@ def build_requests(args) -> tuple[list[SampleRequest], list[PromptError]]:
         except PromptError as exc:
             errors.append(exc)
     notes.log()
-    defaults = dict(negative_prompt=args.negative_prompt, image=args.image, width=args.width, height=args.height,
+    defaults = dict(negative_prompt=args.negative_prompt, image=args.image, control=getattr(args, "control_path", None),
+                    width=args.width, height=args.height,
                     frames=args.frames, steps=args.steps, seed=args.seed, guidance=args.guidance_scale,
                     guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift)
     requests = [r.with_defaults(**defaults) for r in requests]
@@ -196,7 +199,7 @@ def _load_clip(args, variant, device: torch.device):
     from library.wan.loading import load_clip_vision
 
     path = getattr(args, "clip", None)
-    if not variant.image_embedding:
+    if not (variant.image_embedding and variant.is_i2v):  # text-to-video Fun-Control: zero CLIP tokens
         if path:
             logger.warning("--clip is only used by WAN 2.1 I2V (i2v-14B); ignored for %s", variant.name)
         return None

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 from library.wan.conditioning import i2v_condition
+from library.wan.fun import fun_control_condition, zero_clip_features
+
+from .control import load_control_video
 
 from .denoise import Conditioning, GuidedExpert, denoise
 from .finite import check_finite_sample
@@ -109,6 +112,7 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
         flow_shift=request.flow_shift if request.flow_shift is not None else variant.flow_shift,
         guidance_low_noise=float(low), guidance_high_noise=float(high),
         boundary=boundary if boundary is not None else variant.boundary, image=request.image, source=request.source,
+        **({"control": request.control} if getattr(variant, "control", False) else {}),
     )
 
 
@@ -182,6 +186,8 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
     context = _text(models, request, s["prompt"], "context").to(device)
     negative = _text(models, request, s["negative_prompt"], "negative_context").to(device)
     cond = Conditioning([context], [negative])
+    if variant.control:
+        return _fun_control(models, request, s, device, cond)
     if s["image"] and variant.model_type in ("i2v", "ti2v"):
         image = load_image(s["image"], s["width"], s["height"], request.source)  # the VAE moves and casts it
         if variant.is_i2v:  # the image, then black frames, encoded as one clip
@@ -191,6 +197,24 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
                 cond.clip_fea = _clip_features(models, image[:, :, 0], request.source).to(device)
         else:  # TI2V: the clean first latent frame
             cond.first_frame = vae.encode(image).float().to(device)
+    return cond
+
+
+def _fun_control(models: SamplingModels, request: SampleRequest, s: dict, device, cond: Conditioning) -> Conditioning:
+    """Fun-Control: y = [control latents | start image or zeros] (library/wan/fun.py); the CLIP tokens of the
+    start image on WAN 2.1, zeros without one."""
+    variant, vae = models.variant, models.vae
+    control = vae.encode(load_control_video(request.control, s["frames"], s["width"], s["height"],
+                                            request.source)).float()
+    image_latents, clip_fea = None, zero_clip_features(variant, 1) if variant.image_embedding else None
+    if variant.is_i2v:  # the start image, then black frames, encoded as one clip (as for I2V)
+        image = load_image(s["image"], s["width"], s["height"], request.source)
+        clip = torch.cat([image, torch.zeros_like(image).expand(-1, -1, s["frames"] - 1, -1, -1)], dim=2)
+        image_latents = vae.encode(clip).float()
+        if variant.image_embedding:
+            clip_fea = _clip_features(models, image[:, :, 0], request.source)
+    cond.y = fun_control_condition(variant, control, image_latents).to(device)
+    cond.clip_fea = None if clip_fea is None else clip_fea.to(device)
     return cond
 
 

@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 UNSUPPORTED = {
     "end_image_path": "--end_image_path (first-last-frame video, FLF2V) is not supported yet: this trainer has no "
                       "FLF2V task; render from the start image alone (--image_path) or use musubi-tuner for FLF2V",
-    "control_path": "--control_path is for the Wan2.1 Fun-Control models, which this trainer does not run",
     "video_path": "--video_path (video-to-video) is not supported; generate from text or a start image",
     "one_frame_inference": "--one_frame_inference is not supported; render --video_length 1 for a single image",
     "control_image_path": "--control_image_path is for one-frame inference, which is not supported",
@@ -51,7 +50,7 @@ NO_EFFECT = {
                 "bf16, as with --fp8_scaled alone",
 }
 MUSUBI_TASKS = {"t2i-14b": "t2v-14B"}  # text-to-image: the T2V 14B model with one frame
-UNSUPPORTED_TASKS = ("flf2v", "-fc")
+UNSUPPORTED_TASKS = ("flf2v",)
 # official release file names, for --ckpt_dir
 CKPT_FILES = {"vae": ("Wan2.1_VAE.pth", "Wan2.2_VAE.pth"), "t5": ("models_t5_umt5-xxl-enc-bf16.pth",),
               "clip": ("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",)}
@@ -87,7 +86,7 @@ def add_musubi_args(parser: argparse.ArgumentParser) -> None:
     u = parser.add_argument_group("musubi-tuner flags that are accepted for its command lines")
     for name in NO_EFFECT:
         u.add_argument(f"--{name}", action="store_true", help=NO_EFFECT[name].split(": ", 1)[1])
-    for name in ("end_image_path", "control_path", "video_path", "one_frame_inference"):
+    for name in ("end_image_path", "video_path", "one_frame_inference"):
         u.add_argument(f"--{name}", help="not supported (a clear error)")
     for name in ("control_image_path", "control_image_mask_path"):
         u.add_argument(f"--{name}", nargs="*", help="not supported (a clear error)")
@@ -101,7 +100,7 @@ def _task(args, errors: list[str]) -> None:
         args.task = MUSUBI_TASKS[task.lower()]
         args.frames = 1 if args.frames is None else args.frames
     elif any(part in task.lower() for part in UNSUPPORTED_TASKS):
-        errors.append(f"--task {task}: the FLF2V and Fun-Control models are not supported by this trainer")
+        errors.append(f"--task {task}: the FLF2V models are not supported by this trainer")
 
 
 def _ckpt_dir(args, errors: list[str]) -> None:

@@ -24,6 +24,7 @@ from library.config import save_config
 from library.config.schema import TrainConfig
 from library.errors import UserError
 from library.wan.conditioning import i2v_condition
+from library.wan.fun import fun_control_condition, zero_clip_features
 from library.wan.variants import get_variant
 
 from . import checkpoints as ckpt
@@ -215,7 +216,10 @@ class Trainer:
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)
         x_t, target = add_noise(x0, noise, sigma)
         timestep, y, mask = sigma * 1000.0, None, None
-        if self.variant.is_i2v:
+        if self.variant.control:  # Fun-Control: [control | start image or zeros] (library/wan/fun.py)
+            image = batch["image_latents"].to(dev, torch.float32) if self.variant.is_i2v else None
+            y = fun_control_condition(self.variant, batch["control_latents"].to(dev, torch.float32), image)
+        elif self.variant.is_i2v:
             y = i2v_condition(batch["image_latents"].to(dev, torch.float32))
         elif self.variant.model_type == "ti2v" and self.cfg.loop.i2v_probability > 0:
             use_image = torch.tensor([torch.rand(1, generator=g).item() < self.cfg.loop.i2v_probability for g in gens])
@@ -223,6 +227,8 @@ class Trainer:
         context = [c.to(dev) for c in batch["context"]]
         clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame
         clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
+        if clip_fea is None and self.variant.image_embedding:  # WAN 2.1 Fun-Control without a start image
+            clip_fea = zero_clip_features(self.variant, x0.shape[0], dev)
         with self.accelerator.autocast(self.autocast_kwargs):
             pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea)  # [B, z, T, h, w] fp32
         err = (pred.float() - target) ** 2
