@@ -19,6 +19,15 @@ from library.data.latent_caching import cache_latents, load_pixels
 
 from .conftest import write_caption, write_image, write_toml, write_video
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny VAE: intra-op threads only add overhead on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 VIDEOS = """
 [general]
 resolution = [64, 48]
