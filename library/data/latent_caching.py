@@ -33,6 +33,9 @@ from .video_io import MediaError, load_image, read_video_frames, resize_and_crop
 logger = logging.getLogger(__name__)
 
 
+UNKNOWN_TASK = "<TASK>"  # caching without --task
+
+
 class CachingError(UserError, RuntimeError):
     """Caching stopped: a skip under `strict`, or a setting that cannot work."""
 
@@ -129,6 +132,12 @@ def load_pixels(item: MediaItem) -> torch.Tensor:
     return video.float().div_(127.5).sub_(1.0)
 
 
+def wants_control(info: TaskInfo, item: MediaItem) -> bool:
+    """Whether the item's control latents are cached: for Fun-Control tasks, and (as musubi-tuner does)
+    whenever the dataset names controls and no --task says otherwise."""
+    return item.control_path is not None and (info.needs_control or info.task == UNKNOWN_TASK)
+
+
 def _decode(item: MediaItem, control: bool = False):
     """The item's pixels, with its control's pixels as a pair for Fun-Control tasks; or the exception."""
     try:
@@ -181,16 +190,20 @@ def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, 
                       summary: CacheSummary) -> None:
     """Encode decoded items of one bucket together and write one cache file each."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    pixels, control = [g[2] for g in good], None
-    if info.needs_control:  # (clip, control) pixel pairs
-        control = torch.stack([p[1] for p in pixels]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
-        control, pixels = vae.encode(control), [p[0] for p in pixels]
+    decoded = [g[2] for g in good]  # pixels, or (pixels, control pixels) for items cached with their control
+    pairs = [j for j, d in enumerate(decoded) if isinstance(d, tuple)]
+    control: list = [None] * len(good)
+    if pairs:
+        encoded = vae.encode(torch.stack([decoded[j][1] for j in pairs]).to(device=device, dtype=dtype))
+        for k, j in enumerate(pairs):
+            control[j] = encoded[k]  # [z, T, h, w]
+    pixels = [d[0] if isinstance(d, tuple) else d for d in decoded]
     videos = torch.stack(pixels).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
     latents, image_latents = encode_batch(vae, videos, info.is_i2v)
     clip_fea = clip.encode(videos[:, :, 0]) if clip is not None else None  # first frames -> [B, 257, width]
     for j, (spec, item, _) in enumerate(good):
         _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j], info, hashes[0],
-                    None if clip_fea is None else clip_fea[j], hashes[1], None if control is None else control[j])
+                    None if clip_fea is None else clip_fea[j], hashes[1], control[j])
         summary.cached += 1
 
 
@@ -202,7 +215,7 @@ def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, cl
                                              need_image_latents=info.is_i2v, vae_hash=vae_hash,
                                              need_clip_fea=info.needs_clip, clip_hash=clip_hash,
                                              verify_content=True)
-        if problem is None and info.needs_control:
+        if problem is None and wants_control(info, item):
             problem = control_cache_problem(path, item)
         if problem is None:
             summary.reused += 1
@@ -236,7 +249,7 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
                 entry = next(queue, None)
                 if entry is None:
                     break
-                pending.append(pool.submit(_decode, entry[1], info.needs_control))
+                pending.append(pool.submit(_decode, entry[1], wants_control(info, entry[1])))
             decoded = [pending.popleft().result() for _ in batch]
             good = []
             for (spec, item), pixels in zip(batch, decoded):
@@ -271,7 +284,7 @@ def resolve_task(vae_kind: str, task: str | None, i2v: bool, clip: bool = False)
     if task is None:
         if clip and vae_kind != "2.1":
             raise CachingError("--clip is only for WAN 2.1 I2V, which uses the WAN 2.1 VAE; this VAE is WAN 2.2")
-        return TaskInfo(task="<TASK>", vae_kind=vae_kind, fps=16.0 if vae_kind == "2.1" else 24.0,
+        return TaskInfo(task=UNKNOWN_TASK, vae_kind=vae_kind, fps=16.0 if vae_kind == "2.1" else 24.0,
                         is_i2v=i2v or clip, needs_clip=clip)
     try:
         info = task_info(task)

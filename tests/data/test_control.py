@@ -115,9 +115,10 @@ def test_jsonl_control_path(tmp_path):
 def test_control_latents_are_cached_fingerprinted_and_required(tmp_path, tiny_models):
     config = _videos(tmp_path)
     vae = tiny_models["t2v-tiny"].vae
-    summary = cache_latents(config, vae, task="t2v-tiny-fc", progress=False)
+    summary = cache_latents(config, vae, progress=False)  # no --task: controls are cached as musubi-tuner does
     assert (summary.cached, len(summary.skipped), summary.errors) == (6, 1, [])
     (dataset,) = build_train_datasets(config, "t2v-tiny-fc")
+    assert not [p for p in dataset.cache_problems() if p.startswith("latents")]  # fresh for the Fun-Control task
     item = dataset.items[0]
     tensors = cache.load_tensors(dataset.latent_path(item))
     assert tensors["control_latents"].shape == tensors["latents"].shape == (16, 2, 6, 8)
