@@ -63,6 +63,9 @@ def test_video_controls_match_by_name_and_missing_ones_are_skipped(tmp_path):
     (skip,) = skips
     assert skip.path.endswith("d.mp4") and "no control in control_directory: tried" in skip.reason
     assert str(tmp_path / "control" / "d.mp4") in skip.reason
+    (tmp_path / "d.toml").write_text(VIDEOS.replace('"control"', '"videos/a.mp4"'))
+    with pytest.raises(DatasetConfigError, match=r"control_directory .*a\.mp4 is not a folder"):
+        enumerate_dataset(load_dataset_config(tmp_path / "d.toml").datasets[0], 16, 16.0)
 
 
 def test_control_frames_follow_the_clip_window_and_crop(tmp_path):

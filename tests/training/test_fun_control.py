@@ -131,7 +131,7 @@ def test_generation_conditioning_of_a_wan22_fun_control_model(tmp_path):
     """WAN 2.2 Fun-Control with a start image: y = [VAE(control) | mask | VAE(image, black frames)], no CLIP."""
     from library.sampling.control import load_control_video
     from library.sampling.generate import _conditioning, load_image, resolve
-    from library.sampling.prompts import SampleRequest, check_requests
+    from library.sampling.prompts import PromptError, SampleRequest, check_requests
     from library.wan.tiny import write_tiny_model_set
     from tests.sampling.conftest import load_models
 
@@ -142,6 +142,10 @@ def test_generation_conditioning_of_a_wan22_fun_control_model(tmp_path):
                             extra={"context": torch.zeros(3, 64), "negative_context": torch.zeros(2, 64)})
     _, errors = check_requests([SampleRequest("a dancer", image=str(image))], variant)
     assert "needs a control video; add `--cn control.mp4`" in str(errors[0])
+    with pytest.raises(PromptError, match=r"the control video .*c\.mp4 has 9 frames and 13 are rendered"):
+        load_control_video(str(control), 13, 32, 32)
+    with pytest.raises(PromptError, match=r"the control video .*nope\.mp4 does not exist"):
+        load_control_video(str(tmp_path / "nope.mp4"), 5, 32, 32)
     s = resolve(request, variant)
     cond = _conditioning(sampling, request, s, torch.device("cpu"))
     vae = sampling.vae
