@@ -105,7 +105,7 @@ def test_detection_from_the_file(tmp_path):
     with pytest.raises(CheckpointError, match=r"fun_control\.safetensors: checkpoint is t2v-tiny-fc .*Fun-Control, "
                                               r"48 input channels.*configured task is i2v-tiny-2\.1"):
         load_dit(fc, task="i2v-tiny-2.1")
-    ref = {"ref_conv.weight": torch.randn(32, 16, 2, 2), "ref_conv.bias": torch.zeros(32)}
+    ref = {"ref_conv.weight": torch.randn(48, 16, 2, 2), "ref_conv.bias": torch.zeros(48)}
     v11 = _write(tmp_path / "fun_v11.safetensors", get_variant("t2v-tiny-fc"), ref)
     model = load_dit(v11, task="t2v-tiny-fc")
     assert model.variant.ref_conv and torch.equal(model.ref_conv.weight, ref["ref_conv.weight"])
