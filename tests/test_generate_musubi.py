@@ -157,7 +157,6 @@ def test_musubi_flag_works(musubi_run, flag):
 # ---- the flags that are clear errors, and numbers outside their rules ------------------------------------
 
 ERRORS = {
-    "--end_image_path e.png": "--end_image_path (first-last-frame video, FLF2V) is not supported yet",
     "--video_path v.mp4": "--video_path (video-to-video) is not supported",
     "--one_frame_inference target_index=1": "--one_frame_inference is not supported",
     "--control_image_path a.png": "--control_image_path is for one-frame inference",

@@ -74,6 +74,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--from_file", help="prompt file: .txt (musubi / Kohya sample-prompt lines), .toml or .json")
     g.add_argument("--negative_prompt", help="default: the official WAN negative prompt")
     g.add_argument("--image", "--image_path", help="start image for I2V / TI2V (a line's --i wins)")
+    g.add_argument("--end_image_path", help="Fun-InP: the last frame to keep (a line's --ei wins)")
     g.add_argument("--control_path", help="Fun-Control: the control video (or a folder of frames, or a still image); "
                                           "read from frame 0 at the output size (a line's --cn wins)")
     g.add_argument("--width", type=int, help="a multiple of 16 (32 for TI2V-5B)")
@@ -112,6 +113,7 @@ def build_requests(args) -> tuple[list[SampleRequest], list[PromptError]]:
             errors.append(exc)
     notes.log()
     defaults = dict(negative_prompt=args.negative_prompt, image=args.image, control=getattr(args, "control_path", None),
+                    end_image=getattr(args, "end_image_path", None),
                     width=args.width, height=args.height,
                     frames=args.frames, steps=args.steps, seed=args.seed, guidance=args.guidance_scale,
                     guidance_high=args.guidance_scale_high_noise, flow_shift=args.flow_shift)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from library.wan.conditioning import i2v_condition
-from library.wan.fun import fun_control_condition, zero_clip_features
+from library.wan.fun import fun_control_condition, inpaint_condition, zero_clip_features
 
 from .control import load_control_video
 
@@ -113,6 +113,7 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
         guidance_low_noise=float(low), guidance_high_noise=float(high),
         boundary=boundary if boundary is not None else variant.boundary, image=request.image, source=request.source,
         **({"control": request.control} if getattr(variant, "control", False) else {}),
+        **({"end_image": request.end_image} if getattr(variant, "inpaint", False) and request.end_image else {}),
     )
 
 
@@ -192,7 +193,11 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
         image = load_image(s["image"], s["width"], s["height"], request.source)  # the VAE moves and casts it
         if variant.is_i2v:  # the image, then black frames, encoded as one clip
             clip = torch.cat([image, torch.zeros_like(image).expand(-1, -1, s["frames"] - 1, -1, -1)], dim=2)
-            cond.y = i2v_condition(vae.encode(clip).float()).to(device)
+            end = s.get("end_image")
+            if end:  # Fun-InP: the end image as the last frame, kept through the mask
+                clip[:, :, -1:] = load_image(end, s["width"], s["height"], request.source)
+            latents = vae.encode(clip).float()
+            cond.y = (inpaint_condition(latents, end_frame=True) if end else i2v_condition(latents)).to(device)
             if variant.image_embedding:
                 cond.clip_fea = _clip_features(models, image[:, :, 0], request.source).to(device)
         else:  # TI2V: the clean first latent frame

@@ -30,8 +30,6 @@ from .guidance import CFG_SKIP_MODES, SLG_MODES
 logger = logging.getLogger(__name__)
 
 UNSUPPORTED = {
-    "end_image_path": "--end_image_path (first-last-frame video, FLF2V) is not supported yet: this trainer has no "
-                      "FLF2V task; render from the start image alone (--image_path) or use musubi-tuner for FLF2V",
     "video_path": "--video_path (video-to-video) is not supported; generate from text or a start image",
     "one_frame_inference": "--one_frame_inference is not supported; render --video_length 1 for a single image",
     "control_image_path": "--control_image_path is for one-frame inference, which is not supported",
@@ -86,7 +84,7 @@ def add_musubi_args(parser: argparse.ArgumentParser) -> None:
     u = parser.add_argument_group("musubi-tuner flags that are accepted for its command lines")
     for name in NO_EFFECT:
         u.add_argument(f"--{name}", action="store_true", help=NO_EFFECT[name].split(": ", 1)[1])
-    for name in ("end_image_path", "video_path", "one_frame_inference"):
+    for name in ("video_path", "one_frame_inference"):
         u.add_argument(f"--{name}", help="not supported (a clear error)")
     for name in ("control_image_path", "control_image_mask_path"):
         u.add_argument(f"--{name}", nargs="*", help="not supported (a clear error)")

@@ -8,9 +8,9 @@ Prompt files (`sample_prompts`, `--from_file`) come in three forms:
 
 The options (`OPTIONS`, case-insensitive): `--w` / `--h` size, `--f` frames (1 + 4k), `--d` seed, `--s`
 steps, `--l` CFG scale (`--g` is musubi's generation spelling of it; `--l` wins when a line has both),
-`--fs` flow shift, `--n` negative prompt, `--i` start image (I2V / TI2V), `--cn` control video (Fun-Control).
-musubi's options for models this trainer does not run (`NOT_APPLICABLE`: `--ei` end image, `--ci` / `--cim`
-control images, `--of` one-frame inference) and options nobody knows leave the line rendering without them, with
+`--fs` flow shift, `--n` negative prompt, `--i` start image (I2V / TI2V), `--cn` control video (Fun-Control),
+`--ei` end image (Fun-InP). musubi's options for models this trainer does not run (`NOT_APPLICABLE`: `--ci` /
+`--cim` control images, `--of` one-frame inference) and options nobody knows leave the line rendering without them, with
 one log line per option and file naming the lines. A value that breaks its rule (`--w -64`, `--f 6`,
 `--s 0`, `--l nan`) is a `PromptError` for that line only: `read_prompt_file` returns the good requests
 and the errors, so the other prompts still render. Nothing is dropped without a message.
@@ -36,11 +36,10 @@ OPTIONS = {
     "w": ("width", v.parse_size), "h": ("height", v.parse_size), "f": ("frames", v.parse_frames),
     "d": ("seed", v.parse_seed), "s": ("steps", v.parse_steps), "l": ("guidance", v.parse_scale),
     "g": ("guidance", v.parse_scale), "fs": ("flow_shift", v.parse_positive), "n": ("negative_prompt", v.parse_text),
-    "i": ("image", v.parse_path), "cn": ("control", v.parse_path),
+    "i": ("image", v.parse_path), "cn": ("control", v.parse_path), "ei": ("end_image", v.parse_path),
 }
 # musubi options whose features this trainer does not have: the line renders without them (logged once)
 NOT_APPLICABLE = {
-    "ei": "end images (FLF2V) are not supported yet; rendered without an end frame",
     "ci": "control images are for one-frame inference, which is not supported; ignored",
     "cim": "control image masks are for one-frame inference, which is not supported; ignored",
     "of": "one-frame inference is not supported; rendered as a normal video",
@@ -53,15 +52,14 @@ FIELD_NAMES = {
     "discrete_flow_shift": "flow_shift", "guidance": "guidance", "cfg_scale": "guidance",
     "guidance_scale": "guidance", "scale": "guidance", "guidance_high": "guidance_high",
     "guidance_scale_high_noise": "guidance_high", "image": "image", "image_path": "image",
-    "control_path": "control", "control_video_path": "control",
+    "control_path": "control", "control_video_path": "control", "end_image_path": "end_image", "end_image": "end_image",
 }
 FIELD_PARSERS = {"width": v.parse_size, "height": v.parse_size, "frames": v.parse_frames, "seed": v.parse_seed,
                  "steps": v.parse_steps, "guidance": v.parse_scale, "guidance_high": v.parse_scale,
                  "flow_shift": v.parse_positive, "negative_prompt": v.parse_text, "image": v.parse_path,
-                 "prompt": v.parse_text, "control": v.parse_path}
+                 "prompt": v.parse_text, "control": v.parse_path, "end_image": v.parse_path}
 # musubi's prompt-file keys for features this trainer does not have, and bookkeeping keys it adds
-FIELDS_NOT_APPLICABLE = {"end_image_path": "ei", "control_image_path": "ci",
-                         "control_image_mask_path": "cim", "one_frame": "of"}
+FIELDS_NOT_APPLICABLE = {"control_image_path": "ci", "control_image_mask_path": "cim", "one_frame": "of"}
 FIELDS_IGNORED = ("enum", "subset")
 
 
@@ -85,6 +83,7 @@ class SampleRequest:
     flow_shift: float | None = None
     image: str | None = None  # start image for I2V / TI2V
     control: str | None = None  # Fun-Control: the control video (or a still control image)
+    end_image: str | None = None  # Fun-InP: the last frame to keep
     source: str = "prompt"  # where it came from, for messages: "prompts.txt line 3"
     extra: dict = field(default_factory=dict, compare=False)  # precomputed embeddings etc.
 
@@ -230,7 +229,7 @@ def read_prompt_file(path: str | Path) -> tuple[list[SampleRequest], list[Prompt
 
 def _image_beside(request: SampleRequest, folder: Path) -> SampleRequest:
     """A relative image path that is not found from the working directory is looked up beside the file."""
-    for name in ("image", "control"):
+    for name in ("image", "control", "end_image"):
         value = getattr(request, name)
         if value and not Path(value).expanduser().exists() and (folder / value).exists():
             request = replace(request, **{name: str(folder / value)})
@@ -268,6 +267,9 @@ def check_requests(requests: list[SampleRequest], variant,
             continue
         if request.image and variant.model_type not in ("i2v", "ti2v"):
             notes.add(f"start images (--i) are ignored by the text-to-video model {variant.name}", request.source)
+        if request.end_image and not getattr(variant, "inpaint", False):
+            notes.add(f"end images (--ei) are ignored by {variant.name}: only the Fun-InP models keep an end frame",
+                      request.source)
         if request.control and not getattr(variant, "control", False):
             notes.add(f"control videos (--cn) are ignored by {variant.name}, which is not a Fun-Control model",
                       request.source)

@@ -61,6 +61,18 @@ def fun_control_condition(variant: WanVariant, control_latents: torch.Tensor,
     return torch.cat([control_latents, rest.to(control_latents.dtype)], dim=1)
 
 
+def inpaint_condition(latents: torch.Tensor, end_frame: bool) -> torch.Tensor:
+    """Fun-InP: [B, z, T, h, w] latents of (start image, black frames[, end image]) -> y [B, 4 + z, T, h, w].
+
+    The mask is the pixel mask (1 on the kept frames) folded 4 frames per latent frame with frame 0 counted
+    4 times, as VideoX-Fun builds `mask_latents`: all 4 channels of latent frame 0, and with an end image
+    channel 3 of the last latent frame (the last pixel frame is the 4th of its group)."""
+    y = i2v_condition(latents)
+    if end_frame:
+        y[:, 3, -1] = 1.0
+    return y
+
+
 def zero_clip_features(variant: WanVariant, batch: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """The CLIP tokens a WAN 2.1 Fun model gets without a start image: zeros [B, 257, clip_dim]."""
     return torch.zeros(batch, variant.clip_tokens, variant.clip_dim, device=device, dtype=dtype)

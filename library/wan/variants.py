@@ -31,6 +31,7 @@ class WanVariant:
     two_experts: bool = False  # WAN 2.2 A14B: a high-noise and a low-noise expert
     control: bool = False  # Fun-Control: control-video latents follow the noisy latents (see library/wan/fun.py)
     ref_conv: bool = False  # Fun-Control V1.1 / 2.2: `ref_conv` embeds a reference frame (detected from the file)
+    inpaint: bool = False  # Fun-InP: an end frame can be kept too, through the I2V mask (library/wan/fun.py)
     # Defaults that belong to the model, not to a training run.
     boundary: float | None = None  # expert switch as a fraction of 1000 timesteps
     flow_shift: float = 5.0
@@ -132,9 +133,10 @@ for _v in (
                resolution=(1280, 720), **_14B_21),
     WanVariant(name="i2v-14B-FC", model_type="i2v", in_dim=48, image_embedding=True, control=True,
                sample_steps=40, **_14B_21),
-    WanVariant(name="i2v-1.3B-InP", model_type="i2v", in_dim=36, image_embedding=True, **_13B),
-    WanVariant(name="i2v-14B-InP", model_type="i2v", in_dim=36, image_embedding=True, sample_steps=40, **_14B_21),
-    WanVariant(name="i2v-A14B-InP", version="2.2", model_type="i2v", in_dim=36, **_FUN22),
+    WanVariant(name="i2v-1.3B-InP", model_type="i2v", in_dim=36, image_embedding=True, inpaint=True, **_13B),
+    WanVariant(name="i2v-14B-InP", model_type="i2v", in_dim=36, image_embedding=True, inpaint=True, sample_steps=40,
+               **_14B_21),
+    WanVariant(name="i2v-A14B-InP", version="2.2", model_type="i2v", in_dim=36, inpaint=True, **_FUN22),
     WanVariant(name="t2v-A14B-FC", version="2.2", model_type="t2v", in_dim=52, control=True, **_FUN22),
     WanVariant(name="i2v-A14B-FC", version="2.2", model_type="i2v", in_dim=52, control=True, **_FUN22),
     # tiny Fun variants for the tests (width 48: the LoRAs of the other tiny variants do not fit them)

@@ -18,11 +18,10 @@ USED = [
     ("--s 20", "steps", 20), ("--l 4.5", "guidance", 4.5), ("--g 6.0", "guidance", 6.0),
     ("--fs 3.0", "flow_shift", 3.0), ("--n blurry, low quality", "negative_prompt", "blurry, low quality"),
     ("--i start.png", "image", "start.png"), ("--W 640", "width", 640),  # options are case-insensitive
-    ("--cn control.mp4", "control", "control.mp4"),
+    ("--cn control.mp4", "control", "control.mp4"), ("--ei end.png", "end_image", "end.png"),
 ]
 # musubi options for features this trainer does not have: the line renders, one note per file
-NOTED = [("--ei end.png", "end images (FLF2V) are not supported yet"),
-         ("--ci ref.png", "control images are for one-frame inference"),
+NOTED = [("--ci ref.png", "control images are for one-frame inference"),
          ("--cim mask.png", "control image masks are for one-frame inference"),
          ("--of target_index=1", "one-frame inference is not supported"),
          ("--zz 3", "unknown option --zz is ignored")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -156,3 +157,13 @@ def test_generation_conditioning_of_a_wan22_fun_control_model(tmp_path):
     assert cond.y.shape == (1, 36, 2, 4, 4) and cond.clip_fea is None
     torch.testing.assert_close(cond.y, expected)
     assert cond.y[:, 16:20, 0].eq(1).all() and not cond.y[:, 16:20, 1:].any()
+
+    # Fun-InP (the same tiny VAE): an end image is the last frame of the encoded clip, kept by the mask
+    inp = replace(get_variant("i2v-tiny"), inpaint=True)
+    end = write_image(tmp_path / "end.png", 40, 32)
+    request = replace(request, control=None, end_image=str(end), frames=9)
+    cond = _conditioning(replace(sampling, variant=inp), request, resolve(request, inp), torch.device("cpu"))
+    clip = torch.cat([start, torch.zeros_like(start).expand(-1, -1, 7, -1, -1), load_image(str(end), 32, 32)], 2)
+    torch.testing.assert_close(cond.y[:, 4:], vae.encode(clip).float())
+    assert cond.y[0, :4, -1].flatten(1).eq(torch.tensor([0.0, 0, 0, 1])[:, None]).all()
+    assert cond.y[0, :4, 0].eq(1).all() and not cond.y[0, :4, 1:-1].any()

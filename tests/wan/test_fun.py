@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from library.wan.checkpoint_files import CheckpointError
 from library.wan.conditioning import i2v_condition
-from library.wan.fun import control_tail_channels, fun_control_condition, zero_clip_features
+from library.wan.fun import control_tail_channels, fun_control_condition, inpaint_condition, zero_clip_features
 from library.wan.loading import load_dit
 from library.wan.model import WanModel
 from library.wan.variants import get_variant
@@ -79,6 +79,19 @@ def test_control_condition_layouts():
     assert torch.equal(y[:, 16:], i2v_condition(image)) and y[:, 16:20, 0].eq(1).all() and not y[:, 16:20, 1:].any()
     assert not fun_control_condition(get_variant("t2v-14B-FC"), control)[:, 16:].any()
     assert fun_control_condition(get_variant("t2v-A14B-FC"), control).shape[1] == 36
+
+
+def test_inpaint_mask_is_the_folded_pixel_mask():
+    """Fun-InP keeps pixel frames 0 and F-1: VideoX-Fun repeats frame 0's mask 4 times, folds 4 pixel frames per
+    latent frame into the 4 mask channels; the last pixel frame lands in channel 3 of the last latent frame."""
+    for frames in (5, 9, 81):
+        pixel = torch.zeros(frames)
+        pixel[0] = pixel[-1] = 1.0
+        folded = torch.cat([pixel[:1].repeat(4), pixel[1:]]).view(-1, 4).T  # [4, T]
+        latents = torch.randn(1, 16, folded.shape[1], 2, 2)
+        y = inpaint_condition(latents, end_frame=True)
+        assert torch.equal(y[0, :4, :, 0, 1], folded) and torch.equal(y[:, 4:], latents)
+        assert torch.equal(inpaint_condition(latents, end_frame=False), i2v_condition(latents))
 
 
 def test_fun_variants_shapes():
