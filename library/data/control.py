@@ -89,7 +89,8 @@ def attach_controls(spec: DatasetSpec, items: list) -> tuple[list, list[tuple[st
     if spec.control_directory is None and not controls:
         return items, []
     if spec.control_directory is not None and not spec.control_directory.is_dir():
-        raise DatasetConfigError(f"{spec.where()}: control_directory {spec.control_directory} is not a folder")
+        state = "is a file, not a folder" if spec.control_directory.exists() else "does not exist"
+        raise MediaError(f"{spec.where()}: control_directory {spec.control_directory} {state}")
     stems = {item.media_path.stem for item in items}
     kept, found, missing, skips = [], {}, set(), []
     for item in items:

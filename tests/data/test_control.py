@@ -16,6 +16,7 @@ from library.data.dataset_config import DatasetConfigError, load_dataset_config
 from library.data.datasets import CacheError, build_train_datasets
 from library.data.items import enumerate_dataset
 from library.data.latent_caching import cache_latents, load_pixels
+from library.data.video_io import MediaError
 
 from .conftest import write_caption, write_image, write_toml, write_video
 
@@ -64,7 +65,7 @@ def test_video_controls_match_by_name_and_missing_ones_are_skipped(tmp_path):
     assert skip.path.endswith("d.mp4") and "no control in control_directory: tried" in skip.reason
     assert str(tmp_path / "control" / "d.mp4") in skip.reason
     (tmp_path / "d.toml").write_text(VIDEOS.replace('"control"', '"videos/a.mp4"'))
-    with pytest.raises(DatasetConfigError, match=r"control_directory .*a\.mp4 is not a folder"):
+    with pytest.raises(MediaError, match=r"control_directory .*a\.mp4 is a file, not a folder"):
         enumerate_dataset(load_dataset_config(tmp_path / "d.toml").datasets[0], 16, 16.0)
 
 
