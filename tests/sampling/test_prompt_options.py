@@ -85,13 +85,15 @@ def test_musubi_toml_and_json_prompt_files(tmp_path, caplog):
     (tmp_path / "p.toml").write_text(
         '[prompt]\nwidth = 832\nheight = 480\nframe_count = 81\nsample_steps = 20\ncfg_scale = 5.0\n'
         'guidance_scale = 1.0\n\n[[prompt.subset]]\nprompt = "a cat"\nseed = 1\n\n'
-        '[[prompt.subset]]\nprompt = "a dog"\nseed = 2\nwidth = 480\nend_image_path = "e.png"\n')
+        '[[prompt.subset]]\nprompt = "a dog"\nseed = 2\nwidth = 480\nend_image_path = "e.png"\n'
+        'control_image_path = "c.png"\n')
     with caplog.at_level(logging.WARNING):
         requests, errors = read_prompt_file(tmp_path / "p.toml")
     assert errors == []
     assert [(r.prompt, r.seed, r.width, r.height, r.frames, r.steps, r.guidance) for r in requests] == [
         ("a cat", 1, 832, 480, 81, 20, 5.0), ("a dog", 2, 480, 480, 81, 20, 5.0)]
-    assert "'end_image_path': end images (FLF2V) are not supported yet" in caplog.text
+    assert requests[1].end_image == "e.png"  # musubi's end_image_path (used by the Fun-InP models)
+    assert "'control_image_path': control images are for one-frame inference" in caplog.text
     (tmp_path / "p.json").write_text('["a fox --w 64 --d 3", {"prompt": "an owl", "frame_count": 6}]')
     requests, errors = read_prompt_file(tmp_path / "p.json")
     assert [(r.prompt, r.width) for r in requests] == [("a fox", 64)]
