@@ -188,10 +188,11 @@ def test_real_variants_from_shapes_alone(tmp_path):
         return diagnose(tmp_path / "x.safetensors").fits
 
     assert fits(5120, 13824) == ["t2v-A14B", "i2v-A14B", "t2v-14B", "i2v-14B", "flf2v-14B", "t2i-14B",
-                                 "vace-A14B", "vace-14B"]
-    assert fits(5120, 13824, k_img=True) == ["i2v-14B", "flf2v-14B"]
+                                 "vace-A14B", "vace-14B", "t2v-14B-FC", "i2v-14B-FC", "i2v-14B-InP", "i2v-A14B-InP",
+                                 "t2v-A14B-FC", "i2v-A14B-FC"]
+    assert fits(5120, 13824, k_img=True) == ["i2v-14B", "flf2v-14B", "t2v-14B-FC", "i2v-14B-FC", "i2v-14B-InP"]
     assert fits(3072, 14336) == ["ti2v-5B"]
-    assert fits(1536, 8960) == ["t2v-1.3B", "vace-1.3B"]
+    assert fits(1536, 8960) == ["t2v-1.3B", "vace-1.3B", "t2v-1.3B-FC", "i2v-1.3B-InP"]  # shared Linears
 
 
 def test_dit_gives_relative_norms(tmp_path):

@@ -157,13 +157,14 @@ def test_musubi_flag_works(musubi_run, flag):
 # ---- the flags that are clear errors, and numbers outside their rules ------------------------------------
 
 ERRORS = {
-    "--control_path c.mp4": "--control_path: control videos, masks and reference images are for the VACE models",
+    "--control_path c.mp4": "--control_path: control videos are for the Fun-Control models",
+    "--mask_path m.png": "--mask_path: masks and reference images are for the VACE models",
     "--video_path v.mp4": "--video_path (video-to-video) is not supported",
     "--one_frame_inference target_index=1": "give target_index=N and control_index=A",
     "--one_frame_inference target_index=1,control_index=0 --control_image_path a.png":
         "one-frame inference is for the WAN 2.1 I2V and FLF2V models (i2v-14B, flf2v-14B), not t2v-tiny",
     "--control_image_mask_path m.png": "--control_image_mask_path: WAN one-frame inference uses no masks",
-    "--task i2v-14B-FC": "the Fun-Control models are not supported",
+    "--task i2v-14B-FC --prompt x": "i2v-14B-FC is a Fun-Control model and needs a control video",
     "--width -64": "--width must be a positive number of pixels, got -64",
     "--height 0": "--height must be a positive number of pixels, got 0",
     "--width 40": "--width 40 is not a multiple of 16 (the VAE stride x the DiT patch of t2v-tiny); use 32 or 48",

@@ -214,7 +214,7 @@ def _sampling(cfg: TrainConfig, variant, errors: list[str]) -> None:
     if not (m.vae and m.t5):
         errors.append("`sample_prompts` needs `vae` and `t5` (the prompts are encoded once at the start and the "
                       "samples decoded with the VAE)")
-    if variant is not None and variant.image_embedding and not m.clip:
+    if variant is not None and variant.image_embedding and variant.is_i2v and not m.clip:
         errors.append(f"sample_prompts with {variant.name} (WAN 2.1 I2V) needs `clip`, the CLIP vision file "
                       "(models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth) for the start images")
 

@@ -74,7 +74,9 @@ class DatasetSpec(DatasetOptions):
     jsonl: bool
     cache_directory: Path
     is_val: bool = False
-    control_directory: Path | None = None  # control media (one-frame images, Fun-Control / VACE videos), same names
+    # control media matched by name: one-frame control images (one_frame.py), Fun-Control (control.py) and
+    # VACE (conditions.py) control videos
+    control_directory: Path | None = None
     mask_directory: Path | None = None  # VACE masks (white = generate), same names as the media
     reference_directory: Path | None = None  # VACE reference images, same names as the media
     index: int = 0  # position in its TOML table
@@ -238,6 +240,9 @@ def _build_spec(table: dict, general: dict, index: int, table_name: str, config_
     merged = {**general, **own}
     if kind == "video":
         merged = {k: v for k, v in merged.items() if k not in ONE_FRAME_KEYS}  # from [general]: images only
+    if "control_directory" in table and jsonl:
+        raise DatasetConfigError(f"{where}: control_directory is for directory datasets; a JSONL dataset names "
+                                 "each item's control with a `control_path` field on its line")
     for key in CONDITION_KEYS:
         if key in table:
             merged[key] = _resolve_path(table[key], key, where, base)

@@ -30,6 +30,7 @@ from library.errors import UserError
 from . import cache
 from .buckets import bucket_step
 from .conditions import condition_fingerprint
+from .control import CONTROL_KEY, control_cache_problem, require_controls
 from .dataset_config import DatasetConfig, DatasetSpec
 from .items import MediaItem, Skip, enumerate_dataset
 from .video_io import MediaError
@@ -64,6 +65,7 @@ class TaskInfo:
     needs_clip: bool = False  # WAN 2.1 I2V: CLIP image tokens of the first frame (`clip_fea`)
     end_frame: bool = False  # WAN 2.1 FLF2V: the last frame conditions too (image latents and clip_fea)
     is_vace: bool = False  # VACE: the VACE context (`vace_context`) and reference latents, see conditions.py
+    needs_control: bool = False  # Fun-Control: latents of each item's control video (`control_latents`)
 
     @property
     def step(self) -> int:
@@ -75,7 +77,8 @@ def task_info(task: str) -> TaskInfo:
 
     variant = get_variant(task)
     return TaskInfo(task=variant.name, vae_kind=variant.vae, fps=float(variant.fps), is_i2v=variant.is_i2v,
-                    needs_clip=variant.image_embedding, end_frame=variant.end_frame, is_vace=variant.is_vace)
+                    needs_clip=variant.image_embedding and variant.is_i2v,  # t2v Fun-Control: zero CLIP tokens
+                    end_frame=variant.end_frame, is_vace=variant.is_vace, needs_control=variant.control)
 
 
 def latent_settings(item: MediaItem, vae_kind: str, end_frame: bool = False, spec=None, *,
@@ -126,6 +129,8 @@ class CachedDataset(torch.utils.data.Dataset):
             items, self.skips = enumerate_dataset(spec, info.step, info.fps)
         except MediaError as exc:
             raise DatasetError(str(exc)) from None
+        if info.needs_control:
+            require_controls(spec, items, info.task)
         self.items = self._drop_known_skips(items)
         for skip in self.skips:
             logger.warning("%s: skipped %s", spec.where(), skip)
@@ -171,6 +176,8 @@ class CachedDataset(torch.utils.data.Dataset):
             problem = cache.latent_cache_problem(path, item, settings,
                                                  need_image_latents=self.info.is_i2v,
                                                  need_clip_fea=self.info.needs_clip)
+            if problem is None and self.info.needs_control:
+                problem = control_cache_problem(path, item)
             if problem:
                 problems.append(f"latents {path}: {problem}")
             else:
@@ -233,6 +240,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "image_latents": tensors.get("image_latents") if self.info.is_i2v else None,
             "clip_fea": tensors.get("clip_fea") if self.info.needs_clip else None,  # [257, width] or None
             "frame_mask": tensors.get("frame_mask"), "frame_positions": tensors.get("frame_positions"),  # one-frame
+            "control_latents": tensors.get(CONTROL_KEY) if self.info.needs_control else None,  # [z, T, h, w]
             "context": context,  # [L, d]
             "key": item.key, "caption": caption, "is_image": item.is_image, "bucket": item.bucket,
         }
@@ -275,6 +283,7 @@ def collate(items: list[dict]) -> dict:
     image = [item["image_latents"] for item in items]
     clip = [item.get("clip_fea") for item in items]
     vace = [item.get("vace_context") for item in items]
+    control = [item.get("control_latents") for item in items]
     return {
         "latents": torch.stack([item["latents"] for item in items]).float(),  # [B, z, T, h, w]
         "image_latents": None if any(x is None for x in image) else torch.stack(image).float(),
@@ -282,6 +291,7 @@ def collate(items: list[dict]) -> dict:
         **{k: torch.stack([item[k] for item in items]) for k in ("frame_mask", "frame_positions")
            if all(item.get(k) is not None for item in items)},  # one-frame: [B, T] each
         "vace_context": None if any(x is None for x in vace) else torch.stack(vace).float(),  # [B, 96, T', h, w]
+        "control_latents": None if any(x is None for x in control) else torch.stack(control).float(),
         "context": [item["context"].float() for item in items],  # B x [L_i, d]
         "keys": [item["key"] for item in items],
         "captions": [item["caption"] for item in items],

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from .buckets import resolution_problem, select_bucket
 from .conditions import ConditionFinder
+from .control import attach_controls
 from .dataset_config import DatasetConfigError, DatasetSpec, round_frames
+from .one_frame import is_one_frame
 from .video_io import (VIDEO_EXTENSIONS, MediaError, frame_files, is_image_file, is_video_source, missing_reason, probe,
                        resample_indices)
 
@@ -40,6 +42,7 @@ class MediaItem:
     bucket: tuple[int, int, int]  # (W, H, F)
     fps: float | None  # target fps of a video window
     conditions: tuple[tuple[str, Path], ...] = ()  # VACE: ("control" | "mask" | "reference", file), see conditions.py
+    control_path: Path | None = None  # Fun-Control: the control video / image of this item (data/control.py)
 
 
 @dataclass(frozen=True)
@@ -219,14 +222,19 @@ def enumerate_dataset(spec: DatasetSpec, step: int, model_fps: float) -> tuple[l
         raise DatasetConfigError(f"{spec.where()}: {problem}")
     sources, skips = captioned_sources(spec)
     items: list[MediaItem] = []
-    conditions = ConditionFinder(spec)
+    one_frame = is_one_frame(spec)  # its control images are matched by one_frame.py (several per image)
+    conditions = None if one_frame else ConditionFinder(spec)
     for media, caption, caption_source in sources:
         try:
-            found = conditions.find(media)
+            found = () if conditions is None else conditions.find(media)
             items.extend(replace(item, conditions=found)
                          for item in _items_for(media, caption, caption_source, spec, step, model_fps))
         except MediaError as exc:
             message = str(exc)
             reason = message[len(str(media)) + 2:] if message.startswith(f"{media}: ") else message
             skips.append(Skip(str(media), reason, spec.where()))
+    if one_frame:
+        return items, skips
+    items, missing = attach_controls(spec, items)  # Fun-Control: control_directory / JSONL control_path
+    skips.extend(Skip(path, reason, spec.where()) for path, reason in missing)
     return items, skips

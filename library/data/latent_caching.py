@@ -25,12 +25,16 @@ from library.errors import UserError
 
 from . import cache, one_frame
 from .conditions import load_conditions
+from .control import CONTROL_KEY, control_cache_problem, control_metadata, load_control_pixels, require_controls
 from .dataset_config import DatasetConfig, DatasetSpec
 from .datasets import TaskInfo, latent_settings, task_info
 from .items import MediaItem, Skip, enumerate_dataset
 from .video_io import MediaError, load_image, read_video_frames, resize_and_crop
 
 logger = logging.getLogger(__name__)
+
+
+UNKNOWN_TASK = "<TASK>"  # caching without --task
 
 
 class CachingError(UserError, RuntimeError):
@@ -107,7 +111,12 @@ def scan_datasets(config: DatasetConfig, summary: CacheSummary, strict: bool, sc
 def collect_items(config: DatasetConfig, info: TaskInfo, summary: CacheSummary,
                   strict: bool) -> list[tuple[DatasetSpec, MediaItem]]:
     """Every item of every dataset (training and validation), skips and empty datasets recorded."""
-    scan = lambda spec: enumerate_dataset(spec, info.step, info.fps)  # noqa: E731
+    def scan(spec):
+        items, skips = enumerate_dataset(spec, info.step, info.fps)
+        if info.needs_control:  # Fun-Control: every dataset names its control videos
+            require_controls(spec, items, info.task)
+        return items, skips
+
     return [(spec, item) for spec, items in scan_datasets(config, summary, strict, scan) for item in items]
 
 
@@ -124,13 +133,20 @@ def load_pixels(item: MediaItem) -> torch.Tensor:
     return video.float().div_(127.5).sub_(1.0)
 
 
-def _decode(item: MediaItem, spec: DatasetSpec | None = None):
-    """(pixels, conditioning pixels or None) of one item, or the exception that makes it a skip (one-frame
-    items: their target and control images as the pixels)."""
+def wants_control(info: TaskInfo, item: MediaItem) -> bool:
+    """Whether the item's control latents are cached: for Fun-Control tasks, and (as musubi-tuner does)
+    whenever the dataset names controls and no --task says otherwise."""
+    return item.control_path is not None and (info.needs_control or info.task == UNKNOWN_TASK)
+
+
+def _decode(item: MediaItem, spec: DatasetSpec | None = None, control: bool = False):
+    """(pixels, VACE conditioning pixels or None, Fun-Control pixels or None) of one item, or the exception
+    that makes it a skip (one-frame items: their target and control images as the pixels)."""
     try:
         if spec is not None and one_frame.is_one_frame(spec):
-            return one_frame.load_frames(spec, item), None
-        return load_pixels(item), (load_conditions(item) if item.conditions else None)
+            return one_frame.load_frames(spec, item), None, None
+        return (load_pixels(item), load_conditions(item) if item.conditions else None,
+                load_control_pixels(item) if control else None)
     except (MediaError, OSError) as exc:
         return exc
 
@@ -172,7 +188,7 @@ def encode_clip(clip, videos: torch.Tensor, end_frame: bool) -> torch.Tensor:
 
 
 def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str,
-                clip_fea=None, clip_hash: str | None = None, extra: dict | None = None) -> None:
+                clip_fea=None, clip_hash: str | None = None, extra: dict | None = None, control_latents=None) -> None:
     tensors = {"latents": latents.to(cache.STORE_DTYPE), **(extra or {})}  # one-frame masks / VACE context
     if image_latents is not None:
         tensors["image_latents"] = image_latents.to(cache.STORE_DTYPE)
@@ -181,6 +197,9 @@ def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info
     settings = latent_settings(item, info.vae_kind, info.end_frame, spec, vace=info.is_vace)
     meta = cache.latent_metadata(item, settings, vae_hash,
                                  cache.source_fingerprint(item.media_path), clip_hash)
+    if control_latents is not None:  # Fun-Control: [z, T, h, w] of the item's control video
+        tensors[CONTROL_KEY] = control_latents.to(cache.STORE_DTYPE)
+        meta.update(control_metadata(item))
     path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
     cache.write_safetensors_atomic(tensors, path, meta)
 
@@ -189,7 +208,7 @@ def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, 
                       summary: CacheSummary) -> None:
     """Encode decoded items of one bucket together and write one cache file each."""
     single = [g for g in good if one_frame.is_one_frame(g[0])]
-    for spec, item, (frames, _) in single:  # one-frame items: each image encoded on its own
+    for spec, item, (frames, _, _) in single:  # one-frame items: each image encoded on its own
         tensors = one_frame.encode(vae, clip, frames, spec)
         _write_item(spec, item, tensors.pop("latents"), tensors.pop("image_latents"), info, hashes[0],
                     tensors.pop("clip_fea", None), hashes[1], extra=tensors)
@@ -198,14 +217,20 @@ def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, 
     if not good:
         return
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    pairs = [j for j, g in enumerate(good) if g[2][2] is not None]  # items cached with their Fun-Control
+    control: list = [None] * len(good)
+    if pairs:
+        encoded = vae.encode(torch.stack([good[j][2][2] for j in pairs]).to(device=device, dtype=dtype))
+        for k, j in enumerate(pairs):
+            control[j] = encoded[k]  # [z, T, h, w]
     videos = torch.stack([g[2][0] for g in good]).to(device=device, dtype=dtype)  # [B, 3, F, H, W]
     latents, image_latents = encode_batch(vae, videos, info.is_i2v, info.end_frame)
     clip_fea = encode_clip(clip, videos, info.end_frame) if clip is not None else None  # [B, (2,) 257, width]
-    for j, (spec, item, (_, conditions)) in enumerate(good):
+    for j, (spec, item, (_, conditions, _)) in enumerate(good):
         extra = {k: v.to(cache.STORE_DTYPE) for k, v in vace_tensors(vae, conditions, videos.shape[2:]).items()} \
             if info.is_vace else None  # VACE context, references
         _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j], info, hashes[0],
-                    None if clip_fea is None else clip_fea[j], hashes[1], extra)
+                    None if clip_fea is None else clip_fea[j], hashes[1], extra, control[j])
         summary.cached += 1
 
 
@@ -232,6 +257,8 @@ def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, cl
                                              need_image_latents=info.is_i2v, vae_hash=vae_hash,
                                              need_clip_fea=info.needs_clip, clip_hash=clip_hash,
                                              verify_content=True)
+        if problem is None and wants_control(info, item):
+            problem = control_cache_problem(path, item)
         if problem is None:
             summary.reused += 1
             continue
@@ -273,7 +300,7 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
                 entry = next(queue, None)
                 if entry is None:
                     break
-                pending.append(pool.submit(_decode, entry[1], entry[0]))
+                pending.append(pool.submit(_decode, entry[1], entry[0], wants_control(info, entry[1])))
             decoded = [pending.popleft().result() for _ in batch]
             good = []
             for (spec, item), pixels in zip(batch, decoded):
@@ -308,7 +335,7 @@ def resolve_task(vae_kind: str, task: str | None, i2v: bool, clip: bool = False)
     if task is None:
         if clip and vae_kind != "2.1":
             raise CachingError("--clip is only for WAN 2.1 I2V, which uses the WAN 2.1 VAE; this VAE is WAN 2.2")
-        return TaskInfo(task="<TASK>", vae_kind=vae_kind, fps=16.0 if vae_kind == "2.1" else 24.0,
+        return TaskInfo(task=UNKNOWN_TASK, vae_kind=vae_kind, fps=16.0 if vae_kind == "2.1" else 24.0,
                         is_i2v=i2v or clip, needs_clip=clip)
     try:
         info = task_info(task)

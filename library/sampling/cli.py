@@ -74,12 +74,14 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--from_file", help="prompt file: .txt (musubi / Kohya sample-prompt lines), .toml or .json")
     g.add_argument("--negative_prompt", help="default: the official WAN negative prompt")
     g.add_argument("--image", "--image_path", help="start image for I2V / TI2V (a line's --i wins)")
-    g.add_argument("--end_image", "--end_image_path", help="last frame for FLF2V (flf2v-14B; a line's --ei wins)")
+    g.add_argument("--end_image", "--end_image_path", help="last frame for FLF2V (flf2v-14B) and Fun-InP (a line's "
+                                                           "--ei wins)")
     g.add_argument("--one_frame_inference", help="one-frame inference, e.g. target_index=1,control_index=0 "
                                                  "(WAN 2.1 I2V / FLF2V; a line's --of wins)")
     g.add_argument("--control_image_path", nargs="*", help="control images of one-frame inference, one per "
                                                          "control_index (a line's --ci wins)")
-    g.add_argument("--control_path", help="VACE: control video or frame folder (a line's --cn wins)")
+    g.add_argument("--control_path", help="Fun-Control and VACE: the control video (or a folder of frames, or a still "
+                                          "image), read from frame 0 at the output size (a line's --cn wins)")
     g.add_argument("--mask_path", help="VACE: mask video, frame folder or image, white = generate (--mk)")
     g.add_argument("--ref_image_path", help="VACE: reference image(s), comma-separated (--ri)")
     g.add_argument("--vace_scale", type=float, help="VACE: scale of the VACE hints (default 1; --vs)")
@@ -209,7 +211,7 @@ def _load_clip(args, variant, device: torch.device):
     from library.wan.loading import load_clip_vision
 
     path = getattr(args, "clip", None)
-    if not variant.image_embedding:
+    if not (variant.image_embedding and variant.is_i2v):  # text-to-video Fun-Control: zero CLIP tokens
         if path:
             logger.warning("--clip is only used by WAN 2.1 I2V (i2v-14B); ignored for %s", variant.name)
         return None

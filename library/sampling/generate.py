@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from library.wan import flf2v
+from library.wan.fun import fun_control_condition, inpaint_condition, zero_clip_features
 
 from . import one_frame
+from .control import load_control_video
 from .denoise import Conditioning, GuidedExpert, denoise
 from .finite import check_finite_sample
 from .guidance import GuidanceOptions
@@ -113,11 +115,12 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
         flow_shift=request.flow_shift if request.flow_shift is not None else variant.flow_shift,
         guidance_low_noise=float(low), guidance_high_noise=float(high),
         boundary=boundary if boundary is not None else variant.boundary, image=request.image, source=request.source,
-        **({"end_image": request.end_image} if variant.end_frame else {}),
+        **({"end_image": request.end_image} if variant.end_frame or (variant.inpaint and request.end_image) else {}),
         **({"one_frame": request.one_frame, "control_images": list(request.control_images or ())}
            if request.one_frame else {}),
         **({"control": request.control, "mask": request.mask, "references": list(reference_paths(request.references)),
             "vace_scale": 1.0 if request.vace_scale is None else request.vace_scale} if variant.is_vace else {}),
+        **({"control": request.control} if variant.control else {}),
     )
 
 
@@ -193,6 +196,8 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
     cond = Conditioning([context], [negative])
     if variant.is_vace:  # the VACE context goes in as `y`; its reference frames lead the latents
         cond.y, cond.reference_frames = vace_inputs(vae, s, device, request.source)
+    if variant.control:
+        return _fun_control(models, request, s, device, cond)
     if s["image"] and variant.model_type in ("i2v", "ti2v"):
         image = load_image(s["image"], s["width"], s["height"], request.source)  # the VAE moves and casts it
         if variant.is_i2v:  # the image, then black frames (FLF2V: then the end image), encoded as one clip
@@ -201,6 +206,10 @@ def _conditioning(models: SamplingModels, request: SampleRequest, s: dict, devic
                 controls = [load_image(p, s["width"], s["height"], request.source) for p in s["control_images"]]
                 y, cond.frame_positions, s["one_frame_index"] = one_frame.condition(vae, s["one_frame"], controls)
                 cond.y = y.to(device)
+            elif variant.inpaint and s.get("end_image"):  # Fun-InP: the end image as the last frame, kept (mask)
+                end = load_image(s["end_image"], s["width"], s["height"], request.source)
+                clip = flf2v.conditioning_video(image, s["frames"], end)
+                cond.y = inpaint_condition(vae.encode(clip).float(), end_frame=True).to(device)
             else:
                 clip = flf2v.conditioning_video(image, s["frames"], last)
                 cond.y = flf2v.condition(vae.encode(clip).float(), variant.end_frame).to(device)
@@ -224,6 +233,24 @@ def vace_scale(models, scale: float | None):
     finally:
         for m, value in saved:
             m.vace_scale = value
+
+
+def _fun_control(models: SamplingModels, request: SampleRequest, s: dict, device, cond: Conditioning) -> Conditioning:
+    """Fun-Control: y = [control latents | start image or zeros] (library/wan/fun.py); the CLIP tokens of the
+    start image on WAN 2.1, zeros without one."""
+    variant, vae = models.variant, models.vae
+    control = vae.encode(load_control_video(request.control, s["frames"], s["width"], s["height"],
+                                            request.source)).float()
+    image_latents, clip_fea = None, zero_clip_features(variant, 1) if variant.image_embedding else None
+    if variant.is_i2v:  # the start image, then black frames, encoded as one clip (as for I2V)
+        image = load_image(s["image"], s["width"], s["height"], request.source)
+        clip = torch.cat([image, torch.zeros_like(image).expand(-1, -1, s["frames"] - 1, -1, -1)], dim=2)
+        image_latents = vae.encode(clip).float()
+        if variant.image_embedding:
+            clip_fea = _clip_features(models, image[:, :, 0], request.source)
+    cond.y = fun_control_condition(variant, control, image_latents).to(device)
+    cond.clip_fea = None if clip_fea is None else clip_fea.to(device)
+    return cond
 
 
 def _clip_features(models: SamplingModels, image: torch.Tensor, source: str) -> torch.Tensor:

@@ -44,7 +44,6 @@ NO_EFFECT = {
     "fp8_fast": "--fp8_fast: fp8 matrix multiplication is not available; the fp8 weights are multiplied in "
                 "bf16, as with --fp8_scaled alone",
 }
-UNSUPPORTED_TASKS = ("-fc",)
 # official release file names, for --ckpt_dir
 CKPT_FILES = {"vae": ("Wan2.1_VAE.pth", "Wan2.2_VAE.pth"), "t5": ("models_t5_umt5-xxl-enc-bf16.pth",),
               "clip": ("models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",)}
@@ -80,15 +79,8 @@ def add_musubi_args(parser: argparse.ArgumentParser) -> None:
     u = parser.add_argument_group("musubi-tuner flags that are accepted for its command lines")
     for name in NO_EFFECT:
         u.add_argument(f"--{name}", action="store_true", help=NO_EFFECT[name].split(": ", 1)[1])
-    for name in ("video_path",):
-        u.add_argument(f"--{name}", help="not supported (a clear error)")
+    u.add_argument("--video_path", help="not supported (a clear error)")
     u.add_argument("--control_image_mask_path", nargs="*", help="not supported (a clear error)")
-
-
-def _task(args, errors: list[str]) -> None:
-    task = str(args.task)
-    if any(part in task.lower() for part in UNSUPPORTED_TASKS):
-        errors.append(f"--task {task}: the Fun-Control models are not supported by this trainer")
 
 
 def _ckpt_dir(args, errors: list[str]) -> None:
@@ -136,18 +128,21 @@ def normalise(args) -> list[str]:
         return []
     args._normalised = True
     errors = [why for name, why in UNSUPPORTED.items() if getattr(args, name, None)]
-    vace_inputs = [f"--{n}" for n in ("control_path", "mask_path", "ref_image_path") if getattr(args, n, None)]
-    if vace_inputs and "vace" not in str(getattr(args, "task", "")).lower():
-        errors.append(f"{' / '.join(vace_inputs)}: control videos, masks and reference images are for the VACE "
-                      f"models (--task vace-1.3B, vace-14B, vace-A14B); {args.task} takes none")
+    task = str(getattr(args, "task", "") or "").lower()
+    vace_inputs = [f"--{n}" for n in ("mask_path", "ref_image_path") if getattr(args, n, None)]
+    if vace_inputs and "vace" not in task:
+        errors.append(f"{' / '.join(vace_inputs)}: masks and reference images are for the VACE models "
+                      f"(--task vace-1.3B, vace-14B, vace-A14B); {args.task} takes none")
+    if getattr(args, "control_path", None) and "vace" not in task and not task.endswith("-fc"):
+        errors.append(f"--control_path: control videos are for the Fun-Control models (--task t2v-1.3B-FC, "
+                      f"t2v-14B-FC, i2v-14B-FC, t2v-A14B-FC, i2v-A14B-FC) and the VACE models (vace-1.3B, vace-14B, "
+                      f"vace-A14B); {args.task} takes none")
     for name, note in NO_EFFECT.items():
         if getattr(args, name, False):
             logger.info("%s", note)
     if getattr(args, "lazy_loading", False):
         logger.info("--lazy_loading: the inactive A14B expert waits in host memory (--offload_inactive_dit)")
         args.offload_inactive_dit = True
-    if getattr(args, "task", None):
-        _task(args, errors)
     if getattr(args, "ckpt_dir", None):
         _ckpt_dir(args, errors)
     if hasattr(args, "video_size"):

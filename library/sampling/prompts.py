@@ -8,9 +8,9 @@ Prompt files (`sample_prompts`, `--from_file`) come in three forms:
 
 The options (`OPTIONS`, case-insensitive): `--w` / `--h` size, `--f` frames (1 + 4k), `--d` seed, `--s`
 steps, `--l` CFG scale (`--g` is musubi's generation spelling of it; `--l` wins when a line has both),
-`--fs` flow shift, `--n` negative prompt, `--i` start image (I2V / TI2V). musubi's options for models this
-trainer does not run (`NOT_APPLICABLE`: `--ei` end image, `--cn` control video, `--ci` / `--cim` control
-images, `--of` one-frame inference) and options nobody knows leave the line rendering without them, with
+`--fs` flow shift, `--n` negative prompt, `--i` start image (I2V / TI2V), `--cn` control video (Fun-Control),
+`--ei` end image (Fun-InP). musubi's options for models this trainer does not run (`NOT_APPLICABLE`: `--ci` /
+`--cim` control images, `--of` one-frame inference) and options nobody knows leave the line rendering without them, with
 one log line per option and file naming the lines. A value that breaks its rule (`--w -64`, `--f 6`,
 `--s 0`, `--l nan`) is a `PromptError` for that line only: `read_prompt_file` returns the good requests
 and the errors, so the other prompts still render. Nothing is dropped without a message.
@@ -94,7 +94,7 @@ class SampleRequest:
     end_image: str | None = None  # last frame for FLF2V (`--ei`, `--end_image_path`)
     one_frame: str | None = None  # one-frame inference: `target_index=1,control_index=0` (`--of`)
     control_images: tuple[str, ...] | None = None  # one-frame control images (`--ci`, `--control_image_path`)
-    control: str | None = None  # VACE: control video (library/sampling/vace.py)
+    control: str | None = None  # Fun-Control / VACE: control video (or a still control image)
     mask: str | None = None  # VACE: mask video or image, white = generate
     references: str | None = None  # VACE: reference image(s), comma-separated
     vace_scale: float | None = None  # VACE: hint scale (default 1)
@@ -284,6 +284,9 @@ def request_problems(request: SampleRequest, variant) -> list[str]:
 
         problems += [f"{request.source}: {p}" for p in one_frame_problems(variant, request.one_frame,
                                                                           len(request.control_images or ()))]
+    if getattr(variant, "control", False) and not request.control:
+        problems.append(f"{request.source}: {variant.name} is a Fun-Control model and needs a control video; add "
+                        "`--cn control.mp4` to the prompt line or pass --control_path")
     return problems
 
 
@@ -299,12 +302,15 @@ def check_requests(requests: list[SampleRequest], variant,
             continue
         if request.image and variant.model_type not in ("i2v", "ti2v"):
             notes.add(f"start images (--i) are ignored by the text-to-video model {variant.name}", request.source)
-        if request.end_image and not getattr(variant, "end_frame", False):
-            notes.add(f"end images (--ei) are for first-last-frame models (flf2v-14B); ignored by {variant.name}",
+        if request.end_image and not (getattr(variant, "end_frame", False) or getattr(variant, "inpaint", False)):
+            notes.add(f"end images (--ei) are for the first-last-frame (flf2v-14B) and Fun-InP models; ignored by "
+                      f"{variant.name}", request.source)
+        if request.control and not (variant.is_vace or getattr(variant, "control", False)):
+            notes.add(f"control videos (--cn) are for the Fun-Control and VACE models; ignored by {variant.name}",
                       request.source)
-        if (request.control or request.mask or request.references) and not variant.is_vace:
-            notes.add(f"control videos, masks and reference images (--cn / --mk / --ri) are for VACE models; "
-                      f"ignored by {variant.name}", request.source)
+        if (request.mask or request.references) and not variant.is_vace:
+            notes.add(f"masks and reference images (--mk / --ri) are for VACE models; ignored by {variant.name}",
+                      request.source)
         good.append(request)
     notes.log()
     return good, errors

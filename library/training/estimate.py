@@ -235,7 +235,8 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
     meta = torch.device("meta")
     shape = setup.latent_shape()
     x, target = torch.empty(shape, device=meta), torch.empty(shape, device=meta)
-    y = torch.empty(shape[0], v.in_dim - v.latent_channels, *shape[2:], device=meta) if v.is_i2v else None
+    extra = v.in_dim - v.latent_channels  # I2V and Fun: the channels after the noisy latents
+    y = torch.empty(shape[0], extra, *shape[2:], device=meta) if extra else None
     if v.is_vace:  # the VACE context (library/wan/vace.py)
         y = torch.empty(shape[0], v.vace_in_dim, *shape[2:], device=meta)
     context = torch.empty(setup.batch, v.text_len, v.text_dim, device=meta, dtype=torch.bfloat16)

@@ -44,7 +44,7 @@ class TrainingSampler:
         vae = load_vae(m.vae, device=device, dtype=vae_dtype, cache_cpu=cfg.memory.vae_cache_cpu)
         vae.tile_sample_min_size = cfg.memory.vae_tile_size  # `vae_tiling`: samples decoded tile by tile
         clip = None
-        if variant.image_embedding:  # WAN 2.1 I2V: the start image's CLIP tokens (`clip` checked by validate)
+        if variant.image_embedding and variant.is_i2v:  # WAN 2.1 I2V: the start image's CLIP tokens (validated)
             clip_dtype = torch.float16 if device.type == "cuda" else torch.float32
             clip = load_clip_vision(m.clip, device=device, dtype=clip_dtype)
         self.models = SamplingModels(

@@ -24,6 +24,7 @@ from library.config import save_config
 from library.config.schema import TrainConfig
 from library.errors import UserError
 from library.wan import flf2v
+from library.wan.fun import fun_control_condition, zero_clip_features
 from library.wan.variants import get_variant
 
 from . import checkpoints as ckpt
@@ -220,7 +221,10 @@ class Trainer:
         x_t, target = add_noise(x0, noise, sigma)
         timestep, y, mask = sigma * 1000.0, None, None
         positions = frame_positions(batch)  # one-frame caches: the RoPE frame index of each latent frame
-        if self.variant.is_i2v and batch.get("frame_mask") is not None:  # one-frame: the known control frames
+        if self.variant.control:  # Fun-Control: [control | start image or zeros] (library/wan/fun.py)
+            image = batch["image_latents"].to(dev, torch.float32) if self.variant.is_i2v else None
+            y = fun_control_condition(self.variant, batch["control_latents"].to(dev, torch.float32), image)
+        elif self.variant.is_i2v and batch.get("frame_mask") is not None:  # one-frame: the known control frames
             y = flf2v.known_frames_condition(batch["image_latents"].to(dev, torch.float32), batch["frame_mask"].to(dev))
         elif self.variant.is_i2v:
             y = flf2v.condition(batch["image_latents"].to(dev, torch.float32), self.variant.end_frame)
@@ -232,6 +236,8 @@ class Trainer:
         context = [c.to(dev) for c in batch["context"]]
         clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame (FLF2V: 2 frames)
         clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
+        if clip_fea is None and self.variant.image_embedding:  # WAN 2.1 Fun-Control without a start image
+            clip_fea = zero_clip_features(self.variant, x0.shape[0], dev)
         with self.accelerator.autocast(self.autocast_kwargs):
             pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea,
                                 **({"frame_positions": positions} if positions is not None else {}))  # fp32

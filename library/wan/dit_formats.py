@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint_files import Checkpoint, CheckpointError
+from .fun import with_file_features
 from .variants import WanVariant, variants_matching
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -205,16 +206,19 @@ def detect_variant(ckpt: Checkpoint, layout: DitLayout, task_variant: WanVariant
     vace_in = shape("vace_patch_embedding.weight")[1] if "vace_patch_embedding.weight" in layout.key_map else 0
     signature = (dim, ffn_dim, layers, in_dim, out_dim, image, end_frame, vace_blocks, vace_in)
     found = variants_matching(signature)
+    ref_conv = "ref_conv.weight" in layout.key_map  # Fun-Control V1.1 / 2.2 (library/wan/fun.py)
+    if ref_conv:
+        found = [v for v in found if v.control]
     if task_variant is not None:
         if task_variant.shape_signature() == signature:
-            return task_variant
+            return with_file_features(task_variant, ref_conv, str(ckpt.source))
         what = " or ".join(v.describe() for v in found) or f"an unknown WAN DiT (dim {dim}, {in_dim} input channels)"
         raise CheckpointError(
             f"{ckpt.source}: checkpoint is {what}, but the configured task is {task_variant.describe()}; "
             "set `task` to match the checkpoint, or pass the checkpoint for this task"
         )
     if found:
-        return found[0]
+        return with_file_features(found[0], ref_conv, str(ckpt.source))
     return _custom_variant(ckpt, signature)
 
 

@@ -295,6 +295,9 @@ class WanModel(nn.Module):
         # 4. WAN 2.1 I2V image embedding
         if v.image_embedding:
             self.img_emb = ImageEmbedding(v.clip_dim, v.dim, image_tokens if v.end_frame else 0)
+        # 5. Fun-Control V1.1 / 2.2: a reference frame [B, z, H, W] embedded as one extra frame of tokens
+        if v.ref_conv:
+            self.ref_conv = nn.Conv2d(v.latent_channels, v.dim, kernel_size=v.patch_size[1:], stride=v.patch_size[1:])
         self._rope_cache: dict = {}
         if not self.patch_embedding.weight.is_meta:  # on meta (before loading) there is nothing to fill
             self.init_weights()
@@ -417,10 +420,12 @@ class WanModel(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def embed(self, x, timestep, context, y=None, clip_fea=None, dtype=None, frame_positions=None):
+    def embed(self, x, timestep, context, y=None, clip_fea=None, dtype=None, frame_positions=None, full_ref=None):
         """The inputs as the blocks take them: tokens [B, L, C] fp32, e [B, G, C], e0 [B, G, 6, C], the
         context [B, Lc, C], the rope tables and the token grid (F, H, W). `frame_positions`: the RoPE time
-        index of each latent frame (one-frame mode), default 0..F-1."""
+        index of each latent frame (one-frame mode), default 0..F-1. `full_ref` [B, z, H, W]: the reference
+        latent of a model with `ref_conv` (None: zeros, as the VideoX-Fun pipelines pass without a reference
+        image); its tokens lead as frame 0 of an F + 1 grid."""
         dtype = dtype or self._dtype()
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)  # I2V: noisy latents + mask + image latents
@@ -430,6 +435,12 @@ class WanModel(nn.Module):
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, C, F, H/2, W/2]
         batch, grid = x.shape[0], tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2).float().contiguous()  # [B, L, C], f-major token order
+        if self.variant.ref_conv:  # the reference frame's tokens go first, as frame 0 of an F + 1 grid
+            if full_ref is None:
+                full_ref = x.new_zeros(batch, self.variant.latent_channels,
+                                       *(g * p for g, p in zip(grid[1:], self.variant.patch_size[1:])))
+            ref = self.ref_conv(full_ref.to(self.ref_conv.weight.dtype)).flatten(2).transpose(1, 2).float()
+            x, grid = torch.cat([ref, x], dim=1).contiguous(), (grid[0] + 1, *grid[1:])
         e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
         ctx = self._context(context, clip_fea, dtype)
         rope = self._rope(grid, x.device, frame_positions)
@@ -458,14 +469,18 @@ class WanModel(nn.Module):
         y: torch.Tensor | None = None,
         clip_fea: torch.Tensor | None = None,
         frame_positions: Sequence[int] | None = None,
+        full_ref: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, C, F, H, W] latents; timestep [B] or [B, L] in 0..1000; context [B, L_txt, text_dim]
-        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V; clip_fea [B, 257, 1280] for 2.1 I2V;
-        frame_positions: the RoPE time index of each latent frame (one-frame mode), default 0..F-1.
+        (or a list of [L_i, text_dim]); y [B, C_y, F, H, W] for I2V and Fun; clip_fea [B, 257, 1280] for 2.1
+        I2V; frame_positions: the RoPE time index of each latent frame (one-frame mode), default 0..F-1;
+        full_ref [B, z, H, W]: the reference latent of a model with `ref_conv` (see `embed`).
         Returns the predicted flow [B, out_dim, F, H, W] in fp32."""
         dtype = self._dtype()
         choose_sdpa()  # SDPA's kernel order for this GPU: chosen and logged once per process
-        x, e, e0, ctx, rope, grid = self.embed(x, timestep, context, y, clip_fea, dtype, frame_positions)
+        x, e, e0, ctx, rope, grid = self.embed(x, timestep, context, y, clip_fea, dtype, frame_positions, full_ref)
         x = self.run_blocks(x, e0, ctx, rope, dtype)
         out = self.head(x, e, dtype)  # [B, L, pt*ph*pw*out_dim]
+        if self.variant.ref_conv:  # the reference frame's tokens are not part of the output
+            out, grid = out[:, grid[1] * grid[2]:], (grid[0] - 1, *grid[1:])
         return self._unpatchify(out.float(), grid)

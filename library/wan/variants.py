@@ -34,6 +34,9 @@ class WanVariant:
     # VACE: the base blocks that receive a hint (one VACE block each) and the VACE context channels
     vace_layers: tuple[int, ...] = ()
     vace_in_dim: int = 0
+    control: bool = False  # Fun-Control: control-video latents follow the noisy latents (see library/wan/fun.py)
+    ref_conv: bool = False  # Fun-Control V1.1 / 2.2: `ref_conv` embeds a reference frame (detected from the file)
+    inpaint: bool = False  # Fun-InP: an end frame can be kept too, through the I2V mask (library/wan/fun.py)
     # Defaults that belong to the model, not to a training run.
     boundary: float | None = None  # expert switch as a fraction of 1000 timesteps
     flow_shift: float = 5.0
@@ -88,6 +91,7 @@ class WanVariant:
         kind = {"t2v": "text-to-video", "i2v": "image-to-video", "ti2v": "text/image-to-video",
                 "vace": f"VACE, {len(self.vace_layers)} VACE blocks"}[self.model_type]
         kind = "first-last-frame-to-video" if self.end_frame else ("text-to-image" if self.images_only else kind)
+        kind += " Fun-Control" if self.control else ""
         return f"{self.name} (WAN {self.version} {kind}, {self.in_dim} input channels)"
 
 
@@ -159,6 +163,33 @@ for _v in (
     WanVariant(name="vace-tiny", version="2.1", model_type="vace", dim=32, ffn_dim=64, num_heads=2,
                num_layers=4, in_dim=16, out_dim=16, vae="2.1", text_dim=64, freq_dim=32, sample_steps=8,
                num_frames=9, resolution=(64, 64), vace_layers=(0, 2), vace_in_dim=96),
+):
+    _register(_v)
+
+# Fun-InP / Fun-Control (alibaba-pai VideoX-Fun; task names of the Fun-Control models as musubi-tuner's):
+# the shapes and conditioning are listed with their sources in docs/variants.md.
+_13B = dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, out_dim=16, vae="2.1", version="2.1")
+_FUN22 = dict(two_experts=True, boundary=0.900, flow_shift=5.0, sample_steps=50, guidance=(6.0, 6.0), **_A14B)
+for _v in (
+    WanVariant(name="t2v-1.3B-FC", model_type="t2v", in_dim=48, image_embedding=True, control=True, **_13B),
+    WanVariant(name="t2v-14B-FC", model_type="t2v", in_dim=48, image_embedding=True, control=True,
+               resolution=(1280, 720), **_14B_21),
+    WanVariant(name="i2v-14B-FC", model_type="i2v", in_dim=48, image_embedding=True, control=True,
+               sample_steps=40, **_14B_21),
+    WanVariant(name="i2v-1.3B-InP", model_type="i2v", in_dim=36, image_embedding=True, inpaint=True, **_13B),
+    WanVariant(name="i2v-14B-InP", model_type="i2v", in_dim=36, image_embedding=True, inpaint=True, sample_steps=40,
+               **_14B_21),
+    WanVariant(name="i2v-A14B-InP", version="2.2", model_type="i2v", in_dim=36, inpaint=True, **_FUN22),
+    WanVariant(name="t2v-A14B-FC", version="2.2", model_type="t2v", in_dim=52, control=True, **_FUN22),
+    WanVariant(name="i2v-A14B-FC", version="2.2", model_type="i2v", in_dim=52, control=True, **_FUN22),
+    # tiny Fun variants for the tests (width 48: the LoRAs of the other tiny variants do not fit them)
+    WanVariant(name="t2v-tiny-fc", version="2.1", model_type="t2v", dim=48, ffn_dim=96, num_heads=3,
+               num_layers=2, in_dim=48, out_dim=16, vae="2.1", image_embedding=True, control=True, text_dim=64,
+               freq_dim=32, clip_dim=40, sample_steps=8, num_frames=9, resolution=(64, 64)),
+    WanVariant(name="i2v-tiny-fc-2.2", version="2.2", model_type="i2v", dim=48, ffn_dim=96, num_heads=3,
+               num_layers=2, in_dim=52, out_dim=16, vae="2.1", control=True, text_dim=64, freq_dim=32,
+               two_experts=True, boundary=0.9, sample_steps=8, guidance=(6.0, 6.0), num_frames=9,
+               resolution=(64, 64)),
 ):
     _register(_v)
 

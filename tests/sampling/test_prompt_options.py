@@ -20,7 +20,7 @@ USED = [
     ("--i start.png", "image", "start.png"), ("--W 640", "width", 640),  # options are case-insensitive
     ("--ei end.png", "end_image", "end.png"), ("--of target_index=1,control_index=0", "one_frame",
                                                "target_index=1,control_index=0"),
-    ("--ci a.png --ci b.png", "control_images", ("a.png", "b.png")),
+    ("--ci a.png --ci b.png", "control_images", ("a.png", "b.png")), ("--cn control.mp4", "control", "control.mp4"),
 ]
 # musubi options for features this trainer does not have: the line renders, one note per file
 NOTED = [("--cim mask.png", "control image masks (alpha) are not used by WAN one-frame inference"),
@@ -85,7 +85,8 @@ def test_musubi_toml_and_json_prompt_files(tmp_path, caplog):
     (tmp_path / "p.toml").write_text(
         '[prompt]\nwidth = 832\nheight = 480\nframe_count = 81\nsample_steps = 20\ncfg_scale = 5.0\n'
         'guidance_scale = 1.0\n\n[[prompt.subset]]\nprompt = "a cat"\nseed = 1\n\n'
-        '[[prompt.subset]]\nprompt = "a dog"\nseed = 2\nwidth = 480\nend_image_path = "e.png"\n')
+        '[[prompt.subset]]\nprompt = "a dog"\nseed = 2\nwidth = 480\nend_image_path = "e.png"\n'
+        'control_image_path = "c.png"\n')
     with caplog.at_level(logging.WARNING):
         requests, errors = read_prompt_file(tmp_path / "p.toml")
     assert errors == []
