@@ -218,7 +218,8 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
     x, target = torch.empty(shape, device=meta), torch.empty(shape, device=meta)
     y = torch.empty(shape[0], v.in_dim - v.latent_channels, *shape[2:], device=meta) if v.is_i2v else None
     context = torch.empty(setup.batch, v.text_len, v.text_dim, device=meta, dtype=torch.bfloat16)
-    clip = torch.empty(setup.batch, v.clip_tokens, v.clip_dim, device=meta) if v.image_embedding else None
+    image_tokens = v.clip_tokens * v.image_frames  # FLF2V: the first and the last frame's
+    clip = torch.empty(setup.batch, image_tokens, v.clip_dim, device=meta) if v.image_embedding else None
     recorder, originals = KernelRecorder(), (F.scaled_dot_product_attention, F.rms_norm)
     F.scaled_dot_product_attention, F.rms_norm = _counting_sdpa, _counting_rms_norm
     try:

@@ -24,7 +24,8 @@ from library.wan.variants import get_variant
 from tests.helpers import REPO
 from tests.training.test_trainer import workspace  # noqa: F401 - the trainer tests' tiny models and dataset
 
-VARIANTS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "t2v-1.3B", "i2v-14B", "t2v-tiny", "i2v-tiny-2.1")
+VARIANTS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "t2v-1.3B", "i2v-14B", "t2v-tiny", "i2v-tiny-2.1", "flf2v-14B",
+            "flf2v-tiny")
 
 
 @pytest.mark.parametrize("name", VARIANTS)
