@@ -21,6 +21,7 @@ DiT with RoPE frame positions f_indices, as inference does; with the recommended
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +84,16 @@ def positions(spec: DatasetSpec) -> list[int]:
     return sorted([*spec.fp_1f_clean_indices, spec.fp_1f_target_index])
 
 
+@functools.lru_cache(maxsize=8)
+def _image_files(folder: Path, mtime_ns: int) -> dict[str, Path]:
+    """{stem: path} of the images in a folder, listed once per folder state (not once per item)."""
+    return {p.stem: p for p in sorted(folder.iterdir()) if is_image_file(p)}
+
+
 def control_paths(spec: DatasetSpec, media: Path) -> list[Path]:
     """The control images of one target image, in the order of fp_1f_clean_indices."""
     folder, count = spec.control_directory, len(spec.fp_1f_clean_indices)
-    files = {p.stem: p for p in sorted(folder.iterdir()) if is_image_file(p)} if folder.is_dir() else {}
+    files = _image_files(folder, folder.stat().st_mtime_ns) if folder.is_dir() else {}
     found = []
     for i in range(count):
         names = [media.stem] if count == 1 else []

@@ -59,9 +59,10 @@ def peak_tflops_for(device_name: str) -> float | None:
 def step_flops(variant: WanVariant, tokens: int, batch: int = 1, full: bool = False) -> float:
     """Model FLOPs of one training step (the formula of the module docstring; `full`: weight gradients too)."""
     d, layers = variant.dim, variant.num_layers
-    context = variant.text_len + (variant.clip_tokens if variant.image_embedding else 0)
+    image_tokens = variant.clip_tokens * variant.image_frames  # FLF2V: the first and the last frame's
+    context = variant.text_len + (image_tokens if variant.image_embedding else 0)
     kv_text = 2 * d * d * layers * variant.text_len  # cross-attention k, v over the text tokens
-    kv_image = 2 * d * d * layers * variant.clip_tokens if variant.image_embedding else 0  # k_img, v_img
+    kv_image = 2 * d * d * layers * image_tokens if variant.image_embedding else 0  # k_img, v_img
     n_context = (4 if variant.image_embedding else 2) * d * d * layers
     n_video = block_linear_params(variant) * layers - n_context
     matmuls = (6 if full else 4) * n_video * tokens + (6 if full else 2) * (kv_text + kv_image)

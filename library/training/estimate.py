@@ -240,7 +240,8 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
     if v.is_vace:  # the VACE context (library/wan/vace.py)
         y = torch.empty(shape[0], v.vace_in_dim, *shape[2:], device=meta)
     context = torch.empty(setup.batch, v.text_len, v.text_dim, device=meta, dtype=torch.bfloat16)
-    clip = torch.empty(setup.batch, v.clip_tokens, v.clip_dim, device=meta) if v.image_embedding else None
+    image_tokens = v.clip_tokens * v.image_frames  # FLF2V: the first and the last frame's
+    clip = torch.empty(setup.batch, image_tokens, v.clip_dim, device=meta) if v.image_embedding else None
     recorder, originals = KernelRecorder(), (F.scaled_dot_product_attention, F.rms_norm)
     F.scaled_dot_product_attention, F.rms_norm = _counting_sdpa, _counting_rms_norm
     try:

@@ -13,10 +13,13 @@ a batch slice is taken at `batch index x the largest batch size` of the training
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def epoch_pool(seed: int, epoch: int, rank: int, total: int, buckets: int) -> list[float]:
@@ -41,6 +44,9 @@ class TimestepBuckets:
         count = cfg.timesteps.num_timestep_buckets
         if count is None or count <= 1:
             return None
+        if getattr(cfg.model, "dit_high_noise", None):
+            logger.warning("num_timestep_buckets with two experts: each step's expert is drawn first and the bucketed "
+                           "noise levels are taken within its range (musubi-tuner warns it works less well there)")
         size = max(ds.batch_size for ds in data.datasets)
         return cls(count, data.seed, rank, max(1, data.batches_per_epoch), size)
 

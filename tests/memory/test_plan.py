@@ -25,7 +25,7 @@ from tests.helpers import REPO
 from tests.training.test_trainer import workspace  # noqa: F401 - the trainer tests' tiny models and dataset
 
 VARIANTS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "t2v-1.3B", "i2v-14B", "t2v-tiny", "i2v-tiny-2.1", "t2v-1.3B-FC",
-            "i2v-A14B-FC")
+            "i2v-A14B-FC", "flf2v-14B", "flf2v-tiny")
 
 
 @pytest.mark.parametrize("name", VARIANTS)

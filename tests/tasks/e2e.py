@@ -70,3 +70,20 @@ def generate(models, task: str, out: Path, lora: Path | None, *extra: str) -> di
     sidecars = sorted(out.glob("v*.json"))
     assert sidecars, list(out.iterdir())
     return json.loads(sidecars[0].read_text())
+
+
+def assert_comfyui_loads(lora: Path, task: str) -> None:
+    """Every module of a trained LoRA names a weight of the model under ComfyUI's LoRA key map
+    (`lora_unet_<name with underscores>`, `tests/networks/comfyui_lycoris_rules.py`), so none is 'not loaded'."""
+    from safetensors.torch import load_file
+
+    from library.wan.model import WanModel
+    from library.wan.variants import get_variant
+    from tests.networks.comfyui_lycoris_rules import key_map
+
+    with torch.device("meta"):
+        weights = WanModel(get_variant(task)).state_dict()
+    keys = load_file(str(lora))
+    stems = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in keys}
+    mapped = key_map(weights)
+    assert stems and not [s for s in stems if s not in mapped], sorted(s for s in stems if s not in mapped)[:3]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from library.data.latent_caching import encode_batch, encode_clip
 from library.wan.flf2v import conditioning_video
-from tests.tasks.e2e import cache, generate, one_thread, train, write_image  # noqa: F401
+from tests.tasks.e2e import assert_comfyui_loads, cache, generate, one_thread, train, write_image  # noqa: F401
 
 TASK = "flf2v-tiny"
 
@@ -55,6 +55,7 @@ def test_cache_train_generate(workspace, tmp_path):
     latents = [f for f in files if "latents" in f]
     assert len(latents) == 2 and all(f["clip_fea"].shape == (2, 257, 40) for f in latents)
     lora = train(models, toml, TASK, tmp_path / "out")
+    assert_comfyui_loads(lora, TASK)
     assert any("k_img" in k for k in load_file(str(lora)))
     first, last = write_image(tmp_path / "first.png", 1), write_image(tmp_path / "last.png", 2)
     sidecar = generate(models, TASK, tmp_path / "gen", lora, "--image_path", str(first), "--end_image_path",

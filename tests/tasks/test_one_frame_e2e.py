@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from library.data.dataset_config import load_dataset_config
 from library.data.one_frame import control_paths, positions
-from tests.tasks.e2e import cache, entry, generate, one_thread, train, write_image  # noqa: F401
+from tests.tasks.e2e import assert_comfyui_loads, cache, entry, generate, one_thread, train, write_image  # noqa: F401
 
 
 def _dataset(root, clean: list[int], target: int):
@@ -53,6 +53,7 @@ def test_one_frame_cache_train_generate(tmp_path, task, clean, target):
         assert torch.equal(item["image_latents"][:, i], item["latents"][:, i])
     assert item["clip_fea"].shape == ((257, 40) if len(clean) == 1 else (2, 257, 40))
     lora = train(models, toml, task, tmp_path / "out", "--num_timestep_buckets", "3")  # musubi's stratified steps
+    assert_comfyui_loads(lora, task)
     controls = control_paths(spec, tmp_path / "data" / "images" / "item0.png")
     ends = ["--end_image_path", str(controls[-1])] if len(clean) == 2 else []
     sidecar = generate(models, task, tmp_path / "gen", lora, "--image_path", str(controls[0]), *ends,

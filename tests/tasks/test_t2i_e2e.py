@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from library.wan.variants import get_variant
-from tests.tasks.e2e import cache, entry, generate, one_thread, train  # noqa: F401
+from tests.tasks.e2e import assert_comfyui_loads, cache, entry, generate, one_thread, train  # noqa: F401
 
 TASK = "t2i-tiny"
 
@@ -29,6 +29,7 @@ def test_images_train_and_render(tmp_path, caplog):
     with pytest.raises(ValueError, match="trains text-to-image on single frames; this dataset has multi-frame clips"):
         train(models, toml, TASK, tmp_path / "bad")
     lora = train(models, images_only, TASK, tmp_path / "out")
+    assert_comfyui_loads(lora, TASK)
     sidecar = generate(models, TASK, tmp_path / "gen", lora)
     assert sidecar["settings"]["frames"] == 1 and sidecar["settings"]["task"] == TASK
     assert entry("generate_video_wan.py")(["--task", TASK, "--dit", str(models.dit), "--vae", str(models.vae),

@@ -134,6 +134,7 @@ def outer_params(v: WanVariant) -> tuple[int, int]:
     if v.image_embedding:
         d = v.clip_dim
         bf16 += d * d + d + d * c + c + 2 * d + 2 * c  # the CLIP projection's LayerNorms load in bf16 too
+        bf16 += v.clip_tokens * v.image_frames * d if v.end_frame else 0  # FLF2V: img_emb.emb_pos
     return bf16, fp32
 
 
