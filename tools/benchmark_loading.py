@@ -36,12 +36,12 @@ def write_checkpoint(variant_name: str, dtype_name: str, path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from library.wan.model import WanModel
+    from library.wan.vace import build_dit
     from library.wan.variants import get_variant
 
     dtype = getattr(torch, DTYPES[dtype_name])
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in WanModel(get_variant(variant_name)).state_dict().items()}
+        shapes = {k: v.shape for k, v in build_dit(get_variant(variant_name)).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     state = {k: (torch.randn(s, generator=gen) * 0.02).to(dtype) for k, s in shapes.items()}
     tmp = path.with_suffix(".tmp")
