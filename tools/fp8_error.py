@@ -12,8 +12,10 @@ Linear is shown as the floor). Where the device has fp8 tensor cores (compute ca
 with `use_scaled_mm` (activations quantised per token / tensor, `torch._scaled_mm`) and the time of one
 matmul each way, plus the error of the fp8 input gradient (`fp8_fast` in training) against the fp32
 product g W and, for both, against the bf16 path (dequantised weight, bf16 matmul). `--emulate` runs the
-fp8 matmul path where the device has no fp8 tensor cores (`torch._scaled_mm` runs on the CPU in torch
-2.13): its errors are those of the GPU kernels up to accumulation order, its times mean nothing.
+fp8 matmul path where the device has no fp8 tensor cores, with `torch._scaled_mm` emulated by an fp32
+matmul of the dequantised fp8 operands (exact products, fp32 accumulation: the GPU kernel's result up to
+accumulation order; torch 2.13's own CPU `_scaled_mm` takes minutes for one A14B-sized product): its
+errors are those of the fp8 path, its times mean nothing.
 Bound: every output error <= 0.08 (e4m3 keeps 3 mantissa bits: about 0.025-0.04 is expected); a
 `_scaled_mm` that fails and falls back to dequantising also fails the check. Exit 0 / 1; 2 for a wrong
 argument. `--json FILE` writes every figure.
@@ -72,6 +74,12 @@ def timed(fn, device, repeats: int = 5) -> tuple:
     return out, 1000 * (time.perf_counter() - start) / repeats
 
 
+def _emulated_scaled_mm(a, b, scale_a, scale_b, out_dtype=None, bias=None, **_):
+    """`torch._scaled_mm` as its maths: (a * scale_a) @ (b * scale_b) in fp32, rounded once to `out_dtype`."""
+    out = (a.float() * scale_a.float()) @ (b.float() * scale_b.float())
+    return (out if bias is None else out + bias).to(out_dtype or a.dtype)
+
+
 def _input_gradients(q, scale, g, fast: bool):
     """The input gradient of an fp8 layer for the output gradient g: fp8 matmul, or dequantised bf16."""
     import torch
@@ -94,7 +102,8 @@ def measure_shape(shape, tokens: int, device, gen, emulate: bool = False) -> dic
     x = torch.randn(tokens, in_f, device=device, generator=gen).to(torch.bfloat16)
     truth = x.float() @ w.float().t()
     row = {"shape": list(shape)}
-    y, row["bf16_ms"] = timed(lambda: F.linear(x, w), device)
+    reps = 1 if emulate else 5  # emulated times mean nothing: one call each
+    y, row["bf16_ms"] = timed(lambda: F.linear(x, w), device, reps)
     row["bf16_out_err"] = rel_l2(y, truth)
     fast = emulate or scaled_mm_supported(device, in_f, out_f)
     g = torch.randn(tokens, out_f, device=device, generator=gen).to(torch.bfloat16)
@@ -104,7 +113,7 @@ def measure_shape(shape, tokens: int, device, gen, emulate: bool = False) -> dic
         row[f"{mode}_weight_err"] = relative_error(w, q, scale)
         layer = FP8Linear(q, scale, None)
         with torch.no_grad():
-            y, row[f"{mode}_ms"] = timed(lambda layer=layer: layer(x), device)
+            y, row[f"{mode}_ms"] = timed(lambda layer=layer: layer(x), device, reps)
         row[f"{mode}_out_err"] = rel_l2(y, truth)
         if fast and scaled:
             bf16_out = y
@@ -112,7 +121,7 @@ def measure_shape(shape, tokens: int, device, gen, emulate: bool = False) -> dic
             if emulate:  # the device check would send the layer down the dequantising path
                 layer._fast_path = lambda x: True
             with torch.no_grad():
-                y, row[f"{mode}_scaled_mm_ms"] = timed(lambda layer=layer: layer(x), device)
+                y, row[f"{mode}_scaled_mm_ms"] = timed(lambda layer=layer: layer(x), device, reps)
             row[f"{mode}_scaled_mm_out_err"] = rel_l2(y, truth)
             row[f"{mode}_scaled_mm_vs_bf16"] = rel_l2(y, bf16_out)
             row[f"{mode}_scaled_mm_fell_back"] = layer._scaled_mm_failed
@@ -132,6 +141,8 @@ def measure(args) -> dict:
     variant = get_variant(args.task)
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    if args.emulate:
+        torch._scaled_mm = _emulated_scaled_mm
     rows = [measure_shape(s, args.tokens, device, gen, args.emulate) for s in linear_shapes(variant)]
     errors = [v for r in rows for k, v in r.items() if k.endswith("out_err") and not k.startswith("bf16")]
     fell_back = [r["shape"] for r in rows for k, v in r.items() if k.endswith("fell_back") and v]
