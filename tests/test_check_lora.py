@@ -62,8 +62,8 @@ def test_a_trained_file_is_ok_with_its_facts(tmp_path):
     assert report.verdict == "OK", report.findings
     assert report.key_format == "kohya" and report.comfyui == "loads natively" and report.modules == 20
     assert report.rank == [4] and report.alpha_scale == [0.5] and report.dtypes == ["float32"]
-    assert report.fits == ["t2v-tiny", "i2v-tiny", "ti2v-tiny", "i2v-tiny-2.1", "vace-tiny", "t2i-tiny",
-                           "flf2v-tiny"]  # VACE: T2V + blocks
+    assert report.fits == ["t2v-tiny", "i2v-tiny", "ti2v-tiny", "i2v-tiny-2.1", "t2i-tiny", "flf2v-tiny",
+                           "vace-tiny"]  # VACE: T2V + blocks
     assert report.shapes == {"dim": 32, "ffn_dim": 64, "blocks": 2, "last_block": 1, "k_img": False}
     assert report.metadata_variant == "t2v-tiny" and report.training["steps"] == 1000
     assert any("applies to both experts" in m for m in levels(report, "note"))  # a 2.2 two-expert variant

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from library.wan import flf2v
+from library.wan.fun import fun_control_condition, zero_clip_features
+
 
 def ti2v_condition(x0: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, use_image: torch.Tensor,
                    patch: tuple[int, int, int] = (1, 2, 2)):
@@ -39,3 +42,24 @@ def frame_positions(batch: dict) -> list[int] | None:
     if not bool((positions == positions[:1]).all()):
         raise ValueError("a one-frame batch mixes items with different fp_1f indices")
     return [int(p) for p in positions[0]]
+
+
+def model_inputs(variant, batch: dict, dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(y, clip_fea) of a batch for the DiT: the I2V / FLF2V / one-frame mask and image latents, the Fun-Control
+    control latents, or the VACE context as `y`; the WAN 2.1 CLIP tokens (zeros for a Fun-Control model
+    without a start image)."""
+    y = None
+    if variant.control:  # Fun-Control: [control | start image or zeros] (library/wan/fun.py)
+        image = batch["image_latents"].to(dev, torch.float32) if variant.is_i2v else None
+        y = fun_control_condition(variant, batch["control_latents"].to(dev, torch.float32), image)
+    elif variant.is_i2v and batch.get("frame_mask") is not None:  # one-frame: the known control frames
+        y = flf2v.known_frames_condition(batch["image_latents"].to(dev, torch.float32), batch["frame_mask"].to(dev))
+    elif variant.is_i2v:
+        y = flf2v.condition(batch["image_latents"].to(dev, torch.float32), variant.end_frame)
+    elif variant.is_vace:  # the VACE context goes in as `y` (library/wan/vace.py)
+        y = batch["vace_context"].to(dev, torch.float32)  # [B, 96, R + T, h, w]
+    clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame (FLF2V: 2 frames)
+    clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
+    if clip_fea is None and variant.image_embedding:  # WAN 2.1 Fun-Control without a start image
+        clip_fea = zero_clip_features(variant, batch["latents"].shape[0], dev)
+    return y, clip_fea

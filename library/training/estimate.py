@@ -235,13 +235,11 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
     meta = torch.device("meta")
     shape = setup.latent_shape()
     x, target = torch.empty(shape, device=meta), torch.empty(shape, device=meta)
-    extra = v.in_dim - v.latent_channels  # I2V and Fun: the channels after the noisy latents
+    extra = v.vace_in_dim if v.is_vace else v.in_dim - v.latent_channels  # I2V / Fun channels, or VACE's context
     y = torch.empty(shape[0], extra, *shape[2:], device=meta) if extra else None
-    if v.is_vace:  # the VACE context (library/wan/vace.py)
-        y = torch.empty(shape[0], v.vace_in_dim, *shape[2:], device=meta)
     context = torch.empty(setup.batch, v.text_len, v.text_dim, device=meta, dtype=torch.bfloat16)
-    image_tokens = v.clip_tokens * v.image_frames  # FLF2V: the first and the last frame's
-    clip = torch.empty(setup.batch, image_tokens, v.clip_dim, device=meta) if v.image_embedding else None
+    clip = torch.empty(setup.batch, v.clip_tokens * v.image_frames, v.clip_dim, device=meta) \
+        if v.image_embedding else None  # FLF2V: the first and the last frame's tokens
     recorder, originals = KernelRecorder(), (F.scaled_dot_product_attention, F.rms_norm)
     F.scaled_dot_product_attention, F.rms_norm = _counting_sdpa, _counting_rms_norm
     try:

@@ -23,8 +23,6 @@ import torch
 from library.config import save_config
 from library.config.schema import TrainConfig
 from library.errors import UserError
-from library.wan import flf2v
-from library.wan.fun import fun_control_condition, zero_clip_features
 from library.wan.variants import get_variant
 
 from . import checkpoints as ckpt
@@ -32,7 +30,7 @@ from .advice import RunFacts, log_report
 from .assemble import build_experts
 from .checkpoints.state import StateError, load_state, restore_payload, save_state, state_payload
 from .checkpoints.weights import save_weights
-from .conditioning import frame_positions, ti2v_condition
+from .conditioning import frame_positions, model_inputs, ti2v_condition
 from .data import build_data
 from .engines.sharding import sharding
 from .experts import ExpertRouter, base_sampler, boundary_of
@@ -219,25 +217,13 @@ class Trainer:
             sigma = torch.full((len(keys),), float(sigma), device=dev)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)
         x_t, target = add_noise(x0, noise, sigma)
-        timestep, y, mask = sigma * 1000.0, None, None
+        timestep, mask = sigma * 1000.0, None
         positions = frame_positions(batch)  # one-frame caches: the RoPE frame index of each latent frame
-        if self.variant.control:  # Fun-Control: [control | start image or zeros] (library/wan/fun.py)
-            image = batch["image_latents"].to(dev, torch.float32) if self.variant.is_i2v else None
-            y = fun_control_condition(self.variant, batch["control_latents"].to(dev, torch.float32), image)
-        elif self.variant.is_i2v and batch.get("frame_mask") is not None:  # one-frame: the known control frames
-            y = flf2v.known_frames_condition(batch["image_latents"].to(dev, torch.float32), batch["frame_mask"].to(dev))
-        elif self.variant.is_i2v:
-            y = flf2v.condition(batch["image_latents"].to(dev, torch.float32), self.variant.end_frame)
-        elif self.variant.is_vace:  # the VACE context goes in as `y` (library/wan/vace.py)
-            y = batch["vace_context"].to(dev, torch.float32)  # [B, 96, R + T, h, w]
-        elif self.variant.model_type == "ti2v" and self.cfg.loop.i2v_probability > 0:
+        y, clip_fea = model_inputs(self.variant, batch, dev)  # I2V / FLF2V / one-frame / Fun / VACE conditioning
+        if y is None and self.variant.model_type == "ti2v" and self.cfg.loop.i2v_probability > 0:
             use_image = torch.tensor([torch.rand(1, generator=g).item() < self.cfg.loop.i2v_probability for g in gens])
             x_t, timestep, mask = ti2v_condition(x0, x_t, sigma, use_image.to(dev), self.variant.patch_size)
         context = [c.to(dev) for c in batch["context"]]
-        clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame (FLF2V: 2 frames)
-        clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
-        if clip_fea is None and self.variant.image_embedding:  # WAN 2.1 Fun-Control without a start image
-            clip_fea = zero_clip_features(self.variant, x0.shape[0], dev)
         with self.accelerator.autocast(self.autocast_kwargs):
             pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea,
                                 **({"frame_positions": positions} if positions is not None else {}))  # fp32
