@@ -92,6 +92,8 @@ class ConditionFinder:
         for role, folder in self.folders.items():
             if folder is not None and role not in found:
                 path = _matching(self.indexes[role].get(name, []), role)
+                if path is None and role == "control":
+                    continue  # control.attach_controls skips the item, with the paths it tried
                 if path is None:
                     what = "reference image" if role == "reference" else f"{role} video or image"
                     raise MediaError(f"{media}: no {what} named {name}.* in {role}_directory {folder}")
