@@ -131,6 +131,7 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)  # over the full width, before the head split
         self.norm_k = RMSNorm(dim, eps)
+        self.sequence_parallel = None  # set by WanModel.set_sequence_parallel: attention over split tokens
 
     def forward(self, x: torch.Tensor, rope: tuple, backend: str, split: bool) -> torch.Tensor:
         b, length, _ = x.shape  # [B, L, C] in compute dtype
@@ -138,7 +139,8 @@ class SelfAttention(nn.Module):
         k = self.norm_k(self.k(x)).view(b, length, self.num_heads, -1)
         v = self.v(x).view(b, length, self.num_heads, -1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o(attention(q, k, v, backend, split).flatten(2))
+        attend = attention if self.sequence_parallel is None else self.sequence_parallel.attention
+        return self.o(attend(q, k, v, backend, split).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -268,6 +270,9 @@ class WanModel(nn.Module):
         # Optional object whose `run(index, block, args, run_block)` runs each block in place of a direct
         # call (memory features: block swap, activation offload); None runs the blocks directly.
         self.block_runner = None
+        # Optional object splitting the tokens over processes (library.runtime.sequence_parallel): `split`
+        # after the embeddings, `attention` in each self-attention, `gather` after the head; None: all here.
+        self.sequence_parallel = None
         # 1. Patch, text and time embeddings
         self.patch_embedding = nn.Conv3d(v.in_dim, v.dim, kernel_size=v.patch_size, stride=v.patch_size)
         self.text_embedding = nn.Sequential(
@@ -313,6 +318,12 @@ class WanModel(nn.Module):
     def set_attention_backend(self, backend: str, split_attn: bool = False) -> None:
         self.attention_backend = check_backend(backend)
         self.split_attn = split_attn
+
+    def set_sequence_parallel(self, sequence_parallel) -> None:
+        """Split each sample's tokens over a sequence group (None: every token on this process)."""
+        self.sequence_parallel = sequence_parallel
+        for block in self.blocks:
+            block.self_attn.sequence_parallel = sequence_parallel
 
     def enable_gradient_checkpointing(self, enabled: bool = True, keep_attention: bool = False) -> None:
         """Checkpoint every block (keep its input, recompute the rest in the backward pass). With
@@ -427,6 +438,8 @@ class WanModel(nn.Module):
         e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
         ctx = self._context(context, clip_fea, dtype)
         rope = self._rope(grid, x.device)
+        if self.sequence_parallel is not None:  # this process's slice of the tokens, RoPE and modulation
+            x, e, e0, rope = self.sequence_parallel.split(x, e, e0, rope)
         if self.dynamic_tokens:
             for t in (x, *rope):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is x else 0)
@@ -437,4 +450,6 @@ class WanModel(nn.Module):
             else:
                 x = self.run_block(block, args)
         out = self.head(x, e, dtype)  # [B, L, pt*ph*pw*out_dim]
+        if self.sequence_parallel is not None:  # every token's output, on every process of the group
+            out = self.sequence_parallel.gather(out)
         return self._unpatchify(out.float(), grid)

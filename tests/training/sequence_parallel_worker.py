@@ -1,0 +1,116 @@
+"""Run under torchrun (gloo): one tiny DiT, one sample, the loss and gradients of the whole sequence on
+this process against the same sample split over every process (sequence parallelism), for LoRA and, with
+`--fsdp`, for full fine-tuning sharded with FSDP2. Rank 0 writes the largest differences as JSON.
+
+    python -m torch.distributed.run --standalone --nproc_per_node N tests/training/sequence_parallel_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from library.runtime.sequence_parallel import SequenceParallel  # noqa: E402
+from library.wan.model import WanModel  # noqa: E402
+from library.wan.variants import get_variant  # noqa: E402
+from networks import lora_wan  # noqa: E402
+from tests.helpers import random_official_dit_state  # noqa: E402
+
+
+def sample(variant, seed: int = 1):
+    """Latents of 3 x 10 x 10 (75 tokens: padded for 2 and 4 processes), per-frame timesteps, text."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, variant.in_dim, 3, 10, 10, generator=g)
+    target = torch.randn(1, variant.out_dim, 3, 10, 10, generator=g)
+    per_frame = torch.tensor([0.0, 400.0, 900.0])
+    timestep = per_frame.repeat_interleave(25)[None]  # [1, 75]: one modulation group per frame (as TI2V)
+    context = [torch.randn(7, variant.text_dim, generator=g)]
+    return x, target, timestep, context
+
+
+def loss_of(model, batch, scalar_t: bool) -> torch.Tensor:
+    x, target, timestep, context = batch
+    t = torch.tensor([500.0]) if scalar_t else timestep
+    return ((model(x, t, context) - target) ** 2).mean()
+
+
+def grads(params) -> list[torch.Tensor]:
+    out = []
+    for p in params:
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        out.append((g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--mode", default="ulysses")
+    parser.add_argument("--fsdp", action="store_true")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.use_deterministic_algorithms(True)
+    variant = dataclasses.replace(get_variant("t2v-tiny"), num_heads=args.heads)
+    model = WanModel(variant)
+    model.load_state_dict(random_official_dit_state(variant, seed=0))
+    if args.fsdp:
+        reference = copy.deepcopy(model)
+        params = list(model.parameters())
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        params, ref_params = list(model.parameters()), list(reference.parameters())
+    else:
+        torch.manual_seed(5)
+        net = lora_wan.create_network(1.0, 4, 4, None, None, model)
+        net.apply_to()
+        with torch.no_grad():
+            for lora in net.loras:
+                lora.lora_up.weight.normal_(0, 0.1)
+        reference, params = model, list(net.parameters())
+        ref_params = params
+    sp = SequenceParallel(dist.group.WORLD, world, rank, args.mode)
+    report = {}
+    batch = sample(variant)
+    for scalar_t in (False, True):
+        for p in (*params, *ref_params):
+            p.grad = None
+        expected = loss_of(reference, batch, scalar_t)
+        expected.backward()
+        want = grads(ref_params)
+        for p in (*params, *ref_params):
+            p.grad = None
+        with sp.active(model):
+            got = loss_of(model, batch, scalar_t)
+        got.backward()
+        if not args.fsdp:  # the trainer's mean over processes (FSDP reduces its gradients itself)
+            for p in params:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        have = grads(params)
+        name = "scalar" if scalar_t else "per_frame"
+        report[name] = {"loss": abs(got.item() - expected.item()), "expected_loss": expected.item(),
+                        "grad": max((a - b).abs().max().item() for a, b in zip(have, want)),
+                        "grad_scale": max(b.abs().max().item() for b in want)}
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
