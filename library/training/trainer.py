@@ -42,7 +42,8 @@ from .lock import lock_run_folder
 from .logs import LossLog
 from .monitor import LossMonitor
 from .optimization import build_optimization
-from .planning.auto import auto_full_settings
+from .parallel import setup_parallel
+from .planning.auto import auto_full_settings, auto_sequence_parallel
 from .run import RunState, make_accelerator, resolve_run
 from .samples import TrainingSampler
 from .seeding import derive_seed, generator
@@ -99,9 +100,12 @@ class Trainer:
             self.run_info = replace(self.run_info, seed=payload["run_state"]["seed"])  # continue the same run
         self.state = RunState(seed=self.run_info.seed)
         self.data = build_data(cfg, self.variant, self.accelerator, self.run_info.seed)
+        processes = self.accelerator.num_processes
+        cfg = self.cfg = auto_sequence_parallel(cfg, self.variant, self.data, self.device, processes)
+        self.layout = setup_parallel(cfg, self.variant, self.accelerator, self.data, payload)  # data x sequence
+        self.state.sequence_parallel = self.layout.size
         if cfg.finetune.full_fine_tune and cfg.memory.auto_memory:
-            cfg = self.cfg = auto_full_settings(cfg, self.variant, self.data, self.device,
-                                                self.accelerator.num_processes)
+            cfg = self.cfg = auto_full_settings(cfg, self.variant, self.data, self.device, processes)
         if payload is not None and payload["sharded"] != sharding(cfg):
             raise StateError(f"resume: {payload['folder']} was saved {'with' if payload['sharded'] else 'without'} "
                              f"fsdp sharding; resume it {'with' if payload['sharded'] else 'without'} `fsdp`")
@@ -223,7 +227,7 @@ class Trainer:
         context = [c.to(dev) for c in batch["context"]]
         clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame
         clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
-        with self.accelerator.autocast(self.autocast_kwargs):
+        with self.accelerator.autocast(self.autocast_kwargs), self.layout.active(expert.model):
             pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea)  # [B, z, T, h, w] fp32
         err = (pred.float() - target) ** 2
         if mask is not None:

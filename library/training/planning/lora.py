@@ -57,6 +57,7 @@ class Workload:
     rank: int = 32
     optimizer: str = "adamw"
     experts: int = 1  # 2: both WAN 2.2 A14B experts are trained in one run
+    sequence_parallel: int = 1  # processes sharing each sample's tokens (`sequence_parallel_size`)
 
     @property
     def tokens(self) -> int:
@@ -64,6 +65,17 @@ class Workload:
         st, sh, sw = self.variant.vae_stride
         pt, ph, pw = self.variant.patch_size
         return ((self.frames - 1) // st + 1) // pt * (self.height // sh // ph) * (self.width // sw // pw)
+
+    @property
+    def local_tokens(self) -> int:
+        """The tokens of a sample one process holds: all of them, or its slice under sequence parallelism
+        (Ulysses: the attention of all tokens over heads / N is as large as that of tokens / N over all heads)."""
+        return math.ceil(self.tokens / self.sequence_parallel)
+
+    def split_bytes(self) -> int:
+        """The all-to-all buffers of one block's attention under sequence parallelism: q, k, v and the output
+        in bf16, sent and received (16 bytes per width unit and local token); 0 without it."""
+        return 16 * self.variant.dim * self.local_tokens * self.batch_size if self.sequence_parallel > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -140,7 +152,7 @@ def _block_bytes(v: WanVariant, fp8: bool) -> float:
 
 
 def estimate(w: Workload, s: Settings) -> Estimate:
-    v, t, b = w.variant, w.tokens, w.batch_size
+    v, t, b = w.variant, w.local_tokens, w.batch_size
     c, f = v.dim, v.ffn_dim
     bf16, fp32 = outer_params(v)
     resident_blocks = v.num_layers - s.blocks_to_swap + min(s.blocks_to_swap, SWAP_IN_FLIGHT)
@@ -155,7 +167,7 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     else:
         stored = 4 * c * t * b * (2 if s.offload_activations else v.num_layers)  # fp32 block inputs
         activations = per_block + stored + context + shared
-    workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB
+    workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + w.split_bytes()
     return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB)
 
 
@@ -185,7 +197,7 @@ class MemoryPlan:
     def table(self) -> str:
         w = self.workload
         head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
-                f"{w.tokens} tokens, LoRA rank {w.rank}, {w.optimizer}; {self.vram_gb:g} GiB card, "
+                f"{w.tokens} tokens{_split(w)}, LoRA rank {w.rank}, {w.optimizer}; {self.vram_gb:g} GiB card, "
                 f"{self.budget_gb:.1f} GiB usable (estimates)")
         cols = ("", "settings", "weights", "LoRA+opt", "activations", "workspace", "total", "fits")
         rows = [cols]
@@ -206,6 +218,10 @@ class MemoryPlan:
         return "\n".join(lines + [verdict])
 
 
+def _split(w: Workload) -> str:
+    return f" ({w.local_tokens} per process, split over {w.sequence_parallel})" if w.sequence_parallel > 1 else ""
+
+
 def _candidates(w: Workload):
     base = [Settings(), Settings(checkpointing=True), Settings(checkpointing=True, offload_activations=True),
             Settings(fp8=True, checkpointing=True, offload_activations=True)]
@@ -217,10 +233,12 @@ def _candidates(w: Workload):
 
 
 def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int,
-                batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1) -> MemoryPlan:
-    """The first candidate (see the module docstring) whose estimated peak fits the card."""
+                batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1,
+                sequence_parallel: int = 1) -> MemoryPlan:
+    """The first candidate (see the module docstring) whose estimated peak fits the card; with
+    `sequence_parallel` N each process holds 1 / N of every sample's tokens."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
-    w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts)
+    w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts, sequence_parallel)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
     tried = []
     for s in _candidates(w):
