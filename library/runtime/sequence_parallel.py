@@ -20,7 +20,8 @@ i.e. exactly the gradients of one process on the same samples.
 
 The collectives are PyTorch's autograd-aware functional collectives; they run on NCCL and on gloo.
 The model calls `split`, `attention` and `gather` through its `sequence_parallel` attribute (None: the
-whole sequence on this process); `active(model)` sets it for the duration of a training forward.
+whole sequence on this process); `active(model)` sets it for a forward pass and its backward pass, which
+recomputes checkpointed blocks and so must split them the same way.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ class SequenceParallel:
         return all_to_all_single_autograd(t.contiguous(), None, None, self.group)  # waited for at first use
 
     def _all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd
+        import torch.distributed._functional_collectives as fc
 
-        return all_gather_tensor_autograd(t.contiguous(), dim, self.group)
+        gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd  # renamed in 2.13
+        return gather(t.contiguous(), dim, self.group)
 
     # ---- the three steps the model calls ----------------------------------------------------------------
 
@@ -117,7 +119,8 @@ class SequenceParallel:
 
     @contextlib.contextmanager
     def active(self, *models):
-        """Split the tokens of these models' forward passes (training); restored afterwards."""
+        """Split the tokens of these models' forward passes (training): hold it over the backward pass too
+        (gradient checkpointing recomputes the blocks there); restored afterwards."""
         for model in models:
             model.set_sequence_parallel(self)
         try:
@@ -128,12 +131,14 @@ class SequenceParallel:
 
 
 def all_to_all_bytes(tokens: int, dim: int, size: int, layers: int, bytes_per_value: int = 2,
-                     mode: str = "ulysses", backward: bool = True) -> float:
-    """Bytes one process sends per training step of one sample for sequence parallelism of `size`: Ulysses
-    sends (N - 1) / N of its q, k, v and attention output per block (the backward pass the same again);
-    `all_gather` sends its k and v to N - 1 processes (and reduce-scatters their gradients back)."""
+                     mode: str = "ulysses", passes: int = 2) -> float:
+    """Bytes one process sends per training step of one sample under sequence parallelism of `size`: per
+    block and pass, Ulysses sends (N - 1) / N of its q, k, v and attention output (4 x local tokens x width);
+    `all_gather` sends its k and v to N - 1 processes (the backward reduce-scatters as much back). `passes`:
+    forward and backward (2), plus the recomputed forward with gradient checkpointing (3). The gather of the
+    head's output (out_dim values a token) is left out: under 0.1% of it."""
     if size <= 1:
         return 0.0
     local = math.ceil(tokens / size) * dim * bytes_per_value
     per_block = 4 * local * (size - 1) / size if mode == "ulysses" else 2 * local * (size - 1)
-    return per_block * layers * (2 if backward else 1)
+    return per_block * layers * passes

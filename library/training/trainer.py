@@ -188,12 +188,13 @@ class Trainer:
         expert = self.router.draw(generator(*pos, "expert"), tokens)
         self.router.activate(expert)
         self._seed_dropout(derive_seed(*pos, "dropout"))
-        loss = self.loss(batch, expert, pos)
-        self.last_keys = batch["keys"]
-        if not finite_everywhere(loss, self.accelerator):
-            self._bad_batch(batch, loss)
-            return float("nan")
-        self.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
+        with self.layout.active(expert.model):  # sequence parallelism: the recomputed blocks of the backward too
+            loss = self.loss(batch, expert, pos)
+            self.last_keys = batch["keys"]
+            if not finite_everywhere(loss, self.accelerator):
+                self._bad_batch(batch, loss)
+                return float("nan")
+            self.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
         self.bad_steps = 0
         return loss.item()
 
@@ -227,7 +228,7 @@ class Trainer:
         context = [c.to(dev) for c in batch["context"]]
         clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame
         clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
-        with self.accelerator.autocast(self.autocast_kwargs), self.layout.active(expert.model):
+        with self.accelerator.autocast(self.autocast_kwargs):
             pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea)  # [B, z, T, h, w] fp32
         err = (pred.float() - target) ** 2
         if mask is not None:
@@ -324,7 +325,8 @@ class Trainer:
             owner = self.router.owner(sigma)
             self.router.activate(owner)
             for batch in self.val_batches:
-                total += self.loss(batch, owner, (self.state.seed, "validation", sigma_index), sigma).item()
+                with self.layout.active(owner.model):
+                    total += self.loss(batch, owner, (self.state.seed, "validation", sigma_index), sigma).item()
                 count += 1
         for expert in self.experts:
             expert.network.train()

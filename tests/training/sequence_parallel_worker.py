@@ -88,6 +88,9 @@ def main() -> None:
     report = {}
     batch = sample(variant)
     for scalar_t in (False, True):
+        if scalar_t:  # gradient checkpointing: the backward pass recomputes split blocks
+            for m in {id(model): model, id(reference): reference}.values():
+                m.enable_gradient_checkpointing(True)
         for p in (*params, *ref_params):
             p.grad = None
         expected = loss_of(reference, batch, scalar_t)
@@ -97,12 +100,12 @@ def main() -> None:
             p.grad = None
         with sp.active(model):
             got = loss_of(model, batch, scalar_t)
-        got.backward()
+            got.backward()
         if not args.fsdp:  # the trainer's mean over processes (FSDP reduces its gradients itself)
             for p in params:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         have = grads(params)
-        name = "scalar" if scalar_t else "per_frame"
+        name = "scalar_checkpointed" if scalar_t else "per_frame"
         report[name] = {"loss": abs(got.item() - expected.item()), "expected_loss": expected.item(),
                         "grad": max((a - b).abs().max().item() for a, b in zip(have, want)),
                         "grad_scale": max(b.abs().max().item() for b in want)}
