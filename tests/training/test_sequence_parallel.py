@@ -88,6 +88,50 @@ def test_the_planner_splits_activations_and_counts_the_traffic():
     assert all_to_all_bytes(75600, 5120, 1, 40) == 0
 
 
+def test_the_estimate_adds_split_rows_with_link_rates():
+    from library.training.estimate import StepSetup, estimate_step
+    from library.training.estimate_parallel import split_rows, split_table
+
+    result = estimate_step(StepSetup(get_variant("t2v-tiny"), 64, 64, 9), "h100")
+    one, two = split_rows(result, (1, 2))
+    assert one.traffic_gb == 0 and one.nvlink_s == one.infiniband_s == pytest.approx(result.seconds)
+    assert two.compute_s == pytest.approx(result.seconds / 2) and two.tokens_per_gpu == 24
+    assert two.traffic_gb == pytest.approx(all_to_all_bytes(48, 32, 2, 2, passes=3) / 1e9)
+    assert one.nvlink_s > two.nvlink_s and two.infiniband_s > two.nvlink_s
+    table = split_table(result, (1, 2))
+    assert "NVLink 4 (360 GB/s)" in table and "InfiniBand NDR 400 Gb/s (40 GB/s)" in table
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_split_under_torchrun(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([*torchrun(2), str(REPO / "tools" / "benchmark_wan.py"), "--cpu", "--sequence_parallel", "2",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["sequence_parallel"] == 2 and result["tokens"] == 48
+    assert "tokens per sample               48, split over 2 GPUs" in done.stdout
+
+
+def test_auto_memory_splits_long_clips_over_the_launched_processes(workspace, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from library.training.planning import auto, lora as planner
+
+    one_expert = {k: v for k, v in settings(workspace, tmp_path, task="t2v-A14B", auto_memory=True,
+                                            network_dim=32).items() if k != "dit_high_noise"}
+    cfg = validate(config_from_dict(one_expert))
+    clip = SimpleNamespace(bucket=(1280, 720, 81))
+    data = SimpleNamespace(datasets=[SimpleNamespace(items=[clip], batch_size=1)])
+    variant = get_variant("t2v-A14B")
+    monkeypatch.setattr(planner, "detect_vram_gb", lambda device=None: 24.0)
+    chosen = auto.auto_sequence_parallel(cfg, variant, data, None, 8)
+    assert chosen.attention.sequence_parallel_size == 8  # fp8 + checkpointing fit without block swap
+    assert auto.auto_sequence_parallel(cfg, variant, data, None, 4) is cfg  # 4 would still swap blocks
+    monkeypatch.setattr(planner, "detect_vram_gb", lambda device=None: 80.0)
+    assert auto.auto_sequence_parallel(cfg, variant, data, None, 8) is cfg  # one GPU holds it
+
+
 # ---- training -------------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_expert
 
 def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, processes: int) -> TrainConfig:
     """`auto_memory` with several processes and no `sequence_parallel_size`: when the largest bucket does not fit
-    one GPU comfortably (LoRA: without fp8 or block swap; full fine-tuning: at all), the smallest sequence group
+    one GPU comfortably (LoRA: without block swap; full fine-tuning: at all), the smallest sequence group
     that does (a divisor of the processes, and of the heads for Ulysses); else the config as it is."""
     a = cfg.attention
     vram = lora.detect_vram_gb(device) if cfg.memory.auto_memory and processes > 1 and a.sequence_parallel == 1 \
@@ -53,7 +53,7 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
                              experts, ft.trainable_patterns, ft.frozen_patterns, sequence_parallel=n).fits
         plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
                                 cfg.optimizer.optimizer_type, experts, sequence_parallel=n)
-        return plan.fits and not (plan.settings.fp8 or plan.settings.blocks_to_swap)
+        return plan.fits and not plan.settings.blocks_to_swap
 
     if comfortable(1):
         return cfg
