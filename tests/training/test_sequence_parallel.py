@@ -169,6 +169,29 @@ def test_a_split_run_trains_like_one_process_and_resumes_exactly(workspace, tmp_
     _same_loras(tmp_path / "b", tmp_path / "c")
 
 
+@pytest.mark.slow
+def test_a_split_fsdp_fine_tune_trains_like_one_process(workspace, tmp_path):
+    """Full fine-tuning, sharded with fsdp over the 2 processes that also split each sample."""
+    from tests.training.test_full_finetune import ft_settings, tensors
+
+    def flags(out, **over):
+        s = ft_settings(workspace, out, optimizer_type="torch.optim.SGD", learning_rate=0.1, max_train_steps=2, **over)
+        return sum(([f"--{k}", str(v)] for k, v in s.items()), [])
+
+    script = str(REPO / "train_network_wan.py")
+    single = subprocess.run([sys.executable, script, *flags(tmp_path / "a")], capture_output=True, text=True,
+                            timeout=300, env=ENV)
+    assert single.returncode == 0, single.stderr[-3000:]
+    split = subprocess.run([*torchrun(2), script, *flags(tmp_path / "b", fsdp=True, sequence_parallel_size=2)],
+                           capture_output=True, text=True, timeout=300, env=ENV)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert "sharded over 2 processes" in split.stderr and "x 2 processes per sample" in split.stderr
+    a, _ = tensors(tmp_path / "a" / "ft_low_noise.safetensors")
+    b, _ = tensors(tmp_path / "b" / "ft_low_noise.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
