@@ -85,7 +85,8 @@ class SequenceParallel:
 
     def split(self, x: torch.Tensor, e: torch.Tensor, e0: torch.Tensor, rope: tuple):
         """x [B, L, C], e [B, G, C], e0 [B, G, 6, C], rope ([L, 1, D/2, 2] x 2) -> this process's slice of
-        each. Per-token modulation groups (G > 1, TI2V) become one row per local token."""
+        each. Modulation groups (G > 1: one per frame for TI2V) become the local slice's own groups of equal
+        size (the gcd of the tokens per group and per process), so no per-token copy is made."""
         length = x.shape[1]
         local = self.local_tokens(length)
         pad = local * self.size - length
@@ -94,9 +95,11 @@ class SequenceParallel:
         x = F.pad(x, (0, 0, 0, pad))[:, start:start + local]
         rope = tuple(F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad))[start:start + local] for t in rope)
         groups = e0.shape[1]
-        if groups > 1:  # the group of each local token (padding tokens take the last group)
-            index = torch.arange(start, start + local, device=x.device).clamp(max=length - 1) // (length // groups)
-            e, e0 = e[:, index], e0[:, index]
+        if groups > 1:  # per-frame (or per-token) modulation: the groups of the local slice, as few as can be
+            size = length // groups
+            step = math.gcd(size, local)  # a local group never straddles two groups of the sample
+            index = torch.arange(start, start + local, step, device=x.device).clamp(max=length - 1) // size
+            e, e0 = e[:, index], e0[:, index]  # padding tokens take the last group
         return x, e, e0, rope
 
     def attention(self, q, k, v, backend: str = "sdpa", split_batch: bool = False) -> torch.Tensor:

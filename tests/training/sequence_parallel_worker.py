@@ -26,13 +26,15 @@ from networks import lora_wan  # noqa: E402
 from tests.helpers import random_official_dit_state  # noqa: E402
 
 
-def sample(variant, seed: int = 1):
-    """Latents of 3 x 10 x 10 (75 tokens: padded for 2 and 4 processes), per-frame timesteps, text."""
+def sample(variant, height: int = 10, seed: int = 1):
+    """Latents of 3 frames x height x 10 (height 10: 75 tokens, padded for 2 and 4 processes; 12: 90 tokens,
+    frames of 30 split into local groups of 15 for 2 processes), per-frame timesteps, text."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, variant.in_dim, 3, 10, 10, generator=g)
-    target = torch.randn(1, variant.out_dim, 3, 10, 10, generator=g)
+    x = torch.randn(1, variant.in_dim, 3, height, 10, generator=g)
+    target = torch.randn(1, variant.out_dim, 3, height, 10, generator=g)
     per_frame = torch.tensor([0.0, 400.0, 900.0])
-    timestep = per_frame.repeat_interleave(25)[None]  # [1, 75]: one modulation group per frame (as TI2V)
+    tokens = height // 2 * 5
+    timestep = per_frame.repeat_interleave(tokens)[None]  # [1, 3 x tokens]: one modulation group per frame (TI2V)
     context = [torch.randn(7, variant.text_dim, generator=g)]
     return x, target, timestep, context
 
@@ -86,8 +88,8 @@ def main() -> None:
         ref_params = params
     sp = SequenceParallel(dist.group.WORLD, world, rank, args.mode)
     report = {}
-    batch = sample(variant)
-    for scalar_t in (False, True):
+    for name, scalar_t, batch in (("per_frame", False, sample(variant)), ("per_frame_90", False, sample(variant, 12)),
+                                  ("scalar_checkpointed", True, sample(variant))):
         if scalar_t:  # gradient checkpointing: the backward pass recomputes split blocks
             for m in {id(model): model, id(reference): reference}.values():
                 m.enable_gradient_checkpointing(True)
@@ -105,7 +107,6 @@ def main() -> None:
             for p in params:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         have = grads(params)
-        name = "scalar_checkpointed" if scalar_t else "per_frame"
         report[name] = {"loss": abs(got.item() - expected.item()), "expected_loss": expected.item(),
                         "grad": max((a - b).abs().max().item() for a, b in zip(have, want)),
                         "grad_scale": max(b.abs().max().item() for b in want)}

@@ -55,6 +55,21 @@ def test_split_over_more_processes_and_with_fsdp(tmp_path, processes, flags):
     _assert_same(_split_run(tmp_path, processes, *flags))
 
 
+def test_each_process_takes_its_slice_with_its_own_modulation_groups():
+    from library.runtime.sequence_parallel import SequenceParallel
+
+    x = torch.arange(90.0).view(1, 90, 1).expand(1, 90, 4)  # 3 frames of 30 tokens
+    e = torch.arange(3.0).view(1, 3, 1).expand(1, 3, 4)  # one modulation group per frame
+    e0 = e[:, :, None].expand(1, 3, 6, 4)
+    rope = (torch.arange(90.0).view(90, 1, 1, 1).expand(90, 1, 2, 2),) * 2
+    lx, le, le0, lrope = SequenceParallel(None, 2, 1).split(x, e, e0, rope)  # tokens 45..89
+    assert lx[0, :, 0].tolist() == list(range(45, 90)) and lrope[0][:, 0, 0, 0].tolist() == list(range(45, 90))
+    assert le[0, :, 0].tolist() == [1.0, 2.0, 2.0] and le0.shape == (1, 3, 6, 4)  # groups of 15: 45-59, 60-74, 75-89
+    lx, le, _, lrope = SequenceParallel(None, 4, 3).split(x, e, e0, rope)  # 23 a process: 69..89 and 2 of padding
+    assert lx.shape[1] == 23 and lx[0, -3:, 0].tolist() == [89.0, 0.0, 0.0] and lrope[1][-1].abs().sum() == 0
+    assert le.shape[1] == 23 and le[0, -1, 0] == 2.0
+
+
 # ---- settings -------------------------------------------------------------------------------------------
 
 
@@ -63,8 +78,13 @@ class _Accelerator:
         self.num_processes, self.process_index, self.device = processes, 0, torch.device("cpu")
 
 
-def test_a_size_that_does_not_divide_the_heads_or_the_processes_is_a_clear_error(workspace, tmp_path):
-    cfg = settings(workspace, tmp_path, sequence_parallel_size=4)
+def _config(**over) -> dict:
+    """Settings that validate without any file being read (no workspace needed)."""
+    return {"task": "t2v-tiny", "dit": "dit.safetensors", "dataset_config": "dataset.toml", **over}
+
+
+def test_a_size_that_does_not_divide_the_heads_or_the_processes_is_a_clear_error():
+    cfg = _config(sequence_parallel_size=4)
     with pytest.raises(ConfigError, match="does not divide this model's 2 heads.*all_gather"):
         validate(config_from_dict(cfg))
     ok = validate(config_from_dict({**cfg, "sequence_parallel_attention": "all_gather"}))
@@ -113,14 +133,12 @@ def test_the_benchmark_runs_split_under_torchrun(tmp_path):
     assert "tokens per sample               48, split over 2 GPUs" in done.stdout
 
 
-def test_auto_memory_splits_long_clips_over_the_launched_processes(workspace, tmp_path, monkeypatch):
+def test_auto_memory_splits_long_clips_over_the_launched_processes(monkeypatch):
     from types import SimpleNamespace
 
     from library.training.planning import auto, lora as planner
 
-    one_expert = {k: v for k, v in settings(workspace, tmp_path, task="t2v-A14B", auto_memory=True,
-                                            network_dim=32).items() if k != "dit_high_noise"}
-    cfg = validate(config_from_dict(one_expert))
+    cfg = validate(config_from_dict(_config(task="t2v-A14B", auto_memory=True, network_dim=32)))
     clip = SimpleNamespace(bucket=(1280, 720, 81))
     data = SimpleNamespace(datasets=[SimpleNamespace(items=[clip], batch_size=1)])
     variant = get_variant("t2v-A14B")
