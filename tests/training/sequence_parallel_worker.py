@@ -1,8 +1,10 @@
-"""Run under torchrun (gloo): one tiny DiT, one sample, the loss and gradients of the whole sequence on
-this process against the same sample split over every process (sequence parallelism), for LoRA and, with
-`--fsdp`, for full fine-tuning sharded with FSDP2. Rank 0 writes the largest differences as JSON.
+"""Run under torchrun (gloo): one tiny DiT (4 heads), one sample, the loss and gradients of the whole
+sequence on this process against the same sample split over every process (sequence parallelism), for a
+LoRA with each attention mode of `--modes` and, with `--fsdp`, for full fine-tuning sharded with FSDP2.
+Rank 0 writes the largest differences as JSON.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N tests/training/sequence_parallel_worker.py OUT
+    python -m torch.distributed.run --standalone --nproc_per_node N tests/training/sequence_parallel_worker.py OUT \
+        [--modes ulysses all_gather] [--fsdp]
 """
 
 from __future__ import annotations
@@ -53,40 +55,42 @@ def grads(params) -> list[torch.Tensor]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out")
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--mode", default="ulysses")
-    parser.add_argument("--fsdp", action="store_true")
-    args = parser.parse_args()
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    torch.use_deterministic_algorithms(True)
-    variant = dataclasses.replace(get_variant("t2v-tiny"), num_heads=args.heads)
+def lora_models(variant):
+    """The tiny DiT with a LoRA whose up-projections are random (so every LoRA weight gets a gradient)."""
     model = WanModel(variant)
     model.load_state_dict(random_official_dit_state(variant, seed=0))
-    if args.fsdp:
-        reference = copy.deepcopy(model)
-        params = list(model.parameters())
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(5)
+    net = lora_wan.create_network(1.0, 4, 4, None, None, model)
+    net.apply_to()
+    with torch.no_grad():
+        for lora in net.loras:
+            lora.lora_up.weight.normal_(0, 0.1)
+    params = list(net.parameters())
+    return model, model, params, params
 
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        params, ref_params = list(model.parameters()), list(reference.parameters())
-    else:
-        torch.manual_seed(5)
-        net = lora_wan.create_network(1.0, 4, 4, None, None, model)
-        net.apply_to()
-        with torch.no_grad():
-            for lora in net.loras:
-                lora.lora_up.weight.normal_(0, 0.1)
-        reference, params = model, list(net.parameters())
-        ref_params = params
-    sp = SequenceParallel(dist.group.WORLD, world, rank, args.mode)
+
+def sharded_models(variant, world: int):
+    """The tiny DiT, every weight trained, sharded with FSDP2 over every process (beside the trainer's 2-D
+    data x sequence mesh, as in a run); the reference is an unsharded copy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = WanModel(variant)
+    model.load_state_dict(random_official_dit_state(variant, seed=0))
+    reference = copy.deepcopy(model)
+    init_device_mesh("cpu", (1, world), mesh_dim_names=("data", "sequence"))
+    mesh = init_device_mesh("cpu", (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, reference, list(model.parameters()), list(reference.parameters())
+
+
+def compare(models, sp, sharded: bool) -> dict:
+    """Loss and gradient differences on three cases: per-frame timesteps on 75 tokens (padded) and on 90
+    tokens (local modulation groups), one timestep with gradient checkpointing."""
+    model, reference, params, ref_params = models
+    variant = model.variant
     report = {}
     for name, scalar_t, batch in (("per_frame", False, sample(variant)), ("per_frame_90", False, sample(variant, 12)),
                                   ("scalar_checkpointed", True, sample(variant))):
@@ -103,13 +107,34 @@ def main() -> None:
         with sp.active(model):
             got = loss_of(model, batch, scalar_t)
             got.backward()
-        if not args.fsdp:  # the trainer's mean over processes (FSDP reduces its gradients itself)
+        if not sharded:  # the trainer's mean over processes (FSDP reduces its gradients itself)
             for p in params:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
         have = grads(params)
         report[name] = {"loss": abs(got.item() - expected.item()), "expected_loss": expected.item(),
                         "grad": max((a - b).abs().max().item() for a, b in zip(have, want)),
                         "grad_scale": max(b.abs().max().item() for b in want)}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--modes", nargs="+", default=["ulysses"], help="attention modes compared with a LoRA")
+    parser.add_argument("--fsdp", action="store_true", help="then full fine-tuning sharded with FSDP2 (ulysses)")
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    torch.use_deterministic_algorithms(True)
+    variant = dataclasses.replace(get_variant("t2v-tiny"), num_heads=args.heads)
+    report = {}
+    for mode in args.modes:
+        sp = SequenceParallel(dist.group.WORLD, world, rank, mode)
+        report.update({f"lora {mode} {k}": v for k, v in compare(lora_models(variant), sp, False).items()})
+    if args.fsdp:
+        sp = SequenceParallel(dist.group.WORLD, world, rank, "ulysses")
+        report.update({f"fsdp {k}": v for k, v in compare(sharded_models(variant, world), sp, True).items()})
     if rank == 0:
         Path(args.out).write_text(json.dumps(report))
     dist.barrier()
