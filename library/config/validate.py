@@ -120,6 +120,10 @@ def _sequence_parallel(cfg: TrainConfig, variant, errors: list[str]) -> None:
         check_heads(variant.num_heads, a.sequence_parallel, a.sequence_parallel_attention)
     except SequenceParallelError as exc:
         errors.append(f"{variant.name}: {exc}")
+    if cfg.network.network_dropout:
+        logger.warning("network_dropout with sequence_parallel_size = %d: each process draws the dropout of its own "
+                       "token slice, so the masks (not the maths) differ from a run on one process",
+                       a.sequence_parallel)
 
 
 def _check_network_args(cfg: TrainConfig, errors: list[str]) -> None:
