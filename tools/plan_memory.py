@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     task, rank, optimizer, experts, full, patterns = "t2v-A14B", 32, "AdamW", 1, args.full, ((), ())
-    split = 1
+    split, gather = 1, False
     if args.config_file:
         from library.config import load_config
 
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
         full = full or cfg.finetune.full_fine_tune
         patterns = (cfg.finetune.trainable_patterns, cfg.finetune.frozen_patterns)
         split = cfg.attention.sequence_parallel
+        gather = cfg.attention.sequence_parallel_attention == "all_gather"
     split = args.sequence_parallel or split
     vram = args.vram_gb or detect_vram_gb()
     if vram is None:
@@ -70,11 +71,11 @@ def main(argv=None) -> int:
     if full:
         plan = plan_full(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                          args.optimizer_type or optimizer, args.processes, args.experts or experts, *patterns,
-                         show_all=args.all_candidates, sequence_parallel=split)
+                         show_all=args.all_candidates, sequence_parallel=split, gather_kv=gather)
     else:
         plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                            args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts,
-                           sequence_parallel=split)
+                           sequence_parallel=split, gather_kv=gather)
     print(plan.table())
     return 0 if plan.fits else 1
 

@@ -107,6 +107,9 @@ def test_the_planner_splits_activations_and_counts_the_traffic():
     assert 3.5 < one.activations / four.activations < 4.1  # a quarter of the tokens per GPU
     plan = plan_memory(80, "t2v-A14B", 1280, 720, 81, sequence_parallel=8)
     assert "9450 per process, split over 8" in plan.table()
+    gathered = estimate(Workload(w.variant, 1280, 720, 81, sequence_parallel=4, gather_kv=True),
+                        Settings(checkpointing=True))
+    assert gathered.activations - four.activations == pytest.approx(4 * 5120 * 75600 / 2**30)  # all keys, values
     # Ulysses: (N-1)/N of the local q, k, v and output per block, forward and backward
     assert all_to_all_bytes(75600, 5120, 2, 40) == pytest.approx(2 * 40 * 4 * 37800 * 5120 * 2 / 2)
     assert all_to_all_bytes(75600, 5120, 1, 40) == 0

@@ -29,7 +29,7 @@ def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_expert
     width, height, frames, batch = largest_bucket(data)
     plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
                             cfg.optimizer.optimizer_type, experts=n_experts,
-                            sequence_parallel=cfg.attention.sequence_parallel)
+                            sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg))
     logger.info("auto_memory plan for %.0f GiB:\n%s", vram, plan.table())
     return plan.apply(cfg.memory)
 
@@ -50,9 +50,10 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
     def comfortable(n: int) -> bool:
         if ft.full_fine_tune:
             return plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
-                             experts, ft.trainable_patterns, ft.frozen_patterns, sequence_parallel=n).fits
+                             experts, ft.trainable_patterns, ft.frozen_patterns, sequence_parallel=n,
+                             gather_kv=_gathers(cfg)).fits
         plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
-                                cfg.optimizer.optimizer_type, experts, sequence_parallel=n)
+                                cfg.optimizer.optimizer_type, experts, sequence_parallel=n, gather_kv=_gathers(cfg))
         return plan.fits and not plan.settings.blocks_to_swap
 
     if comfortable(1):
@@ -64,6 +65,10 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
                         "%d processes (sequence_parallel_size = %d)", width, height, frames, vram, n, n)
             return replace(cfg, attention=replace(a, sequence_parallel_size=n))
     return cfg
+
+
+def _gathers(cfg: TrainConfig) -> bool:
+    return cfg.attention.sequence_parallel_attention == "all_gather"
 
 
 def largest_bucket(data) -> tuple[int, int, int, int]:
@@ -94,7 +99,7 @@ def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data, device, proc
 
     plan = plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
                      2 if cfg.model.dit_high_noise else 1, ft.trainable_patterns, ft.frozen_patterns, allow=allowed,
-                     sequence_parallel=cfg.attention.sequence_parallel)
+                     sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg))
     chosen, estimate = plan.settings, plan.estimate
     if not plan.fits:
         logger.warning("auto_memory: nothing fits %.0f GiB (%.1f GiB estimated with %s); trying it anyway", vram,

@@ -219,7 +219,7 @@ def estimate_full(w: FullWorkload, s: FullSettings) -> FullEstimate:
     weights, optim = w.experts * sb.weights / n * on_gpu, w.experts * sb.optimizer / n * on_gpu
     gathered = FSDP_GATHERED_BLOCKS * sb.block_weights + sb.outer_weights if s.fsdp else 0
     # activations: LoRA's rules with the full fine-tuning coefficients
-    per_block = (ACT_FULL_PER_C * c + ACT_FULL_PER_F * f) * t * b
+    per_block = (ACT_FULL_PER_C * c + ACT_FULL_PER_F * f) * t * b + w.gathered_bytes()
     block_input = 4 * c * t * b  # what checkpointing keeps of a block: its fp32 input
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else layers)
     shared = (4 * v.head_dim + 4 * c) * t * b
@@ -312,14 +312,15 @@ def full_candidates(processes: int) -> list[FullSettings]:
 def plan_full(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int, batch_size: int = 1,
               optimizer: str = "adamw", processes: int = 1, experts: int = 1, trainable_patterns: tuple[str, ...] = (),
               frozen_patterns: tuple[str, ...] = (), show_all: bool = False,
-              allow: Callable[[FullSettings], bool] | None = None, sequence_parallel: int = 1) -> FullPlan:
+              allow: Callable[[FullSettings], bool] | None = None, sequence_parallel: int = 1,
+              gather_kv: bool = False) -> FullPlan:
     """The first rung of the full fine-tuning ladder whose estimated peak per process fits the card; when none
     does, the plan says what would (another optimizer, more GPUs, fewer frames). `show_all` keeps every rung in
     the table, not only those tried; `allow` leaves out the rungs a config cannot use."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
     w = FullWorkload(variant, width, height, frames, batch_size, 0, optimizer, experts, processes=processes,
                      trainable_patterns=tuple(trainable_patterns), frozen_patterns=tuple(frozen_patterns),
-                     sequence_parallel=sequence_parallel)
+                     sequence_parallel=sequence_parallel, gather_kv=gather_kv)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
     tried = [(s, estimate_full(w, s)) for s in full_candidates(processes) if allow is None or allow(s)]
     chosen = next((i for i, (_, e) in enumerate(tried) if e.total <= budget), None)

@@ -58,6 +58,7 @@ class Workload:
     optimizer: str = "adamw"
     experts: int = 1  # 2: both WAN 2.2 A14B experts are trained in one run
     sequence_parallel: int = 1  # processes sharing each sample's tokens (`sequence_parallel_size`)
+    gather_kv: bool = False  # sequence_parallel_attention = "all_gather": every process holds all keys and values
 
     @property
     def tokens(self) -> int:
@@ -76,6 +77,12 @@ class Workload:
         """The all-to-all buffers of one block's attention under sequence parallelism: q, k, v and the output
         in bf16, sent and received (16 bytes per width unit and local token); 0 without it."""
         return 16 * self.variant.dim * self.local_tokens * self.batch_size if self.sequence_parallel > 1 else 0
+
+    def gathered_bytes(self) -> int:
+        """`all_gather` attention: the keys and values of every token in bf16, kept by a block for its backward
+        pass (4 bytes per width unit and token of the whole sample); 0 otherwise."""
+        return 4 * self.variant.dim * self.tokens * self.batch_size if self.gather_kv and self.sequence_parallel > 1 \
+            else 0
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,7 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     experts_on_gpu = 1 if (s.offload_inactive or w.experts == 1) else w.experts
     weights = experts_on_gpu * (bf16 * 2 + fp32 * 4 + resident_blocks * _block_bytes(v, s.fp8))
     lora = w.experts * lora_params(v, w.rank) * (8 + OPTIMIZER_BYTES.get(w.optimizer.lower(), 8))
-    per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b
+    per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b + w.gathered_bytes()
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else v.num_layers)
     shared = (4 * v.head_dim + 4 * c) * t * b  # RoPE tables, the incoming fp32 gradient
     if not s.checkpointing:
@@ -234,11 +241,12 @@ def _candidates(w: Workload):
 
 def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int,
                 batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1,
-                sequence_parallel: int = 1) -> MemoryPlan:
+                sequence_parallel: int = 1, gather_kv: bool = False) -> MemoryPlan:
     """The first candidate (see the module docstring) whose estimated peak fits the card; with
-    `sequence_parallel` N each process holds 1 / N of every sample's tokens."""
+    `sequence_parallel` N each process holds 1 / N of every sample's tokens (with `gather_kv`, the
+    `all_gather` attention, also every token's keys and values of the block it runs)."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
-    w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts, sequence_parallel)
+    w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts, sequence_parallel, gather_kv)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
     tried = []
     for s in _candidates(w):
