@@ -117,12 +117,44 @@ def compare(models, sp, sharded: bool) -> dict:
     return report
 
 
+def compare_data_groups(variant, groups: int) -> dict:
+    """A 2-D mesh, `groups` data-parallel groups x the rest per sample, a LoRA: each group splits its own sample;
+    the mean over every process of the gradients = one process's gradients of the mean loss over the samples."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = world // groups
+    mesh = init_device_mesh("cpu", (groups, n), mesh_dim_names=("data", "sequence"))
+    sp = SequenceParallel(mesh.get_group("sequence"), n, mesh.get_local_rank("sequence"))
+    model, _, params, _ = lora_models(variant)
+    samples = [sample(variant, 12, seed=2 + d) for d in range(groups)]
+    expected = sum(loss_of(model, batch, False) for batch in samples) / groups
+    expected.backward()
+    want = grads(params)
+    for p in params:
+        p.grad = None
+    with sp.active(model):
+        got = loss_of(model, samples[rank // n], False)
+        got.backward()
+    for p in params:
+        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    have = grads(params)
+    losses = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(losses, got.detach().view(1))
+    mean = sum(loss.item() for loss in losses) / world
+    return {f"lora {groups}x{n} per_frame_90": {
+        "loss": abs(mean - expected.item()), "expected_loss": expected.item(),
+        "grad": max((a - b).abs().max().item() for a, b in zip(have, want)),
+        "grad_scale": max(b.abs().max().item() for b in want)}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--modes", nargs="+", default=["ulysses"], help="attention modes compared with a LoRA")
     parser.add_argument("--fsdp", action="store_true", help="then full fine-tuning sharded with FSDP2 (ulysses)")
+    parser.add_argument("--data_groups", type=int, default=1, help="then a LoRA on data-parallel groups x sequence")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -135,6 +167,8 @@ def main() -> None:
     if args.fsdp:
         sp = SequenceParallel(dist.group.WORLD, world, rank, "ulysses")
         report.update({f"fsdp {k}": v for k, v in compare(sharded_models(variant, world), sp, True).items()})
+    if args.data_groups > 1:
+        report.update(compare_data_groups(variant, args.data_groups))
     if rank == 0:
         Path(args.out).write_text(json.dumps(report))
     dist.barrier()

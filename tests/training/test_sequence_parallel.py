@@ -54,8 +54,10 @@ def test_two_processes_split_one_sample_like_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_four_processes_split_one_sample_like_one_process(tmp_path):
-    report = _split_run(tmp_path, 4, "--fsdp")
-    assert len(report) == 6
+    """4 processes: a LoRA and fsdp on one sample, then 2 data-parallel groups x 2 processes per sample (a
+    2-D mesh) against one process's gradients of the mean loss over the two samples."""
+    report = _split_run(tmp_path, 4, "--fsdp", "--data_groups", "2")
+    assert len(report) == 7 and "lora 2x2 per_frame_90" in report
     _assert_same(report)
 
 
