@@ -108,21 +108,25 @@ def _config(args):
                         gradient_checkpointing=not args.no_gradient_checkpointing,
                         gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload)
     experts = 2 if args.two_experts else 1
+    gather = args.sequence_parallel_attention == "all_gather"
     full = {"full_bf16": args.full_bf16, "fused_backward_pass": args.fused_backward_pass}
     if args.plan and args.full:
         from library.config.schema import FineTuneArgs
         from library.training.planning.full import plan_full
 
         vram = args.vram_cap_gb or detect_vram_gb() or 80.0
-        plan = plan_full(vram, variant, args.width, args.height, args.frames, args.batch_size, args.optimizer)
-        print(plan.table())
+        plan = plan_full(vram, variant, args.width, args.height, args.frames, args.batch_size, args.optimizer,
+                         sequence_parallel=args.sequence_parallel, gather_kv=gather)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun (--sequence_parallel): rank 0 prints
+            print(plan.table())
         memory, finetune = plan.apply(memory, FineTuneArgs())
         full = {"full_bf16": finetune.full_bf16, "fused_backward_pass": finetune.fused_backward_pass}
     elif args.plan:
         vram = args.vram_cap_gb or detect_vram_gb() or 24.0
         plan = plan_memory(vram, variant, args.width, args.height, args.frames, args.batch_size,
-                           args.network_dim, "adamw", experts)
-        print(plan.table())
+                           args.network_dim, "adamw", experts, args.sequence_parallel, gather)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun (--sequence_parallel): rank 0 prints
+            print(plan.table())
         memory = plan.apply(memory)
     return BenchConfig(
         variant=variant, width=args.width, height=args.height, frames=args.frames, batch_size=args.batch_size,
@@ -159,17 +163,19 @@ def _sequence_group(args, variant):
 
 def _planned(args, variant, memory, full: dict, experts: int) -> float:
     """The planner's estimate of the peak for the settings this run uses (printed beside the measurement)."""
+    gather = args.sequence_parallel_attention == "all_gather"
     if args.full:
         from library.training.planning.full import FullSettings, FullWorkload, estimate_full
 
-        w = FullWorkload(variant, args.width, args.height, args.frames, args.batch_size, 0, args.optimizer, experts)
+        w = FullWorkload(variant, args.width, args.height, args.frames, args.batch_size, 0, args.optimizer, experts,
+                         sequence_parallel=args.sequence_parallel, gather_kv=gather)
         s = FullSettings(checkpointing=memory.gradient_checkpointing,
                          offload_activations=memory.gradient_checkpointing_cpu_offload, **full)
         return estimate_full(w, s).total
     from library.training.planning.lora import Settings, Workload, estimate
 
     w = Workload(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim, "adamw", experts,
-                 args.sequence_parallel)
+                 args.sequence_parallel, gather)
     s = Settings(fp8=memory.fp8_base, checkpointing=memory.gradient_checkpointing,
                  offload_activations=memory.gradient_checkpointing_cpu_offload, blocks_to_swap=memory.blocks_to_swap,
                  offload_inactive=args.two_experts)
