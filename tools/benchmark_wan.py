@@ -7,6 +7,8 @@
     python tools/benchmark_wan.py --cpu                                 # tiny model on the CPU (CI)
     python tools/benchmark_wan.py --estimate --gpu h100 --plan    # no GPU needed: the auto_memory defaults
     python tools/benchmark_wan.py --estimate --gpu h100 --plan --fp8_fast [--attention flash3]
+    torchrun --nproc_per_node 8 tools/benchmark_wan.py --width 1280 --height 720 --sequence_parallel 8
+    python tools/benchmark_wan.py --estimate --width 1280 --height 720 --sequence_parallel 8  # rows N = 1..8
 
 Builds the model block by block directly on the GPU, applies the memory features exactly as training
 does (`apply_memory_features`), runs warm-up then timed steps (forward, MSE loss, backward, AdamW on the
@@ -21,6 +23,10 @@ the kernels that take the time. With `--plan` the memory planner chooses for the
 `auto_memory` would (checkpointing, keeping self-attention, fp8 weights). Blocks are compiled unless
 `--eager`, as training compiles them on a CUDA GPU by default (`--cpu` runs eagerly). Every figure it
 prints is labelled as an estimate; it takes under a minute on a CPU.
+
+`--sequence_parallel N` splits the sample's tokens over N processes (launch N with torchrun; rank 0 prints
+tokens/s and peak VRAM per GPU). With `--estimate` it adds rows for N = 1, 2, 4, ... up to N: the step per
+GPU with the all-to-all traffic at NVLink and at InfiniBand rates (library/training/estimate_parallel.py).
 """
 
 from __future__ import annotations
@@ -88,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="no GPU run: a roofline estimate of the step on --gpu from a meta-device trace")
     p.add_argument("--gpu", default="h100", choices=("h100", "h200", "a100", "4090", "5090"),
                    help="with --estimate: the GPU whose rates are applied (default h100)")
+    p.add_argument("--sequence_parallel", type=positive_int, default=1,
+                   help="split each sample over N processes (launch N with torchrun); with --estimate: rows up to N")
+    p.add_argument("--sequence_parallel_attention", default="ulysses", choices=("ulysses", "all_gather"))
     p.add_argument("--json", help="also write the result to this JSON file")
     return p.parse_args(argv)
 
@@ -108,21 +117,25 @@ def _config(args):
                         gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload,
                         gradient_checkpointing_keep_attention=args.keep_attention and checkpointing)
     experts = 2 if args.two_experts else 1
+    gather = args.sequence_parallel_attention == "all_gather"
     full = {"full_bf16": args.full_bf16, "fused_backward_pass": args.fused_backward_pass}
     if args.plan and args.full:
         from library.config.schema import FineTuneArgs
         from library.training.planning.full import plan_full
 
         vram = args.vram_cap_gb or detect_vram_gb() or 80.0
-        plan = plan_full(vram, variant, args.width, args.height, args.frames, args.batch_size, args.optimizer)
-        print(plan.table())
+        plan = plan_full(vram, variant, args.width, args.height, args.frames, args.batch_size, args.optimizer,
+                         sequence_parallel=args.sequence_parallel, gather_kv=gather)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun (--sequence_parallel): rank 0 prints
+            print(plan.table())
         memory, finetune = plan.apply(memory, FineTuneArgs())
         full = {"full_bf16": finetune.full_bf16, "fused_backward_pass": finetune.fused_backward_pass}
     elif args.plan:
         vram = args.vram_cap_gb or detect_vram_gb() or 24.0
         plan = plan_memory(vram, variant, args.width, args.height, args.frames, args.batch_size,
-                           args.network_dim, "adamw", experts)
-        print(plan.table())
+                           args.network_dim, "adamw", experts, args.sequence_parallel, gather)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun (--sequence_parallel): rank 0 prints
+            print(plan.table())
         memory = plan.apply(memory)
     return BenchConfig(
         variant=variant, width=args.width, height=args.height, frames=args.frames, batch_size=args.batch_size,
@@ -131,7 +144,7 @@ def _config(args):
         fp8_scaled_mm=args.fp8_scaled_mm, compile=_compiled(args),
         two_experts=args.two_experts,
         peak_tflops=args.peak_tflops, full=args.full, optimizer=args.optimizer, **full,
-        planned_gib=_planned(args, variant, memory, full, experts),
+        planned_gib=_planned(args, variant, memory, full, experts), sequence_parallel=_sequence_group(args, variant),
     )
 
 
@@ -140,18 +153,43 @@ def _compiled(args) -> bool:
     return args.compile or not (args.eager or args.cpu)
 
 
+def _sequence_group(args, variant):
+    """The sequence group of this process under torchrun (`--sequence_parallel N`: N processes), or None."""
+    n = args.sequence_parallel
+    if n == 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    from library.runtime.sequence_parallel import SequenceParallel, SequenceParallelError, check_heads
+
+    check_heads(variant.num_heads, n, args.sequence_parallel_attention, "--sequence_parallel")
+    if int(os.environ.get("WORLD_SIZE", "1")) != n:
+        world = os.environ.get("WORLD_SIZE", "1")
+        raise SequenceParallelError(f"--sequence_parallel {n}: launch {n} processes, e.g. `torchrun --nproc_per_node "
+                                    f"{n} tools/benchmark_wan.py ...` (WORLD_SIZE is {world})")
+    if not args.cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if args.cpu else "nccl")
+    return SequenceParallel(dist.group.WORLD, n, dist.get_rank(), args.sequence_parallel_attention)
+
+
 def _planned(args, variant, memory, full: dict, experts: int) -> float:
     """The planner's estimate of the peak for the settings this run uses (printed beside the measurement)."""
+    gather = args.sequence_parallel_attention == "all_gather"
     if args.full:
         from library.training.planning.full import FullSettings, FullWorkload, estimate_full
 
-        w = FullWorkload(variant, args.width, args.height, args.frames, args.batch_size, 0, args.optimizer, experts)
+        w = FullWorkload(variant, args.width, args.height, args.frames, args.batch_size, 0, args.optimizer, experts,
+                         sequence_parallel=args.sequence_parallel, gather_kv=gather)
         s = FullSettings(checkpointing=memory.gradient_checkpointing,
                          offload_activations=memory.gradient_checkpointing_cpu_offload, **full)
         return estimate_full(w, s).total
     from library.training.planning.lora import Settings, Workload, estimate
 
-    w = Workload(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim, "adamw", experts)
+    w = Workload(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim, "adamw", experts,
+                 args.sequence_parallel, gather)
     s = Settings(fp8=memory.fp8_base, checkpointing=memory.gradient_checkpointing,
                  offload_activations=memory.gradient_checkpointing_cpu_offload, blocks_to_swap=memory.blocks_to_swap,
                  offload_inactive=args.two_experts, keep_attention=memory.gradient_checkpointing_keep_attention)
@@ -229,10 +267,20 @@ def _estimate(args) -> int:
         print(f"--estimate: {exc}", file=sys.stderr)
         return 2
     print(result.table())
+    rows = []
+    if args.sequence_parallel > 1:
+        from library.training.estimate_parallel import split_rows, split_table
+
+        ulysses = args.sequence_parallel_attention == "ulysses"
+        sizes = tuple(n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.sequence_parallel
+                      and not (ulysses and setup.variant.num_heads % n))
+        print(split_table(result, sizes, args.sequence_parallel_attention))
+        rows = [vars(r) for r in split_rows(result, sizes, args.sequence_parallel_attention)]
     if args.json:
         Path(args.json).write_text(json.dumps({"estimate": True, "gpu": args.gpu, "seconds_per_step": result.seconds,
                                                "mfu": result.mfu, "kernels": result.kernels,
-                                               "memory_bound_tb": result.memory_bound_tb}, indent=2))
+                                               "memory_bound_tb": result.memory_bound_tb,
+                                               "sequence_parallel": rows}, indent=2))
     return 0
 
 
@@ -257,13 +305,22 @@ def main(argv=None) -> int:
     from library.training.benchmark import run_benchmark
 
     cfg = _config(args)
+    quiet = cfg.sequence_parallel is not None and cfg.sequence_parallel.rank != 0  # rank 0 prints
     what = (f"full fine-tuning ({cfg.optimizer}{', full_bf16' if cfg.full_bf16 else ', fp32 masters'}"
             f"{', fused' if cfg.fused_backward_pass else ''})" if cfg.full else f"rank {cfg.rank}")
-    print(f"{cfg.variant.name} {cfg.width}x{cfg.height}x{cfg.frames}, batch {cfg.batch_size}, {what}, "
-          f"{cfg.warmup} warm-up + {cfg.steps} timed steps on {cfg.device}, attention {cfg.attention}"
-          + (f" ({args.sdpa_kernel} kernel)" if args.sdpa_kernel else ""))
+    if not quiet:
+        print(f"{cfg.variant.name} {cfg.width}x{cfg.height}x{cfg.frames}, batch {cfg.batch_size}, {what}, "
+              f"{cfg.warmup} warm-up + {cfg.steps} timed steps on {cfg.device}, attention {cfg.attention}"
+              + (f" ({args.sdpa_kernel} kernel)" if args.sdpa_kernel else ""))
     with _sdpa_kernel(args.sdpa_kernel):
         result = run_benchmark(cfg)
+    if cfg.sequence_parallel is not None:  # leave the process group together, not in the interpreter's teardown
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if quiet:
+        return 0
     print(result.table())
     if args.json:
         Path(args.json).write_text(json.dumps(vars(result), indent=2))

@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="plan full fine-tuning instead of a LoRA")
     p.add_argument("--processes", type=positive_int, default=1,
                    help="full fine-tuning: GPUs training together (fsdp shards over them; default 1)")
+    p.add_argument("--sequence_parallel", type=positive_int,
+                   help="processes sharing each sample's tokens (sequence_parallel_size; default 1 or the config's)")
     p.add_argument("--all_candidates", action="store_true", help="full fine-tuning: show every rung of the ladder, "
                                                                  "not only those tried")
     return p.parse_args(argv)
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     task, rank, optimizer, experts, full, patterns = "t2v-A14B", 32, "AdamW", 1, args.full, ((), ())
+    split, gather = 1, False
     if args.config_file:
         from library.config import load_config
 
@@ -58,6 +61,9 @@ def main(argv=None) -> int:
         experts = 2 if cfg.model.dit_high_noise else 1
         full = full or cfg.finetune.full_fine_tune
         patterns = (cfg.finetune.trainable_patterns, cfg.finetune.frozen_patterns)
+        split = cfg.attention.sequence_parallel
+        gather = cfg.attention.sequence_parallel_attention == "all_gather"
+    split = args.sequence_parallel or split
     vram = args.vram_gb or detect_vram_gb()
     if vram is None:
         print("no CUDA device found: pass --vram_gb (e.g. 24)", file=sys.stderr)
@@ -65,10 +71,11 @@ def main(argv=None) -> int:
     if full:
         plan = plan_full(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                          args.optimizer_type or optimizer, args.processes, args.experts or experts, *patterns,
-                         show_all=args.all_candidates)
+                         show_all=args.all_candidates, sequence_parallel=split, gather_kv=gather)
     else:
         plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
-                           args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts)
+                           args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts,
+                           sequence_parallel=split, gather_kv=gather)
     print(plan.table())
     return 0 if plan.fits else 1
 

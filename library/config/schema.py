@@ -105,6 +105,17 @@ class AttentionArgs:
     xformers: bool = arg(False, "xformers memory-efficient attention (needs xformers)")
     sage_attn: bool = arg(False, "SageAttention (needs sageattention)")
     split_attn: bool = arg(False, "compute attention one sample at a time (less memory)")
+    sequence_parallel_size: int = arg(0, "split each sample's tokens over N processes (sequence parallelism, for long "
+                                         "clips; the processes = data-parallel groups x N; 0 or 1: off)",
+                                      coerce=_non_negative)
+    sequence_parallel_attention: str = arg("ulysses", "attention under sequence parallelism: ulysses (all-to-all over "
+                                                      "heads; N must divide the head count) or all_gather (keys and "
+                                                      "values gathered; any N)", choices=("ulysses", "all_gather"))
+
+    @property
+    def sequence_parallel(self) -> int:
+        """Processes per sample (1: no sequence parallelism)."""
+        return max(1, self.sequence_parallel_size)
 
     @property
     def attention_backend(self) -> str:

@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import fields
 
+from library.runtime.sequence_parallel import SequenceParallelError, check_heads
+
 from .coerce import ConfigError
 from .keys import NETWORK_MODULES
 from .schema import ATTENTION_ORDER, TrainConfig, field_default
@@ -114,6 +116,20 @@ def _attention(cfg: TrainConfig, errors: list[str]) -> None:
         errors.append("`sage_attn`: SageAttention has no backward pass, so it cannot train; use it for generation "
                       "(generate_video_wan.py --attn_mode sageattn) and train with sdpa, flash_attn, flash3 or "
                       "xformers")
+
+
+def _sequence_parallel(cfg: TrainConfig, variant, errors: list[str]) -> None:
+    a = cfg.attention
+    if variant is None or a.sequence_parallel == 1:
+        return
+    try:
+        check_heads(variant.num_heads, a.sequence_parallel, a.sequence_parallel_attention)
+    except SequenceParallelError as exc:
+        errors.append(f"{variant.name}: {exc}")
+    if cfg.network.network_dropout:
+        logger.warning("network_dropout with sequence_parallel_size = %d: each process draws the dropout of its own "
+                       "token slice, so the masks (not the maths) differ from a run on one process",
+                       a.sequence_parallel)
 
 
 def _check_network_args(cfg: TrainConfig, errors: list[str]) -> None:
@@ -302,6 +318,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _experts(cfg, variant, errors)
     _timesteps(cfg, variant, errors)
     _attention(cfg, errors)
+    _sequence_parallel(cfg, variant, errors)
     if not cfg.finetune.full_fine_tune:
         _network(cfg, errors)  # full fine-tuning refuses every LoRA setting instead (`_finetune`)
     _optimizer(cfg, errors)

@@ -5,9 +5,9 @@ Inside, bottom to top: `seeding`, `dtypes`, `files` (atomic writes, full-disk er
 base LoRAs merged first; behind the `TrainableNetwork` protocol) -> `experts` (ranges, samplers, routing),
 `run`, `lock` (one run per output folder), `guard` (non-finite losses), `data`, `optimizers`, `planning`
 (memory planner: `lora`, `full`, `auto`) -> `checkpoints` (names, weight files and metadata, resume state
-(plain data, read with weights_only), listing, pruning, leftovers of killed saves), `optimization`,
-`assemble` (experts loaded and made ready) -> `logs`, `monitor`, `advice`, `samples` -> `trainer`, `cli`,
-`benchmark`.
+(plain data, read with weights_only), listing, pruning, leftovers of killed saves), `parallel` (data x
+sequence groups), `optimization`, `assemble` (experts loaded and made ready) -> `logs`, `monitor`,
+`advice`, `samples` -> `trainer`, `cli`, `benchmark`, `estimate` and `estimate_parallel` (step estimates).
 
 May import: `library.wan`, `library.runtime`, `library.config`, `library.data`, `library.sampling` (samples
 during training, LoRA file checks), `networks`. Imported by `library.evaluation`, the entry scripts and

@@ -93,6 +93,7 @@ class BenchConfig:
     fused_backward_pass: bool = False
     optimizer: str = "AdamW"
     planned_gib: float | None = None  # the planner's estimate of the peak, printed beside the measurement
+    sequence_parallel: object | None = None  # a runtime.sequence_parallel.SequenceParallel: split each sample
 
 
 @dataclass
@@ -110,14 +111,16 @@ class BenchResult:
     setup: str
     losses: list[float]
     planned_gib: float | None = None
+    sequence_parallel: int = 1  # processes per sample: tokens/s, VRAM and MFU are per GPU
 
     def table(self) -> str:
-        rows = [("device", self.device), ("memory setup", self.setup), ("tokens per sample", f"{self.tokens}"),
-                ("s/step", f"{self.seconds_per_step:.3f}"), ("tokens/s", f"{self.tokens_per_second:.1f}"),
+        split = f", split over {self.sequence_parallel} GPUs" if self.sequence_parallel > 1 else ""
+        rows = [("device", self.device), ("memory setup", self.setup), ("tokens per sample", f"{self.tokens}{split}"),
+                ("s/step", f"{self.seconds_per_step:.3f}"), ("tokens/s per GPU", f"{self.tokens_per_second:.1f}"),
                 ("peak VRAM allocated / reserved", "n/a (CPU)" if self.peak_vram_gib is None
                  else f"{self.peak_vram_gib:.2f} / {self.peak_reserved_gib:.2f} GiB"),
                 ("host RAM now / peak", f"{self.host_rss_gib:.2f} / {self.host_peak_rss_gib:.2f} GiB"),
-                ("model TFLOP per step", f"{self.tflop_per_step:.4g}"),
+                ("model TFLOP per step" + (" per GPU" if split else ""), f"{self.tflop_per_step:.4g}"),
                 ("MFU", "n/a (pass --peak_tflops)" if self.mfu is None else f"{100 * self.mfu:.1f}%")]
         if self.planned_gib is not None:
             off = None if self.peak_vram_gib is None else 100 * (self.planned_gib / self.peak_vram_gib - 1)
@@ -252,6 +255,8 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
     autocast = (torch.autocast(device.type, dtype=cfg.dtype, cache_enabled=False)
                 if cfg.full and not cfg.full_bf16 and cfg.dtype != torch.float32 else contextlib.nullcontext())
     batch, tokens = _batch(cfg, device)
+    sp = cfg.sequence_parallel
+    n = sp.size if sp is not None else 1
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     losses, start = [], 0.0
@@ -260,26 +265,27 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
             _sync(device)
             start = time.perf_counter()
         model = _activate(experts, step)
-        with autocast:
-            pred = model(batch["x"], batch["t"], batch["context"], y=batch["y"])
-        loss = (pred.float() - batch["target"]).pow(2).mean()
-        loss.backward()
+        with sp.active(model) if sp is not None else contextlib.nullcontext():  # recomputed blocks split too
+            with autocast:
+                pred = model(batch["x"], batch["t"], batch["context"], y=batch["y"])
+            loss = (pred.float() - batch["target"]).pow(2).mean()
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     _sync(device)
     seconds = (time.perf_counter() - start) / max(cfg.steps, 1)
-    flops = step_flops(cfg.variant, tokens, cfg.batch_size, cfg.full)
+    flops = step_flops(cfg.variant, tokens, cfg.batch_size, cfg.full) / n  # per GPU
     peak = cfg.peak_tflops or (peak_tflops_for(torch.cuda.get_device_name(device)) if cuda else None)
     rss, rss_peak = _rss_gib()
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     return BenchResult(
-        device=name, tokens=tokens, seconds_per_step=seconds, tokens_per_second=cfg.batch_size * tokens / seconds,
+        device=name, tokens=tokens, seconds_per_step=seconds, tokens_per_second=cfg.batch_size * tokens / seconds / n,
         peak_vram_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
         peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
         host_rss_gib=rss, host_peak_rss_gib=rss_peak, tflop_per_step=flops / 1e12,
         mfu=flops / (seconds * peak * 1e12) if peak else None, setup=experts[0][2].summary(), losses=losses,
-        planned_gib=cfg.planned_gib,
+        planned_gib=cfg.planned_gib, sequence_parallel=n,
     )
 
 

@@ -38,6 +38,12 @@ class TrainData:
         batches = sorted(make_batches(self.validation, 0, 0))
         return [collate([self.validation[d].get(j, 0) for d, j in batch]) for batch in batches]
 
+    def regroup(self, rank: int, world: int) -> None:
+        """Read as data-parallel process `rank` of `world`: the processes of one sequence group (sequence
+        parallelism) read the same batches."""
+        self.rank, self.world = rank, world
+        self.batches_per_epoch = len(self.epoch_batches(0))
+
     def epoch_batches(self, epoch: int) -> list:
         batches = make_batches(self.datasets, self.seed, epoch)
         usable = len(batches) - len(batches) % self.world  # every process takes the same number of steps

@@ -22,6 +22,20 @@ class GpuRates:
     source: str = ""
     fp8_matmul_tflops: float = 0.0  # large fp8 x fp8 GEMMs with fp32 accumulation (`_scaled_mm`); 0: none
     memory_gib: float = 0.0  # what torch reports as the card's memory (the planner's input for `--plan`)
+    # sequence parallelism: sustained all-to-all rate per GPU and direction, GB/s, inside a node (NVLink, or
+    # PCIe where the card has none) and across nodes (one InfiniBand NIC per GPU); sources in LINKS_SOURCE
+    intra_node: tuple[str, float] = ("NVLink 4", 360.0)
+    inter_node: tuple[str, float] = ("InfiniBand NDR 400 Gb/s", 40.0)
+
+
+LINKS_SOURCE = (
+    "NVLink: NVIDIA H100 / H200 SXM datasheets, NVLink 4 at 900 GB/s per GPU (both directions, 450 each); A100 "
+    "SXM datasheet, NVLink 3 at 600 GB/s (300 each). PCIe: 4.0 x16 32 GB/s and 5.0 x16 64 GB/s per direction "
+    "(PCI-SIG). InfiniBand: NDR 400 Gb/s (50 GB/s) and HDR 200 Gb/s (25 GB/s) per port (NVIDIA ConnectX-7 / -6 "
+    "datasheets; DGX H100 / A100 give each GPU one such port). Sustained all-to-all = 80% of the per-direction "
+    "link rate: an assumption (NCCL all-to-all on NVSwitch and on rail-optimised InfiniBand reaches about that "
+    "in published nccl-tests runs), not a measurement."
+)
 
 
 _HOPPER_ATTENTION = {"fa2": (330.0, 290.0), "fa3": (640.0, 500.0), "cudnn": (595.0, 460.0)}
@@ -41,14 +55,17 @@ GPUS = {
     "a100": GpuRates("A100 SXM 80GB (estimate)", 312.0, 250.0, 19.5, 1.7, {"fa2": (220.0, 190.0)}, (8, 0),
                      "peak: NVIDIA A100 datasheet (312 TFLOP/s dense bf16, 2.04 TB/s); sustained matmul 250 "
                      "(80% of peak) and 1.7 TB/s (84%) assumed; FA2 220 / 190 (FlashAttention-2 paper, Dao "
-                     "2023, A100, head dim 128, about 70% / 60% of peak); no fp8 tensor cores", memory_gib=79.2),
+                     "2023, A100, head dim 128, about 70% / 60% of peak); no fp8 tensor cores", memory_gib=79.2,
+                     intra_node=("NVLink 3", 240.0), inter_node=("InfiniBand HDR 200 Gb/s", 20.0)),
     "4090": GpuRates("RTX 4090 (estimate)", 165.2, 140.0, 82.6, 0.9, {"fa2": (120.0, 100.0)}, (8, 9),
                      "peak: NVIDIA Ada whitepaper (165.2 TFLOP/s bf16 with fp32 accumulate, 1.01 TB/s GDDR6X); "
                      "sustained matmul 140 (85%), 0.9 TB/s, FA2 120 / 100 assumed (no published figure read); fp8 "
-                     "matmuls not modelled", memory_gib=23.6),
+                     "matmuls not modelled", memory_gib=23.6,
+                     intra_node=("PCIe 4.0 x16 (no NVLink)", 25.6), inter_node=("InfiniBand HDR 200 Gb/s", 20.0)),
     "5090": GpuRates("RTX 5090 (estimate)", 209.5, 175.0, 104.8, 1.6, {"fa2": (150.0, 125.0),
                                                                       "cudnn": (150.0, 125.0)}, (12, 0),
                      "peak: NVIDIA Blackwell GeForce whitepaper (209.5 TFLOP/s bf16 with fp32 accumulate, "
                      "1.79 TB/s GDDR7); sustained matmul 175 (84%), 1.6 TB/s, attention 150 / 125 assumed (no "
-                     "published figure read); fp8 matmuls not modelled", memory_gib=31.4),
+                     "published figure read); fp8 matmuls not modelled", memory_gib=31.4,
+                     intra_node=("PCIe 5.0 x16 (no NVLink)", 51.2), inter_node=("InfiniBand HDR 200 Gb/s", 20.0)),
 }

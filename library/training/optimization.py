@@ -86,5 +86,5 @@ def build_optimization(cfg: TrainConfig, experts: list, data, accelerator, seed:
     logger.info("%d trainable %s tensors, %d steps (%d per epoch)", len(trainable),
                 "DiT" if cfg.finetune.full_fine_tune else "LoRA", total, steps_per_epoch)
     return Optimization(optimizer, scheduler, trainable, total, fused,
-                        run_facts(cfg, data, optimizer, total, accelerator.num_processes),
+                        run_facts(cfg, data, optimizer, total, data.world),
                         any(getattr(e.network, "sharded", False) for e in experts))

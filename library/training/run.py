@@ -25,6 +25,7 @@ class RunState:
     global_step: int = 0
     epoch: int = 0  # completed epochs
     batch_in_epoch: int = 0  # batches of the current epoch already consumed (at the last optimizer step)
+    sequence_parallel: int = 1  # processes per sample (`sequence_parallel_size`); a resume must use the same
     started_at: float = field(default_factory=time.time)
 
     @classmethod

@@ -41,7 +41,8 @@ from .lock import lock_run_folder
 from .logs import LossLog
 from .monitor import LossMonitor
 from .optimization import build_optimization
-from .planning.auto import auto_full_settings
+from .parallel import setup_parallel
+from .planning.auto import auto_full_settings, auto_sequence_parallel
 from .run import RunState, make_accelerator, resolve_run
 from .samples import TrainingSampler
 from .seeding import derive_seed, generator
@@ -99,10 +100,13 @@ class Trainer:
             self.run_info = replace(self.run_info, seed=payload["run_state"]["seed"])  # continue the same run
         self.state = RunState(seed=self.run_info.seed)
         self.data = build_data(cfg, self.variant, self.accelerator, self.run_info.seed)
-        self.buckets = TimestepBuckets.from_config(cfg, self.data, self.accelerator.process_index)
+        processes = self.accelerator.num_processes
+        cfg = self.cfg = auto_sequence_parallel(cfg, self.variant, self.data, self.device, processes)
+        self.layout = setup_parallel(cfg, self.variant, self.accelerator, self.data, payload)  # data x sequence
+        self.state.sequence_parallel = self.layout.size
+        self.buckets = TimestepBuckets.from_config(cfg, self.data, self.accelerator.process_index // self.layout.size)
         if cfg.finetune.full_fine_tune and cfg.memory.auto_memory:
-            cfg = self.cfg = auto_full_settings(cfg, self.variant, self.data, self.device,
-                                                self.accelerator.num_processes)
+            cfg = self.cfg = auto_full_settings(cfg, self.variant, self.data, self.device, processes)
         if payload is not None and payload["sharded"] != sharding(cfg):
             raise StateError(f"resume: {payload['folder']} was saved {'with' if payload['sharded'] else 'without'} "
                              f"fsdp sharding; resume it {'with' if payload['sharded'] else 'without'} `fsdp`")
@@ -185,12 +189,13 @@ class Trainer:
         expert = self.router.draw(generator(*pos, "expert"), tokens)
         self.router.activate(expert)
         self._seed_dropout(derive_seed(*pos, "dropout"))
-        loss = self.loss(batch, expert, pos)
-        self.last_keys = batch["keys"]
-        if not finite_everywhere(loss, self.accelerator):
-            self._bad_batch(batch, loss)
-            return float("nan")
-        self.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
+        with self.layout.active(expert.model):  # sequence parallelism: the recomputed blocks of the backward too
+            loss = self.loss(batch, expert, pos)
+            self.last_keys = batch["keys"]
+            if not finite_everywhere(loss, self.accelerator):
+                self._bad_batch(batch, loss)
+                return float("nan")
+            self.accelerator.backward(loss / cfg.loop.gradient_accumulation_steps)
         self.bad_steps = 0
         return loss.item()
 
@@ -322,7 +327,8 @@ class Trainer:
             owner = self.router.owner(sigma)
             self.router.activate(owner)
             for batch in self.val_batches:
-                total += self.loss(batch, owner, (self.state.seed, "validation", sigma_index), sigma).item()
+                with self.layout.active(owner.model):
+                    total += self.loss(batch, owner, (self.state.seed, "validation", sigma_index), sigma).item()
                 count += 1
         for expert in self.experts:
             expert.network.train()

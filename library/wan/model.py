@@ -136,6 +136,7 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)  # over the full width, before the head split
         self.norm_k = RMSNorm(dim, eps)
+        self.sequence_parallel = None  # set by WanModel.set_sequence_parallel: attention over split tokens
 
     def forward(self, x: torch.Tensor, rope: tuple, backend: str, split: bool) -> torch.Tensor:
         b, length, _ = x.shape  # [B, L, C] in compute dtype
@@ -143,7 +144,8 @@ class SelfAttention(nn.Module):
         k = self.norm_k(self.k(x)).view(b, length, self.num_heads, -1)
         v = self.v(x).view(b, length, self.num_heads, -1)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.o(attention(q, k, v, backend, split).flatten(2))
+        attend = attention if self.sequence_parallel is None else self.sequence_parallel.attention
+        return self.o(attend(q, k, v, backend, split).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -278,6 +280,9 @@ class WanModel(nn.Module):
         # Optional object whose `run(index, block, args, run_block)` runs each block in place of a direct
         # call (memory features: block swap, activation offload); None runs the blocks directly.
         self.block_runner = None
+        # Optional object splitting the tokens over processes (library.runtime.sequence_parallel): `split`
+        # after the embeddings, `attention` in each self-attention, `gather` after the head; None: all here.
+        self.sequence_parallel = None
         # 1. Patch, text and time embeddings
         self.patch_embedding = nn.Conv3d(v.in_dim, v.dim, kernel_size=v.patch_size, stride=v.patch_size)
         self.text_embedding = nn.Sequential(
@@ -326,6 +331,12 @@ class WanModel(nn.Module):
     def set_attention_backend(self, backend: str, split_attn: bool = False) -> None:
         self.attention_backend = check_backend(backend)
         self.split_attn = split_attn
+
+    def set_sequence_parallel(self, sequence_parallel) -> None:
+        """Split each sample's tokens over a sequence group (None: every token on this process)."""
+        self.sequence_parallel = sequence_parallel
+        for block in self.blocks:
+            block.self_attn.sequence_parallel = sequence_parallel
 
     def enable_gradient_checkpointing(self, enabled: bool = True, keep_attention: bool = False) -> None:
         """Checkpoint every block (keep its input, recompute the rest in the backward pass). With
@@ -444,6 +455,8 @@ class WanModel(nn.Module):
         e, e0 = self._time_embeddings(timestep.to(x.device), batch, grid)
         ctx = self._context(context, clip_fea, dtype)
         rope = self._rope(grid, x.device, frame_positions)
+        if self.sequence_parallel is not None:  # this process's slice of the tokens, RoPE and modulation
+            x, e, e0, rope = self.sequence_parallel.split(x, e, e0, rope)
         if self.dynamic_tokens:
             for t in (x, *rope):
                 torch._dynamo.maybe_mark_dynamic(t, 1 if t is x else 0)
@@ -481,6 +494,8 @@ class WanModel(nn.Module):
         x, e, e0, ctx, rope, grid = self.embed(x, timestep, context, y, clip_fea, dtype, frame_positions, full_ref)
         x = self.run_blocks(x, e0, ctx, rope, dtype)
         out = self.head(x, e, dtype)  # [B, L, pt*ph*pw*out_dim]
+        if self.sequence_parallel is not None:  # every token's output, on every process of the group
+            out = self.sequence_parallel.gather(out)
         if self.variant.ref_conv:  # the reference frame's tokens are not part of the output
             out, grid = out[:, grid[1] * grid[2]:], (grid[0] - 1, *grid[1:])
         return self._unpatchify(out.float(), grid)

@@ -70,7 +70,7 @@ NON_OFF_DEFAULTS = {
     "lr_scheduler", "lr_scheduler_num_cycles", "lr_scheduler_power", "max_train_steps", "timestep_sampling",
     "gradient_accumulation_steps", "mixed_precision", "max_data_loader_n_workers", "discrete_flow_shift",
     "sigmoid_scale", "weighting_scheme", "logit_std", "mode_scale", "max_timestep", "save_lora_format",
-    "compile_backend", "compile_mode", "save_model_format",
+    "compile_backend", "compile_mode", "save_model_format", "sequence_parallel_attention",
 }
 
 

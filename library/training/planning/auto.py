@@ -28,9 +28,47 @@ def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_expert
         return cfg.memory
     width, height, frames, batch = largest_bucket(data)
     plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
-                       cfg.optimizer.optimizer_type, experts=n_experts, fp8=cfg.memory.fp8_fast)
+                            cfg.optimizer.optimizer_type, experts=n_experts, fp8=cfg.memory.fp8_fast,
+                            sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg))
     logger.info("auto_memory plan for %.0f GiB:\n%s", vram, plan.table())
     return plan.apply(cfg.memory)
+
+
+def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, processes: int) -> TrainConfig:
+    """`auto_memory` with several processes and no `sequence_parallel_size`: when the largest bucket does not fit
+    one GPU comfortably (LoRA: without block swap; full fine-tuning: at all), the smallest sequence group
+    that does (a divisor of the processes, and of the heads for Ulysses); else the config as it is."""
+    a = cfg.attention
+    vram = lora.detect_vram_gb(device) if cfg.memory.auto_memory and processes > 1 and a.sequence_parallel == 1 \
+        else None
+    if vram is None:
+        return cfg
+    width, height, frames, batch = largest_bucket(data)
+    experts = 2 if variant.two_experts and cfg.model.dit and cfg.model.dit_high_noise else 1
+    ft = cfg.finetune
+
+    def comfortable(n: int) -> bool:
+        if ft.full_fine_tune:
+            return plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
+                             experts, ft.trainable_patterns, ft.frozen_patterns, sequence_parallel=n,
+                             gather_kv=_gathers(cfg)).fits
+        plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
+                                cfg.optimizer.optimizer_type, experts, sequence_parallel=n, gather_kv=_gathers(cfg))
+        return plan.fits and not plan.settings.blocks_to_swap
+
+    if comfortable(1):
+        return cfg
+    ulysses = a.sequence_parallel_attention == "ulysses"
+    for n in range(2, processes + 1):
+        if processes % n == 0 and not (ulysses and variant.num_heads % n) and comfortable(n):
+            logger.info("auto_memory: %dx%dx%d does not fit one %.0f GiB GPU comfortably; splitting each sample over "
+                        "%d processes (sequence_parallel_size = %d)", width, height, frames, vram, n, n)
+            return replace(cfg, attention=replace(a, sequence_parallel_size=n))
+    return cfg
+
+
+def _gathers(cfg: TrainConfig) -> bool:
+    return cfg.attention.sequence_parallel_attention == "all_gather"
 
 
 def largest_bucket(data) -> tuple[int, int, int, int]:
@@ -60,7 +98,8 @@ def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data, device, proc
         return True
 
     plan = plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
-                     2 if cfg.model.dit_high_noise else 1, ft.trainable_patterns, ft.frozen_patterns, allow=allowed)
+                     2 if cfg.model.dit_high_noise else 1, ft.trainable_patterns, ft.frozen_patterns, allow=allowed,
+                     sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg))
     chosen, estimate = plan.settings, plan.estimate
     if not plan.fits:
         logger.warning("auto_memory: nothing fits %.0f GiB (%.1f GiB estimated with %s); trying it anyway", vram,

@@ -32,7 +32,7 @@ from library.wan.model import WanModel
 from library.wan.vace import build_dit
 from library.wan.variants import WanVariant, get_variant
 
-from .lora import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload
+from .lora import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload, _split
 
 # Saved for backward by one block whose own weights train, per token (measured like ACT_PER_C, on fp32
 # weights under bf16 autocast with a trainable timestep embedding): 19 C more than a LoRA block without its
@@ -212,7 +212,7 @@ class FullEstimate:
 
 def estimate_full(w: FullWorkload, s: FullSettings) -> FullEstimate:
     """The peak GPU memory of one process: the largest of the three moments of a step (see FullEstimate)."""
-    v, t, b, layers = w.variant, w.tokens, w.batch_size, w.variant.num_layers
+    v, t, b, layers = w.variant, w.local_tokens, w.batch_size, w.variant.num_layers
     c, f = v.dim, v.ffn_dim
     sb = state_bytes(w, s)
     n = w.processes if s.fsdp else 1
@@ -220,11 +220,11 @@ def estimate_full(w: FullWorkload, s: FullSettings) -> FullEstimate:
     weights, optim = w.experts * sb.weights / n * on_gpu, w.experts * sb.optimizer / n * on_gpu
     gathered = FSDP_GATHERED_BLOCKS * sb.block_weights + sb.outer_weights if s.fsdp else 0
     # activations: LoRA's rules with the full fine-tuning coefficients
-    per_block = (ACT_FULL_PER_C * c + ACT_FULL_PER_F * f) * t * b
+    per_block = (ACT_FULL_PER_C * c + ACT_FULL_PER_F * f) * t * b + w.gathered_bytes()
     block_input = 4 * c * t * b  # what checkpointing keeps of a block: its fp32 input
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else layers)
     shared = (4 * v.head_dim + 4 * c) * t * b
-    work = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + sb.largest_grad
+    work = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + sb.largest_grad + w.split_bytes()
     if s.checkpointing:  # kept per block through the backward pass: (activations, bf16 copies)
         kept, kept_copies = (0 if s.offload_activations else block_input), 0
         fixed = per_block + (2 * block_input if s.offload_activations else 0)  # the recomputed block, inputs in flight
@@ -278,8 +278,8 @@ class FullPlan:
     def table(self) -> str:
         w = self.workload
         head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
-                f"{w.tokens} tokens, full fine-tuning, {w.optimizer}, {w.processes} process(es); {self.vram_gb:g} GiB "
-                f"card, {self.budget_gb:.1f} GiB usable (estimates, GiB per process)")
+                f"{w.tokens} tokens{_split(w)}, full fine-tuning, {w.optimizer}, {w.processes} process(es); "
+                f"{self.vram_gb:g} GiB card, {self.budget_gb:.1f} GiB usable (estimates, GiB per process)")
         cols = ("", "settings", "weights", "grads", "optim", "copies", "activations", "workspace", "total", "peak at",
                 "host RAM", "fits")
         rows = [cols]
@@ -313,13 +313,15 @@ def full_candidates(processes: int) -> list[FullSettings]:
 def plan_full(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int, batch_size: int = 1,
               optimizer: str = "adamw", processes: int = 1, experts: int = 1, trainable_patterns: tuple[str, ...] = (),
               frozen_patterns: tuple[str, ...] = (), show_all: bool = False,
-              allow: Callable[[FullSettings], bool] | None = None) -> FullPlan:
+              allow: Callable[[FullSettings], bool] | None = None, sequence_parallel: int = 1,
+              gather_kv: bool = False) -> FullPlan:
     """The first rung of the full fine-tuning ladder whose estimated peak per process fits the card; when none
     does, the plan says what would (another optimizer, more GPUs, fewer frames). `show_all` keeps every rung in
     the table, not only those tried; `allow` leaves out the rungs a config cannot use."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
-    w = FullWorkload(variant, width, height, frames, batch_size, 0, optimizer, experts, processes,
-                     tuple(trainable_patterns), tuple(frozen_patterns))
+    w = FullWorkload(variant, width, height, frames, batch_size, 0, optimizer, experts, processes=processes,
+                     trainable_patterns=tuple(trainable_patterns), frozen_patterns=tuple(frozen_patterns),
+                     sequence_parallel=sequence_parallel, gather_kv=gather_kv)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
     tried = [(s, estimate_full(w, s)) for s in full_candidates(processes) if allow is None or allow(s)]
     chosen = next((i for i, (_, e) in enumerate(tried) if e.total <= budget), None)

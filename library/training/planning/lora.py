@@ -65,6 +65,8 @@ class Workload:
     rank: int = 32
     optimizer: str = "adamw"
     experts: int = 1  # 2: both WAN 2.2 A14B experts are trained in one run
+    sequence_parallel: int = 1  # processes sharing each sample's tokens (`sequence_parallel_size`)
+    gather_kv: bool = False  # sequence_parallel_attention = "all_gather": every process holds all keys and values
 
     @property
     def tokens(self) -> int:
@@ -72,6 +74,23 @@ class Workload:
         st, sh, sw = self.variant.vae_stride
         pt, ph, pw = self.variant.patch_size
         return ((self.frames - 1) // st + 1) // pt * (self.height // sh // ph) * (self.width // sw // pw)
+
+    @property
+    def local_tokens(self) -> int:
+        """The tokens of a sample one process holds: all of them, or its slice under sequence parallelism
+        (Ulysses: the attention of all tokens over heads / N is as large as that of tokens / N over all heads)."""
+        return math.ceil(self.tokens / self.sequence_parallel)
+
+    def split_bytes(self) -> int:
+        """The all-to-all buffers of one block's attention under sequence parallelism: q, k, v and the output
+        in bf16, sent and received (16 bytes per width unit and local token); 0 without it."""
+        return 16 * self.variant.dim * self.local_tokens * self.batch_size if self.sequence_parallel > 1 else 0
+
+    def gathered_bytes(self) -> int:
+        """`all_gather` attention: the keys and values of every token in bf16, kept by a block for its backward
+        pass (4 bytes per width unit and token of the whole sample); 0 otherwise."""
+        return 4 * self.variant.dim * self.tokens * self.batch_size if self.gather_kv and self.sequence_parallel > 1 \
+            else 0
 
 
 @dataclass(frozen=True)
@@ -164,7 +183,7 @@ def _block_bytes(v: WanVariant, fp8: bool) -> float:
 
 
 def estimate(w: Workload, s: Settings) -> Estimate:
-    v, t, b = w.variant, w.tokens, w.batch_size
+    v, t, b = w.variant, w.local_tokens, w.batch_size
     c, f = v.dim, v.ffn_dim
     bf16, fp32 = outer_params(v)
     resident_blocks = v.num_layers - s.blocks_to_swap + min(s.blocks_to_swap, SWAP_IN_FLIGHT)
@@ -173,7 +192,7 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     weights = experts_on_gpu * (bf16 * 2 + fp32 * 4 + resident_blocks * _block_bytes(v, s.fp8)
                                 + vace_bf16 * 2 + vace_fp32 * 4)
     lora = w.experts * lora_params(v, w.rank) * (8 + OPTIMIZER_BYTES.get(w.optimizer.lower(), 8))
-    per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b
+    per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b + w.gathered_bytes()
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else v.num_layers)
     shared = (4 * v.head_dim + 4 * c) * t * b  # RoPE tables, the incoming fp32 gradient
     vace = len(v.vace_layers)
@@ -185,7 +204,7 @@ def estimate(w: Workload, s: Settings) -> Estimate:
         activations = per_block + stored + context + shared
         if s.keep_attention:  # every other block's self-attention output and log-sum-exp (the recomputed
             activations += (v.num_layers - 1) * (KEEP_PER_C * c + KEEP_PER_HEAD * v.num_heads) * t * b  # one's: above
-    workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB
+    workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + w.split_bytes()
     return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB)
 
 
@@ -216,7 +235,7 @@ class MemoryPlan:
     def table(self) -> str:
         w = self.workload
         head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
-                f"{w.tokens} tokens, LoRA rank {w.rank}, {w.optimizer}; {self.vram_gb:g} GiB card, "
+                f"{w.tokens} tokens{_split(w)}, LoRA rank {w.rank}, {w.optimizer}; {self.vram_gb:g} GiB card, "
                 f"{self.budget_gb:.1f} GiB usable (estimates)")
         cols = ("", "settings", "weights", "LoRA+opt", "activations", "workspace", "total", "fits")
         rows = [cols]
@@ -237,6 +256,10 @@ class MemoryPlan:
         return "\n".join(lines + [verdict])
 
 
+def _split(w: Workload) -> str:
+    return f" ({w.local_tokens} per process, split over {w.sequence_parallel})" if w.sequence_parallel > 1 else ""
+
+
 def _candidates(w: Workload, fp8: bool = False):
     base = [Settings(), Settings(checkpointing=True, keep_attention=True), Settings(checkpointing=True),
             Settings(checkpointing=True, offload_activations=True),
@@ -255,11 +278,13 @@ def _candidates(w: Workload, fp8: bool = False):
 
 def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int,
                 batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1,
-                fp8: bool = False) -> MemoryPlan:
+                fp8: bool = False, sequence_parallel: int = 1, gather_kv: bool = False) -> MemoryPlan:
     """The first candidate (see the module docstring) whose estimated peak fits the card; with `fp8` only
-    candidates with fp8 weights (`fp8_fast` needs them)."""
+    candidates with fp8 weights (`fp8_fast` needs them); with `sequence_parallel` N each process holds 1 / N
+    of every sample's tokens (with `gather_kv`, the `all_gather` attention, also every token's keys and
+    values of the block it runs)."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
-    w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts)
+    w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts, sequence_parallel, gather_kv)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
     tried = []
     for s in _candidates(w, fp8):
