@@ -136,7 +136,7 @@ def _samples_html(results: list[VariantResult], root: Path) -> str:
                 entry = per_variant[r.name].get(index, {}).get("steps", {}).get(step)
                 if entry and (entry[0] or entry[1]):
                     video, sheet, still = entry
-                    cells.append(media(video or sheet, root, poster=sheet, still=still or video is None))
+                    cells.append(media(sheet if (still or not video) and sheet else video, root))
                 else:
                     cells.append("<span class=muted>-</span>")
             rows.append([f"step {step}", *cells])

@@ -92,8 +92,8 @@ def _csv_bytes(rows: list[dict], header: bool = False) -> bytes:
 
 
 class LossLog:
-    """One CSV row per optimizer step (and per validation run); rows are appended and the curve redrawn
-    at most every `plot_seconds`, after each validation, and on `flush()` / `plot()` (every save). A
+    """One CSV row per optimizer step (and per validation run); rows are appended and the plots redrawn
+    at most every `plot_seconds` (also after a validation), and on `plot()` (the end of the run). A
     non-finite loss (a skipped step) gets its row but never enters the moving average or the plot."""
 
     def __init__(self, folder: str | os.PathLike, ema: float = 0.98, plot_seconds: float = 30.0, resume_step: int = 0):
@@ -101,7 +101,7 @@ class LossLog:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.folder / "loss.csv"
         self.png_path = self.folder / "loss.png"
-        self.ema, self.plot_seconds, self._plotted = ema, plot_seconds, 0.0
+        self.ema, self.plot_seconds, self._plotted, self._drawn_rows = ema, plot_seconds, -math.inf, -1
         self.experts: dict[str, tuple[float, float]] = {}  # timestep range per expert, for the per-expert plot
         self._pending: list[dict] = []  # rows not yet appended to loss.csv
         self.rows: list[dict] = self._read_existing(resume_step)
@@ -131,7 +131,7 @@ class LossLog:
         self.rows.append(row)
         self._pending.append(row)
         if kind != "train" or time.monotonic() - self._plotted >= self.plot_seconds:
-            self.plot()
+            self.plot(force=False)
         return avg
 
     def flush(self) -> None:
@@ -140,11 +140,13 @@ class LossLog:
             append_bytes(self.csv_path, _csv_bytes(self._pending))
             self._pending.clear()
 
-    def plot(self) -> None:
-        """Append the pending rows and redraw the plots (never raises: a plot that fails is logged and
-        skipped, the run goes on)."""
+    def plot(self, force: bool = True) -> None:
+        """Append the pending rows and redraw the plots: unless `force`, at most every `plot_seconds`; never
+        twice for the same rows. Never raises: a plot that fails is logged and skipped, the run goes on."""
         from .report.plots import draw_plots
 
         self.flush()
-        self._plotted = time.monotonic()
+        if len(self.rows) == self._drawn_rows or not force and time.monotonic() - self._plotted < self.plot_seconds:
+            return
+        self._plotted, self._drawn_rows = time.monotonic(), len(self.rows)
         draw_plots(self.rows, self.folder, experts=self.experts)

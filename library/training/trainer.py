@@ -364,7 +364,7 @@ class Trainer:
         step = st.global_step if kind in ("step", "interrupt", "stopped") else None
         epoch = st.epoch if kind == "epoch" else None
         if self.is_main:
-            self.log.plot()  # loss.csv and loss.png up to date with every save
+            self.log.plot(force=kind not in ("step", "epoch"))  # loss.csv with every save; the plots at most every 30 s
         if kind not in ("interrupt", "stopped"):
             for expert in self.experts:
                 path = ckpt.lora_path(info.output_dir, info.output_name, expert.suffix, epoch, step)

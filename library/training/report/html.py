@@ -1,6 +1,6 @@
 """The HTML style shared by report.html, sweep.html and the checkpoint-comparison grids: one file with its
 own stylesheet, media by relative links (so the folder can be moved or zipped), no script and no network.
-Videos carry their contact sheet as poster, so a browser without H.264 still shows the frames."""
+Each video holds a link to its file, so a browser that cannot play it still offers it."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ tr.best td { background: #dafbe1; } .warn { color: #9a6700; } .bad { color: #cf2
 .plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap: 12px; }
 .plots img { width: 100%; border: 1px solid #eaeef2; }
 .scroll { overflow-x: auto; }
-.grid td { text-align: center; } .grid video, .grid img { max-width: 260px; max-height: 260px; display: block;
-  margin: 0 auto; background: #000; }
+.grid td { text-align: center; } .grid video { width: 224px; max-height: 320px; display: block; margin: 0 auto;
+  background: #000; object-fit: contain; } .grid img { max-width: 448px; display: block; margin: 0 auto; }
 .grid figcaption { font-size: 11px; color: #6e7781; }
 pre { background: #f6f8fa; padding: 10px; overflow-x: auto; font-size: 12px; max-height: 480px; }
 ul.diag li { margin: 4px 0; }
@@ -70,12 +70,12 @@ def table(head: list[str] | None, rows: list[list], numeric: set[int] = frozense
 
 
 def media(path: Path, base: Path, poster: Path | None = None, still: bool = False, caption: str = "") -> str:
-    """A <video> (MP4, looping, muted, with its contact sheet as poster) or an <img>, linked relatively."""
+    """A <video> (MP4, looping, muted; `poster` shown until it plays) or an <img>, linked relatively."""
     if still or path.suffix.lower() not in (".mp4", ".webm"):
-        tag = f'<img src="{rel(poster or path, base)}" alt="{esc(caption or path.name)}" loading="lazy">'
+        tag = f'<img src="{rel(poster or path, base)}" alt="{esc(caption or path.name)}">'
     else:
         poster_attr = f' poster="{rel(poster, base)}"' if poster else ""
-        tag = (f'<video src="{rel(path, base)}"{poster_attr} controls loop muted playsinline preload="metadata">'
+        tag = (f'<video src="{rel(path, base)}"{poster_attr} controls loop muted playsinline preload="auto">'
                f'<a href="{rel(path, base)}">{esc(path.name)}</a></video>')
     note = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
     return f"<figure style='margin:0'>{tag}{note}</figure>"

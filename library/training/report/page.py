@@ -131,7 +131,7 @@ def _samples_html(folder: Path) -> str:
         cells = []
         for step in steps:
             video, sheet, still = p["steps"].get(step, (None, None, False))
-            cells.append(media(video or sheet, folder, poster=sheet, still=still or video is None)
+            cells.append(media(sheet if (still or not video) and sheet else video, folder)
                          if (video or sheet) else "<span class=muted>-</span>")
         rows.append([f"{index + 1}: {esc(p['prompt'])}", *cells])
     return "<div class='scroll grid'>" + table(["prompt", *[f"step {s}" for s in steps]], rows, raw=True) + "</div>"
