@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
                    help="a setting for every variant (wins over the variants' values)")
     p.add_argument("--gpus", help="comma list of GPU indices: one variant per GPU at a time (default: one after "
                                   "another on the visible device)")
+    p.add_argument("--jobs", type=int, default=1, help="without --gpus: trainings at a time on the visible device "
+                                                        "(default 1; more for small models or a large GPU)")
     p.add_argument("--report_only", action="store_true", help="only rewrite sweep.html from the folders")
     return p
 
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {write_sweep_page(plan)}")
         return 0
     script = REPO / ("finetune/fine_tune_wan.py" if plan.extra.get("full_fine_tune") else "train_network_wan.py")
-    results = run_sweep(plan, [sys.executable, str(script)], gpus, on_progress=lambda: write_sweep_page(plan))
+    results = run_sweep(plan, [sys.executable, str(script)], gpus, on_progress=lambda: write_sweep_page(plan),
+                        jobs=args.jobs)
     page = write_sweep_page(plan)
     failed = {k: v for k, v in results.items() if v}
     print(f"wrote {page}" + (f"; not finished: {', '.join(f'{k} (exit {v})' for k, v in failed.items())}"

@@ -187,10 +187,12 @@ def run_variant(plan: SweepPlan, variant: Variant, command: list[str], gpu: str 
 
 
 def run_sweep(plan: SweepPlan, command: list[str], gpus: list[str] | None = None,
-              on_progress=None) -> dict[str, int]:
+              on_progress=None, jobs: int = 1) -> dict[str, int]:
     """Train every variant that is not finished; returns {variant: exit code} (0 for those skipped). With
-    `gpus`, one training per GPU at a time (their output goes to each folder's train.log). `on_progress` is
-    called after each variant (sweep.html is rewritten there)."""
+    `gpus`, one training per GPU at a time; else `jobs` trainings at a time on the visible device (small
+    models: the CPU, or several small runs on one large GPU). Trainings that run side by side write their
+    output to each folder's train.log. `on_progress` is called after each variant (sweep.html is rewritten
+    there)."""
     write_plan(plan)
     results: dict[str, int] = {}
     todo: queue.Queue = queue.Queue()
@@ -209,7 +211,7 @@ def run_sweep(plan: SweepPlan, command: list[str], gpus: list[str] | None = None
                 variant = todo.get_nowait()
             except queue.Empty:
                 return
-            rc = run_variant(plan, variant, command, gpu, to_log=gpus is not None and len(gpus) > 1)
+            rc = run_variant(plan, variant, command, gpu, to_log=len(slots) > 1)
             with lock:
                 results[variant.name] = rc
                 if rc == 130:  # interrupted: its state is saved; stop taking new variants
@@ -217,7 +219,8 @@ def run_sweep(plan: SweepPlan, command: list[str], gpus: list[str] | None = None
                 if on_progress:
                     on_progress()
 
-    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in (gpus or [None])]
+    slots = gpus or [None] * max(1, jobs)
+    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in slots]
     for t in threads:
         t.start()
     try:

@@ -101,7 +101,7 @@ class LossLog:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.folder / "loss.csv"
         self.png_path = self.folder / "loss.png"
-        self.ema, self.plot_seconds, self._plotted, self._drawn_rows = ema, plot_seconds, -math.inf, -1
+        self.ema, self.plot_seconds, self._plotted, self._drawn_rows = ema, plot_seconds, time.monotonic(), -1
         self.experts: dict[str, tuple[float, float]] = {}  # timestep range per expert, for the per-expert plot
         self._pending: list[dict] = []  # rows not yet appended to loss.csv
         self.rows: list[dict] = self._read_existing(resume_step)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import warnings
 from pathlib import Path
 
 from ..files import atomic_write_bytes
@@ -174,7 +175,10 @@ def draw_plots(rows: list[dict], folder: str | Path, experts: dict | None = None
     for name, draw in draws.items():
         path = folder / PLOT_FILES[name]
         try:
-            if draw(path):
+            with warnings.catch_warnings():  # a finite loss near the float limit overflows a tick computation
+                warnings.simplefilter("ignore", RuntimeWarning)
+                drawn = draw(path)
+            if drawn:
                 written[name] = path
             elif path.exists() and name != "loss":
                 path.unlink()  # no data for it (any more): no stale picture
