@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 from ..logs import read_loss_csv
@@ -61,11 +62,11 @@ def _plots_html(folder: Path) -> str:
 def _diagnosis_html(folder: Path, s: dict) -> str:
     items = [f"<li class=warn>start of run: {esc(w)}</li>" for w in s.get("advice", {}).get("warnings", [])]
     diagnosis = folder / "diagnosis.md"
-    if diagnosis.is_file():
+    if diagnosis.is_file():  # the loss monitor's warnings: "- **step N, kind**: message (with the guide's advice)"
         for line in diagnosis.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("- "):
-                head, _, message = line[2:].partition(":** ")
-                items.append(f"<li class=bad><b>{esc(head.strip('*'))}</b>: {esc(message or head)}</li>")
+            found = re.match(r"- \*\*(.+?)\*\*:\s*(.*)", line)
+            if found:
+                items.append(f"<li class=bad><b>{esc(found.group(1))}</b>: {esc(found.group(2))}</li>")
     lines = "".join(f"<li>{esc(x)}</li>" for x in s.get("advice", {}).get("lines", []))
     body = f"<ul>{lines}</ul>" if lines else ""
     return body + (f"<ul class=diag>{''.join(items)}</ul>" if items else
