@@ -144,6 +144,25 @@ def test_report_lists_every_save_sample_and_plot_with_loss_csv_numbers(run):
         assert lo <= r["timesteps"][0] <= hi and math.isfinite(r["grad_norm"])
 
 
+def test_report_shows_the_monitors_diagnoses_and_evaluation_grids(run, tmp_path):
+    from library.training.report import write_report
+
+    folder = tmp_path / "copy"
+    shutil.copytree(run, folder)
+    (folder / "diagnosis.md").write_text("# Training diagnosis\n\n- **step 50, plateau**: the loss has not fallen "
+                                         "(1.1 -> 1.1): learning rate too low (try 1e-4 to 2e-4)\n")
+    cells = folder / "strength_sweep" / "demo_sweep_cells"  # a strength-sweep grid saved inside the folder
+    cells.mkdir(parents=True)
+    for c, label in enumerate(("base", "0.5")):
+        shutil.copyfile(next((folder / "sample").glob("*_00.mp4")), cells / f"p01_{c:02d}_{label}.mp4")
+    (folder / "strength_sweep" / "demo_sweep.json").write_text(json.dumps(
+        {"columns": [{"label": "base"}, {"label": "0.5"}], "rows": [{"prompt": "shapes", "seed": 3}],
+         "errors": [], "files": {}}))
+    text = write_report(folder).read_text()
+    assert "<b>step 50, plateau</b>: the loss has not fallen (1.1 -&gt; 1.1): learning rate too low" in text
+    assert "strength_sweep/demo_sweep_cells/p01_00_base.mp4" in text and "<th>0.5</th>" in text
+
+
 def test_report_is_rewritten_at_every_save(ws, tmp_path, monkeypatch):
     from library.training import reporting
 

