@@ -5,15 +5,17 @@ weights written in the official formats) from a synthetic captioned dataset, wit
     2. tools/cache_latents.py, tools/cache_text_encoder_outputs.py
     3. train_network_wan.py --config_file demo_output/demo_lora.toml   (with samples during training)
     4. generate_video_wan.py: base model and the LoRA at strengths 0.5 / 0.7 / 0.9 / 1.0, side by side
-    5. tools/pick_checkpoint.py, tools/check_lora.py on the two final files, then tools/registry.py add:
-       version 1 in a production registry
+    5. tools/pick_checkpoint.py, tools/report.py (report.html with the strength sweep), tools/check_lora.py on
+       the two final files, then tools/registry.py add: version 1 in a production registry
+    6. tools/sweep.py: three learning rates, one step each, judged together in sweep.html
 
     python demo.py [--output demo_output] [--steps 60]
 
 Outputs: OUTPUT/train/ holds one LoRA per expert (`demo_lora_high_noise.safetensors`,
-`demo_lora_low_noise.safetensors`), step checkpoints, loss.csv and loss.png, the resolved config and
-sample/ (videos rendered during training); OUTPUT/eval/ holds the strength-sweep grid video and contact
-sheet; OUTPUT/registry/ the versioned pair with its training_notes.md.
+`demo_lora_low_noise.safetensors`), step checkpoints, loss.csv and the plots, the resolved config, sample/
+(videos rendered during training), strength_sweep/ (the strength-sweep grid) and report.html, which shows
+all of it; OUTPUT/registry/ the versioned pair with its training_notes.md; OUTPUT/sweep/ three short runs
+and sweep.html.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ PROMPTS = ("# Kohya sample-prompt syntax: --w/--h size, --f frames, --d seed, --
            "a mosaic of discs and squares, still image --w 64 --h 64 --f 1 --d 2 --s 8\n")
 
 
-def write_training_toml(path: Path, models, dataset: Path, out: Path, steps: int, prompts: Path) -> Path:
+def write_training_toml(path: Path, models, dataset: Path, out: Path, steps: int, prompts: Path | None) -> Path:
     path.write_text(
         "# Written by demo.py: a flat TOML as the Kohya GUIs write it.\n"
         'task = "t2v-tiny"\n'
@@ -55,8 +57,9 @@ def write_training_toml(path: Path, models, dataset: Path, out: Path, steps: int
         f"max_train_steps = {steps}\nsave_every_n_steps = {max(1, steps // 2)}\nsave_state = true\n"
         'timestep_sampling = "shift"\ndiscrete_flow_shift = 3.0\n'
         'mixed_precision = "no"\ngradient_checkpointing = true\nseed = 42\nmax_data_loader_n_workers = 0\n'
-        f'vae = "{models.vae.as_posix()}"\nt5 = "{models.t5.as_posix()}"\n'
-        f'sample_prompts = "{prompts.as_posix()}"\nsample_every_n_steps = {max(1, steps // 2)}\n'
+        f"validate_every_n_steps = {max(1, steps // 3)}\n"
+        + (f'vae = "{models.vae.as_posix()}"\nt5 = "{models.t5.as_posix()}"\n'
+           f'sample_prompts = "{prompts.as_posix()}"\nsample_every_n_steps = {max(1, steps // 2)}\n' if prompts else "")
     )
     return path
 
@@ -74,6 +77,15 @@ def main() -> int:
 
     models = write_tiny_model_set(out / "models", "t2v-tiny")
     dataset = write_demo_dataset(out / "dataset", clips=8, images=8, width=64, height=64, frames=17)
+    validation = out / "validation"  # two of the stills as a validation set: the report's validation curve
+    for name in ("img_000", "img_001"):
+        for kind, ext in (("images", ".png"), ("captions", ".txt")):
+            (validation / kind).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(dataset.parent / kind / f"{name}{ext}", validation / kind / f"{name}{ext}")
+    dataset.write_text(dataset.read_text() + (
+        "\n[[validation_datasets]]\n"
+        f'image_directory = "{(validation / "images").as_posix()}"\n'
+        f'cache_directory = "{(validation / "cache").as_posix()}"\n'))
     print(f"tiny models in {out / 'models'}, dataset in {dataset.parent}")
     run([str(REPO / "tools" / "cache_latents.py"), "--dataset_config", str(dataset), "--vae", str(models.vae),
          "--task", "t2v-tiny", "--no_progress"], "cache latents")
@@ -89,9 +101,10 @@ def main() -> int:
          str(models.dit_high_noise), "--vae", str(models.vae), "--t5", str(models.t5), "--from_file", str(prompts),
          "--lora", str(train / "demo_lora_high_noise.safetensors"),
          "--lora", str(train / "demo_lora_low_noise.safetensors"),
-         "--lora_strength_sweep", "0.5,0.7,0.9,1.0", "--compare_base", "--output_dir", str(out / "eval"),
+         "--lora_strength_sweep", "0.5,0.7,0.9,1.0", "--compare_base", "--output_dir", str(train / "strength_sweep"),
          "--output_name", "demo"], "strength sweep")
     run([str(REPO / "tools" / "pick_checkpoint.py"), str(train)], "which checkpoint to test first")
+    run([str(REPO / "tools" / "report.py"), str(train)], "report.html with the strength sweep")
     pair = [str(train / "demo_lora_high_noise.safetensors"), str(train / "demo_lora_low_noise.safetensors")]
     run([str(REPO / "tools" / "check_lora.py"), *pair, "--task", "t2v-tiny"], "check the LoRA files")
     registry = out / "registry"
@@ -99,10 +112,17 @@ def main() -> int:
     run([str(REPO / "tools" / "registry.py"), "add", *pair, "--root", str(registry), "--type", "character",
          "--subject", "demo", "--changes", "first version", "--dataset", "synthetic clips and stills"],
         "version it for production")
+    sweep = out / "sweep"
+    shutil.rmtree(sweep, ignore_errors=True)  # a fresh sweep on every run (a rerun would skip finished variants)
+    # one step each, no samples, kept short: the demo shows the machinery; a real sweep runs whole trainings
+    base = write_training_toml(out / "sweep_base.toml", models, dataset, sweep, 1, None)
+    run([str(REPO / "tools" / "sweep.py"), "--config_file", str(base), "--vary", "learning_rate=5e-4,2e-3,8e-3"],
+        "A/B test of three learning rates")
     loras = sorted(p.name for p in train.glob("demo_lora_*noise.safetensors"))
     print(f"\ndone in {time.perf_counter() - start:.0f} s:\n  LoRAs: {', '.join(loras)} in {train}\n"
-          f"  loss curve: {train / 'loss.png'}\n  samples during training: {train / 'sample'}\n"
-          f"  strength sweep (base, 0.5, 0.7, 0.9, 1.0): {out / 'eval'}\n"
+          f"  the run's report (plots, saves, samples, strength sweep): {train / 'report.html'}\n"
+          f"  strength sweep (base, 0.5, 0.7, 0.9, 1.0): {train / 'strength_sweep'}\n"
+          f"  three learning rates compared: {sweep / 'sweep.html'}\n"
           f"  registry with the first version and its training notes: {registry}\n"
           "(the weights are random: the videos are structured noise, and the loss monitor may report a plateau,\n"
           " which is true of a random tiny model after a few dozen steps; with real weights both mean something)")

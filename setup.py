@@ -1,4 +1,5 @@
-"""Install the WAN trainer. `pip install -e .` for use, `-e ".[test]"` for the tests."""
+"""Install the WAN trainer. `pip install -e .` for use (`-e ".[report]"` adds the report's plots), `-e ".[test]"`
+for the tests."""
 
 from pathlib import Path
 
@@ -29,6 +30,9 @@ setup(
         # PyAV: the second video decoder, tried when OpenCV cannot open or decode a clip (AV1 with OpenCV's
         # wheels); WAN_VIDEO_DECODER=pyav makes it the first choice (variable-frame-rate clips).
         "video": ["av>=14"],
+        # matplotlib: the run report's plots (loss with validation, learning rate, gradient norm, per-expert losses,
+        # timesteps) and sweep.html's overlaid curves; without it only an OpenCV loss.png is drawn
+        "report": ["matplotlib>=3.7"],
         # the test tools, pinned (requirements-test.txt says why)
         "test": read_requirements("requirements-test.txt"),
     },

@@ -19,3 +19,9 @@ EPOCHS_BY_SIZE = [(800, (8, 12)), (400, (10, 15)), (200, (12, 18)), (0, (15, 20)
 def row_for(table, samples: int):
     """The (low, high) range of the first row whose lowest sample count `samples` reaches."""
     return next(value for lowest, value in table if samples >= lowest)
+# The guide's A/B test: "train 2-3 configurations and compare outputs" (learning rate, rank, epochs).
+AB_TEST: dict[str, dict[str, float]] = {
+    "conservative": {"learning_rate": 8e-5, "network_dim": 64, "max_train_epochs": 12},
+    "standard": {"learning_rate": 1.2e-4, "network_dim": 64, "max_train_epochs": 15},
+    "aggressive": {"learning_rate": 1.5e-4, "network_dim": 96, "max_train_epochs": 18},
+}

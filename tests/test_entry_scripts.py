@@ -45,6 +45,10 @@ def test_demo_trains_a_lora_end_to_end(impostor_env, tmp_path):
     for expert in ("high_noise", "low_noise"):
         assert (train / f"demo_lora_{expert}.safetensors").stat().st_size > 1000
     assert (train / "loss.png").exists() and (train / "demo_lora_config.toml").exists()
+    report = (train / "report.html").read_text()  # with the strength sweep, added after training
+    assert "before the first step (baseline)" in report and "strength_sweep/demo_sweep_cells/" in report
+    sweep = (tmp_path / "demo" / "sweep" / "sweep.html").read_text()
+    assert sweep.count("/report.html'>learning_rate-") == 3 and "ranked by best validation loss" in sweep
     assert "2 WARN, 0 ERROR" in out  # check_lora: a 6-step LoRA is "too few steps", nothing wrong
     assert "<- test first" in out  # pick_checkpoint
     notes = list((tmp_path / "demo" / "registry").rglob("training_notes.md"))

@@ -4,7 +4,8 @@
         --dit_high_noise high.safetensors --vae wan_2.1_vae.safetensors --t5 umt5.pth \\
         --from_file prompts.txt --seed 42 --include_base
 
-Writes OUTPUT_DIR/compare/checkpoints_<time>.mp4 / .png / .json. The work is done in
+Writes OUTPUT_DIR/compare/checkpoints_<time>.mp4 / .png / .json / .html (the grid as a page, a video per
+cell, in the style of report.html). The work is done in
 `library/sampling/commands.py`.
 """
 

@@ -1,6 +1,7 @@
 """Every saved checkpoint of a run rendered with the same prompts and seeds, in one grid labelled by step:
 LoRA files replace each other column by column; a whole-DiT checkpoint (full fine-tuning) replaces the
-expert's weights instead, loaded like the base."""
+expert's weights instead, loaded like the base. Beside the grid's MP4 / PNG / JSON, STEM.html shows it as
+a page in report.html's style, a video per cell."""
 
 from __future__ import annotations
 
@@ -119,5 +120,8 @@ def run_compare(args) -> int:
     finally:
         for network in models.networks:
             network.remove()
-    logger.info("wrote %s", out / f"{stem}.mp4")
+    from .grid_page import write_grid_page
+
+    page = write_grid_page(out / f"{stem}.json", f"checkpoints of {Path(args.run_dir).name}")
+    logger.info("wrote %s and %s", out / f"{stem}.mp4", page)
     return 1 if errors or sidecar["errors"] else 0

@@ -2,108 +2,23 @@
 
 The guide: "the best one is often at 60-80% of training, not the last"; test a checkpoint by generating
 with it and comparing with earlier ones. With a validation set (`validate_every_n_steps`) the run's own
-validation loss ranks the saves: the lowest is recommended, and a validation loss that rose well after its
-minimum while the training loss kept falling is reported as overfitting. Without one, the saves at 60-80%
-of the run are the candidates. Either way the next step is a visual comparison
-(`tools/compare_checkpoints.py`), which the report prints.
+validation loss ranks the saves: the lowest is recommended, its drop from the validation loss before the
+first step (the baseline) is shown, and a validation loss that rose well after its minimum while the
+training loss kept falling is reported as overfitting. Without one, the saves at 60-80% of the run are the
+candidates. Either way the next step is a visual comparison (`tools/compare_checkpoints.py`), which the
+report prints. The ranking itself lives in `library.training.report.ranking` (the run's report.html uses
+it at every save); this module formats it for the command line.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from library.training.checkpoints import find_checkpoints
-from library.training.logs import read_loss_csv
-
-OVERFIT_RISE = 0.05  # a validation loss this much above its minimum, later in the run, reads as overfitting
-
-
-@dataclass
-class SavedCheckpoint:
-    label: str
-    step: int | None
-    files: list[str]
-    train_loss: float | None = None  # the run's moving average at that step
-    val_loss: float | None = None  # the last validation loss at or before that step
-    share: float | None = None  # step / last step of the run
-
-
-@dataclass
-class Report:
-    run_dir: str
-    checkpoints: list[SavedCheckpoint]
-    recommended: list[str] = field(default_factory=list)  # labels, best first
-    reasons: list[str] = field(default_factory=list)
-
-
-def read_losses(path: Path) -> tuple[dict[int, float], dict[int, float]]:
-    """({step: moving-average train loss}, {step: validation loss}) from a run's loss.csv; rows that cannot
-    be read (a run killed while writing its last row) and non-finite losses (skipped steps) are left out."""
-    train, val = {}, {}
-    for row in read_loss_csv(path)[0]:
-        if row["kind"] == "val" and math.isfinite(row["loss"]):
-            val[row["step"]] = row["loss"]
-        elif row["kind"] == "train" and math.isfinite(row["avg_loss"]):
-            train[row["step"]] = row["avg_loss"]
-    return train, val
-
-
-def _at_or_before(series: dict[int, float], step: int) -> float | None:
-    earlier = [s for s in series if s <= step]
-    return series[max(earlier)] if earlier else None
-
-
-def rank_checkpoints(run_dir: str | Path, output_name: str | None = None) -> Report:
-    run_dir = Path(run_dir)
-    found = find_checkpoints(run_dir, output_name)
-    if not found:
-        raise FileNotFoundError(f"{run_dir}: no checkpoints (NAME.safetensors, NAME-step00000500.safetensors, "
-                                "NAME-000003.safetensors, per expert with _high_noise / _low_noise)")
-    csv_path = run_dir / "loss.csv"
-    train, val = read_losses(csv_path) if csv_path.is_file() else ({}, {})
-    last = max([*train, *(c.step or 0 for c in found)], default=0)
-    rows = []
-    for c in found:
-        row = SavedCheckpoint(c.label, c.step, [Path(p).name for p in c.files])
-        if c.step is not None:
-            row.train_loss, row.val_loss = _at_or_before(train, c.step), _at_or_before(val, c.step)
-            row.share = c.step / last if last else None
-        rows.append(row)
-    report = Report(str(run_dir), rows)
-    if not train:
-        report.reasons.append(f"{csv_path} is missing: no losses to rank by")
-    scored = [r for r in rows if r.val_loss is not None]
-    if scored:
-        best = min(scored, key=lambda r: (r.val_loss, -(r.step or 0)))
-        report.recommended = [best.label] + [r.label for r in sorted(scored, key=lambda r: r.val_loss)
-                                             if r is not best][:2]
-        report.reasons.append(f"lowest validation loss: {best.label} ({best.val_loss:.4f})")
-        low_step, low = min(val.items(), key=lambda kv: kv[1])
-        later = {s: v for s, v in val.items() if s > low_step}
-        if later and max(later.values()) > low * (1 + OVERFIT_RISE):
-            rise = max(later.values()) / low - 1
-            falling = _at_or_before(train, max(later)) is not None and _at_or_before(train, low_step) is not None \
-                and _at_or_before(train, max(later)) < _at_or_before(train, low_step)
-            report.reasons.append(
-                f"validation loss rose {100 * rise:.0f}% after step {low_step}"
-                + (" while the training loss kept falling: later saves overfit (guide: fewer epochs, lower rank, "
-                   "more data)" if falling else ""))
-    else:
-        window = [r for r in rows if r.share is not None and 0.6 <= r.share <= 0.8]
-        report.recommended = [r.label for r in window] or [r.label for r in rows[-2:]]
-        report.reasons.append("no validation loss in this run (add [[validation_datasets]] and "
-                              "validate_every_n_steps to rank saves by it); the guide's rule: the best save is "
-                              "often at 60-80% of training")
-        if not window:
-            report.reasons.append("no save falls at 60-80% of this run: the last saves are listed; save more often "
-                                  "(save_every_n_steps, the guide says every 500-1000 steps)")
-    return report
+from library.training.report.ranking import (  # noqa: F401 - the ranking API, named here too
+    OVERFIT_RISE, Report, SavedCheckpoint, rank_checkpoints, read_losses,
+)
 
 
 def format_report(report: Report, command_hint: bool = True) -> str:
-    head = ("checkpoint", "step", "% of run", "train loss (avg)", "val loss", "")
+    head = ("checkpoint", "step", "% of run", "train loss (avg)", "val loss", "drop from baseline", "")
     rows = [head]
     for r in report.checkpoints:
         mark = "<- test first" if report.recommended and r.label == report.recommended[0] else (
@@ -111,7 +26,8 @@ def format_report(report: Report, command_hint: bool = True) -> str:
         rows.append((r.label, "" if r.step is None else str(r.step),
                      "" if r.share is None else f"{100 * r.share:.0f}%",
                      "" if r.train_loss is None else f"{r.train_loss:.4f}",
-                     "" if r.val_loss is None else f"{r.val_loss:.4f}", mark))
+                     "" if r.val_loss is None else f"{r.val_loss:.4f}",
+                     "" if r.val_drop is None else f"{100 * r.val_drop:.1f}%", mark))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines += [f"- {reason}" for reason in report.reasons]

@@ -7,7 +7,9 @@ base LoRAs merged first; behind the `TrainableNetwork` protocol) -> `experts` (r
 (memory planner: `lora`, `full`, `auto`) -> `checkpoints` (names, weight files and metadata, resume state
 (plain data, read with weights_only), listing, pruning, leftovers of killed saves), `parallel` (data x
 sequence groups), `optimization`, `assemble` (experts loaded and made ready) -> `logs`, `monitor`,
-`advice`, `samples` -> `trainer`, `cli`, `benchmark`, `estimate` and `estimate_parallel` (step estimates).
+`advice`, `samples`, `report` (plots, run_summary.json, the saves' ranking, report.html), `reporting` (the
+loop's side of the report) -> `trainer`, `cli`, `benchmark`, `estimate` and `estimate_parallel` (step
+estimates).
 
 May import: `library.wan`, `library.runtime`, `library.config`, `library.data`, `library.sampling` (samples
 during training, LoRA file checks), `networks`. Imported by `library.evaluation`, the entry scripts and

@@ -1,8 +1,10 @@
-"""Training logs a user can read without tools: `loss.csv` and `loss.png` in the output folder, refreshed
+"""Training logs a user can read without tools: `loss.csv` and the plots in the output folder, refreshed
 as training goes, plus TensorBoard / wandb through accelerate's trackers when asked for.
 
-The PNG is drawn with OpenCV (already a dependency): raw losses as dots, an exponential moving average as
-a line, validation losses as crosses.
+loss.csv has one row per optimizer step (and per validation): step, epoch, loss, moving average, learning
+rate, kind (train / val), the gradient norm before clipping (empty when it was not measured), the expert
+that step trained and the timesteps (0-1000) of its samples. The plots are drawn by `report.plots`
+(matplotlib when installed, else one OpenCV loss.png).
 """
 
 from __future__ import annotations
@@ -16,13 +18,11 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .files import append_bytes, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-CSV_FIELDS = ("step", "epoch", "loss", "avg_loss", "lr", "kind")
+CSV_FIELDS = ("step", "epoch", "loss", "avg_loss", "lr", "kind", "grad_norm", "expert", "timesteps")
 _KINDS = ("train", "val")
 
 
@@ -42,9 +42,12 @@ def _parse_row(row: dict) -> dict:
     kind = row.get("kind", "train")
     if kind not in _KINDS:
         raise ValueError(f"unknown kind {kind!r}")
-    avg, lr = row.get("avg_loss", ""), row.get("lr", "")
+    avg, lr, norm = row.get("avg_loss", ""), row.get("lr", ""), row.get("grad_norm", "")
+    timesteps = tuple(float(t) for t in (row.get("timesteps") or "").split())
     return {"step": _whole(row["step"]), "epoch": _whole(row.get("epoch") or "0"), "loss": loss,
-            "avg_loss": float(avg) if avg else loss, "lr": float(lr) if lr else math.nan, "kind": kind}
+            "avg_loss": float(avg) if avg else loss, "lr": float(lr) if lr else math.nan, "kind": kind,
+            "grad_norm": float(norm) if norm else math.nan, "expert": row.get("expert") or "",
+            "timesteps": timesteps}
 
 
 def read_loss_csv(path: str | os.PathLike) -> tuple[list[dict], list[int]]:
@@ -82,13 +85,15 @@ def _csv_bytes(rows: list[dict], header: bool = False) -> bytes:
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     if header:
         writer.writeheader()
-    writer.writerows({**r, "step": int(r["step"]), "epoch": int(r["epoch"])} for r in rows)
+    writer.writerows({**r, "step": int(r["step"]), "epoch": int(r["epoch"]),
+                      "grad_norm": "" if not math.isfinite(r.get("grad_norm", math.nan)) else r["grad_norm"],
+                      "timesteps": " ".join(f"{t:.1f}" for t in r.get("timesteps", ()))} for r in rows)
     return out.getvalue().encode("utf-8")
 
 
 class LossLog:
-    """One CSV row per optimizer step (and per validation run); rows are appended and the curve redrawn
-    at most every `plot_seconds`, after each validation, and on `flush()` / `plot()` (every save). A
+    """One CSV row per optimizer step (and per validation run); rows are appended and the plots redrawn
+    at most every `plot_seconds` (also after a validation), and on `plot()` (the end of the run). A
     non-finite loss (a skipped step) gets its row but never enters the moving average or the plot."""
 
     def __init__(self, folder: str | os.PathLike, ema: float = 0.98, plot_seconds: float = 30.0, resume_step: int = 0):
@@ -96,7 +101,8 @@ class LossLog:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.folder / "loss.csv"
         self.png_path = self.folder / "loss.png"
-        self.ema, self.plot_seconds, self._plotted = ema, plot_seconds, 0.0
+        self.ema, self.plot_seconds, self._plotted, self._drawn_rows = ema, plot_seconds, time.monotonic(), -1
+        self.experts: dict[str, tuple[float, float]] = {}  # timestep range per expert, for the per-expert plot
         self._pending: list[dict] = []  # rows not yet appended to loss.csv
         self.rows: list[dict] = self._read_existing(resume_step)
         averages = [r["avg_loss"] for r in self.rows if r["kind"] == "train" and math.isfinite(r["avg_loss"])]
@@ -113,17 +119,19 @@ class LossLog:
             shutil.copyfile(self.csv_path, self.csv_path.with_name("loss.csv.bak"))
         return [r for r in rows if r["step"] <= resume_step]
 
-    def add(self, step: int, epoch: int, loss: float, lr: float, kind: str = "train") -> float:
-        """Record a loss; returns the moving average (train; NaN before the first finite loss) or the loss
-        itself (validation)."""
+    def add(self, step: int, epoch: int, loss: float, lr: float, kind: str = "train", grad_norm: float = math.nan,
+            expert: str = "", timesteps: tuple[float, ...] = ()) -> float:
+        """Record a loss (with the step's gradient norm, expert and timesteps when known); returns the moving
+        average (train; NaN before the first finite loss) or the loss itself (validation)."""
         if kind == "train" and math.isfinite(loss):
             self._avg = loss if self._avg is None else self.ema * self._avg + (1 - self.ema) * loss
         avg = (math.nan if self._avg is None else self._avg) if kind == "train" else loss
-        row = {"step": int(step), "epoch": int(epoch), "loss": float(loss), "avg_loss": avg, "lr": lr, "kind": kind}
+        row = {"step": int(step), "epoch": int(epoch), "loss": float(loss), "avg_loss": avg, "lr": lr, "kind": kind,
+               "grad_norm": float(grad_norm), "expert": expert, "timesteps": tuple(timesteps)}
         self.rows.append(row)
         self._pending.append(row)
         if kind != "train" or time.monotonic() - self._plotted >= self.plot_seconds:
-            self.plot()
+            self.plot(force=False)
         return avg
 
     def flush(self) -> None:
@@ -132,43 +140,13 @@ class LossLog:
             append_bytes(self.csv_path, _csv_bytes(self._pending))
             self._pending.clear()
 
-    def plot(self, width: int = 900, height: int = 420) -> None:
-        import cv2
+    def plot(self, force: bool = True) -> None:
+        """Append the pending rows and redraw the plots: unless `force`, at most every `plot_seconds`; never
+        twice for the same rows. Never raises: a plot that fails is logged and skipped, the run goes on."""
+        from .report.plots import draw_plots
 
         self.flush()
-        train = [r for r in self.rows if r["kind"] == "train" and math.isfinite(r["loss"])
-                 and math.isfinite(r["avg_loss"])]
-        val = [r for r in self.rows if r["kind"] != "train" and math.isfinite(r["loss"])]
-        self._plotted = time.monotonic()
-        losses = [r["loss"] for r in train + val]
-        if not train or not math.isfinite(max(losses) - min(losses)):  # nothing to draw, or beyond float range
+        if len(self.rows) == self._drawn_rows or not force and time.monotonic() - self._plotted < self.plot_seconds:
             return
-        canvas = np.full((height, width, 3), 255, np.uint8)
-        left, right, top, bottom = 70, 20, 30, 40
-        steps = [r["step"] for r in train + val]
-        s0, s1 = min(steps), max(max(steps), min(steps) + 1)
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + max(1e-6, abs(lo) * 1e-6)
-
-        def xy(step, loss):
-            x = left + (step - s0) / (s1 - s0) * (width - left - right)
-            y = top + (hi - loss) / (hi - lo) * (height - top - bottom)
-            return int(round(x)), int(round(y))
-
-        cv2.rectangle(canvas, (left, top), (width - right, height - bottom), (200, 200, 200), 1)
-        for r in train:
-            cv2.circle(canvas, xy(r["step"], r["loss"]), 1, (230, 170, 120), -1)
-        avg = np.array([xy(r["step"], r["avg_loss"]) for r in train], np.int32)
-        cv2.polylines(canvas, [avg], False, (160, 60, 20), 2)
-        for r in val:
-            cv2.drawMarker(canvas, xy(r["step"], r["loss"]), (30, 30, 200), cv2.MARKER_CROSS, 10, 2)
-        font = cv2.FONT_HERSHEY_SIMPLEX
-        cv2.putText(canvas, f"{hi:.4g}", (5, top + 5), font, 0.45, (0, 0, 0), 1)
-        cv2.putText(canvas, f"{lo:.4g}", (5, height - bottom), font, 0.45, (0, 0, 0), 1)
-        cv2.putText(canvas, f"step {s0}", (left, height - 12), font, 0.45, (0, 0, 0), 1)
-        cv2.putText(canvas, f"step {s1}", (width - right - 90, height - 12), font, 0.45, (0, 0, 0), 1)
-        legend = "loss (dots), moving average (line)" + (", validation (x)" if val else "")
-        cv2.putText(canvas, legend, (left, 20), font, 0.5, (0, 0, 0), 1)
-        ok, png = cv2.imencode(".png", canvas)
-        if ok:
-            atomic_write_bytes(self.png_path, png.tobytes())
+        self._plotted, self._drawn_rows = time.monotonic(), len(self.rows)
+        draw_plots(self.rows, self.folder, experts=self.experts)

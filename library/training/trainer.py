@@ -26,7 +26,6 @@ from library.errors import UserError
 from library.wan.variants import get_variant
 
 from . import checkpoints as ckpt
-from .advice import RunFacts, log_report
 from .assemble import build_experts
 from .checkpoints.state import StateError, load_state, restore_payload, save_state, state_payload
 from .checkpoints.weights import save_weights
@@ -43,6 +42,7 @@ from .monitor import LossMonitor
 from .optimization import build_optimization
 from .parallel import setup_parallel
 from .planning.auto import auto_full_settings, auto_sequence_parallel
+from .reporting import RunReporter, start_of_run_advice
 from .run import RunState, make_accelerator, resolve_run
 from .samples import TrainingSampler
 from .seeding import derive_seed, generator
@@ -123,11 +123,15 @@ class Trainer:
                         self.state.batch_in_epoch)
         self.committed = replace(self.state)  # the state as of the last optimizer step
         self.log = LossLog(self.run_info.output_dir, resume_step=self.state.global_step) if self.is_main else None
+        self.reporter = RunReporter(self) if self.is_main else None
+        self.last_lr, self.last_grad_norm, self.last_expert = self.opt.scheduler.get_last_lr()[0], math.nan, ""
         self.monitor = LossMonitor(self.opt.total_steps, self.run_info.output_dir if self.is_main else None)
         self.sampler = TrainingSampler(cfg, self.experts, self.device) if cfg.sampling.sample_prompts else None
         if self.is_main:
-            self._report()
+            self.advice = start_of_run_advice(self)  # logged; (lines, warnings) for report.html
             save_config(cfg, self.run_info.output_dir / f"{self.run_info.output_name}_config.toml")
+            self.log.experts = {e.name: (e.sampler.min_timestep, e.sampler.max_timestep) for e in self.experts}
+            self.reporter.write("start")
         self.bad_steps = 0
         # full fine-tuning: autocast's weight cache would keep a bf16 copy of every fp32 master weight until the
         # forward pass ends (2 bytes a parameter, checkpointing or not); recast per use instead
@@ -158,6 +162,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.state.global_step, disable=not self.is_main, desc="steps")
         if self.sampler and self.cfg.sampling.sample_at_first and self.state.global_step == 0:
             self.sample()
+        if self.data.validation and self.cfg.loop.validate_every_n_steps and self.state.global_step == 0:
+            self.validate()  # the baseline: the untrained model's validation loss, which later points read against
         try:
             while self.state.global_step < total:
                 loader = self.data.loader(self.state.epoch, skip=self.state.batch_in_epoch)
@@ -191,7 +197,7 @@ class Trainer:
         self._seed_dropout(derive_seed(*pos, "dropout"))
         with self.layout.active(expert.model):  # sequence parallelism: the recomputed blocks of the backward too
             loss = self.loss(batch, expert, pos)
-            self.last_keys = batch["keys"]
+            self.last_keys, self.last_expert = batch["keys"], expert.name
             if not finite_everywhere(loss, self.accelerator):
                 self._bad_batch(batch, loss)
                 return float("nan")
@@ -218,6 +224,8 @@ class Trainer:
             u = self.buckets.uniforms(self.state.epoch, self.state.batch_in_epoch, len(keys)) if self.buckets else None
             sigma = (expert.sampler.from_uniform(u, tokens) if u is not None else  # num_timestep_buckets
                      torch.cat([expert.sampler.sample(1, g, tokens) for g in gens])).to(dev)  # [B]
+            if self.is_main:  # for the report's timestep histogram
+                self.reporter.timesteps += (sigma * 1000.0).tolist()
         else:
             sigma = torch.full((len(keys),), float(sigma), device=dev)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)
@@ -245,7 +253,7 @@ class Trainer:
         if self.cfg.optimizer.max_grad_norm and not opt.fused:  # fused: each tensor was clipped in the backward
             clip = self.accelerator.clip_grad_norm_ if self.cfg.loop.mixed_precision == "fp16" else \
                 torch.nn.utils.clip_grad_norm_  # fp16: accelerate unscales first
-            clip(opt.trainable, self.cfg.optimizer.max_grad_norm)
+            self.last_grad_norm = float(clip(opt.trainable, self.cfg.optimizer.max_grad_norm))  # before clipping
         opt.optimizer.step()
         if self.cfg.network.scale_weight_norms:
             self._scale_weight_norms()
@@ -270,7 +278,8 @@ class Trainer:
         st, saving = self.state, self.cfg.saving
         lr = self.last_lr
         if self.is_main:
-            avg = self.log.add(st.global_step, st.epoch, loss, lr)
+            avg = self.log.add(st.global_step, st.epoch, loss, lr, grad_norm=self.last_grad_norm,
+                               expert=self.last_expert, timesteps=self.reporter.step_done())
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", avg=f"{avg:.4f}", lr=f"{lr:.2e}")
             values = {"loss/current": loss, "loss/average": avg, "lr": lr}
@@ -345,13 +354,6 @@ class Trainer:
             self._val_batches = self.data.validation_batches()
         return self._val_batches
 
-    def _report(self) -> None:
-        images, clips = self.data.sample_counts()
-        epochs = self.cfg.loop.max_train_epochs or math.ceil(
-            self.opt.total_steps * self.cfg.loop.gradient_accumulation_steps / self.data.batches_per_epoch)
-        log_report(RunFacts(images, clips, self.experts[0].network_dim, epochs, self.opt.total_steps,
-                            self.cfg.optimizer.learning_rate, self.cfg.run.preset))
-
     # ---- saving and resuming ------------------------------------------------------------------------
 
     def save(self, kind: str):
@@ -370,7 +372,7 @@ class Trainer:
         step = st.global_step if kind in ("step", "interrupt", "stopped") else None
         epoch = st.epoch if kind == "epoch" else None
         if self.is_main:
-            self.log.plot()  # loss.csv and loss.png up to date with every save
+            self.log.plot(force=kind not in ("step", "epoch"))  # loss.csv with every save; the plots at most every 30 s
         if kind not in ("interrupt", "stopped"):
             for expert in self.experts:
                 path = ckpt.lora_path(info.output_dir, info.output_name, expert.suffix, epoch, step)
@@ -379,6 +381,8 @@ class Trainer:
                 suffixes = tuple(e.suffix for e in self.experts)
                 ckpt.prune(info.output_dir, info.output_name, "step", saving.save_last_n_steps, suffixes)
                 ckpt.prune(info.output_dir, info.output_name, "epoch", saving.save_last_n_epochs, suffixes)
+        if self.is_main:
+            self.reporter.write(kind)  # report.html with this save (and its summary, plots and ranking)
         want_state = saving.save_state or kind in ("interrupt", "stopped") or (
             kind == "final" and saving.save_state_on_train_end)
         if not want_state:

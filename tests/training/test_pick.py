@@ -20,9 +20,11 @@ def _run_dir(tmp_path, steps=(200, 400, 600, 800, 1000), val: dict | None = None
         for expert in ("high_noise", "low_noise"):
             save_file({"x.lora_down.weight": torch.zeros(1, 1)}, tmp_path / f"lo_{expert}-step{step:08d}.safetensors")
     rows = ["step,epoch,loss,avg_loss,lr,kind"]
+    if val and 0 in val:
+        rows.append(f"0,0,{val[0]},{val[0]},0.0001,val")
     for step in range(1, 1001):
         rows.append(f"{step},0,{1.0 - step / 2000:.6f},{1.0 - step / 2000:.6f},0.0001,train")
-        if val and step in val:
+        if val and step in val and step:
             rows.append(f"{step},0,{val[step]},{val[step]},0.0001,val")
     (tmp_path / "loss.csv").write_text("\n".join(rows) + "\n")
     return tmp_path
@@ -62,3 +64,14 @@ def test_cli(tmp_path):
     assert out.returncode == 2 and "no checkpoints" in out.stderr
     with pytest.raises(FileNotFoundError):
         rank_checkpoints(empty)
+
+
+def test_the_drop_from_the_validation_baseline(tmp_path):
+    """The validation loss before the first step (step 0) is the baseline every save reads against."""
+    run = _run_dir(tmp_path, steps=(200, 400), val={0: 0.80, 200: 0.50, 400: 0.40})
+    report = rank_checkpoints(run)
+    assert report.baseline == 0.80
+    assert report.checkpoints[1].val_drop == pytest.approx(0.5) and report.checkpoints[0].val_drop == pytest.approx(
+        0.375)
+    assert any("validation loss before training: 0.8000; step 400 is 50.0% lower" in r for r in report.reasons)
+    assert "50.0%" in format_report(report).splitlines()[2]

@@ -228,7 +228,7 @@ def test_validation_loss_is_fixed_and_logged(workspace, tmp_path):
                     max_train_steps=4)
     with open(tmp_path / "out" / "loss.csv") as f:
         val_rows = [r for r in csv.DictReader(f) if r["kind"] == "val"]
-    assert [int(r["step"]) for r in val_rows] == [2, 4]
+    assert [int(r["step"]) for r in val_rows] == [0, 2, 4]  # 0: the baseline, before the first step
     assert trainer.validate() == pytest.approx(trainer.validate())  # same weights, same number
     assert trainer.validate() == pytest.approx(float(val_rows[-1]["loss"]), rel=1e-6)
 
