@@ -133,7 +133,8 @@ def _config(args):
     elif args.plan:
         vram = args.vram_cap_gb or detect_vram_gb() or 24.0
         plan = plan_memory(vram, variant, args.width, args.height, args.frames, args.batch_size,
-                           args.network_dim, "adamw", experts, args.sequence_parallel, gather)
+                           args.network_dim, "adamw", experts, fp8=args.fp8_scaled_mm,
+                           sequence_parallel=args.sequence_parallel, gather_kv=gather)
         if os.environ.get("RANK", "0") == "0":  # under torchrun (--sequence_parallel): rank 0 prints
             print(plan.table())
         memory = plan.apply(memory)

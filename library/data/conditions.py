@@ -57,7 +57,7 @@ class ConditionFinder:
         for role, folder in self.folders.items():
             if folder is not None and not folder.is_dir():
                 raise MediaError(f"{spec.where()}: {role}_directory {folder} "
-                                 f"{'is not a folder' if folder.exists() else 'does not exist'}")
+                                 f"{'is a file, not a folder' if folder.exists() else 'does not exist'}")
         self.indexes = {role: _index(folder) for role, folder in self.folders.items()}
         self.records: dict[Path, dict[str, Path]] = self._jsonl_records() if spec.jsonl else {}
         self.has_reference = self.folders["reference"] is not None or any(

@@ -60,6 +60,6 @@ def model_inputs(variant, batch: dict, dev) -> tuple[torch.Tensor | None, torch.
         y = batch["vace_context"].to(dev, torch.float32)  # [B, 96, R + T, h, w]
     clip_fea = batch.get("clip_fea")  # WAN 2.1 I2V: [B, 257, 1280] CLIP tokens of the first frame (FLF2V: 2 frames)
     clip_fea = None if clip_fea is None else clip_fea.to(dev, torch.float32)
-    if clip_fea is None and variant.image_embedding:  # WAN 2.1 Fun-Control without a start image
+    if clip_fea is None and variant.image_embedding and variant.control:  # WAN 2.1 Fun-Control, no start image
         clip_fea = zero_clip_features(variant, batch["latents"].shape[0], dev)
     return y, clip_fea

@@ -33,7 +33,8 @@ def test_vace_inputs_are_noted_for_other_models(caplog):
     request = parse_prompt_line("a cat --cn c.mp4")
     with caplog.at_level(logging.WARNING):
         good, errors = check_requests([request], get_variant("t2v-tiny"))
-    assert good == [request] and not errors and "are for VACE models; ignored by t2v-tiny" in caplog.text
+    assert good == [request] and not errors
+    assert "are for the Fun-Control and VACE models; ignored by t2v-tiny" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         check_requests([request], get_variant("vace-tiny"))

@@ -53,7 +53,8 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
                              experts, ft.trainable_patterns, ft.frozen_patterns, sequence_parallel=n,
                              gather_kv=_gathers(cfg)).fits
         plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
-                                cfg.optimizer.optimizer_type, experts, sequence_parallel=n, gather_kv=_gathers(cfg))
+                                cfg.optimizer.optimizer_type, experts, fp8=cfg.memory.fp8_fast, sequence_parallel=n,
+                                gather_kv=_gathers(cfg))
         return plan.fits and not plan.settings.blocks_to_swap
 
     if comfortable(1):
