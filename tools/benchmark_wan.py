@@ -20,9 +20,10 @@ takes fp8 / checkpointing / offload / block swap from the memory planner for tha
 of `--gpu` (h100, h200, a100, 4090, 5090; library/training/estimate.py states each rate and its source),
 printing an estimated step time, the MFU it implies (against the dense bf16 peak, fp8 matmuls or not) and
 the kernels that take the time. With `--plan` the memory planner chooses for the card's memory what
-`auto_memory` would (checkpointing, keeping self-attention, fp8 weights). Blocks are compiled unless
-`--eager`, as training compiles them on a CUDA GPU by default (`--cpu` runs eagerly). Every figure it
-prints is labelled as an estimate; it takes under a minute on a CPU.
+`auto_memory` would (checkpointing, keeping self-attention, fp8 weights). The estimate compiles the blocks
+unless `--eager`, as training does on a CUDA GPU by default; measured runs compile only with `--compile`
+(so `tools/gpu_check.sh` times eager and compiled steps apart). Every figure it prints is labelled as an
+estimate; it takes under a minute on a CPU.
 
 `--sequence_parallel N` splits the sample's tokens over N processes (launch N with torchrun; rank 0 prints
 tokens/s and peak VRAM per GPU). With `--estimate` it adds rows for N = 1, 2, 4, ... up to N: the step per
@@ -70,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_gradient_checkpointing", action="store_true")
     p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile each block (the default on a GPU and for --estimate, as in training)")
-    p.add_argument("--eager", action="store_true", help="do not compile the blocks (training's `compile = false`)")
+                   help="torch.compile each block (with --estimate the default, as training on a GPU)")
+    p.add_argument("--eager", action="store_true", help="with --estimate: blocks not compiled (`compile = false`)")
     p.add_argument("--keep_attention", action="store_true",
                    help="selective checkpointing: keep each block's self-attention outputs instead of recomputing "
                         "them (2 T C + 4 H T bytes more a block)")
@@ -150,8 +151,8 @@ def _config(args):
 
 
 def _compiled(args) -> bool:
-    """Compiled blocks unless `--eager`; on the CPU (`--cpu`) only with `--compile`."""
-    return args.compile or not (args.eager or args.cpu)
+    """Estimates: compiled blocks unless `--eager` (training's default on a GPU); measured runs: `--compile`."""
+    return args.compile or (args.estimate and not args.eager)
 
 
 def _sequence_group(args, variant):

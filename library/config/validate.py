@@ -247,7 +247,7 @@ def _finite(cfg: TrainConfig, errors: list[str]) -> None:
 
 
 _LORA_ONLY = ("network_weights", "base_weights", "scale_weight_norms", "shared_expert_lora", "network_dim_high_noise",
-              "fp8_base", "blocks_to_swap", "offload_inactive_dit")
+              "fp8_base", "fp8_fast", "blocks_to_swap", "offload_inactive_dit")
 # LoRA settings with a default a full fine-tuning config inherits: an error when set to anything else
 _LORA_SETTINGS = ("network_module", "network_dim", "network_alpha", "network_dropout", "network_args",
                   "dim_from_weights", "base_weights_multiplier", "save_lora_format")
@@ -275,7 +275,8 @@ def _finetune(cfg: TrainConfig, errors: list[str]) -> None:
                 errors.append(f"`{name}` is for full fine-tuning: run finetune/fine_tune_wan.py (or set "
                               "`full_fine_tune` = true), or remove it")
         return
-    why = {"fp8_base": "fp8 weights cannot be trained", "blocks_to_swap": "swapped blocks would need their "
+    why = {"fp8_base": "fp8 weights cannot be trained", "fp8_fast": "it multiplies frozen fp8 weights, and full "
+           "fine-tuning trains them", "blocks_to_swap": "swapped blocks would need their "
            "gradients and optimizer state on the host", "offload_inactive_dit": "the optimizer state of the "
            "inactive expert stays on the GPU; train one expert per run instead"}
     for name in _LORA_ONLY:

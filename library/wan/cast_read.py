@@ -4,7 +4,9 @@
 A reader thread reads the planned tensors' bytes, in the order they will be taken, into a few reused chunk
 buffers (`os.preadv`, which releases the GIL: no memory map, so no page faults on the file and no mapped
 pages to drop afterwards), while the caller's thread casts each chunk into the new tensor and screens the
-chunk for NaN / infinity while it is still in cache. Reading chunk i + 1 overlaps casting chunk i; the file
+chunk for NaN / infinity while it is still in cache. The reader also allocates each result and touches
+one byte of each of its pages before reading its bytes, so the page faults of the fresh memory (as costly
+as the cast itself on the development VM) happen on its core too. Reading chunk i + 1 overlaps casting chunk i; the file
 is never resident beside the result, so peak memory is the result plus `depth` chunks. While a reader is
 open, PyTorch's intra-op threads leave one core to the reader thread (one thread on a 2-core machine): with
 both cores in every parallel region, each region's barrier waits for a descheduled thread and the cast
@@ -24,6 +26,7 @@ import torch
 
 from .checkpoint_files import Checkpoint, CheckpointError, SafetensorsFile
 
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CHUNK_BYTES = 8 << 20  # a multiple of every element size; small enough to stay in a core's cache
 DEPTH = 3  # chunk buffers in flight: one being cast, the rest read ahead
 
@@ -98,6 +101,10 @@ class CastReader:
                 fd = fds.get(job.path)
                 if fd is None:
                     fd = fds[job.path] = os.open(job.path, os.O_RDONLY)
+                out = torch.empty(job.shape, dtype=job.dtype)
+                if out.numel():
+                    out.view(-1).view(torch.uint8)[::PAGE].fill_(0)  # fault its pages in here, not in the cast
+                self._full.put(out)
                 pos = 0
                 while pos < job.nbytes:
                     buf = self._free.get()
@@ -128,7 +135,9 @@ class CastReader:
             raise RuntimeError(f"CastReader: asked for {key!r}, the plan has {expected!r} next")
         job = self._jobs[self._next]
         self._next += 1
-        out = torch.empty(job.shape, dtype=job.dtype)
+        out = self._full.get()  # allocated and paged in by the reader
+        if isinstance(out, BaseException):
+            raise out
         flat, done, finite = out.view(-1), 0, True
         floating = out.is_floating_point()
         while done < out.numel():

@@ -4,6 +4,7 @@ well under a minute on the CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -109,19 +110,19 @@ def test_keeping_self_attention_removes_its_recomputation():
 def test_fp8_matmuls_run_at_the_fp8_rate():
     """`fp8_fast`: every block Linear runs as `_scaled_mm` (forward, recomputation, input gradient) at the fp8
     rate; the fp8 weights alone (`fp8`) add dequantisation traffic and keep bf16 matmuls."""
-    fast = StepSetup(get_variant("t2v-1.3B"), 256, 256, 17, rank=16, fp8_fast=True)
-    weights = StepSetup(get_variant("t2v-1.3B"), 256, 256, 17, rank=16, fp8=True)
+    short = dataclasses.replace(REDUCED, variant=dataclasses.replace(REDUCED.variant, num_layers=3))
+    fast, weights = dataclasses.replace(short, fp8_fast=True), dataclasses.replace(short, fp8=True)
     traced = trace_step(fast)
     scaled = [k for k in traced if k.name == "_scaled_mm"]
     assert len(scaled) >= 2 * 8 * fast.variant.num_layers  # forward and recomputation of the 8 video Linears
-    bf16 = estimate_step(REDUCED, "h100", compiled=True)
+    bf16 = estimate_step(short, "h100", compiled=True)
     fp8 = estimate_step(fast, "h100", compiled=True, kernels=traced)
     assert "fp8 matmuls" in fp8.by_kind and fp8.by_kind["matmuls"] < bf16.by_kind["matmuls"]
     assert fp8.by_kind["fp8 matmuls"] < bf16.by_kind["matmuls"]
     assert "fp8 weights and matmuls" in fp8.table() and fp8.mfu > bf16.mfu  # MFU against the bf16 peak
     dequant = estimate_step(weights, "h100", kernels=trace_step(weights))
     assert "fp8 matmuls" not in dequant.by_kind
-    assert dequant.memory_bound_tb > estimate_step(REDUCED, "h100").memory_bound_tb
+    assert dequant.memory_bound_tb > estimate_step(short, "h100", kernels=trace_step(short)).memory_bound_tb
     with pytest.raises(ValueError, match="no fp8 matmul rate"):
         estimate_step(fast, "a100", kernels=traced)
 
@@ -132,13 +133,13 @@ def test_estimate_with_the_plan_takes_the_auto_memory_settings(capsys):
         import benchmark_wan
     finally:
         sys.path.remove(str(REPO / "tools"))
-    args = ["--estimate", "--gpu", "h100", "--task", "t2v-1.3B", "--width", "256", "--height", "256", "--frames", "17",
-            "--network_dim", "16", "--plan"]
+    args = ["--estimate", "--gpu", "h100", "--task", "t2v-tiny", "--width", "64", "--height", "64", "--frames", "5",
+            "--network_dim", "4", "--plan"]
     assert benchmark_wan.main(args) == 0
     out = capsys.readouterr().out
     assert "-> " in out and "checkpointing off" in out and "compiled blocks" in out  # 1280 tokens fit bf16
     assert benchmark_wan.main(args + ["--eager", "--fp8_fast"]) == 0
     out = capsys.readouterr().out
     assert "fp8 weights and matmuls" in out and "eager" in out
-    assert benchmark_wan.main(["--estimate", "--gpu", "a100", "--fp8_fast", "--task", "t2v-1.3B", "--width", "256",
-                               "--height", "256", "--frames", "17"]) == 2
+    assert benchmark_wan.main(["--estimate", "--gpu", "a100", "--fp8_fast", "--task", "t2v-tiny", "--width", "64",
+                               "--height", "64", "--frames", "5"]) == 2

@@ -30,6 +30,9 @@ def test_fp8_fast_needs_fp8_weights_or_the_planner():
         validate(config_from_dict({**VALID, "fp8_fast": True}))
     assert validate(config_from_dict({**VALID, "fp8_fast": True, "fp8_base": True, "fp8_scaled": True})).memory.fp8_fast
     assert validate(config_from_dict({**VALID, "fp8_fast": True, "auto_memory": True})).memory.fp8_fast
+    with pytest.raises(ConfigError, match="`fp8_fast` cannot be used with full fine-tuning"):
+        validate(config_from_dict({**VALID, "fp8_fast": True, "auto_memory": True, "full_fine_tune": True,
+                                   "learning_rate": 1e-5}))
     assert fp8_config(MemoryArgs(fp8_base=True, fp8_scaled=True, fp8_fast=True)).use_scaled_mm
     assert not fp8_config(MemoryArgs(fp8_base=True, fp8_scaled=True)).use_scaled_mm
 
