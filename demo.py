@@ -116,8 +116,8 @@ def main() -> int:
     shutil.rmtree(sweep, ignore_errors=True)  # a fresh sweep on every run (a rerun would skip finished variants)
     # one step each, no samples, kept short: the demo shows the machinery; a real sweep runs whole trainings
     base = write_training_toml(out / "sweep_base.toml", models, dataset, sweep, 1, None)
-    run([str(REPO / "tools" / "sweep.py"), "--config_file", str(base), "--vary", "learning_rate=5e-4,2e-3,8e-3"],
-        "A/B test of three learning rates")
+    run([str(REPO / "tools" / "sweep.py"), "--config_file", str(base), "--vary", "learning_rate=2e-3,2e-2,1e-1",
+         "--set", "lr_warmup_steps=0"], "A/B test of three learning rates")
     loras = sorted(p.name for p in train.glob("demo_lora_*noise.safetensors"))
     print(f"\ndone in {time.perf_counter() - start:.0f} s:\n  LoRAs: {', '.join(loras)} in {train}\n"
           f"  the run's report (plots, saves, samples, strength sweep): {train / 'report.html'}\n"

@@ -123,6 +123,10 @@ def test_compare_checkpoints_cli(tiny_sets, t2v_lora, tmp_path):
     assert [c["label"] for c in sidecar["columns"]] == ["base", "step 5", "step 10"]
     assert sidecar["columns"][1]["experts"] == ["high_noise", "low_noise"]
     assert sidecar_path.with_suffix(".mp4").is_file() and sidecar_path.with_suffix(".png").is_file()
+    page = sidecar_path.with_suffix(".html").read_text()  # the grid as a page: a video per cell, relative links
+    cells = sorted(p.name for p in (sidecar_path.parent / f"{sidecar_path.stem}_cells").glob("*.mp4"))
+    assert len(cells) == 3 and all(f'src="{sidecar_path.stem}_cells/{c}"' in page for c in cells)
+    assert "<th>step 10</th>" in page and "<script" not in page
 
 
 def test_fp8_base_generation(tiny_sets, tmp_path):

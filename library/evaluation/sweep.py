@@ -122,6 +122,9 @@ def make_plan(config_file: str, root: str | None, preset_sweep: list[str] | None
     else:
         raise ConfigError("nothing to sweep: pass --preset_sweep (the guide's conservative / standard / aggressive) "
                           "or --vary KEY=V1,V2")
+    if base.finetune.full_fine_tune:  # no rank to vary: the guide's variants differ in learning rate and epochs
+        for v in variants:
+            v.overrides = {k: val for k, val in v.overrides.items() if k not in ("network_dim", "network_alpha")}
     set_keys = {a.split("=", 1)[0].strip().lstrip("-") for a in settings}
     for v in variants:
         v.overrides = {k: val for k, val in v.overrides.items() if k not in set_keys}  # --set wins

@@ -81,19 +81,20 @@ def draw_overlay(results: list[VariantResult], path: Path) -> bool:
 
     fig = Figure(figsize=(9.0, 4.2), dpi=100, layout="constrained")
     ax = fig.add_subplot()
+    ax.xaxis.get_major_locator().set_params(integer=True)
     for color, r in zip(COLORS * 4, results):
         train = [x for x in r.rows if x["kind"] == "train" and math.isfinite(x["avg_loss"])]
         val = [x for x in r.rows if x["kind"] == "val" and math.isfinite(x["loss"])]
         if train:
             ax.plot([x["step"] for x in train], [x["avg_loss"] for x in train], color=color, lw=1.8,
-                    label=f"{r.name} (train, avg)")
+                    marker="." if len(train) < 3 else None, label=f"{r.name} (train, avg)")
         if val:
             ax.plot([x["step"] for x in val], [x["loss"] for x in val], color=color, ls="--", marker="o", ms=4,
                     label=f"{r.name} (validation)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="best")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())

@@ -104,6 +104,15 @@ CASES = {
         "error: {folder}: no config.json; pass a transformers model folder or a hub id"),
     "caption: --batch_size 0": (
         "caption", lambda f, m: [f, "--model", f, "--batch_size", "0"], "argument --batch_size: '0' must be 1 or more"),
+    "sweep: a --vary key that does not exist": (
+        "sweep", lambda f, m: ["--config_file", _sweep_config(f, m), "--vary", "learnin_rate=1e-4,2e-4"],
+        "error: sweep variant learnin_rate-1e-4: command line: unknown key 'learnin_rate'; did you mean "
+        "'learning_rate'?"),
+    "sweep: nothing to sweep": (
+        "sweep", lambda f, m: ["--config_file", _sweep_config(f, m)], "error: nothing to sweep: pass --preset_sweep"),
+    "sweep: a variant's value the config refuses": (
+        "sweep", lambda f, m: ["--config_file", _sweep_config(f, m), "--vary", "learning_rate=1e-4,-1"],
+        "`learning_rate` = -1.0 must be greater than 0"),
     "benchmark_wan: --frames 0": (
         "benchmark_wan", lambda f, m: ["--frames", "0"], "argument --frames: '0' must be 1 or more"),
     "benchmark_data: --num_workers -1": (
@@ -112,6 +121,13 @@ CASES = {
         "benchmark_training", lambda f, m: ["--task", "t2v-A15B", "--steps", "1"],
         f"error: unknown WAN task 't2v-A15B'; valid tasks: {TASKS}"),
 }
+
+
+def _sweep_config(folder: Path, models) -> Path:
+    path = folder / "base.toml"
+    path.write_text(f'task = "t2v-tiny"\ndit = "{Path(models.dit).as_posix()}"\noutput_dir = "{folder.as_posix()}"\n'
+                    f'dataset_config = "{(folder / "dataset.toml").as_posix()}"\n')
+    return path
 
 
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))

@@ -117,3 +117,33 @@ def test_a_killed_sweep_resumes_where_it_stopped(base_toml, tmp_path):
     page = (root / "sweep.html").read_text()
     assert all(f"{name}/report.html" in page for name in ("learning_rate-1e-3", "learning_rate-2e-3",
                                                           "learning_rate-4e-3"))
+
+
+FAKE_TRAINER = """import os, sys, time
+out = sys.argv[sys.argv.index("--output_dir") + 1]
+open(os.path.join(out, "gpu.txt"), "w").write(os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+print("training in", out, "resume" if "--resume" in sys.argv else "fresh")
+time.sleep(0.3)
+sys.exit(3 if "fail" in out and not os.path.exists(os.path.join(out, "fixed")) else 0)
+"""
+
+
+def test_one_variant_per_gpu_and_a_failed_one_rerun(tmp_path):
+    """--gpus: each training sees one GPU (CUDA_VISIBLE_DEVICES), side by side, output in its train.log; a
+    variant that fails is reported and, on the next run, trained again while the finished ones are skipped."""
+    from library.evaluation.sweep import LOG_FILE, SweepPlan, Variant, run_sweep
+
+    fake = tmp_path / "fake_trainer.py"
+    fake.write_text(FAKE_TRAINER)
+    plan = SweepPlan(tmp_path / "sweep", [], [Variant(n, {}) for n in ("a", "b", "fail", "c")], "lora")
+    results = run_sweep(plan, [sys.executable, str(fake)], gpus=["0", "1"])
+    assert results == {"a": 0, "b": 0, "fail": 3, "c": 0}
+    for name in ("a", "b", "c"):
+        folder = plan.root / name
+        assert (folder / DONE_FILE).is_file() and (folder / "gpu.txt").read_text() in ("0", "1")
+        assert "fresh" in (folder / LOG_FILE).read_text()
+    assert not (plan.root / "fail" / DONE_FILE).exists()
+    (plan.root / "fail" / "fixed").write_text("")
+    before = (plan.root / "a" / DONE_FILE).stat().st_mtime_ns
+    assert run_sweep(plan, [sys.executable, str(fake)], gpus=["0", "1"]) == {"a": 0, "b": 0, "c": 0, "fail": 0}
+    assert (plan.root / "fail" / DONE_FILE).is_file() and (plan.root / "a" / DONE_FILE).stat().st_mtime_ns == before

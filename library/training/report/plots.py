@@ -46,7 +46,9 @@ def _figure(height: float = 3.4):
 
     fig = Figure(figsize=(8.0, height), dpi=100)  # fixed margins: a third faster than a constrained layout
     fig.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.16 if height < 3 else 0.14)
-    return fig, fig.add_subplot()
+    ax = fig.add_subplot()
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
+    return fig, ax
 
 
 def _save(fig, path: Path) -> None:
