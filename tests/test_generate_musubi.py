@@ -100,7 +100,7 @@ WORKS = {
     "--force_v2_1_time_embedding": lambda j, s, log, out: "already use one timestep embedding" in log,
     "--disable_numpy_memmap": lambda j, s, log, out: "memory-mapped safetensors either way" in log,
     "--use_pinned_memory_for_block_swap": lambda j, s, log, out: "always uses pinned host memory" in log,
-    "--fp8_fast": lambda j, s, log, out: "fp8 matrix multiplication is not available" in log,
+    "--fp8_fast": lambda j, s, log, out: "fp8_fast: fp8 matmuls need an NVIDIA GPU" in log,  # CPU: bf16
     "--blocks_to_swap 1 (CUDA only; ignored with a note on the CPU)": lambda j, s, log, out:
         "block swap needs a CUDA device" in log,
 }

@@ -43,6 +43,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--fp8_base", "--fp8", action="store_true",
                    help="DiT Linear weights in fp8 (ComfyUI fp8_scaled files as they are)")
     m.add_argument("--fp8_scaled", action="store_true", help="scaled fp8 (with --fp8_base)")
+    m.add_argument("--fp8_fast", action="store_true", help="with --fp8_base: the fp8 weights multiply in fp8 "
+                   "(torch._scaled_mm) on GPUs with fp8 tensor cores (Ada, Hopper, Blackwell); elsewhere bf16")
     m.add_argument("--fp8_t5", action="store_true",
                    help="umT5 block Linear weights in fp8 with per-channel scales (about 4.6 GB less for umT5-XXL)")
     m.add_argument("--blocks_to_swap", type=int, default=0,
@@ -191,7 +193,10 @@ def _load_expert(args, path, device: torch.device, dtype, task: str, offload: bo
 
     if getattr(args, "fp8_scaled", False) and not getattr(args, "fp8_base", False):
         raise ValueError("--fp8_scaled needs --fp8_base (musubi-tuner: --fp8)")
+    if getattr(args, "fp8_fast", False) and not getattr(args, "fp8_base", False):
+        raise ValueError("--fp8_fast needs --fp8_base (musubi-tuner: --fp8 --fp8_scaled --fp8_fast)")
     memory = SimpleNamespace(fp8_base=getattr(args, "fp8_base", False), fp8_scaled=getattr(args, "fp8_scaled", False),
+                             fp8_fast=getattr(args, "fp8_fast", False),
                              blocks_to_swap=getattr(args, "blocks_to_swap", 0), gradient_checkpointing=False,
                              gradient_checkpointing_cpu_offload=False, use_pinned_memory_for_block_swap=True)
     swap = memory.blocks_to_swap > 0 and device.type == "cuda"

@@ -41,8 +41,6 @@ NO_EFFECT = {
     "disable_numpy_memmap": "--disable_numpy_memmap: the DiT is read from memory-mapped safetensors either way",
     "use_pinned_memory_for_block_swap": "--use_pinned_memory_for_block_swap: block swap always uses pinned "
                                         "host memory here",
-    "fp8_fast": "--fp8_fast: fp8 matrix multiplication is not available; the fp8 weights are multiplied in "
-                "bf16, as with --fp8_scaled alone",
 }
 # official release file names, for --ckpt_dir
 CKPT_FILES = {"vae": ("Wan2.1_VAE.pth", "Wan2.2_VAE.pth"), "t5": ("models_t5_umt5-xxl-enc-bf16.pth",),

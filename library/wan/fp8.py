@@ -28,6 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str, exc: Exception) -> None:
+    """A failing fp8 matmul is reported once a process (one line per kind and error, not one per layer)."""
+    key = f"{message}|{type(exc).__name__}"
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message + " (reported once; every fp8 layer falls back the same way)", exc)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -135,7 +144,7 @@ class _FP8LinearFunction(torch.autograd.Function):
                 try:
                     grad_x = _scaled_mm_grad_input(grad_out, weight, scale, ctx.dtype).to(ctx.x_dtype)
                 except RuntimeError as exc:  # an unsupported shape or build: dequantise for this step
-                    logger.warning("fp8 input-gradient matmul (torch._scaled_mm) failed (%s); dequantising", exc)
+                    _warn_once("fp8 input-gradient matmul (torch._scaled_mm) failed (%s); dequantising", exc)
             if grad_x is None:
                 grad_x = (grad_out.to(ctx.dtype) @ dequantize_weight(weight, scale, ctx.dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
@@ -231,7 +240,7 @@ class FP8Linear(nn.Linear):
                     return _FP8LinearFunction.apply(x, self.weight, self.scale_weight, self.bias, dtype, True)
                 except RuntimeError as exc:  # an unsupported shape or build: fall back for good, once
                     self._scaled_mm_failed = True
-                    logger.warning("fp8 matmul (torch._scaled_mm) failed (%s); dequantising instead", exc)
+                    _warn_once("fp8 matmul (torch._scaled_mm) failed (%s); dequantising instead", exc)
             return _FP8LinearFunction.apply(x, self.weight, self.scale_weight, self.bias, dtype, False)
 
     def _apply(self, fn, recurse=True):
