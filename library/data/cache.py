@@ -55,7 +55,7 @@ def latent_cache_path(cache_dir: Path, item_key: str, vae_kind: str) -> Path:
 
 def clean_caption(caption: str) -> str:
     """The text the encoder really sees (the official WAN prompt cleaning)."""
-    from library.wan.text_encoder import clean_prompt
+    from library.wan.prompt_text import clean_prompt  # not text_encoder: no transformers import
 
     return clean_prompt(caption)
 

@@ -284,6 +284,9 @@ def request_problems(request: SampleRequest, variant) -> list[str]:
 
         problems += [f"{request.source}: {p}" for p in one_frame_problems(variant, request.one_frame,
                                                                           len(request.control_images or ()))]
+    if getattr(variant, "inpaint", False) and request.end_image and request.frames == 1:
+        problems.append(f"{request.source}: an end image (--ei) keeps the last frame of a video; with --f 1 the start "
+                        "image is the only frame: render more frames or drop the end image")
     if getattr(variant, "control", False) and not request.control:
         problems.append(f"{request.source}: {variant.name} is a Fun-Control model and needs a control video; add "
                         "`--cn control.mp4` to the prompt line or pass --control_path")

@@ -17,7 +17,6 @@ What does not: reading checkpoint files (`library/wan/loading.py` reads them and
 
 from __future__ import annotations
 
-import html
 import logging
 import re
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from .checkpoint_files import CheckpointError
 from .dit_formats import dequantize
+from .prompt_text import clean_prompt  # noqa: F401 - imported from here by callers
 from .text_encoder_fp8 import FP8_TARGET_RE, assign_fp8_layers, t5_fp8_config
 
 logger = logging.getLogger(__name__)
@@ -72,13 +72,8 @@ _IGNORED_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 # ---------------------------------------------------------------------------------------------------
 
 
-def clean_prompt(text: str) -> str:
-    """Official WAN prompt cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
-    import ftfy  # lazy: only needed when encoding prompts
-
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip()
+# `clean_prompt` (the official WAN prompt cleaning) lives in `prompt_text.py`, which imports no transformers:
+# caption hashing in every training process needs it without loading the text encoder's dependencies.
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,3 +39,9 @@ def test_vace_inputs_are_noted_for_other_models(caplog):
     with caplog.at_level(logging.WARNING):
         check_requests([request], get_variant("vace-tiny"))
     assert "VACE" not in caplog.text
+
+
+def test_an_inpaint_end_image_needs_more_than_one_frame():
+    request = parse_prompt_line("a cat --i a.png --ei b.png --f 1")
+    good, errors = check_requests([request], get_variant("i2v-14B-InP"))
+    assert not good and "an end image (--ei) keeps the last frame of a video" in str(errors[0])
