@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep_attention", action="store_true",
                    help="selective checkpointing: keep each block's self-attention outputs instead of recomputing "
                         "them (2 T C + 4 H T bytes more a block)")
+    p.add_argument("--keep_attention_blocks", type=non_negative_int, default=0, metavar="N",
+                   help="selective checkpointing in the last N blocks only (the others recompute their attention)")
     p.add_argument("--two_experts", action="store_true", help="both A14B experts, alternating, inactive on the CPU")
     p.add_argument("--full", action="store_true",
                    help="full fine-tuning steps (every DiT weight trains) instead of LoRA")
@@ -116,7 +118,8 @@ def _config(args):
                         blocks_to_swap=args.blocks_to_swap, use_pinned_memory_for_block_swap=True,
                         gradient_checkpointing=checkpointing, fp8_fast=args.fp8_scaled_mm,
                         gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload,
-                        gradient_checkpointing_keep_attention=args.keep_attention and checkpointing)
+                        gradient_checkpointing_keep_attention=args.keep_attention and checkpointing,
+                        gradient_checkpointing_keep_attention_blocks=args.keep_attention_blocks * checkpointing)
     experts = 2 if args.two_experts else 1
     gather = args.sequence_parallel_attention == "all_gather"
     full = {"full_bf16": args.full_bf16, "fused_backward_pass": args.fused_backward_pass}
@@ -194,7 +197,8 @@ def _planned(args, variant, memory, full: dict, experts: int) -> float:
                  args.sequence_parallel, gather)
     s = Settings(fp8=memory.fp8_base, checkpointing=memory.gradient_checkpointing,
                  offload_activations=memory.gradient_checkpointing_cpu_offload, blocks_to_swap=memory.blocks_to_swap,
-                 offload_inactive=args.two_experts, keep_attention=memory.gradient_checkpointing_keep_attention)
+                 offload_inactive=args.two_experts, keep_attention=memory.gradient_checkpointing_keep_attention,
+                 keep_attention_blocks=memory.gradient_checkpointing_keep_attention_blocks)
     return estimate(w, s).total
 
 
@@ -250,7 +254,7 @@ def _estimate(args) -> int:
         return 2
     variant = get_variant(args.task)
     fp8 = args.fp8_base or args.fp8_scaled or args.fp8_scaled_mm
-    checkpointing, keep = not args.no_gradient_checkpointing, args.keep_attention
+    checkpointing, keep, kept = not args.no_gradient_checkpointing, args.keep_attention, args.keep_attention_blocks
     if args.plan:
         plan = plan_memory(GPUS[args.gpu].memory_gib, variant, args.width, args.height, args.frames,
                            args.batch_size, args.network_dim, "adamw", fp8=args.fp8_scaled_mm)
@@ -259,10 +263,10 @@ def _estimate(args) -> int:
         if s.offload_activations or s.blocks_to_swap or not plan.fits:
             print(f"the plan for this card needs {s.label()}: {unmodelled}", file=sys.stderr)
             return 2
-        fp8, checkpointing, keep = s.fp8, s.checkpointing, s.keep_attention
+        fp8, checkpointing, keep, kept = s.fp8, s.checkpointing, s.keep_attention, s.keep_attention_blocks
     setup = StepSetup(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim,
-                      checkpointing=checkpointing, keep_attention=keep and checkpointing, fp8=fp8,
-                      fp8_fast=args.fp8_scaled_mm)
+                      checkpointing=checkpointing, keep_attention=keep and checkpointing,
+                      keep_attention_blocks=kept * checkpointing, fp8=fp8, fp8_fast=args.fp8_scaled_mm)
     try:
         result = estimate_step(setup, args.gpu, args.attention, _compiled(args))
     except ValueError as exc:  # flash3 or fp8 matmuls on a GPU without them

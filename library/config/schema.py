@@ -78,6 +78,10 @@ class MemoryArgs:
         False, "with gradient_checkpointing: keep each block's self-attention output and log-sum-exp instead of "
                "recomputing the attention in the backward pass (faster; 2 bytes x dim + 4 bytes x heads more per "
                "token and block: 0.32 GiB a block, 12.4 GiB for an A14B expert at 832x480x81)")
+    gradient_checkpointing_keep_attention_blocks: int = arg(
+        0, "with gradient_checkpointing: keep the self-attention output and log-sum-exp of the last N blocks only "
+           "and recompute the attention of the others (0: none; `gradient_checkpointing_keep_attention = true` "
+           "keeps every block's); auto_memory chooses the largest N that fits", coerce=_non_negative)
     vae_cache_cpu: bool = arg(False, "keep the VAE's causal chunk cache in host memory (samples during training)")
     vae_tiling: bool = arg(False, "decode samples in overlapping spatial tiles, blended at the seams (less VRAM; tiles "
                                   f"of {DEFAULT_VAE_TILE} px unless vae_spatial_tile_sample_min_size says)")

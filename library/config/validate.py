@@ -50,10 +50,20 @@ def _models(cfg: TrainConfig, variant, errors: list[str]) -> None:
     if mem.gradient_checkpointing_keep_attention and not mem.gradient_checkpointing:
         errors.append("`gradient_checkpointing_keep_attention` needs `gradient_checkpointing = true` (without "
                       "checkpointing every activation is kept anyway)")
+    if mem.gradient_checkpointing_keep_attention_blocks and not mem.gradient_checkpointing:
+        errors.append("`gradient_checkpointing_keep_attention_blocks` needs `gradient_checkpointing = true` "
+                      "(without checkpointing every activation is kept anyway)")
+    if mem.gradient_checkpointing_keep_attention_blocks and mem.gradient_checkpointing_keep_attention:
+        errors.append("`gradient_checkpointing_keep_attention = true` keeps every block's attention: remove "
+                      "`gradient_checkpointing_keep_attention_blocks`, or set it alone to keep only some blocks'")
     if mem.offload_inactive_dit and not m.dit_high_noise:
         errors.append("`offload_inactive_dit` needs two experts: set `dit_high_noise` too")
     if variant is None:
         return
+    if mem.gradient_checkpointing_keep_attention_blocks > variant.num_layers:
+        errors.append(f"`gradient_checkpointing_keep_attention_blocks` = "
+                      f"{mem.gradient_checkpointing_keep_attention_blocks} is more than the {variant.num_layers} "
+                      f"blocks of {variant.name} (`gradient_checkpointing_keep_attention = true` keeps them all)")
     if mem.blocks_to_swap >= variant.num_layers:
         errors.append(f"`blocks_to_swap` = {mem.blocks_to_swap} must be less than the {variant.num_layers} "
                       f"blocks of {variant.name}")

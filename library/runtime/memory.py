@@ -10,7 +10,8 @@
   fp32 residual stream, the only activations checkpointing keeps) copied to host memory on a side stream
   and brought back for the recomputation (`gradient_checkpointing_cpu_offload`).
 - selective checkpointing (`gradient_checkpointing_keep_attention`): each block's self-attention output
-  and log-sum-exp are kept as well, so the backward pass recomputes everything but the attention.
+  and log-sum-exp are kept as well, so the backward pass recomputes everything but the attention; with
+  `gradient_checkpointing_keep_attention_blocks` N only in the last N blocks.
 - block swap (`blocks_to_swap`, `use_pinned_memory_for_block_swap`): see `block_swap.py`.
 
 Block swap and activation offload need CUDA; elsewhere they are no-ops with a log line. They work
@@ -220,6 +221,7 @@ class MemorySetup:
     fp8: FP8Report | None = None
     gradient_checkpointing: bool = False
     keep_attention: bool = False
+    keep_attention_blocks: int = 0  # of the model's blocks, the last ones
     activation_offload: bool = False
     blocks_to_swap: int = 0
     notes: list[str] = field(default_factory=list)
@@ -227,7 +229,7 @@ class MemorySetup:
     def summary(self) -> str:
         parts = [self.fp8.summary() if self.fp8 else "bf16/fp16/fp32 weights",
                  f"checkpointing {'on' if self.gradient_checkpointing else 'off'}"
-                 + (" keeping self-attention" if self.keep_attention else "")
+                 + (f" keeping self-attention in {self.keep_attention_blocks} blocks" if self.keep_attention else "")
                  + (" (activations offloaded)" if self.activation_offload else ""),
                  f"{self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "no block swap"]
         return f"memory on {self.device}: " + "; ".join(parts + self.notes)
@@ -292,10 +294,12 @@ def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, t
         _note(setup, "blocks_to_swap = %d: turning on gradient_checkpointing (without it autograd would keep "
                      "every swapped block's weights on the GPU until the backward pass)", swap, warn=True)
         checkpointing = True
-    keep = bool(getattr(memory, "gradient_checkpointing_keep_attention", False)) and checkpointing
-    model.enable_gradient_checkpointing(checkpointing, keep_attention=keep)
+    model.enable_gradient_checkpointing(
+        checkpointing, keep_attention=bool(getattr(memory, "gradient_checkpointing_keep_attention", False)),
+        keep_attention_blocks=int(getattr(memory, "gradient_checkpointing_keep_attention_blocks", 0) or 0))
     setup.gradient_checkpointing, setup.activation_offload, setup.blocks_to_swap = checkpointing, offload, swap
-    setup.keep_attention = keep
+    setup.keep_attention = model.checkpoint_keep_attention
+    setup.keep_attention_blocks = model.checkpoint_keep_attention_blocks
     # 3. the runner around each block, then placement
     swapper = None
     if swap:

@@ -118,6 +118,7 @@ class StepSetup:
     rank: int = 32
     checkpointing: bool = True
     keep_attention: bool = False  # selective checkpointing: self-attention outputs kept, not recomputed
+    keep_attention_blocks: int = 0  # ... in the last N blocks only (without keep_attention)
     fp8: bool = False  # block Linear weights in fp8, dequantised for each matmul (`fp8_base`)
     fp8_fast: bool = False  # ... multiplied in fp8 instead (`fp8_fast`; implies fp8 weights)
 
@@ -165,7 +166,7 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
     model = meta_model(v)
     if setup.fp8 or setup.fp8_fast:
         _fp8_layers(model, setup.fp8_fast)
-    model.enable_gradient_checkpointing(setup.checkpointing, setup.keep_attention)
+    model.enable_gradient_checkpointing(setup.checkpointing, setup.keep_attention, setup.keep_attention_blocks)
     network = lora_wan.create_network(1.0, setup.rank, setup.rank, None, None, model)
     network.apply_to()
     network.to("meta")
@@ -297,7 +298,9 @@ class StepEstimate:
 
     def table(self, top: int = 10) -> str:
         s, v = self.setup, self.setup.variant
-        checkpointing = ("on, keeping self-attention" if s.keep_attention else "on") if s.checkpointing else "off"
+        kept = s.keep_attention_blocks if s.keep_attention_blocks and not s.keep_attention else "every"
+        checkpointing = ((f"on, keeping self-attention in {kept} blocks" if s.keep_attention or s.keep_attention_blocks
+                          else "on") if s.checkpointing else "off")
         checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
         lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
                  f"{s.width}x{s.height}x{s.frames}, {s.tokens()} tokens, batch {s.batch}, LoRA rank {s.rank}, "

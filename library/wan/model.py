@@ -272,7 +272,8 @@ class WanModel(nn.Module):
         self.attention_backend = "sdpa"
         self.split_attn = False
         self.gradient_checkpointing = False
-        self.checkpoint_keep_attention = False  # selective checkpointing: see enable_gradient_checkpointing
+        self.checkpoint_keep_attention = False  # selective checkpointing in any block: see enable_gradient_checkpointing
+        self.checkpoint_keep_attention_blocks = 0  # ... in this many blocks, the last ones
         self.compute_dtype: torch.dtype | None = None  # None: the dtype of the Linear weights
         # Compiled blocks: mark the token count dynamic before the first call, so one graph serves every
         # bucket (without it the first bucket is compiled static and the second recompiles)
@@ -338,13 +339,24 @@ class WanModel(nn.Module):
         for block in self.blocks:
             block.self_attn.sequence_parallel = sequence_parallel
 
-    def enable_gradient_checkpointing(self, enabled: bool = True, keep_attention: bool = False) -> None:
+    def enable_gradient_checkpointing(self, enabled: bool = True, keep_attention: bool = False,
+                                      keep_attention_blocks: int = 0) -> None:
         """Checkpoint every block (keep its input, recompute the rest in the backward pass). With
         `keep_attention` the self-attention kernel's outputs (its result and log-sum-exp) are kept too and
         only the cheap rest is recomputed: no second attention forward per block, for 2 T C + 4 H T bytes
-        more a block (0.34 GiB for an A14B block at 32,760 tokens)."""
+        more a block (0.32 GiB for an A14B block at 32,760 tokens). `keep_attention_blocks` K (without
+        `keep_attention`) keeps them in the last K blocks only (VACE blocks: none) and recomputes the others:
+        the backward pass reaches those blocks first, so their kept outputs are freed first and the peak
+        holds K - 1 of them besides the block being recomputed."""
+        n = len(self.blocks)
+        count = (n if keep_attention else max(0, min(int(keep_attention_blocks), n))) if enabled else 0
         self.gradient_checkpointing = enabled
-        self.checkpoint_keep_attention = enabled and keep_attention
+        self.checkpoint_keep_attention_blocks = count
+        self.checkpoint_keep_attention = count > 0
+        for i, block in enumerate(self.blocks):
+            block.checkpoint_keep_attention = i >= n - count
+        for block in getattr(self, "vace_blocks", ()):
+            block.checkpoint_keep_attention = enabled and keep_attention
 
     @classmethod
     def is_fp32_param(cls, name: str) -> bool:
@@ -424,7 +436,7 @@ class WanModel(nn.Module):
     def run_block(self, block: WanBlock, args: tuple) -> torch.Tensor:
         """One block, checkpointed when gradient checkpointing is on and gradients are being recorded."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            if self.checkpoint_keep_attention:
+            if getattr(block, "checkpoint_keep_attention", False):
                 return checkpoint(block, *args, use_reentrant=False, context_fn=_keep_self_attention)
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)

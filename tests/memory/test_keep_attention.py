@@ -36,11 +36,14 @@ def test_planner_keeps_attention_when_it_fits_and_not_otherwise():
     assert big.settings == Settings(checkpointing=True, keep_attention=True) and big.fits
     assert big.apply(MemoryArgs()).gradient_checkpointing_keep_attention
     h100 = plan_memory(80, "t2v-A14B", 832, 480, 81)  # 69.0 GiB plain, 81.3 GiB keeping attention: no room
-    assert h100.settings == Settings(checkpointing=True) and h100.fits
+    assert h100.settings.checkpointing and not h100.settings.keep_attention and h100.fits  # some blocks' only
     assert not h100.apply(MemoryArgs(gradient_checkpointing_keep_attention=True)).gradient_checkpointing_keep_attention
-    rows = [s for s, _ in h100.candidates]
+    small = plan_memory(64, "t2v-A14B", 832, 480, 81)  # not even one block's (that costs nothing extra) fits
+    assert small.settings == Settings(checkpointing=True, offload_activations=True)
+    assert not small.apply(MemoryArgs()).gradient_checkpointing_keep_attention_blocks
+    rows = [s for s, _ in small.candidates]
     assert rows.index(Settings(checkpointing=True, keep_attention=True)) == rows.index(Settings(checkpointing=True)) - 1
-    assert "ckpt keeping attention" in h100.table()
+    assert "ckpt keeping attention" in small.table()
 
 
 def test_estimate_counts_the_kept_outputs_of_every_other_block():

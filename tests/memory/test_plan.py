@@ -55,7 +55,9 @@ def test_tokens_match_the_reference_figures():
 
 def test_choices_for_24_40_80_gib():
     a14b = {vram: plan_memory(vram, "t2v-A14B", 832, 480, 81) for vram in (24, 40, 80)}
-    assert a14b[80].settings == Settings(checkpointing=True) and a14b[80].fits  # H100: no fp8, no swap
+    s80 = a14b[80].settings  # H100: no fp8, no swap; the self-attention outputs of some blocks kept
+    assert s80 == Settings(checkpointing=True, keep_attention_blocks=s80.keep_attention_blocks) and a14b[80].fits
+    assert 0 < s80.keep_attention_blocks < 40
     assert a14b[40].settings == Settings(fp8=True, checkpointing=True, offload_activations=True) and a14b[40].fits
     s24 = a14b[24].settings  # the 24 GB card: everything on, most blocks swapped (an estimate until measured)
     assert s24.fp8 and s24.offload_activations and 30 <= s24.blocks_to_swap < 40 and a14b[24].fits
@@ -74,7 +76,9 @@ def test_more_memory_never_adds_features(task, size, experts):
         plan = plan_memory(vram, task, *size, experts=experts)
         order = [s for s, _ in plan.candidates]
         rank = (plan.settings.fp8, plan.settings.offload_activations, plan.settings.blocks_to_swap,
-                plan.settings.checkpointing, plan.settings.checkpointing and not plan.settings.keep_attention)
+                plan.settings.checkpointing, plan.settings.checkpointing and not plan.settings.keep_attention,
+                (plan.settings.checkpointing and not plan.settings.keep_attention)
+                * (plan.workload.variant.num_layers - plan.settings.keep_attention_blocks))
         if plan.fits:
             assert plan.estimate.total <= plan.budget_gb
         if previous is not None:

@@ -10,7 +10,9 @@ Candidates are tried from fastest and most precise to most frugal; the first tha
 
 Rung 2 is selective checkpointing (`gradient_checkpointing_keep_attention`): each block's self-attention
 output and log-sum-exp stay on the GPU (2 C + 4 H bytes a token and block), so the backward pass does not
-run the attention forward again. With `fp8_fast` (fp8 matmuls need fp8 weights) every rung is taken with
+run the attention forward again. When that does not fit for every block, rung 2 goes on with the last K
+blocks only (`gradient_checkpointing_keep_attention_blocks`), K from num_layers - 1 down to 1: the largest
+K that fits. With `fp8_fast` (fp8 matmuls need fp8 weights) every rung is taken with
 fp8 weights.
 
 With two experts (WAN 2.2 A14B) each candidate is tried with both experts on the GPU, then with the
@@ -101,12 +103,21 @@ class Settings:
     blocks_to_swap: int = 0
     offload_inactive: bool = False
     keep_attention: bool = False  # selective checkpointing: self-attention outputs kept (needs checkpointing)
+    keep_attention_blocks: int = 0  # ... in the last N blocks only (without keep_attention)
+
+    def kept_blocks(self, num_layers: int) -> int:
+        """How many blocks keep their self-attention outputs."""
+        if not self.checkpointing:
+            return 0
+        return num_layers if self.keep_attention else min(self.keep_attention_blocks, num_layers)
 
     def label(self) -> str:
         parts = ["fp8" if self.fp8 else "bf16"]
         if self.checkpointing:
             parts.append("ckpt" + ("+offload" if self.offload_activations else "")
-                         + (" keeping attention" if self.keep_attention else ""))
+                         + (" keeping attention" if self.keep_attention else "")
+                         + (f" keeping attention in {self.keep_attention_blocks} blocks"
+                            if self.keep_attention_blocks and not self.keep_attention else ""))
         if self.blocks_to_swap:
             parts.append(f"swap {self.blocks_to_swap}")
         if self.offload_inactive:
@@ -202,8 +213,9 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     else:  # fp32 block inputs; the VACE blocks' are never offloaded
         stored = 4 * c * t * b * ((2 if s.offload_activations else v.num_layers) + vace)
         activations = per_block + stored + context + shared
-        if s.keep_attention:  # every other block's self-attention output and log-sum-exp (the recomputed
-            activations += (v.num_layers - 1) * (KEEP_PER_C * c + KEEP_PER_HEAD * v.num_heads) * t * b  # one's: above
+        kept = s.kept_blocks(v.num_layers)  # the last `kept` blocks: at the peak (the backward pass of the last
+        if kept:  # block) every other kept block's self-attention output and log-sum-exp (the recomputed one's: above)
+            activations += (kept - 1) * (KEEP_PER_C * c + KEEP_PER_HEAD * v.num_heads) * t * b
     workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + w.split_bytes()
     return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB)
 
@@ -227,7 +239,9 @@ class MemoryPlan:
         return dataclasses.replace(
             memory, fp8_base=s.fp8, fp8_scaled=s.fp8, gradient_checkpointing=s.checkpointing,
             gradient_checkpointing_cpu_offload=s.offload_activations,
-            gradient_checkpointing_keep_attention=s.keep_attention, blocks_to_swap=s.blocks_to_swap,
+            gradient_checkpointing_keep_attention=s.keep_attention,
+            gradient_checkpointing_keep_attention_blocks=0 if s.keep_attention else s.keep_attention_blocks,
+            blocks_to_swap=s.blocks_to_swap,
             use_pinned_memory_for_block_swap=s.blocks_to_swap > 0 or memory.use_pinned_memory_for_block_swap,
             offload_inactive_dit=s.offload_inactive,
         )
@@ -261,7 +275,8 @@ def _split(w: Workload) -> str:
 
 
 def _candidates(w: Workload, fp8: bool = False):
-    base = [Settings(), Settings(checkpointing=True, keep_attention=True), Settings(checkpointing=True),
+    some = [Settings(checkpointing=True, keep_attention_blocks=k) for k in range(w.variant.num_layers - 1, 0, -1)]
+    base = [Settings(), Settings(checkpointing=True, keep_attention=True), *some, Settings(checkpointing=True),
             Settings(checkpointing=True, offload_activations=True),
             Settings(fp8=True, checkpointing=True, offload_activations=True)]
     swaps = [Settings(True, True, True, n) for n in range(1, w.variant.num_layers)]
@@ -309,9 +324,10 @@ def largest_frames(vram_gb: float, w: Workload) -> int:
 
 
 def _shown(tried: list) -> tuple:
-    """The table's rows: the non-swap candidates and the last one tried (the plan)."""
-    keep = [(s, e) for s, e in tried if not s.blocks_to_swap]
-    if tried[-1][0].blocks_to_swap:
+    """The table's rows: the candidates without block swap or partial attention keeping, and the last one
+    tried (the plan)."""
+    keep = [(s, e) for s, e in tried if not s.blocks_to_swap and not s.keep_attention_blocks]
+    if tried[-1][0].blocks_to_swap or tried[-1][0].keep_attention_blocks:
         keep.append(tried[-1])
     return tuple(keep)
 
