@@ -298,8 +298,8 @@ class StepEstimate:
 
     def table(self, top: int = 10) -> str:
         s, v = self.setup, self.setup.variant
-        kept = s.keep_attention_blocks if s.keep_attention_blocks and not s.keep_attention else "every"
-        checkpointing = ((f"on, keeping self-attention in {kept} blocks" if s.keep_attention or s.keep_attention_blocks
+        kept = "every block" if s.keep_attention else f"the last {s.keep_attention_blocks} of {v.num_layers} blocks"
+        checkpointing = ((f"on, keeping self-attention in {kept}" if s.keep_attention or s.keep_attention_blocks
                           else "on") if s.checkpointing else "off")
         checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
         lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "

@@ -106,6 +106,6 @@ def test_estimate_keeping_some_blocks_lies_between_none_and_all():
     times = [estimate_step(dataclasses.replace(base, keep_attention_blocks=k), "h100", "flash3", compiled=True)
              for k in (0, 1, 3)]
     assert times[0].seconds > times[1].seconds > times[2].seconds
-    assert "keeping self-attention in 1 blocks" in times[1].table()
+    assert "keeping self-attention in the last 1 of 3 blocks" in times[1].table()
     every = estimate_step(dataclasses.replace(base, keep_attention=True), "h100", "flash3", compiled=True)
     assert every.seconds == pytest.approx(times[2].seconds)
