@@ -272,7 +272,7 @@ class WanModel(nn.Module):
         self.attention_backend = "sdpa"
         self.split_attn = False
         self.gradient_checkpointing = False
-        self.checkpoint_keep_attention = False  # selective checkpointing in any block: see enable_gradient_checkpointing
+        self.checkpoint_keep_attention = False  # selective checkpointing somewhere: see enable_gradient_checkpointing
         self.checkpoint_keep_attention_blocks = 0  # ... in this many blocks, the last ones
         self.compute_dtype: torch.dtype | None = None  # None: the dtype of the Linear weights
         # Compiled blocks: mark the token count dynamic before the first call, so one graph serves every
