@@ -298,7 +298,8 @@ class StepEstimate:
 
     def table(self, top: int = 10) -> str:
         s, v = self.setup, self.setup.variant
-        kept = "every block" if s.keep_attention else f"the last {s.keep_attention_blocks} of {v.num_layers} blocks"
+        n = v.num_layers
+        kept = "every block" if s.keep_attention else f"the last {min(s.keep_attention_blocks, n)} of {n} blocks"
         checkpointing = ((f"on, keeping self-attention in {kept}" if s.keep_attention or s.keep_attention_blocks
                           else "on") if s.checkpointing else "off")
         checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
