@@ -32,7 +32,7 @@ def reference_pixels(path: str | Path, width: int, height: int) -> torch.Tensor:
     from PIL import Image
 
     image = Image.fromarray(load_image(path)).resize((width, height), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(image))).permute(2, 0, 1)[:, None]
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[:, None]
     return pixels.float().div_(127.5).sub_(1.0)
 
 

@@ -251,8 +251,9 @@ def _fun_control(models: SamplingModels, request: SampleRequest, s: dict, device
             clip_fea = _clip_features(models, image[:, :, 0], request.source)
     cond.y = fun_control_condition(variant, control, image_latents).to(device)
     cond.clip_fea = None if clip_fea is None else clip_fea.to(device)
-    if s["references"]:  # `ref_conv`: the reference image's latent (library/data/fun_reference.py)
-        cond.full_ref = fun_reference_latent(variant, vae, s, request.source).to(device)
+    if s.get("references"):  # `ref_conv`: the reference image's latent (library/data/fun_reference.py)
+        loaded = getattr(next(iter(models.experts.values()), None), "variant", variant)  # ref_conv: from the file
+        cond.full_ref = fun_reference_latent(loaded, vae, s, request.source).to(device)
     return cond
 
 
