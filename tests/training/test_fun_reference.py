@@ -195,4 +195,4 @@ def test_training_without_ref_conv_and_musubi_flags(ws, tmp_path):
             self.task, self.ref_image_path = task, "r.png"
 
     assert normalise(Args("t2v-14B-FC")) == []
-    assert "reference images for VACE and the Fun-Control models" in normalise(Args("t2v-14B"))[0]
+    assert "reference images also for the Fun-Control models" in normalise(Args("t2v-14B"))[0]
