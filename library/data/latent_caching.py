@@ -203,7 +203,7 @@ def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info
     if control_latents is not None:  # Fun-Control: [z, T, h, w] of the item's control video
         tensors[CONTROL_KEY] = control_latents.to(cache.STORE_DTYPE)
         meta.update(control_metadata(item))
-        if reference_file(item) is not None:  # Fun-Control `ref_conv`: the reference image's latent [z, h, w]
+        if info.needs_control and reference_file(item) is not None:  # `ref_conv`: the reference latent [z, h, w]
             width, height, _ = item.bucket
             tensors[REFERENCE_KEY] = encode_reference(vae, reference_file(item), width, height).to(cache.STORE_DTYPE)
     path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
