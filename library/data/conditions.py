@@ -9,6 +9,7 @@ JSONL lines name them with `control_path`, `mask_path` and `reference_path` (Dif
 `vace_video`, `vace_video_mask` and `vace_reference_image` are read too); relative paths are relative to
 the JSONL file. A named file that does not exist skips the item with the reason. Within one dataset either
 every item has a reference image or none does (a batch stacks the same number of reference frames).
+Fun-Control tasks use the reference image the same way for `ref_conv` (fun_reference.py).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from library.errors import UserError
 from . import cache
 from .buckets import bucket_step
 from .conditions import condition_fingerprint
+from .fun_reference import REFERENCE_KEY, reference_settings
 from .control import CONTROL_KEY, control_cache_problem, require_controls
 from .dataset_config import DatasetConfig, DatasetSpec
 from .items import MediaItem, Skip, enumerate_dataset
@@ -82,7 +83,7 @@ def task_info(task: str) -> TaskInfo:
 
 
 def latent_settings(item: MediaItem, vae_kind: str, end_frame: bool = False, spec=None, *,
-                    vace: bool = False) -> dict:
+                    vace: bool = False, fun_reference: bool = False) -> dict:
     """Everything that decides an item's latents besides the source file and the VAE weights (FLF2V caches
     are marked: their image latents and CLIP tokens also hold the last frame; one-frame caches hold their
     indices and control files; VACE caches their conditioning files)."""
@@ -93,6 +94,8 @@ def latent_settings(item: MediaItem, vae_kind: str, end_frame: bool = False, spe
         settings["one_frame"] = one_frame_settings(spec, item.media_path)
     if vace:
         settings["vace"] = condition_fingerprint(item)
+    if fun_reference:  # Fun-Control: the reference image of `ref_conv` (fun_reference.py)
+        settings |= reference_settings(item)
     return settings | ({"conditioning": "first_last_frame"} if end_frame else {})
 
 
@@ -172,7 +175,7 @@ class CachedDataset(torch.utils.data.Dataset):
         for item in self.items:
             path = self.latent_path(item)
             settings = latent_settings(item, self.info.vae_kind, self.info.end_frame, self.spec,
-                                       vace=self.info.is_vace)
+                                       vace=self.info.is_vace, fun_reference=self.info.needs_control)
             problem = cache.latent_cache_problem(path, item, settings,
                                                  need_image_latents=self.info.is_i2v,
                                                  need_clip_fea=self.info.needs_clip)
@@ -241,6 +244,7 @@ class CachedDataset(torch.utils.data.Dataset):
             "clip_fea": tensors.get("clip_fea") if self.info.needs_clip else None,  # [257, width] or None
             "frame_mask": tensors.get("frame_mask"), "frame_positions": tensors.get("frame_positions"),  # one-frame
             "control_latents": tensors.get(CONTROL_KEY) if self.info.needs_control else None,  # [z, T, h, w]
+            "fun_reference": tensors.get(REFERENCE_KEY) if self.info.needs_control else None,  # [z, h, w]
             "context": context,  # [L, d]
             "key": item.key, "caption": caption, "is_image": item.is_image, "bucket": item.bucket,
         }
@@ -284,6 +288,7 @@ def collate(items: list[dict]) -> dict:
     clip = [item.get("clip_fea") for item in items]
     vace = [item.get("vace_context") for item in items]
     control = [item.get("control_latents") for item in items]
+    reference = [item.get("fun_reference") for item in items]
     return {
         "latents": torch.stack([item["latents"] for item in items]).float(),  # [B, z, T, h, w]
         "image_latents": None if any(x is None for x in image) else torch.stack(image).float(),
@@ -292,6 +297,7 @@ def collate(items: list[dict]) -> dict:
            if all(item.get(k) is not None for item in items)},  # one-frame: [B, T] each
         "vace_context": None if any(x is None for x in vace) else torch.stack(vace).float(),  # [B, 96, T', h, w]
         "control_latents": None if any(x is None for x in control) else torch.stack(control).float(),
+        "fun_reference": None if any(x is None for x in reference) else torch.stack(reference).float(),  # [B, z, h, w]
         "context": [item["context"].float() for item in items],  # B x [L_i, d]
         "keys": [item["key"] for item in items],
         "captions": [item["caption"] for item in items],

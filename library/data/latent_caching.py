@@ -25,6 +25,7 @@ from library.errors import UserError
 
 from . import cache, one_frame
 from .conditions import load_conditions
+from .fun_reference import REFERENCE_KEY, encode_reference, reference_file
 from .control import CONTROL_KEY, control_cache_problem, control_metadata, load_control_pixels, require_controls
 from .dataset_config import DatasetConfig, DatasetSpec
 from .datasets import TaskInfo, latent_settings, task_info
@@ -188,18 +189,23 @@ def encode_clip(clip, videos: torch.Tensor, end_frame: bool) -> torch.Tensor:
 
 
 def _write_item(spec: DatasetSpec, item: MediaItem, latents, image_latents, info: TaskInfo, vae_hash: str,
-                clip_fea=None, clip_hash: str | None = None, extra: dict | None = None, control_latents=None) -> None:
+                clip_fea=None, clip_hash: str | None = None, extra: dict | None = None, control_latents=None,
+                vae=None) -> None:
     tensors = {"latents": latents.to(cache.STORE_DTYPE), **(extra or {})}  # one-frame masks / VACE context
     if image_latents is not None:
         tensors["image_latents"] = image_latents.to(cache.STORE_DTYPE)
     if clip_fea is not None:
         tensors["clip_fea"] = clip_fea.to(cache.STORE_DTYPE)  # [257, width] (FLF2V: [2, 257, width])
-    settings = latent_settings(item, info.vae_kind, info.end_frame, spec, vace=info.is_vace)
+    settings = latent_settings(item, info.vae_kind, info.end_frame, spec, vace=info.is_vace,
+                               fun_reference=info.needs_control)
     meta = cache.latent_metadata(item, settings, vae_hash,
                                  cache.source_fingerprint(item.media_path), clip_hash)
     if control_latents is not None:  # Fun-Control: [z, T, h, w] of the item's control video
         tensors[CONTROL_KEY] = control_latents.to(cache.STORE_DTYPE)
         meta.update(control_metadata(item))
+        if info.needs_control and reference_file(item) is not None:  # `ref_conv`: the reference latent [z, h, w]
+            width, height, _ = item.bucket
+            tensors[REFERENCE_KEY] = encode_reference(vae, reference_file(item), width, height).to(cache.STORE_DTYPE)
     path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
     cache.write_safetensors_atomic(tensors, path, meta)
 
@@ -230,7 +236,7 @@ def _encode_and_write(good: list, vae, clip, info: TaskInfo, hashes: tuple[str, 
         extra = {k: v.to(cache.STORE_DTYPE) for k, v in vace_tensors(vae, conditions, videos.shape[2:]).items()} \
             if info.is_vace else None  # VACE context, references
         _write_item(spec, item, latents[j], None if image_latents is None else image_latents[j], info, hashes[0],
-                    None if clip_fea is None else clip_fea[j], hashes[1], extra, control[j])
+                    None if clip_fea is None else clip_fea[j], hashes[1], extra, control[j], vae)
         summary.cached += 1
 
 
@@ -252,7 +258,8 @@ def _find_todo(entries, info: TaskInfo, vae_hash: str, summary: CacheSummary, cl
     todo = []
     for spec, item in entries:
         path = cache.latent_cache_path(spec.cache_directory, item.key, info.vae_kind)
-        settings = latent_settings(item, info.vae_kind, info.end_frame, spec, vace=info.is_vace)
+        settings = latent_settings(item, info.vae_kind, info.end_frame, spec, vace=info.is_vace,
+                               fun_reference=info.needs_control)
         problem = cache.latent_cache_problem(path, item, settings,
                                              need_image_latents=info.is_i2v, vae_hash=vae_hash,
                                              need_clip_fea=info.needs_clip, clip_hash=clip_hash,
@@ -283,7 +290,8 @@ def run_latent_caching(config: DatasetConfig, vae, vae_hash: str, info: TaskInfo
     summary = CacheSummary("latents")
     if not info.is_vace:
         for spec in config.all:
-            keys = [k for k in ("mask_directory", "reference_directory") if getattr(spec, k) is not None]
+            keys = [k for k in ("mask_directory", "reference_directory") if getattr(spec, k) is not None
+                    and not (k == "reference_directory" and info.needs_control)]  # Fun-Control: `ref_conv`
             if keys:
                 logger.warning("%s: %s are VACE inputs, not used for task %s (cache with --task vace-1.3B, vace-14B "
                                "or vace-A14B)", spec.where(), " and ".join(keys), info.task)

@@ -85,7 +85,8 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--control_path", help="Fun-Control and VACE: the control video (or a folder of frames, or a still "
                                           "image), read from frame 0 at the output size (a line's --cn wins)")
     g.add_argument("--mask_path", help="VACE: mask video, frame folder or image, white = generate (--mk)")
-    g.add_argument("--ref_image_path", help="VACE: reference image(s), comma-separated (--ri)")
+    g.add_argument("--ref_image_path", help="VACE: reference image(s), comma-separated; Fun-Control models "
+                                            "with ref_conv (V1.1, WAN 2.2): one reference image (--ri)")
     g.add_argument("--vace_scale", type=float, help="VACE: scale of the VACE hints (default 1; --vs)")
     g.add_argument("--width", type=int, help="a multiple of 16 (32 for TI2V-5B)")
     g.add_argument("--height", type=int, help="a multiple of 16 (32 for TI2V-5B)")

@@ -46,9 +46,11 @@ class Conditioning:
     clip_fea: torch.Tensor | None = None  # WAN 2.1 I2V CLIP tokens
     frame_positions: list[int] | None = None  # one-frame inference: the RoPE time index of each latent frame
     reference_frames: int = 0  # VACE: leading latent frames that hold reference images (y is the VACE context)
+    full_ref: torch.Tensor | None = None  # Fun-Control with `ref_conv`: the reference image's latent [B, z, h, w]
 
     def extra(self) -> dict:
-        return {} if self.frame_positions is None else {"frame_positions": self.frame_positions}
+        return ({} if self.frame_positions is None else {"frame_positions": self.frame_positions}) | \
+            ({} if self.full_ref is None else {"full_ref": self.full_ref})
 
 
 def _token_timesteps(t: torch.Tensor, latents: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from library.wan import flf2v
 from library.wan.fun import fun_control_condition, inpaint_condition, zero_clip_features
 
 from . import one_frame
-from .control import load_control_video
+from .control import fun_reference_latent, load_control_video
 from .denoise import Conditioning, GuidedExpert, denoise
 from .finite import check_finite_sample
 from .guidance import GuidanceOptions
@@ -120,7 +120,8 @@ def resolve(request: SampleRequest, variant, sampler: str = "unipc", schedule: s
            if request.one_frame else {}),
         **({"control": request.control, "mask": request.mask, "references": list(reference_paths(request.references)),
             "vace_scale": 1.0 if request.vace_scale is None else request.vace_scale} if variant.is_vace else {}),
-        **({"control": request.control} if variant.control else {}),
+        **({"control": request.control, "references": list(reference_paths(request.references))}
+           if variant.control else {}),
     )
 
 
@@ -250,6 +251,9 @@ def _fun_control(models: SamplingModels, request: SampleRequest, s: dict, device
             clip_fea = _clip_features(models, image[:, :, 0], request.source)
     cond.y = fun_control_condition(variant, control, image_latents).to(device)
     cond.clip_fea = None if clip_fea is None else clip_fea.to(device)
+    if s.get("references"):  # `ref_conv`: the reference image's latent (library/data/fun_reference.py)
+        loaded = getattr(next(iter(models.experts.values()), None), "variant", variant)  # ref_conv: from the file
+        cond.full_ref = fun_reference_latent(loaded, vae, s, request.source).to(device)
     return cond
 
 

@@ -127,10 +127,13 @@ def normalise(args) -> list[str]:
     args._normalised = True
     errors = [why for name, why in UNSUPPORTED.items() if getattr(args, name, None)]
     task = str(getattr(args, "task", "") or "").lower()
-    vace_inputs = [f"--{n}" for n in ("mask_path", "ref_image_path") if getattr(args, n, None)]
+    fun_control = task.endswith("-fc")  # Fun-Control: a reference image for `ref_conv` (V1.1 / WAN 2.2 models)
+    vace_inputs = [f"--{n}" for n in ("mask_path", "ref_image_path") if getattr(args, n, None)
+                   and not (fun_control and n == "ref_image_path")]
     if vace_inputs and "vace" not in task:
-        errors.append(f"{' / '.join(vace_inputs)}: masks and reference images are for the VACE models "
-                      f"(--task vace-1.3B, vace-14B, vace-A14B); {args.task} takes none")
+        errors.append(f"{' / '.join(vace_inputs)}: masks and reference images are for the VACE models (--task "
+                      f"vace-1.3B, vace-14B, vace-A14B; reference images also for the Fun-Control models with "
+                      f"ref_conv, --task *-FC); {args.task} takes none")
     if getattr(args, "control_path", None) and "vace" not in task and not task.endswith("-fc"):
         errors.append(f"--control_path: control videos are for the Fun-Control models (--task t2v-1.3B-FC, "
                       f"t2v-14B-FC, i2v-14B-FC, t2v-A14B-FC, i2v-A14B-FC) and the VACE models (vace-1.3B, vace-14B, "

@@ -311,9 +311,9 @@ def check_requests(requests: list[SampleRequest], variant,
         if request.control and not (variant.is_vace or getattr(variant, "control", False)):
             notes.add(f"control videos (--cn) are for the Fun-Control and VACE models; ignored by {variant.name}",
                       request.source)
-        if (request.mask or request.references) and not variant.is_vace:
-            notes.add(f"masks and reference images (--mk / --ri) are for VACE models; ignored by {variant.name}",
-                      request.source)
+        if (request.mask or (request.references and not getattr(variant, "control", False))) and not variant.is_vace:
+            notes.add(f"masks (--mk) are for VACE models and reference images (--ri) for VACE and Fun-Control "
+                      f"models; ignored by {variant.name}", request.source)
         good.append(request)
     notes.log()
     return good, errors

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from library.errors import UserError
 from library.wan import flf2v
 from library.wan.fun import fun_control_condition, zero_clip_features
 
@@ -42,6 +43,21 @@ def frame_positions(batch: dict) -> list[int] | None:
     if not bool((positions == positions[:1]).all()):
         raise ValueError("a one-frame batch mixes items with different fp_1f indices")
     return [int(p) for p in positions[0]]
+
+
+def extra_inputs(variant, batch: dict, dev) -> dict:
+    """The DiT's keyword inputs beyond (y, clip_fea): `frame_positions` of one-frame batches, and `full_ref`
+    [B, z, h, w], the cached reference latents of a Fun-Control batch, for a model with `ref_conv` (`variant`
+    is the loaded model's, as the file has it)."""
+    out = {} if (positions := frame_positions(batch)) is None else {"frame_positions": positions}
+    if batch.get("fun_reference") is not None:
+        if not variant.ref_conv:
+            raise UserError(f"{variant.name}: the dataset has reference images (reference_directory / "
+                            "reference_path), and this checkpoint has no `ref_conv` layer to take them (only "
+                            "Fun-Control V1.1 and WAN 2.2 Fun-Control models have one): remove the reference "
+                            "images from the dataset config and cache again, or train a model with `ref_conv`")
+        out["full_ref"] = batch["fun_reference"].to(dev, torch.float32)
+    return out
 
 
 def model_inputs(variant, batch: dict, dev) -> tuple[torch.Tensor | None, torch.Tensor | None]:

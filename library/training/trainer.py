@@ -29,7 +29,7 @@ from . import checkpoints as ckpt
 from .assemble import build_experts
 from .checkpoints.state import StateError, load_state, restore_payload, save_state, state_payload
 from .checkpoints.weights import save_weights
-from .conditioning import frame_positions, model_inputs, ti2v_condition
+from .conditioning import extra_inputs, model_inputs, ti2v_condition
 from .data import build_data
 from .engines.sharding import sharding
 from .experts import ExpertRouter, base_sampler, boundary_of
@@ -231,15 +231,14 @@ class Trainer:
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(dev)
         x_t, target = add_noise(x0, noise, sigma)
         timestep, mask = sigma * 1000.0, None
-        positions = frame_positions(batch)  # one-frame caches: the RoPE frame index of each latent frame
+        extra = extra_inputs(expert.model.variant, batch, dev)  # one-frame RoPE positions, Fun-Control full_ref
         y, clip_fea = model_inputs(self.variant, batch, dev)  # I2V / FLF2V / one-frame / Fun / VACE conditioning
         if y is None and self.variant.model_type == "ti2v" and self.cfg.loop.i2v_probability > 0:
             use_image = torch.tensor([torch.rand(1, generator=g).item() < self.cfg.loop.i2v_probability for g in gens])
             x_t, timestep, mask = ti2v_condition(x0, x_t, sigma, use_image.to(dev), self.variant.patch_size)
         context = [c.to(dev) for c in batch["context"]]
         with self.accelerator.autocast(self.autocast_kwargs):
-            pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea,
-                                **({"frame_positions": positions} if positions is not None else {}))  # fp32
+            pred = expert.model(x_t, timestep, context, y=y, clip_fea=clip_fea, **extra)  # fp32
         err = (pred.float() - target) ** 2
         if mask is not None:
             per_sample = (err * mask).sum(dim=(1, 2, 3, 4)) / (mask.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel())

@@ -12,7 +12,8 @@ nothing here. Fun-Control puts the control video's latents right after the noisy
                                       all zeros without one; no CLIP.
 
 Models with `ref_conv` (Fun-Control V1.1 and 2.2) also embed a reference frame as an extra first frame of
-tokens (see `WanModel.forward`); without a reference image it is zeros, as VideoX-Fun passes. Sources and
+tokens (see `WanModel.forward`): a user's reference image (library/data/fun_reference.py), or zeros without
+one, as VideoX-Fun passes. Sources and
 the comparison with musubi-tuner are in docs/variants.md.
 """
 
