@@ -3,9 +3,10 @@
 Writes a random-weight checkpoint of a variant's shape (default: WAN 2.1 T2V-1.3B in bf16, about 2.8 GB)
 in the official single-file format, then measures in fresh subprocesses, page cache warm for both:
   raw   read the file start to end in 16 MiB chunks into one reused buffer
-  load  `load_dit(path, dtype=...)` to the CPU
-  seq   (with --sequential) the same with `loading.STREAM_CASTS = False`: casts read through the memory
-        map one tensor after another, as before the overlapped reader
+  load  `load_dit(path, dtype=...)` to the CPU with the overlapped reader (`loading.STREAM_CASTS = True`,
+        what WAN_OVERLAPPED_LOAD=1 selects)
+  seq   (with --sequential) the same with `loading.STREAM_CASTS = False`, the default: casts read through
+        the memory map one tensor after another
 and prints wall time, peak RSS (and its growth over the post-import baseline) as a ratio of the file
 size. Targets: peak RSS <= 1.15x the file size, time <= 1.5x the raw read. The modes take turns, each
 `--repeats` times; the table shows each mode's median and the ratio line both the median and best runs

@@ -28,9 +28,11 @@ from .vace import build_dit
 from .variants import get_variant
 
 logger = logging.getLogger(__name__)
-# Tensors cast on the CPU from a safetensors file (the fp32 official shards loaded as bf16) are read and cast
-# overlapped (`cast_read.CastReader`); False reads them through the memory map one after another.
-STREAM_CASTS = True
+# Tensors cast on the CPU from a safetensors file (the fp32 official shards loaded as bf16): read through the
+# memory map and cast one after another (the default), or with WAN_OVERLAPPED_LOAD=1 read by a second thread
+# while this one casts (`cast_read.CastReader`). On an idle 2-core VM the sequential path was faster (1.28 s
+# against 1.89 s for a 5.29 GiB fp32 file, docs/benchmarks.md); the overlapped one only won under heavy load.
+STREAM_CASTS = os.environ.get("WAN_OVERLAPPED_LOAD", "0") == "1"
 
 __all__ = ["CheckpointError", "check_model_file", "load_clip_vision", "load_dit", "load_dit_fp8", "load_text_encoder",
            "load_vae", "open_dit_checkpoint"]
