@@ -51,10 +51,18 @@ def _figure(height: float = 3.4):
     return fig, ax
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, ax=None, xlabel: str = "step", ylabel: str = "", legend: bool = True) -> bool:
+    """Label and grid `ax` (when given), then write the figure as a PNG atomically."""
+    if ax is not None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend(loc="upper right", fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
+    return True
 
 
 def _train(rows: list[dict]) -> list[dict]:
@@ -77,12 +85,7 @@ def _loss(rows: list[dict], path: Path, experts: dict) -> bool:
                 label="validation")
         if val[0]["step"] == 0:
             ax.axhline(val[0]["loss"], color=COLORS[1], ls="--", lw=1, alpha=0.6, label="validation before training")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    _save(fig, path)
-    return True
+    return _save(fig, path, ax, ylabel="loss")
 
 
 def _series(rows: list[dict], key: str, ylabel: str, path: Path, log: bool = False) -> bool:
@@ -93,11 +96,7 @@ def _series(rows: list[dict], key: str, ylabel: str, path: Path, log: bool = Fal
     ax.plot([p[0] for p in points], [p[1] for p in points], color=COLORS[2] if key == "lr" else COLORS[3], lw=1.5)
     if log and min(p[1] for p in points) > 0:
         ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-    return True
+    return _save(fig, path, ax, ylabel=ylabel, legend=False)
 
 
 def _label(name: str, experts: dict) -> str:
@@ -121,13 +120,8 @@ def _experts(rows: list[dict], path: Path, experts: dict, ema: float = 0.9) -> b
             avg = r["loss"] if avg is None else ema * avg + (1 - ema) * r["loss"]
             smooth.append(avg)
         ax.plot([r["step"] for r in mine], smooth, color=color, lw=2, label=_label(name, experts))
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
     ax.set_title("per expert (each on its own timestep range)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    _save(fig, path)
-    return True
+    return _save(fig, path, ax, ylabel="training loss")
 
 
 def _timesteps(rows: list[dict], path: Path, experts: dict) -> bool:
@@ -144,12 +138,7 @@ def _timesteps(rows: list[dict], path: Path, experts: dict) -> bool:
     ax.hist([by_expert[n] for n in names], bins=40, range=(0, 1000), stacked=True,
             color=list(COLORS[:len(names)]), label=[_label(n, experts) for n in names])
     ax.set_xlim(0, 1000)
-    ax.set_xlabel("timestep (0-1000)")
-    ax.set_ylabel("samples trained")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    _save(fig, path)
-    return True
+    return _save(fig, path, ax, xlabel="timestep (0-1000)", ylabel="samples trained")
 
 
 def _warn_once(kind: str, message: str, *args) -> None:
