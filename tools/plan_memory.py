@@ -5,7 +5,7 @@
     python tools/plan_memory.py --full --task t2v-A14B --optimizer AdamW8bit --processes 8 --vram_gb 80
 
 The GPU's memory is detected when `--vram_gb` is not given. With `--config_file`, the task, LoRA rank,
-optimizer and number of experts come from the training TOML (command-line values win); a TOML with
+optimizer, number of experts and `fp8_fast` come from the training TOML (command-line values win); a TOML with
 `full_fine_tune = true` plans full fine-tuning, with its `trainable_patterns` / `frozen_patterns`. `--full`
 plans full fine-tuning (finetune/fine_tune_wan.py) per process for `--processes` GPUs. Figures are
 estimates (see library/training/planning/lora.py); `tools/benchmark_wan.py` measures the real peak.
@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="full fine-tuning: GPUs training together (fsdp shards over them; default 1)")
     p.add_argument("--sequence_parallel", type=positive_int,
                    help="processes sharing each sample's tokens (sequence_parallel_size; default 1 or the config's)")
+    p.add_argument("--fp8_fast", action="store_true",
+                   help="LoRA: plan only with fp8 weights, as auto_memory does for `fp8_fast = true` (default: the "
+                        "config's)")
     p.add_argument("--all_candidates", action="store_true", help="full fine-tuning: show every rung of the ladder, "
                                                                  "not only those tried")
     return p.parse_args(argv)
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     task, rank, optimizer, experts, full, patterns = "t2v-A14B", 32, "AdamW", 1, args.full, ((), ())
-    split, gather = 1, False
+    split, gather, fp8_fast = 1, False, False
     if args.config_file:
         from library.config import load_config
 
@@ -63,6 +66,7 @@ def main(argv=None) -> int:
         patterns = (cfg.finetune.trainable_patterns, cfg.finetune.frozen_patterns)
         split = cfg.attention.sequence_parallel
         gather = cfg.attention.sequence_parallel_attention == "all_gather"
+        fp8_fast = cfg.memory.fp8_fast
     split = args.sequence_parallel or split
     vram = args.vram_gb or detect_vram_gb()
     if vram is None:
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     else:
         plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                            args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts,
-                           sequence_parallel=split, gather_kv=gather)
+                           fp8=args.fp8_fast or fp8_fast, sequence_parallel=split, gather_kv=gather)
     print(plan.table())
     return 0 if plan.fits else 1
 

@@ -153,6 +153,11 @@ def test_cli_prints_the_table_and_reads_a_config(tmp_path):
     assert "ti2v-5B x1 expert(s), 1280x704x121" in run.stdout and "LoRA rank 16, AdamW8bit" in run.stdout
     assert "-> " in run.stdout and "plan: " in run.stdout
     assert cli.main(["--vram_gb", "12", "--task", "t2v-A14B"]) == 1  # does not fit: exit 1
+    cfg.write_text('task = "t2v-A14B"\nfp8_base = true\nfp8_scaled = true\nfp8_fast = true\n')  # fp8 plans only
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "plan_memory.py"), "--config_file", str(cfg),
+                          "--vram_gb", "80"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "plan: fp8, ckpt keeping attention" in run.stdout
 
 
 # ---- full fine-tuning ------------------------------------------------------------------------------------
