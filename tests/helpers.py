@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -73,3 +74,29 @@ def torchrun(processes: int) -> list[str]:
     lets the rendezvous take a free port itself: a port picked in advance (or a fixed one) can be taken by
     another run in the meantime."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Tiny models run fastest on one thread: intra-op threads only add overhead (and large slowdowns on a
+    busy machine). Restores the thread count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def attach_trained_lora(model, rank: int = 4):
+    """A rank-`rank` LoRA (networks.lora_wan) applied to `model`, its up-projections non-zero as in a trained
+    LoRA (so the down-projections get gradients too). Seed torch before calling for repeatable weights."""
+    from networks.lora_wan import create_network
+
+    network = create_network(1.0, rank, rank, None, None, model)
+    network.apply_to()
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if "lora_up" in name:
+                p.normal_(0, 0.1)
+    return network

@@ -19,14 +19,13 @@ from library.data.latent_caching import cache_latents, load_pixels
 from library.data.video_io import MediaError
 
 from .conftest import write_caption, write_image, write_toml, write_video
+from tests.helpers import single_thread
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny VAE: intra-op threads only add overhead on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 VIDEOS = """

@@ -20,7 +20,7 @@ from library.wan import fp8
 from library.wan.fp8 import FP8Linear
 from library.wan.model import WanModel
 from library.wan.variants import get_variant
-from tests.helpers import random_official_dit_state
+from tests.helpers import attach_trained_lora, random_official_dit_state
 
 VALID = {"dit": "low.safetensors", "dataset_config": "data.toml"}
 
@@ -68,15 +68,8 @@ def _model(seed: int = 1) -> WanModel:
 
 def _step(model):
     """One bf16 LoRA step: the loss and the LoRA gradients."""
-    from networks.lora_wan import create_network
-
     torch.manual_seed(0)
-    network = create_network(1.0, 4, 4, None, None, model)
-    network.apply_to()
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            if "lora_up" in name:
-                p.normal_(0, 0.1)
+    network = attach_trained_lora(model)
     x, context = torch.randn(1, 16, 3, 4, 6), [torch.randn(5, model.variant.text_dim)]
     counter = ScaledMM()
     with counter:

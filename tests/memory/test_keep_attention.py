@@ -18,7 +18,7 @@ from library.training.planning.lora import (GIB, KEEP_PER_C, KEEP_PER_HEAD, Sett
 from library.wan import model as wan_model
 from library.wan.model import WanModel, rope_tables
 from library.wan.variants import get_variant
-from tests.helpers import random_official_dit_state
+from tests.helpers import attach_trained_lora, random_official_dit_state
 
 VALID = {"dit": "low.safetensors", "dataset_config": "data.toml"}
 
@@ -58,7 +58,6 @@ def test_estimate_counts_the_kept_outputs_of_every_other_block():
 
 class _KeptBytes(TorchDispatchMode):
     """Sums the output bytes of the ops the selective-checkpointing policy keeps (MUST_SAVE)."""
-
     def __init__(self):
         super().__init__()
         self.bytes = 0
@@ -90,8 +89,6 @@ def test_kept_bytes_match_the_planner(c, heads):
 
 def _lora_step(keep: bool):
     """One fp32 LoRA step of the tiny model set up as training does: loss and every LoRA gradient."""
-    from networks.lora_wan import create_network
-
     variant = get_variant("t2v-tiny")
     model = WanModel(variant)
     model.load_state_dict(random_official_dit_state(variant, 1))
@@ -100,12 +97,7 @@ def _lora_step(keep: bool):
     setup = apply_memory_features(model, memory, "cpu")
     assert setup.keep_attention == keep and model.checkpoint_keep_attention == keep
     torch.manual_seed(0)
-    network = create_network(1.0, 4, 4, None, None, model)
-    network.apply_to()
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            if "lora_up" in name:
-                p.normal_(0, 0.1)  # a trained LoRA: the down-projections get gradients too
+    network = attach_trained_lora(model)
     x, context = torch.randn(1, 16, 3, 4, 6), [torch.randn(5, variant.text_dim)]
     loss = model(x, torch.tensor([400.0]), context).square().mean()
     loss.backward()

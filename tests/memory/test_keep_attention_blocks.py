@@ -18,7 +18,7 @@ from library.training.planning.lora import (CUDA_CONTEXT_GIB, FRAGMENTATION, GIB
 from library.training.gpu_rates import GPUS
 from library.wan.model import WanModel
 from library.wan.variants import get_variant
-from tests.helpers import random_official_dit_state
+from tests.helpers import attach_trained_lora, random_official_dit_state
 from tests.wan.test_selective_checkpointing import AttentionCalls
 
 VALID = {"dit": "low.safetensors", "dataset_config": "data.toml", "task": "t2v-A14B"}
@@ -43,7 +43,6 @@ def test_config_key_parses_and_is_validated():
 def _lora_step(kept: int):
     """One fp32 LoRA step of the tiny model (2 blocks) through `apply_memory_features`: loss, LoRA gradients,
     self + cross attention forwards run."""
-    from networks.lora_wan import create_network
 
     variant = get_variant("t2v-tiny")
     model = WanModel(variant)
@@ -54,12 +53,7 @@ def _lora_step(kept: int):
     assert setup.keep_attention_blocks == model.checkpoint_keep_attention_blocks == kept
     assert [b.checkpoint_keep_attention for b in model.blocks] == [i >= len(model.blocks) - kept for i in range(2)]
     torch.manual_seed(0)
-    network = create_network(1.0, 4, 4, None, None, model)
-    network.apply_to()
-    with torch.no_grad():
-        for name, p in network.named_parameters():
-            if "lora_up" in name:
-                p.normal_(0, 0.1)  # a trained LoRA: the down-projections get gradients too
+    network = attach_trained_lora(model)
     x, context = torch.randn(1, 16, 3, 4, 6), [torch.randn(5, variant.text_dim)]
     calls = AttentionCalls()
     with calls:

@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, single_thread
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run fastest on one thread (intra-op threads only add overhead on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def entry(script: str):

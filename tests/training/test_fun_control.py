@@ -16,7 +16,7 @@ from library.wan.fun import fun_control_condition
 from library.wan.model import WanModel
 from library.wan.variants import get_variant
 from tests.data.conftest import write_caption, write_image, write_video
-from tests.helpers import REPO
+from tests.helpers import REPO, single_thread
 from tests.networks.comfyui_rules import wan_linears
 
 DATASET = """
@@ -53,20 +53,14 @@ def _workspace(root, task: str):
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models: intra-op threads only add overhead (and large slowdowns on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def fc(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return _workspace(tmp_path_factory.mktemp("fun_control"), "t2v-tiny-fc")
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _settings(models, toml, out, task, **over) -> dict:

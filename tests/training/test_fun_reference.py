@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.data.conftest import write_caption, write_image, write_video
+from tests.helpers import single_thread
 from tests.training.test_fun_control import _script, _settings
 
 DATASET = """
@@ -40,10 +41,8 @@ def _with_ref_conv(dit, out):
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +52,7 @@ def ws(tmp_path_factory):
     from library.data.text_caching import cache_text_encoder_outputs
     from library.wan.tiny import write_tiny_model_set
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         root = tmp_path_factory.mktemp("fun_reference")
         models = write_tiny_model_set(root / "models", "t2v-tiny-fc")
         for name in ("walk", "turn"):
@@ -70,8 +67,6 @@ def ws(tmp_path_factory):
         cache_text_encoder_outputs(config, models.t5, tokenizer=models.tokenizer, dtype=torch.float32,
                                    progress=False)
         return models, root / "data/d.toml", _with_ref_conv(models.dit, root / "models/fc_ref.safetensors")
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_reference_pixels_match_videox_fun_preprocessing(tmp_path):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from library.config import config_from_dict, validate
 from library.sampling.prompts import PromptError
 from library.training.trainer import Trainer
-from tests.helpers import REPO
+from tests.helpers import REPO, single_thread
 from tests.networks.comfyui_lora_rules import comfyui_lora_targets
 
 TASK = "vace-tiny"
@@ -28,10 +28,8 @@ TASK = "vace-tiny"
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def _write_media(root, name: str, frames: int, size: tuple[int, int], seed: int, image: bool = False):

@@ -12,6 +12,7 @@ from library.wan.dit_formats import diffusers_to_official
 from library.wan.loading import load_dit
 from library.wan.vace import VaceWanModel, build_dit
 from library.wan.variants import get_variant
+from tests.helpers import single_thread
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -46,10 +47,8 @@ def vace_twin(variant, seed=0):
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run fastest on one thread (intra-op threads only add overhead on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
