@@ -120,6 +120,17 @@ class ActivationOffloader:
         self._log("offload", packed)
         return packed
 
+    def prefetch_newest(self) -> None:
+        """Start bringing back the most recently offloaded tensor not yet back: the one the backward pass needs
+        first (`BlockRunner` calls this when the backward pass of the last block, whose input stays on the
+        device, begins, so the copy overlaps that block's recomputation and backward)."""
+        for ref in reversed(self._waiting):
+            packed = ref()
+            if packed is not None:
+                if packed.fetched is None:
+                    self._fetch(packed)
+                return
+
     def _fetch(self, packed: _Offloaded) -> None:
         """Start the copy back to the device (on the side stream; on a CPU device the clone itself)."""
         self._log("fetch", packed)
@@ -159,20 +170,29 @@ class ActivationOffloader:
 
 @dataclass(eq=False)
 class BlockRunner:
-    """`WanModel.block_runner`: runs each block with block swap and / or activation offload around it."""
+    """`WanModel.block_runner`: runs each block with block swap and / or activation offload around it. With
+    `blocks` (the model's block count) the last block's input is not offloaded: the backward pass needs it
+    first, so a copy back could not overlap anything; instead the input of the block before it starts coming
+    back when the last block's backward pass begins. With 0 every block's input is offloaded."""
 
     swapper: BlockSwapper | None = None
     offloader: ActivationOffloader | None = None
+    blocks: int = 0
 
     def run(self, i: int, block: nn.Module, args: tuple, run_block) -> torch.Tensor:
         x = args[0]  # [B, L, C] fp32 residual stream
         if self.swapper is not None:
             self.swapper.before_forward(i)
-        if self.offloader is not None and torch.is_grad_enabled():
+        offload = self.offloader is not None and torch.is_grad_enabled()
+        last = offload and i == self.blocks - 1
+        if offload and not last:
             with self.offloader.hooks(x):
                 out = run_block(block, args)
         else:
             out = run_block(block, args)
+        if last and out.requires_grad:
+            offloader = self.offloader
+            out.register_hook(lambda grad: offloader.prefetch_newest())
         if self.swapper is not None:
             training = torch.is_grad_enabled() and out.requires_grad
             self.swapper.after_forward(i, keep_for_backward=training)
@@ -264,12 +284,13 @@ _fp8_matmuls.warned = False
 
 
 def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, transport=None,
-                          place: bool = True) -> MemorySetup:
+                          place: bool = True, offloader: ActivationOffloader | None = None) -> MemorySetup:
     """Apply a `MemoryArgs` (or anything with the same fields) to a loaded WAN model and put the model on
     `device` (swapped blocks stay in host memory; `place=False` leaves the rest where it is, for an expert
     that waits in host memory until `place_model` brings it in). Call once per expert, after `load_dit`;
     create the LoRA network afterwards and move it to `device`. `transport` replaces the CUDA side-stream
-    copies of block swap (tests pass `HostTransport()` to run the schedule on the CPU)."""
+    copies of block swap (tests pass `HostTransport()` to run the schedule on the CPU), `offloader` the
+    activation offloader (tests pass `ActivationOffloader(torch.device("cpu"))`, which keeps clones)."""
     device = torch.device(device)
     setup = MemorySetup(str(device))
     # 1. fp8 weights (already there when the loader did it)
@@ -286,7 +307,7 @@ def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, t
     if swap and device.type != "cuda" and transport is None:
         _note(setup, "block swap needs a CUDA device: blocks_to_swap = %d is ignored on %s", swap, device)
         swap = 0
-    if offload and device.type != "cuda":
+    if offload and device.type != "cuda" and offloader is None:
         _note(setup, "activation offload needs a CUDA device: gradient_checkpointing_cpu_offload is ignored "
                      "on %s", device)
         offload = False
@@ -305,8 +326,8 @@ def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, t
     if swap:
         swapper = BlockSwapper(model.blocks, swap, transport or CudaTransport(device), prefetch=prefetch,
                                pin_memory=bool(memory.use_pinned_memory_for_block_swap))
-    offloader = ActivationOffloader(device) if offload else None
-    model.block_runner = BlockRunner(swapper, offloader) if (swapper or offloader) else None
+    offloader = (offloader or ActivationOffloader(device)) if offload else None
+    model.block_runner = BlockRunner(swapper, offloader, len(model.blocks)) if (swapper or offloader) else None
     if place:
         place_model(model, device)
     logger.info("%s", setup.summary())

@@ -26,6 +26,9 @@ class GpuRates:
     # PCIe where the card has none) and across nodes (one InfiniBand NIC per GPU); sources in LINKS_SOURCE
     intra_node: tuple[str, float] = ("NVLink 4", 360.0)
     inter_node: tuple[str, float] = ("InfiniBand NDR 400 Gb/s", 40.0)
+    # activation offload: sustained copy rate per direction between the GPU and pinned host memory, GB/s
+    # (source: HOST_LINK_SOURCE)
+    host_link: tuple[str, float] = ("PCIe 5.0 x16", 51.2)
 
 
 LINKS_SOURCE = (
@@ -37,6 +40,12 @@ LINKS_SOURCE = (
     "in published nccl-tests runs), not a measurement."
 )
 
+HOST_LINK_SOURCE = (
+    "host link: the H100 SXM, H200 SXM and RTX 5090 reach host memory over PCIe 5.0 x16, the A100 SXM and RTX "
+    "4090 over PCIe 4.0 x16 (NVIDIA datasheets); per direction 64 GB/s (5.0) and 32 GB/s (4.0) (PCI-SIG). "
+    "Sustained = 80% of that, 51.2 and 25.6 GB/s: an assumption (pinned-memory copies of large buffers, e.g. "
+    "CUDA's bandwidthTest, reach about 80-85% of the link), not a measurement."
+)
 
 _HOPPER_ATTENTION = {"fa2": (330.0, 290.0), "fa3": (640.0, 500.0), "cudnn": (595.0, 460.0)}
 _HOPPER_SOURCE = ("peak: NVIDIA H100 / H200 datasheets (989 TFLOP/s dense bf16 SXM; 3.35 / 4.8 TB/s HBM); "
@@ -56,12 +65,14 @@ GPUS = {
                      "peak: NVIDIA A100 datasheet (312 TFLOP/s dense bf16, 2.04 TB/s); sustained matmul 250 "
                      "(80% of peak) and 1.7 TB/s (84%) assumed; FA2 220 / 190 (FlashAttention-2 paper, Dao "
                      "2023, A100, head dim 128, about 70% / 60% of peak); no fp8 tensor cores", memory_gib=79.2,
-                     intra_node=("NVLink 3", 240.0), inter_node=("InfiniBand HDR 200 Gb/s", 20.0)),
+                     intra_node=("NVLink 3", 240.0), inter_node=("InfiniBand HDR 200 Gb/s", 20.0),
+                     host_link=("PCIe 4.0 x16", 25.6)),
     "4090": GpuRates("RTX 4090 (estimate)", 165.2, 140.0, 82.6, 0.9, {"fa2": (120.0, 100.0)}, (8, 9),
                      "peak: NVIDIA Ada whitepaper (165.2 TFLOP/s bf16 with fp32 accumulate, 1.01 TB/s GDDR6X); "
                      "sustained matmul 140 (85%), 0.9 TB/s, FA2 120 / 100 assumed (no published figure read); fp8 "
                      "matmuls not modelled", memory_gib=23.6,
-                     intra_node=("PCIe 4.0 x16 (no NVLink)", 25.6), inter_node=("InfiniBand HDR 200 Gb/s", 20.0)),
+                     intra_node=("PCIe 4.0 x16 (no NVLink)", 25.6), inter_node=("InfiniBand HDR 200 Gb/s", 20.0),
+                     host_link=("PCIe 4.0 x16", 25.6)),
     "5090": GpuRates("RTX 5090 (estimate)", 209.5, 175.0, 104.8, 1.6, {"fa2": (150.0, 125.0),
                                                                       "cudnn": (150.0, 125.0)}, (12, 0),
                      "peak: NVIDIA Blackwell GeForce whitepaper (209.5 TFLOP/s bf16 with fp32 accumulate, "
