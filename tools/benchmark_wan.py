@@ -20,7 +20,9 @@ takes fp8 / checkpointing / offload / block swap from the memory planner for tha
 of `--gpu` (h100, h200, a100, 4090, 5090; library/training/estimate.py states each rate and its source),
 printing an estimated step time, the MFU it implies (against the dense bf16 peak, fp8 matmuls or not) and
 the kernels that take the time. With `--plan` the memory planner chooses for the card's memory what
-`auto_memory` would (checkpointing, keeping self-attention, fp8 weights). The estimate compiles the blocks
+`auto_memory` would (checkpointing, keeping self-attention, activation offload, fp8 weights; host RAM is
+not checked unless `--host_ram_gb` is given). Activation offload (`--offload_activations`, or the plan's) is
+costed as copies at the GPU's host-link rate overlapped with the compute; the exposed part is added. The estimate compiles the blocks
 unless `--eager`, as training does on a CUDA GPU by default; measured runs compile only with `--compile`
 (so `tools/gpu_check.sh` times eager and compiled steps apart). Every figure it prints is labelled as an
 estimate; it takes under a minute on a CPU.
@@ -69,7 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fp8 matmuls for the frozen fp8 weights, forward and input gradient (`fp8_fast`; Ada / Hopper)")
     p.add_argument("--blocks_to_swap", type=non_negative_int, default=0)
     p.add_argument("--no_gradient_checkpointing", action="store_true")
-    p.add_argument("--gradient_checkpointing_cpu_offload", action="store_true")
+    p.add_argument("--gradient_checkpointing_cpu_offload", "--offload_activations", action="store_true",
+                   dest="gradient_checkpointing_cpu_offload",
+                   help="checkpointed block inputs to pinned host memory and back (with --estimate: the copies at the "
+                        "GPU's host-link rate, overlapped with the compute)")
+    p.add_argument("--host_ram_gb", type=positive_float,
+                   help="with --plan: host RAM this process may use, GiB (the planner skips candidates whose host "
+                        "memory does not fit; default: MemAvailable / LOCAL_WORLD_SIZE on a GPU run, not checked "
+                        "with --estimate)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each block (with --estimate the default, as training on a GPU)")
     p.add_argument("--eager", action="store_true", help="with --estimate: blocks not compiled (`compile = false`)")
@@ -136,9 +145,12 @@ def _config(args):
         full = {"full_bf16": finetune.full_bf16, "fused_backward_pass": finetune.fused_backward_pass}
     elif args.plan:
         vram = args.vram_cap_gb or detect_vram_gb() or 24.0
+        from library.training.planning.host import detect_host_ram_gb
+
         plan = plan_memory(vram, variant, args.width, args.height, args.frames, args.batch_size,
                            args.network_dim, "adamw", experts, fp8=args.fp8_scaled_mm,
-                           sequence_parallel=args.sequence_parallel, gather_kv=gather)
+                           sequence_parallel=args.sequence_parallel, gather_kv=gather,
+                           host_ram_gb=args.host_ram_gb or detect_host_ram_gb())
         if os.environ.get("RANK", "0") == "0":  # under torchrun (--sequence_parallel): rank 0 prints
             print(plan.table())
         memory = plan.apply(memory)
@@ -247,26 +259,30 @@ def _estimate(args) -> int:
     from library.training.gpu_rates import GPUS
     from library.training.planning.lora import plan_memory
 
-    unmodelled = "--full, block swap, activation offload and --sdpa_kernel are not modelled"
-    if args.full or args.blocks_to_swap or args.sdpa_kernel or args.gradient_checkpointing_cpu_offload:
+    unmodelled = "--full, block swap and --sdpa_kernel are not modelled"
+    if args.full or args.blocks_to_swap or args.sdpa_kernel:
         print(f"--estimate covers LoRA steps (bf16 or fp8 weights, checkpointing, any --attention); {unmodelled}",
               file=sys.stderr)
         return 2
     variant = get_variant(args.task)
     fp8 = args.fp8_base or args.fp8_scaled or args.fp8_scaled_mm
     checkpointing, keep, kept = not args.no_gradient_checkpointing, args.keep_attention, args.keep_attention_blocks
+    offload = args.gradient_checkpointing_cpu_offload
     if args.plan:
         plan = plan_memory(GPUS[args.gpu].memory_gib, variant, args.width, args.height, args.frames,
-                           args.batch_size, args.network_dim, "adamw", fp8=args.fp8_scaled_mm)
+                           args.batch_size, args.network_dim, "adamw", fp8=args.fp8_scaled_mm,
+                           host_ram_gb=args.host_ram_gb)
         print(plan.table())
         s = plan.settings
-        if s.offload_activations or s.blocks_to_swap or not plan.fits:
+        if s.blocks_to_swap or not plan.fits:
             print(f"the plan for this card needs {s.label()}: {unmodelled}", file=sys.stderr)
             return 2
         fp8, checkpointing, keep, kept = s.fp8, s.checkpointing, s.keep_attention, s.keep_attention_blocks
+        offload = s.offload_activations
     setup = StepSetup(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim,
                       checkpointing=checkpointing, keep_attention=keep and checkpointing,
-                      keep_attention_blocks=kept * checkpointing, fp8=fp8, fp8_fast=args.fp8_scaled_mm)
+                      keep_attention_blocks=kept * checkpointing, fp8=fp8, fp8_fast=args.fp8_scaled_mm,
+                      offload_activations=offload and checkpointing)
     try:
         result = estimate_step(setup, args.gpu, args.attention, _compiled(args))
     except ValueError as exc:  # flash3 or fp8 matmuls on a GPU without them
@@ -286,6 +302,8 @@ def _estimate(args) -> int:
         Path(args.json).write_text(json.dumps({"estimate": True, "gpu": args.gpu, "seconds_per_step": result.seconds,
                                                "mfu": result.mfu, "kernels": result.kernels,
                                                "memory_bound_tb": result.memory_bound_tb,
+                                               "offload_exposed_s": result.offload.exposed_s if result.offload
+                                               else None,
                                                "sequence_parallel": rows}, indent=2))
     return 0
 

@@ -4,7 +4,8 @@
     python tools/plan_memory.py --config_file my_lora.toml --width 1280 --height 704 --frames 121
     python tools/plan_memory.py --full --task t2v-A14B --optimizer AdamW8bit --processes 8 --vram_gb 80
 
-The GPU's memory is detected when `--vram_gb` is not given. With `--config_file`, the task, LoRA rank,
+The GPU's memory is detected when `--vram_gb` is not given, the host RAM (MemAvailable, shared among
+`LOCAL_WORLD_SIZE` processes) when `--host_ram_gb` is not. With `--config_file`, the task, LoRA rank,
 optimizer, number of experts and `fp8_fast` come from the training TOML (command-line values win); a TOML with
 `full_fine_tune = true` plans full fine-tuning, with its `trainable_patterns` / `frozen_patterns`. `--full`
 plans full fine-tuning (finetune/fine_tune_wan.py) per process for `--processes` GPUs. Figures are
@@ -44,12 +45,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp8_fast", action="store_true",
                    help="LoRA: plan only with fp8 weights, as auto_memory does for `fp8_fast = true` (default: the "
                         "config's)")
+    p.add_argument("--host_ram_gb", type=positive_float,
+                   help="LoRA: host RAM this process may use, GiB; candidates whose offloaded activations, swapped "
+                        "blocks or inactive expert do not fit 90%% of it are skipped (default: MemAvailable divided "
+                        "by LOCAL_WORLD_SIZE)")
     p.add_argument("--all_candidates", action="store_true", help="full fine-tuning: show every rung of the ladder, "
                                                                  "not only those tried")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    from library.training.planning.host import detect_host_ram_gb
     from library.training.planning.lora import detect_vram_gb, plan_memory
     from library.training.planning.full import plan_full
 
@@ -79,7 +85,8 @@ def main(argv=None) -> int:
     else:
         plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                            args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts,
-                           fp8=args.fp8_fast or fp8_fast, sequence_parallel=split, gather_kv=gather)
+                           fp8=args.fp8_fast or fp8_fast, sequence_parallel=split, gather_kv=gather,
+                           host_ram_gb=args.host_ram_gb or detect_host_ram_gb())
     print(plan.table())
     return 0 if plan.fits else 1
 

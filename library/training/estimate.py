@@ -17,7 +17,9 @@ Attention is whatever SDPA (or a flash-attn package) would run: on the meta devi
 op, and the GPU's rate for the backend the code would choose (`attention.sdpa_plan` for SDPA) is applied.
 `fp8`: fp8 block weights, dequantised per matmul; `fp8_fast`: fp8 matmuls (`_scaled_mm`, at the fp8 rate).
 `F.rms_norm` is one counting op forward and one backward too, as CUDA's fused kernel runs it (on the meta
-device it would decompose into the CPU formula).
+device it would decompose into the CPU formula). `offload_activations`: the block inputs' copies to the
+host and back at the GPU's host-link rate, overlapped with the compute (`estimate_offload.py`); the time
+the compute waits for them is added.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from library.wan.vace import build_dit
 from library.wan.variants import WanVariant
 
 from .benchmark import step_flops
+from .estimate_offload import BlockMarks, OffloadTime, offload_time
 from .estimate_ops import counting_rms_norm, counting_sdpa
 from .gpu_rates import GPUS, GpuRates
 
@@ -68,12 +71,18 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [t for t in flat if isinstance(t, torch.Tensor)]
 
 
+class Trace(list):
+    """The kernels of a traced step, with `marks`: where each block's forward and backward pass begin."""
+
+    marks: BlockMarks | None = None
+
+
 class KernelRecorder(TorchDispatchMode):
     """Records each kernel of the ops that run under it (views, which launch nothing, are skipped)."""
 
     def __init__(self):
         super().__init__()
-        self.kernels: list[Kernel] = []
+        self.kernels: list[Kernel] = Trace()
         self._alive: list[torch.Tensor] = []  # keeps every buffer alive, so no id is reused
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -121,6 +130,7 @@ class StepSetup:
     keep_attention_blocks: int = 0  # ... in the last N blocks only (without keep_attention)
     fp8: bool = False  # block Linear weights in fp8, dequantised for each matmul (`fp8_base`)
     fp8_fast: bool = False  # ... multiplied in fp8 instead (`fp8_fast`; implies fp8 weights)
+    offload_activations: bool = False  # checkpointed block inputs copied to the host and back (needs checkpointing)
 
     def latent_shape(self) -> tuple[int, ...]:
         v = self.variant
@@ -158,8 +168,9 @@ def _fp8_layers(model: WanModel, fast: bool) -> None:
                                                 torch.empty((), device="meta"), model.get_submodule(name).bias))
 
 
-def trace_step(setup: StepSetup) -> list[Kernel]:
-    """Every kernel of one LoRA training step (forward, MSE loss, backward) at full size, on meta."""
+def trace_step(setup: StepSetup) -> Trace:
+    """Every kernel of one LoRA training step (forward, MSE loss, backward) at full size, on meta, with the
+    kernel indices where each block's forward and backward pass begin (`Trace.marks`)."""
     from networks import lora_wan
 
     v = setup.variant
@@ -179,6 +190,7 @@ def trace_step(setup: StepSetup) -> list[Kernel]:
     clip = torch.empty(setup.batch, v.clip_tokens * v.image_frames, v.clip_dim, device=meta) \
         if v.image_embedding else None  # FLF2V: the first and the last frame's tokens
     recorder, originals = KernelRecorder(), (F.scaled_dot_product_attention, F.rms_norm)
+    model.block_runner = recorder.kernels.marks = BlockMarks(recorder.kernels)
     F.scaled_dot_product_attention, F.rms_norm = counting_sdpa, counting_rms_norm
     try:
         with recorder:
@@ -199,6 +211,7 @@ class Cost:
     flops: float
     bytes: float
     seconds: float
+    first: int = 0  # the index of its (first) kernel in the trace
 
 
 def attention_kernel(backend: str, gpu: GpuRates) -> str:
@@ -242,8 +255,8 @@ def cost(kernels: list[Kernel], gpu: GpuRates, attention: str, compiled: bool) -
     attention are fused into one, which reads what comes from outside the run and writes what is used after."""
     if not compiled:
         return [Cost(k.name, k.kind, k.flops, sum(b for _, b in k.reads + k.writes),
-                     _seconds(k.flops, sum(b for _, b in k.reads + k.writes), _rate(k, gpu, attention), gpu))
-                for k in kernels]
+                     _seconds(k.flops, sum(b for _, b in k.reads + k.writes), _rate(k, gpu, attention), gpu), i)
+                for i, k in enumerate(kernels)]
     last_read: dict = {}
     for i, k in enumerate(kernels):
         for buffer, _ in k.reads:
@@ -258,7 +271,7 @@ def cost(kernels: list[Kernel], gpu: GpuRates, attention: str, compiled: bool) -
             k = kernels[i]
             nbytes = sum(b for _, b in k.reads + k.writes)
             seconds = _seconds(k.flops, nbytes, _rate(k, gpu, attention), gpu)
-            costs.append(Cost(k.name, k.kind, k.flops, nbytes, seconds))
+            costs.append(Cost(k.name, k.kind, k.flops, nbytes, seconds, i))
         start = i + 1
     return costs
 
@@ -277,7 +290,7 @@ def _fused(kernels: list[Kernel], start: int, end: int, last_read: dict, gpu: Gp
     nbytes = sum(reads.values()) + sum(writes.values())
     names = sorted({k.name for k in kernels[start:end]})
     name = names[0] if len(names) == 1 else "fused(" + "+".join(names[:4]) + ("+..." if len(names) > 4 else "") + ")"
-    return Cost(name, "other", flops, nbytes, _seconds(flops, nbytes, gpu.vector_tflops, gpu))
+    return Cost(name, "other", flops, nbytes, _seconds(flops, nbytes, gpu.vector_tflops, gpu), start)
 
 
 @dataclass
@@ -295,6 +308,7 @@ class StepEstimate:
     memory_bound_tb: float
     by_kind: dict
     top: list  # [(name, kind, seconds, count)]
+    offload: OffloadTime | None = None  # activation offload's traffic and exposed time (included in `seconds`)
 
     def table(self, top: int = 10) -> str:
         s, v = self.setup, self.setup.variant
@@ -302,6 +316,7 @@ class StepEstimate:
         kept = "every block" if s.keep_attention else f"the last {min(s.keep_attention_blocks, n)} of {n} blocks"
         checkpointing = ((f"on, keeping self-attention in {kept}" if s.keep_attention or s.keep_attention_blocks
                           else "on") if s.checkpointing else "off")
+        checkpointing += ", activations offloaded" if self.offload else ""
         checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
         lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
                  f"{s.width}x{s.height}x{s.frames}, {s.tokens()} tokens, batch {s.batch}, LoRA rank {s.rank}, "
@@ -314,6 +329,11 @@ class StepEstimate:
                  f"  estimated memory-bound traffic  {self.memory_bound_tb:.2f} TB a step"]
         for kind, seconds in sorted(self.by_kind.items(), key=lambda kv: -kv[1]):
             lines.append(f"  estimated {kind:<24s}{seconds:8.2f} s")
+        if self.offload:
+            o = self.offload
+            lines.append(f"  estimated activation offload  {o.gb_each_way:.1f} GB to the host and {o.gb_each_way:.1f} GB "
+                         f"back ({o.blocks} block inputs, {1000 * o.copy_s:.1f} ms each over {o.link} at "
+                         f"{o.link_gbs:g} GB/s, 80% of its peak); exposed {o.exposed_s:.3f} s (in the step time)")
         lines.append(f"  top kernels by estimated time (of {self.kernels}):")
         for name, kind, seconds, count in self.top[:top]:
             lines.append(f"    {seconds:7.2f} s  {count:6d} x  {name} ({kind})")
@@ -328,6 +348,13 @@ def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", 
     kernel = attention_kernel(attention, rates)
     costs = cost(kernels, rates, kernel, compiled)
     seconds = sum(c.seconds for c in costs)
+    offload = None
+    if setup.offload_activations and setup.checkpointing:
+        marks = getattr(kernels, "marks", None)
+        if marks is None:
+            raise ValueError("activation offload needs a traced step (trace_step), which marks the blocks")
+        offload = offload_time(costs, marks, 4 * setup.variant.dim * setup.tokens() * setup.batch, rates)
+        seconds += offload.exposed_s
     by_kind, groups = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for c in costs:
         label = {"matmul": "fp8 matmuls" if c.name == "_scaled_mm" else "matmuls",
@@ -341,4 +368,4 @@ def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", 
     memory = sum(c.bytes for c in costs if c.kind == "other") / 1e12
     mfu = flops / (seconds * rates.peak_tflops * 1e12)
     return StepEstimate(rates, setup, f"{attention} ({kernel})", compiled, seconds, mfu, flops / 1e12, len(costs),
-                        memory, dict(by_kind), top)
+                        memory, dict(by_kind), top, offload)

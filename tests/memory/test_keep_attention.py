@@ -35,15 +35,19 @@ def test_planner_keeps_attention_when_it_fits_and_not_otherwise():
     big = plan_memory(141, "t2v-A14B", 832, 480, 81)  # an H200
     assert big.settings == Settings(checkpointing=True, keep_attention=True) and big.fits
     assert big.apply(MemoryArgs()).gradient_checkpointing_keep_attention
-    h100 = plan_memory(80, "t2v-A14B", 832, 480, 81)  # 69.0 GiB plain, 81.3 GiB keeping attention: no room
+    # 69.0 GiB plain, 81.3 GiB keeping attention: no room without offload, whose host memory is too much here
+    h100 = plan_memory(80, "t2v-A14B", 832, 480, 81, host_ram_gb=16)
     assert h100.settings.checkpointing and not h100.settings.keep_attention and h100.fits  # some blocks' only
+    assert not h100.settings.offload_activations
     assert not h100.apply(MemoryArgs(gradient_checkpointing_keep_attention=True)).gradient_checkpointing_keep_attention
-    small = plan_memory(64, "t2v-A14B", 832, 480, 81)  # not even one block's (that costs nothing extra) fits
-    assert small.settings == Settings(checkpointing=True, offload_activations=True)
-    assert not small.apply(MemoryArgs()).gradient_checkpointing_keep_attention_blocks
+    small = plan_memory(64, "t2v-A14B", 832, 480, 81)  # the block inputs offloaded: 57.6 GiB keeping every block's
+    assert small.settings == Settings(checkpointing=True, offload_activations=True, keep_attention=True)
+    assert small.apply(MemoryArgs()).gradient_checkpointing_keep_attention
     rows = [s for s, _ in small.candidates]
-    assert rows.index(Settings(checkpointing=True, keep_attention=True)) == rows.index(Settings(checkpointing=True)) - 1
-    assert "ckpt keeping attention" in small.table()
+    assert rows.index(Settings(checkpointing=True, keep_attention=True)) == rows.index(small.settings) - 1
+    assert "ckpt+offload keeping attention" in small.table()
+    no_host = plan_memory(64, "t2v-A14B", 832, 480, 81, host_ram_gb=16)  # nothing without host memory fits 64 GiB
+    assert not no_host.fits and "no: host RAM" in no_host.table() and "more host RAM" in no_host.table()
 
 
 def test_estimate_counts_the_kept_outputs_of_every_other_block():

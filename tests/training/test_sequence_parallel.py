@@ -140,6 +140,7 @@ def test_auto_memory_splits_long_clips_over_the_launched_processes(monkeypatch):
     clip = SimpleNamespace(bucket=(1280, 720, 81))
     data = SimpleNamespace(datasets=[SimpleNamespace(items=[clip], batch_size=1)])
     variant = get_variant("t2v-A14B")
+    monkeypatch.setattr(auto, "detect_host_ram_gb", lambda: 1024.0)  # this machine's free RAM must not decide
     monkeypatch.setattr(planner, "detect_vram_gb", lambda device=None: 24.0)
     chosen = auto.auto_sequence_parallel(cfg, variant, data, None, 8)
     assert chosen.attention.sequence_parallel_size == 8  # fp8 + checkpointing fit without block swap

@@ -13,13 +13,14 @@ from library.wan.variants import WanVariant
 
 from . import lora
 from .full import plan_full
+from .host import detect_host_ram_gb
 
 logger = logging.getLogger(__name__)
 
 
 def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_experts: int):
     """The memory settings to use: the configured ones, or with `auto_memory` the planner's choice for
-    this card and the largest bucket of the dataset."""
+    this card, this process's share of the host RAM available now and the largest bucket of the dataset."""
     if not cfg.memory.auto_memory:
         return cfg.memory
     vram = lora.detect_vram_gb(device)
@@ -29,7 +30,8 @@ def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_expert
     width, height, frames, batch = largest_bucket(data)
     plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
                             cfg.optimizer.optimizer_type, experts=n_experts, fp8=cfg.memory.fp8_fast,
-                            sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg))
+                            sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg),
+                            host_ram_gb=detect_host_ram_gb())
     logger.info("auto_memory plan for %.0f GiB:\n%s", vram, plan.table())
     return plan.apply(cfg.memory)
 
@@ -45,7 +47,7 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
         return cfg
     width, height, frames, batch = largest_bucket(data)
     experts = 2 if variant.two_experts and cfg.model.dit and cfg.model.dit_high_noise else 1
-    ft = cfg.finetune
+    ft, host = cfg.finetune, detect_host_ram_gb()
 
     def comfortable(n: int) -> bool:
         if ft.full_fine_tune:
@@ -54,7 +56,7 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
                              gather_kv=_gathers(cfg)).fits
         plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
                                 cfg.optimizer.optimizer_type, experts, fp8=cfg.memory.fp8_fast, sequence_parallel=n,
-                                gather_kv=_gathers(cfg))
+                                gather_kv=_gathers(cfg), host_ram_gb=host)
         return plan.fits and not plan.settings.blocks_to_swap
 
     if comfortable(1):

@@ -2,18 +2,41 @@
 state, activations and workspace, and choose fp8 / block swap / checkpointing (`auto_memory`,
 `tools/plan_memory.py`).
 
-Candidates are tried from fastest and most precise to most frugal; the first that fits is the plan:
+Candidates are tried from fastest and most precise to most frugal; the first that fits the GPU, and
+whose host memory fits the host, is the plan:
 
-    1 bf16 weights                                  4 bf16 + checkpointing + activation offload
-    2 bf16 + checkpointing keeping self-attention   5 fp8 + checkpointing + activation offload
-    3 bf16 + checkpointing                          6 ... + block swap of N blocks, the smallest N that fits
+    1 bf16 weights                                  5 bf16 + ckpt + offload, keeping attention in K blocks
+    2 bf16 + checkpointing keeping self-attention   6 bf16 + checkpointing + activation offload
+    3 bf16 + ckpt + offload keeping self-attention  7 fp8 + checkpointing + activation offload
+    4 bf16 + ckpt keeping attention in K blocks,    8 ... + block swap of N blocks, the smallest N that fits
+      then bf16 + checkpointing
 
-Rung 2 is selective checkpointing (`gradient_checkpointing_keep_attention`): each block's self-attention
-output and log-sum-exp stay on the GPU (2 C + 4 H bytes a token and block), so the backward pass does not
-run the attention forward again. When that does not fit for every block, rung 2 goes on with the last K
-blocks only (`gradient_checkpointing_keep_attention_blocks`), K from num_layers - 1 down to 1: the largest
-K that fits. With `fp8_fast` (fp8 matmuls need fp8 weights) every rung is taken with
-fp8 weights.
+Keeping self-attention is selective checkpointing (`gradient_checkpointing_keep_attention`): each block's
+self-attention output and log-sum-exp stay on the GPU (2 C + 4 H bytes a token and block), so the backward
+pass does not run the attention forward again. "In K blocks" keeps them in the last K blocks only
+(`gradient_checkpointing_keep_attention_blocks`), K from num_layers - 1 down to 1: the largest K that fits.
+Activation offload (`gradient_checkpointing_cpu_offload`) moves each checkpointed block input (the fp32
+residual stream, 4 C bytes a token) to pinned host memory in the forward pass and back in the backward.
+
+Why offload keeping every block's attention (3) comes before keeping K < num_layers blocks without offload
+(4): by the step-time estimator (`tools/benchmark_wan.py --estimate`, `estimate_offload.py`) the copies run
+beside the compute and hide behind it. For one A14B expert at 832x480x81 on an H100 a block input is 0.67 GB
+each way, 13.1 ms over PCIe 5.0 at 51.2 GB/s, against 75 ms of forward and 203 ms of backward compute per
+block: nothing is exposed, so rung 3 runs as fast as rung 2 (11.11 s a step, estimate), while keeping 19 of
+40 blocks without offload recomputes 21 self-attentions (11.88 s). The same holds for TI2V-5B (6.5 ms
+against 32 ms) and on an RTX 4090 over PCIe 4.0 (26 ms against 350 ms for A14B). Keeping 39 blocks without
+offload would only win where the copies are exposed by more than one attention forward (37 ms here); the
+transfer time over a block's forward compute is at most rate / (6 C link) for any token count (matmuls
+alone), 0.4 for C = 5120 on an H100 over PCIe 5.0. Rung 4 needs more GPU memory than rung 3 anyway:
+offload frees 4 C T (L - 2) bytes, keeping every block costs (2 C + 4 H) T (L - 1), about half of that; so
+rung 4 (and plain checkpointing) is reached only when the host cannot hold the offloaded inputs, and rung
+5 is the step after rung 3 on a smaller card. fp8 weights come after every bf16 rung (they cost precision);
+with `fp8_fast` (fp8 matmuls need fp8 weights) every rung is taken with fp8 weights.
+
+Host RAM: `plan_memory(host_ram_gb=...)` (auto_memory: MemAvailable shared among the node's processes,
+`host.detect_host_ram_gb`) skips every candidate whose host memory, `Estimate.host` (offloaded block inputs
+in exact-size pinned buffers, L - 1 of them; swapped blocks; an inactive expert), is more than
+`HOST_FRACTION` of it; the table says "no: host RAM". Without it (None) host RAM is not checked.
 
 With two experts (WAN 2.2 A14B) each candidate is tried with both experts on the GPU, then with the
 inactive one in host memory (`offload_inactive_dit`). A bigger card never gets a later candidate, so the
@@ -35,6 +58,9 @@ import math
 from dataclasses import dataclass
 
 from library.wan.variants import WanVariant, get_variant
+
+from .host import HOST_FRACTION
+from .table import lora_table, split_note
 
 GIB = 2**30
 # Saved for backward by one block, per token: 43 C + 4 F bytes, plus 49 bytes per LoRA rank unit (measured
@@ -127,12 +153,13 @@ class Settings:
 
 @dataclass(frozen=True)
 class Estimate:
-    """GiB on the GPU at the peak (the backward pass of one block)."""
+    """GiB on the GPU at the peak (the backward pass of one block), and in host memory for the GPU."""
 
     weights: float
     lora: float  # LoRA weights, gradients and optimizer state
     activations: float
     workspace: float
+    host: float = 0.0  # offloaded block inputs, swapped blocks, an inactive expert (not in `total`)
 
     @property
     def total(self) -> float:
@@ -200,8 +227,15 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     resident_blocks = v.num_layers - s.blocks_to_swap + min(s.blocks_to_swap, SWAP_IN_FLIGHT)
     experts_on_gpu = 1 if (s.offload_inactive or w.experts == 1) else w.experts
     vace_bf16, vace_fp32 = vace_params(v)  # VACE blocks: always resident, never fp8
-    weights = experts_on_gpu * (bf16 * 2 + fp32 * 4 + resident_blocks * _block_bytes(v, s.fp8)
-                                + vace_bf16 * 2 + vace_fp32 * 4)
+    outside = bf16 * 2 + fp32 * 4 + vace_bf16 * 2 + vace_fp32 * 4
+    weights = experts_on_gpu * (outside + resident_blocks * _block_bytes(v, s.fp8))
+    # host memory: each swapped block of each expert on the GPU, the whole inactive expert, and every block input
+    # but the last one's (`memory.BlockRunner`) in an exact-size pinned buffer
+    host = experts_on_gpu * s.blocks_to_swap * _block_bytes(v, s.fp8)
+    if s.offload_inactive and w.experts > 1:
+        host += outside + v.num_layers * _block_bytes(v, s.fp8)
+    if s.checkpointing and s.offload_activations:
+        host += 4 * c * t * b * (v.num_layers - 1)
     lora = w.experts * lora_params(v, w.rank) * (8 + OPTIMIZER_BYTES.get(w.optimizer.lower(), 8))
     per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b + w.gathered_bytes()
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else v.num_layers)
@@ -217,7 +251,7 @@ def estimate(w: Workload, s: Settings) -> Estimate:
         if kept:  # block) every other kept block's self-attention output and log-sum-exp (the recomputed one's: above)
             activations += (kept - 1) * (KEEP_PER_C * c + KEEP_PER_HEAD * v.num_heads) * t * b
     workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + w.split_bytes()
-    return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB)
+    return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB, host / GIB)
 
 
 # ---- the plan --------------------------------------------------------------------------------------------
@@ -232,6 +266,7 @@ class MemoryPlan:
     estimate: Estimate
     fits: bool
     candidates: tuple[tuple[Settings, Estimate], ...]
+    host_gb: float | None = None  # host RAM the GPU's buffers may take (HOST_FRACTION of the given); None: unchecked
 
     def apply(self, memory):
         """A copy of a `MemoryArgs` with the planned settings (`auto_memory`)."""
@@ -247,43 +282,27 @@ class MemoryPlan:
         )
 
     def table(self) -> str:
-        w = self.workload
-        head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
-                f"{w.tokens} tokens{_split(w)}, LoRA rank {w.rank}, {w.optimizer}; {self.vram_gb:g} GiB card, "
-                f"{self.budget_gb:.1f} GiB usable (estimates)")
-        cols = ("", "settings", "weights", "LoRA+opt", "activations", "workspace", "total", "fits")
-        rows = [cols]
-        for s, e in self.candidates:
-            mark = "->" if s == self.settings else ""
-            figures = (f"{x:.1f}" for x in (e.weights, e.lora, e.activations, e.workspace, e.total))
-            rows.append((mark, s.label(), *figures, "yes" if e.total <= self.budget_gb else "no"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-        lines = [head] + ["  ".join(cell.ljust(wd) if i < 2 else cell.rjust(wd) for i, (cell, wd) in
-                                    enumerate(zip(r, widths))) for r in rows]
-        if self.fits:
-            verdict = f"plan: {self.settings.label()} ({self.estimate.total:.1f} GiB)"
-        else:
-            frames = largest_frames(self.vram_gb, w)
-            hint = f"at {w.width}x{w.height} up to {frames} frames fit" if frames else "no frame count fits"
-            verdict = (f"does not fit even with {self.settings.label()} ({self.estimate.total:.1f} GiB > "
-                       f"{self.budget_gb:.1f}); {hint}; or lower the resolution, batch size or rank")
-        return "\n".join(lines + [verdict])
+        return lora_table(self, 0 if self.fits else largest_frames(self.vram_gb, self.workload, self.host_gb))
 
 
-def _split(w: Workload) -> str:
-    return f" ({w.local_tokens} per process, split over {w.sequence_parallel})" if w.sequence_parallel > 1 else ""
+_split = split_note  # the header note on sequence parallelism (full.py's table too)
 
 
 def _candidates(w: Workload, fp8: bool = False):
-    some = [Settings(checkpointing=True, keep_attention_blocks=k) for k in range(w.variant.num_layers - 1, 0, -1)]
-    base = [Settings(), Settings(checkpointing=True, keep_attention=True), *some, Settings(checkpointing=True),
+    def some(offload: bool) -> list[Settings]:  # keeping attention in the last K blocks, the largest K first
+        return [Settings(checkpointing=True, offload_activations=offload, keep_attention_blocks=k)
+                for k in range(w.variant.num_layers - 1, 0, -1)]
+
+    base = [Settings(), Settings(checkpointing=True, keep_attention=True),
+            Settings(checkpointing=True, offload_activations=True, keep_attention=True),
+            *some(False), Settings(checkpointing=True), *some(True),
             Settings(checkpointing=True, offload_activations=True),
             Settings(fp8=True, checkpointing=True, offload_activations=True)]
     swaps = [Settings(True, True, True, n) for n in range(1, w.variant.num_layers)]
     seen = set()
     for s in base + swaps:
         s = dataclasses.replace(s, fp8=True) if fp8 else s
-        if s in seen:  # with fp8 required, rungs 4 and 5 are one
+        if s in seen:  # with fp8 required, rungs 6 and 7 are one
             continue
         seen.add(s)
         yield s
@@ -293,31 +312,36 @@ def _candidates(w: Workload, fp8: bool = False):
 
 def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int,
                 batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1,
-                fp8: bool = False, sequence_parallel: int = 1, gather_kv: bool = False) -> MemoryPlan:
-    """The first candidate (see the module docstring) whose estimated peak fits the card; with `fp8` only
-    candidates with fp8 weights (`fp8_fast` needs them); with `sequence_parallel` N each process holds 1 / N
-    of every sample's tokens (with `gather_kv`, the `all_gather` attention, also every token's keys and
+                fp8: bool = False, sequence_parallel: int = 1, gather_kv: bool = False,
+                host_ram_gb: float | None = None) -> MemoryPlan:
+    """The first candidate (see the module docstring) whose estimated peak fits the card and whose host memory
+    fits `HOST_FRACTION` of `host_ram_gb` (the host RAM this process may use; None: not checked); with `fp8`
+    only candidates with fp8 weights (`fp8_fast` needs them); with `sequence_parallel` N each process holds
+    1 / N of every sample's tokens (with `gather_kv`, the `all_gather` attention, also every token's keys and
     values of the block it runs)."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
     w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts, sequence_parallel, gather_kv)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    host = None if host_ram_gb is None else host_ram_gb * HOST_FRACTION
     tried = []
     for s in _candidates(w, fp8):
         e = estimate(w, s)
         tried.append((s, e))
-        if e.total <= budget:
-            return MemoryPlan(vram_gb, budget, w, s, e, True, _shown(tried))
+        if e.total <= budget and (host is None or e.host <= host):
+            return MemoryPlan(vram_gb, budget, w, s, e, True, _shown(tried), host)
     s, e = tried[-1]
-    return MemoryPlan(vram_gb, budget, w, s, e, False, _shown(tried))
+    return MemoryPlan(vram_gb, budget, w, s, e, False, _shown(tried), host)
 
 
-def largest_frames(vram_gb: float, w: Workload) -> int:
-    """The most frames (4k + 1) that fit with the most frugal settings, 0 when not even 1 frame does."""
+def largest_frames(vram_gb: float, w: Workload, host_gb: float | None = None) -> int:
+    """The most frames (4k + 1) that fit with the most frugal settings (the GPU, and `host_gb` of host RAM
+    when given), 0 when not even 1 frame does."""
     frugal = Settings(True, True, True, w.variant.num_layers - 1, w.experts > 1)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
     best = 0
     for frames in range(1, w.frames + 1, 4):
-        if estimate(dataclasses.replace(w, frames=frames), frugal).total > budget:
+        e = estimate(dataclasses.replace(w, frames=frames), frugal)
+        if e.total > budget or (host_gb is not None and e.host > host_gb):
             break
         best = frames
     return best
