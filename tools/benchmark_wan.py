@@ -22,10 +22,10 @@ printing an estimated step time, the MFU it implies (against the dense bf16 peak
 the kernels that take the time. With `--plan` the memory planner chooses for the card's memory what
 `auto_memory` would (checkpointing, keeping self-attention, activation offload, fp8 weights; host RAM is
 not checked unless `--host_ram_gb` is given). Activation offload (`--offload_activations`, or the plan's) is
-costed as copies at the GPU's host-link rate overlapped with the compute; the exposed part is added. The estimate compiles the blocks
-unless `--eager`, as training does on a CUDA GPU by default; measured runs compile only with `--compile`
-(so `tools/gpu_check.sh` times eager and compiled steps apart). Every figure it prints is labelled as an
-estimate; it takes under a minute on a CPU.
+costed as copies at the GPU's host-link rate overlapped with the compute; the exposed part is added. The
+estimate compiles the blocks unless `--eager`, as training does on a CUDA GPU by default; measured runs
+compile only with `--compile` (so `tools/gpu_check.sh` times eager and compiled steps apart). Every figure
+it prints is labelled as an estimate; it takes under a minute on a CPU.
 
 `--sequence_parallel N` splits the sample's tokens over N processes (launch N with torchrun; rank 0 prints
 tokens/s and peak VRAM per GPU). With `--estimate` it adds rows for N = 1, 2, 4, ... up to N: the step per

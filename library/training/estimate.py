@@ -331,9 +331,10 @@ class StepEstimate:
             lines.append(f"  estimated {kind:<24s}{seconds:8.2f} s")
         if self.offload:
             o = self.offload
-            lines.append(f"  estimated activation offload  {o.gb_each_way:.1f} GB to the host and {o.gb_each_way:.1f} GB "
-                         f"back ({o.blocks} block inputs, {1000 * o.copy_s:.1f} ms each over {o.link} at "
-                         f"{o.link_gbs:g} GB/s, 80% of its peak); exposed {o.exposed_s:.3f} s (in the step time)")
+            lines.append(f"  estimated activation offload  {o.gb_each_way:.1f} GB to the host and "
+                         f"{o.gb_each_way:.1f} GB back ({o.blocks} block inputs, {1000 * o.copy_s:.1f} ms each over "
+                         f"{o.link} at {o.link_gbs:g} GB/s, 80% of its peak); exposed {o.exposed_s:.3f} s "
+                         f"(in the step time)")
         lines.append(f"  top kernels by estimated time (of {self.kernels}):")
         for name, kind, seconds, count in self.top[:top]:
             lines.append(f"    {seconds:7.2f} s  {count:6d} x  {name} ({kind})")
