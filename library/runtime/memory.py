@@ -8,7 +8,9 @@
   (compute capability 8.9+); elsewhere one warning, and the weights are dequantised to bf16 for each matmul.
 - gradient checkpointing per block (`gradient_checkpointing`), with the checkpointed block inputs (the
   fp32 residual stream, the only activations checkpointing keeps) copied to host memory on a side stream
-  and brought back for the recomputation (`gradient_checkpointing_cpu_offload`).
+  and brought back for the recomputation (`gradient_checkpointing_cpu_offload`; every block's but the last
+  one's, which the backward pass needs first). It composes with selective checkpointing: the offloader's
+  saved-tensor hooks only take the block input that checkpointing saves.
 - selective checkpointing (`gradient_checkpointing_keep_attention`): each block's self-attention output
   and log-sum-exp are kept as well, so the backward pass recomputes everything but the attention; with
   `gradient_checkpointing_keep_attention_blocks` N only in the last N blocks.

@@ -48,7 +48,7 @@ on the CPU with saved-tensor hooks and a dispatch-level allocation tracker on sc
 tests/memory/test_plan.py, which re-measures them); the full-size figures are estimates until the GPU
 benchmark (`tools/benchmark_wan.py`) measures them.
 
-Full fine-tuning is planned in `memory_plan_full.py`.
+Full fine-tuning is planned in `full.py`; the table is drawn by `table.py`.
 """
 
 from __future__ import annotations
