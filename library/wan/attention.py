@@ -323,7 +323,7 @@ def attention(
     `split_batch` runs one sample at a time (`split_attn`): slower, but peak memory is that of batch 1.
     """
     if backend not in _TRACEABLE:
-        check_backend(backend)  # normally done by WanModel.set_attention_backend
+        backend = check_backend(backend)  # normally done by WanModel.set_attention_backend (AUTO: resolved)
     if torch.compiler.is_compiling() and not _TRACEABLE[backend]:
         def kernel(q, k, v):
             return _opaque(q, k, v, backend)

@@ -74,6 +74,8 @@ def test_without_fa3_or_hopper_the_default_is_sdpa(fresh, caplog, capability, wh
     with caplog.at_level(logging.INFO, logger=attn.__name__):
         assert attn.check_backend(attn.AUTO) == "sdpa"
     assert why in caplog.text and "no backend set: sdpa" in caplog.text
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    assert torch.equal(attn.attention(q, k, v, attn.AUTO), attn.attention(q, k, v, "sdpa"))
 
 
 def test_an_fa3_build_without_torch_custom_ops_is_not_the_default(fresh, caplog):
