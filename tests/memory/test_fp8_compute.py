@@ -84,17 +84,20 @@ def test_an_input_gradient_matmul_that_fails_falls_back_to_dequantising(monkeypa
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_the_bias_is_added_by_the_fp8_matmul_with_one_rounding(per_channel):
     """bf16 output: `_scaled_mm(bias=)` adds the bf16 bias to the fp32 accumulator (no second kernel over the
-    output); other output dtypes add it afterwards, as before. Measured (600 x 256 -> 512, random): against the
-    exact fp32 sum 0.17% relative L2 instead of 0.23% for the separate add; the two differ by 0.28%."""
-    q, scale = _weight(per_channel, out=512, inp=256)
+    output); other output dtypes add it afterwards, as before. Measured on random [600, 256] x [256, 512]: against
+    the exact fp32 sum 0.17% relative L2 instead of 0.23% for the separate add; the two differ by 0.28%. (Small
+    shapes here: torch's CPU kernel takes seconds for per-tensor scales at that size.)"""
+    q, scale = _weight(per_channel, out=128, inp=64)
     torch.manual_seed(2)
-    x, bias = torch.randn(600, 256).bfloat16(), (torch.randn(512) * 0.05).bfloat16()
-    exact = fp8._scaled_mm_linear(x, q, scale, None, torch.float32) + bias.float()
+    x, bias = torch.randn(64, 64).bfloat16(), (torch.randn(128) * 0.05).bfloat16()
+    product = fp8._scaled_mm_linear(x, q, scale, None, torch.float32)
+    exact = product + bias.float()
     with Ops() as ops:
         got = fp8._scaled_mm_linear(x, q, scale, bias, torch.bfloat16)
     assert [name for name, _, _ in ops.calls if name.startswith("aten.add")] == []
     assert torch.equal(got, exact.bfloat16())
-    assert (got.float() - exact).norm() / exact.norm() < 0.002
+    separate = product.bfloat16() + bias  # the previous path: the rounded product, then a bf16 add
+    assert (got.float() - exact).norm() < (separate.float() - exact).norm()
     assert torch.equal(fp8._scaled_mm_linear(x, q, scale, bias.float(), torch.float32), exact)  # fp32: a separate add
 
 
