@@ -88,8 +88,9 @@ def test_an_fa3_build_without_torch_custom_ops_is_not_the_default(fresh, caplog)
 
 
 def test_configs_without_an_attention_flag_get_the_default_and_the_guis_sdpa_stays_sdpa(fresh, tmp_path):
-    """musubi-tuner-gui writes `sdpa = true` when its sdpa box is ticked (its default is unticked, and an
-    unticked box is left out of the TOML): ticked stays sdpa on an FA3 Hopper machine, unticked is the default."""
+    """musubi-tuner-gui writes `sdpa = true` when its sdpa box is ticked (the widget's default is unticked, but
+    the GUI's shipped `config.toml` of interface defaults ticks it; an unticked box is left out of the TOML):
+    ticked stays sdpa on an FA3 Hopper machine, unticked is the default."""
     _gpu(fresh, (9, 0))
     attention_standins.install()
     user = {"architecture": "wan", "task": "t2v-A14B", "dataset_config": "/data/dataset.toml",
