@@ -6,7 +6,7 @@
     python tools/benchmark_wan.py --task t2v-A14B --two_experts --plan  # host RAM with offload_inactive_dit
     python tools/benchmark_wan.py --cpu                                 # tiny model on the CPU (CI)
     python tools/benchmark_wan.py --estimate --gpu h100 --plan    # no GPU needed: the auto_memory defaults
-    python tools/benchmark_wan.py --estimate --gpu h100 --plan --fp8_fast [--attention flash3]
+    python tools/benchmark_wan.py --estimate --gpu h100 --plan --fp8_fast [--fa3_installed]
     torchrun --nproc_per_node 8 tools/benchmark_wan.py --width 1280 --height 720 --sequence_parallel 8
     python tools/benchmark_wan.py --estimate --width 1280 --height 720 --sequence_parallel 8  # rows N = 1..8
 
@@ -25,7 +25,10 @@ not checked unless `--host_ram_gb` is given). Activation offload (`--offload_act
 costed as copies at the GPU's host-link rate overlapped with the compute; the exposed part is added. The
 estimate compiles the blocks unless `--eager`, as training does on a CUDA GPU by default; measured runs
 compile only with `--compile` (so `tools/gpu_check.sh` times eager and compiled steps apart). Every figure
-it prints is labelled as an estimate; it takes under a minute on a CPU.
+it prints is labelled as an estimate; it takes under a minute on a CPU. Its attention is training's default
+for the GPU (no attention option: flash3 on Hopper where FlashAttention 3 is installed, else sdpa), with FA3
+taken as not installed unless `--fa3_installed` (the same as `--attention flash3` on an H100 / H200);
+`--attention` sets it.
 
 `--sequence_parallel N` splits the sample's tokens over N processes (launch N with torchrun; rank 0 prints
 tokens/s and peak VRAM per GPU). With `--estimate` it adds rows for N = 1, 2, 4, ... up to N: the step per
@@ -61,7 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--network_dim", type=positive_int, default=32, help="LoRA rank")
     p.add_argument("--steps", type=positive_int, default=5, help="timed steps")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first")
-    p.add_argument("--attention", default="sdpa", help="sdpa, flash_attn, flash3, xformers")
+    p.add_argument("--attention", help="sdpa (measured runs' default), flash_attn, flash3, xformers, or auto (the "
+                                       "trainer's default: flash3 on Hopper where FlashAttention 3 is installed, "
+                                       "else sdpa; the estimate's default, see --fa3_installed)")
+    p.add_argument("--fa3_installed", action="store_true",
+                   help="with --estimate and no --attention: assume FlashAttention 3 is installed, so the default "
+                        "attention on a Hopper GPU is flash3, as training's (without it: sdpa)")
     p.add_argument("--sdpa_kernel", choices=sorted(SDPA_KERNELS),
                    help="with --attention sdpa: force PyTorch's flash, efficient, cudnn or math kernel (default: "
                         "PyTorch's choice)")
@@ -284,7 +292,7 @@ def _estimate(args) -> int:
                       keep_attention_blocks=kept * checkpointing, fp8=fp8, fp8_fast=args.fp8_scaled_mm,
                       offload_activations=offload and checkpointing)
     try:
-        result = estimate_step(setup, args.gpu, args.attention, _compiled(args))
+        result = estimate_step(setup, args.gpu, _estimated_attention(args), _compiled(args))
     except ValueError as exc:  # flash3 or fp8 matmuls on a GPU without them
         print(f"--estimate: {exc}", file=sys.stderr)
         return 2
@@ -308,9 +316,24 @@ def _estimate(args) -> int:
     return 0
 
 
+def _estimated_attention(args) -> str:
+    """`--attention`, or what training's default (`auto`) picks on `--gpu`, FA3 installed or not; printed."""
+    from library.training.gpu_rates import GPUS
+    from library.wan.attention import AUTO, default_plan
+
+    if args.attention not in (None, AUTO):
+        return args.attention
+    missing = None if args.fa3_installed else "assumed by --estimate; --fa3_installed assumes it is"
+    plan = default_plan(GPUS[args.gpu].capability, missing, True)
+    print(f"attention: no --attention, training's default: {plan.backend} ({plan.reason})")
+    return plan.backend
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.sdpa_kernel and args.attention != "sdpa":
+    if not args.estimate:
+        args.attention = args.attention or "sdpa"
+    if args.sdpa_kernel and args.attention not in (None, "sdpa"):
         print(f"--sdpa_kernel {args.sdpa_kernel} picks a kernel of PyTorch's SDPA; it cannot be combined with "
               f"--attention {args.attention}", file=sys.stderr)
         return 2

@@ -103,9 +103,10 @@ ATTENTION_ORDER = ("sdpa", "flash_attn", "sage_attn", "xformers", "flash3")  # m
 
 @dataclass(frozen=True)
 class AttentionArgs:
-    sdpa: bool = arg(False, "PyTorch scaled_dot_product_attention (the default backend)")
+    sdpa: bool = arg(False, "PyTorch scaled_dot_product_attention (also the default without an attention option, "
+                            "except on Hopper GPUs with FlashAttention 3 installed)")
     flash_attn: bool = arg(False, "FlashAttention 2 (needs flash-attn)")
-    flash3: bool = arg(False, "FlashAttention 3 (needs flash-attn 3)")
+    flash3: bool = arg(False, "FlashAttention 3 (needs flash-attn 3; the default on Hopper GPUs where installed)")
     xformers: bool = arg(False, "xformers memory-efficient attention (needs xformers)")
     sage_attn: bool = arg(False, "SageAttention (needs sageattention)")
     split_attn: bool = arg(False, "compute attention one sample at a time (less memory)")
@@ -123,12 +124,13 @@ class AttentionArgs:
 
     @property
     def attention_backend(self) -> str:
-        """The backend chosen ("sdpa" when none is). With several set, musubi-tuner's order decides (sdpa,
-        flash_attn, sage_attn, xformers, flash3) and `validate` warns that the others are unused."""
+        """The backend chosen; "auto" when none is (`library.wan.attention.AUTO`: FlashAttention 3 on a Hopper
+        GPU where it is installed, else sdpa, chosen once per process). With several set, musubi-tuner's order
+        decides (sdpa, flash_attn, sage_attn, xformers, flash3) and `validate` warns that the others are unused."""
         for name in ATTENTION_ORDER:
             if getattr(self, name):
                 return name
-        return "sdpa"
+        return "auto"
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from .schedules import CONVENTIONS, SAMPLERS
 logger = logging.getLogger(__name__)
 
 # --attn_mode values (ours and musubi-tuner's) -> library.wan.attention backend
-ATTN_MODES = {"sdpa": "sdpa", "torch": "sdpa", "flash": "flash_attn", "flash2": "flash_attn", "flash3": "flash3",
-              "xformers": "xformers", "sageattn": "sage_attn", "sage": "sage_attn"}
+ATTN_MODES = {"auto": "auto", "sdpa": "sdpa", "torch": "sdpa", "flash": "flash_attn", "flash2": "flash_attn",
+              "flash3": "flash3", "xformers": "xformers", "sageattn": "sage_attn", "sage": "sage_attn"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -54,9 +54,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--vae_cache_cpu", action="store_true",
                    help="keep the VAE's causal chunk cache in host memory (less VRAM, the same frames)")
     s = parser.add_argument_group("speed")
-    s.add_argument("--attn_mode", default="sdpa", choices=sorted(ATTN_MODES),
-                   help="attention kernel: sdpa (default), flash / flash2, flash3, xformers, sageattn (inference "
-                        "only); musubi-tuner's names are accepted")
+    s.add_argument("--attn_mode", default="auto", choices=sorted(ATTN_MODES),
+                   help="attention kernel: auto (default: flash3 on Hopper GPUs where FlashAttention 3 is installed, "
+                        "else sdpa), sdpa / torch, flash / flash2, flash3, xformers, sageattn (inference only); "
+                        "musubi-tuner's names are accepted")
     s.add_argument("--split_attn", action="store_true", help="attention one sample at a time (less memory with CFG)")
     s.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (first steps are slower)")
     s.add_argument("--compile_backend", default="inductor")
@@ -204,7 +205,7 @@ def _load_expert(args, path, device: torch.device, dtype, task: str, offload: bo
     model = load_dit(path, "cpu" if swap or offload else device, dtype, task, fp8=fp8_config(memory))
     if memory.fp8_base or memory.blocks_to_swap:
         apply_memory_features(model, memory, device, place=not offload)
-    model.set_attention_backend(ATTN_MODES[getattr(args, "attn_mode", "sdpa")], getattr(args, "split_attn", False))
+    model.set_attention_backend(ATTN_MODES[getattr(args, "attn_mode", "auto")], getattr(args, "split_attn", False))
     if getattr(args, "compile", False):
         from library.runtime.compiling import compile_blocks
 

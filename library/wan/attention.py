@@ -1,9 +1,10 @@
 """Attention backends for the WAN DiT.
 
 Everything that computes softmax(q k^T / sqrt(d)) v lives here, behind one function, so the model file
-does not care which kernel runs. PyTorch SDPA is the default and always available; flash-attn 2,
-flash-attn 3, xformers and SageAttention are used when installed. Asking for a backend that is not
-installed is an error that says what to install. All backends take and return [B, L, H, D].
+does not care which kernel runs. PyTorch SDPA is always available; flash-attn 2, flash-attn 3, xformers
+and SageAttention are used when installed and asked for (FlashAttention 3 also by default on Hopper,
+below). Asking for a backend that is not installed is an error that says what to install. All backends
+take and return [B, L, H, D].
 
 Choices are made once per process and logged, never per call:
 
@@ -14,6 +15,10 @@ Choices are made once per process and logged, never per call:
   xformers and SageAttention run inside this module's own custom op `wan_attention::opaque` while
   compiling: one node in the graph, whose backward recomputes the kernel's forward under autograd (one
   extra attention forward per backward; eager runs keep the package's own autograd).
+- No backend asked for (`AUTO`, the config with no attention flag and generation without `--attn_mode`):
+  FlashAttention 3 on a Hopper GPU (compute capability 9.x) where `flash_attn_interface` imports and
+  registers its torch custom ops, else SDPA (`default_plan`, chosen once per process and logged). A backend
+  named explicitly, `sdpa` included, is always exactly that backend.
 - SDPA on CUDA: `sdpa_plan` orders its kernels for the GPU (cuDNN attention first on sm90 and newer,
   where PyTorch's default order would pick FlashAttention 2), applied around each call with
   `sdpa_kernel(..., set_priority=True)`, which Dynamo traces without a break.
@@ -41,6 +46,7 @@ _OPTIONAL = {
     "sage_attn": ("sageattention", "sageattention", "SageAttention (inference only)"),
 }
 BACKENDS = ("sdpa", *_OPTIONAL)
+AUTO = "auto"  # no backend asked for: `default_plan` picks one (FlashAttention 3 on Hopper where installed)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # the torch custom op a package registers when its kernel is traceable by Dynamo (checked after import)
 _PACKAGE_OPS = {"flash_attn": (("flash_attn", "_flash_attn_forward"),),
@@ -162,9 +168,12 @@ _opaque.register_autograd(_opaque_grad, setup_context=_opaque_setup)
 
 def check_backend(name: str) -> str:
     """Validate a backend name and import its package (once per process); returns the name. Clear errors
-    otherwise. SDPA's kernel order for the current CUDA device is chosen (and logged) here too."""
+    otherwise. SDPA's kernel order for the current CUDA device is chosen (and logged) here too. `AUTO`
+    returns the backend `choose_default` picks for this process."""
+    if name == AUTO:
+        return choose_default()
     if name not in _KERNELS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown attention backend {name!r}; choose one of: {', '.join(BACKENDS)}, or {AUTO}")
     if name == "sdpa":
         choose_sdpa()
     elif name not in _IMPORTED:
@@ -198,6 +207,56 @@ def _has_op(namespace: str, op: str) -> bool:
         return hasattr(getattr(torch.ops, namespace), op)
     except (AttributeError, RuntimeError):
         return False
+
+
+@dataclass(frozen=True)
+class DefaultPlan:
+    """The backend used when none is asked for, and why (for the log)."""
+
+    backend: str
+    reason: str
+
+
+def default_plan(capability: tuple[int, int] | None, fa3_error: str | None, fa3_traceable: bool) -> DefaultPlan:
+    """The default backend on a GPU of this compute capability (None: no CUDA device). `fa3_error`: why
+    `flash_attn_interface` did not import (None: it did); `fa3_traceable`: it registers torch custom ops, so
+    compiled blocks keep one graph. FlashAttention 3 is written for Hopper (sm90 only; about 640 / 500 TFLOP/s
+    forward / backward on an H100 against 595 / 460 for cuDNN's attention, which SDPA runs first there)."""
+    if capability is None:
+        return DefaultPlan("sdpa", "no CUDA device")
+    name = f"sm{capability[0]}{capability[1]}"
+    if capability[0] != 9:
+        return DefaultPlan("sdpa", f"{name}: FlashAttention 3 runs on Hopper (sm90) GPUs only")
+    if fa3_error is not None:
+        return DefaultPlan("sdpa", f"{name}: FlashAttention 3 (flash_attn_interface) is not installed: {fa3_error}")
+    if not fa3_traceable:
+        return DefaultPlan("sdpa", f"{name}: this FlashAttention 3 build registers no torch custom ops (compiled "
+                                   "blocks would break their graph at attention); `flash3 = true` still uses it")
+    return DefaultPlan("flash3", f"{name}: FlashAttention 3 is installed")
+
+
+class _DefaultChoice:
+    plan: DefaultPlan | None = None
+
+
+_DEFAULT = _DefaultChoice()
+
+
+def choose_default(refresh: bool = False) -> str:
+    """The backend for a run that names none: chosen once per process (or again with `refresh`), logged,
+    and checked as `check_backend` checks a named one; returns its name."""
+    if _DEFAULT.plan is None or refresh:
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        error, traceable = "not tried", False
+        if capability is not None and capability[0] == 9:
+            try:
+                importlib.import_module(_OPTIONAL["flash3"][0])  # check_backend keeps it (sys.modules has it)
+                error, traceable = None, any(_has_op(ns, op) for ns, op in _PACKAGE_OPS["flash3"])
+            except Exception as exc:  # noqa: BLE001 - ImportError, or a build whose CUDA library fails to load
+                error = f"{type(exc).__name__}: {exc}"
+        _DEFAULT.plan = default_plan(capability, error, traceable)
+        logger.info("attention: no backend set: %s (%s)", _DEFAULT.plan.backend, _DEFAULT.plan.reason)
+    return check_backend(_DEFAULT.plan.backend)
 
 
 @dataclass(frozen=True)
@@ -264,7 +323,7 @@ def attention(
     `split_batch` runs one sample at a time (`split_attn`): slower, but peak memory is that of batch 1.
     """
     if backend not in _TRACEABLE:
-        check_backend(backend)  # normally done by WanModel.set_attention_backend
+        backend = check_backend(backend)  # normally done by WanModel.set_attention_backend (AUTO: resolved)
     if torch.compiler.is_compiling() and not _TRACEABLE[backend]:
         def kernel(q, k, v):
             return _opaque(q, k, v, backend)

@@ -138,6 +138,11 @@ def test_estimate_with_the_plan_takes_the_auto_memory_settings(capsys):
     assert benchmark_wan.main(args) == 0
     out = capsys.readouterr().out
     assert "-> " in out and "checkpointing off" in out and "compiled blocks" in out  # 1280 tokens fit bf16
+    # no --attention: training's default, with FlashAttention 3 taken as not installed unless --fa3_installed
+    assert "training's default: sdpa (sm90: FlashAttention 3" in out and "attention sdpa (cudnn)" in out
+    assert benchmark_wan.main(args + ["--fa3_installed"]) == 0
+    out = capsys.readouterr().out
+    assert "training's default: flash3 (sm90: FlashAttention 3 is installed)" in out and "flash3 (fa3)" in out
     assert benchmark_wan.main(args + ["--eager", "--fp8_fast"]) == 0
     out = capsys.readouterr().out
     assert "fp8 weights and matmuls" in out and "eager" in out

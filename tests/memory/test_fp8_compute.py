@@ -79,3 +79,43 @@ def test_an_input_gradient_matmul_that_fails_falls_back_to_dequantising(monkeypa
         _, got = _run(q, scale, True, x, grad)
         fp8._warn_once("fp8 input-gradient matmul (torch._scaled_mm) failed (%s); dequantising", RuntimeError("x"))
     assert torch.equal(got, expected) and caplog.text.count("dequantising") == 1  # the next layer: no second line
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_bias_is_added_by_the_fp8_matmul_with_one_rounding(per_channel):
+    """bf16 output: `_scaled_mm(bias=)` adds the bf16 bias to the fp32 accumulator (no second kernel over the
+    output); other output dtypes add it afterwards, as before. Measured on random [600, 256] x [256, 512]: against
+    the exact fp32 sum 0.17% relative L2 instead of 0.23% for the separate add; the two differ by 0.28%. (Small
+    shapes here: torch's CPU kernel takes seconds for per-tensor scales at that size.)"""
+    q, scale = _weight(per_channel, out=128, inp=64)
+    torch.manual_seed(2)
+    x, bias = torch.randn(64, 64).bfloat16(), (torch.randn(128) * 0.05).bfloat16()
+    product = fp8._scaled_mm_linear(x, q, scale, None, torch.float32)
+    exact = product + bias.float()
+    with Ops() as ops:
+        got = fp8._scaled_mm_linear(x, q, scale, bias, torch.bfloat16)
+    assert [name for name, _, _ in ops.calls if name.startswith("aten.add")] == []
+    assert torch.equal(got, exact.bfloat16())
+    separate = product.bfloat16() + bias  # the previous path: the rounded product, then a bf16 add
+    assert (got.float() - exact).norm() < (separate.float() - exact).norm()
+    assert torch.equal(fp8._scaled_mm_linear(x, q, scale, bias.float(), torch.float32), exact)  # fp32: a separate add
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_activation_quantisation_makes_no_fp32_copy_and_keeps_its_bits(per_channel, dtype):
+    """The maximum is taken in the input's dtype, the division in fp32: the same e4m3 values and scales as
+    quantising an fp32 copy of the activations; for bf16 / fp16 inputs one fp32 [M, K] temporary (the
+    division; eager mode) instead of four."""
+    torch.manual_seed(3)
+    x = (torch.randn(300, 128) * 5).to(dtype)
+    x32 = x.float()
+    amax = x32.abs().amax(dim=1, keepdim=True) if per_channel else x32.abs().amax()
+    scale = (amax / fp8.FP8_MAX).clamp_min(1e-12)
+    expected = (x32 / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+    with Ops() as ops:
+        q, got_scale = fp8._rowwise_fp8(x) if per_channel else fp8._tensorwise_fp8(x)
+    assert torch.equal(q.view(torch.uint8), expected.view(torch.uint8)) and torch.equal(got_scale, scale)
+    fp32_temporaries = [c for c in ops.calls if c[1] == torch.float32 and c[2] >= 4 * x.numel()
+                        and not c[0].split(".")[1].endswith("_")]  # an in-place op makes none
+    assert len(fp32_temporaries) == (1 if dtype != torch.float32 else 2)  # the division (and fp32's abs)
