@@ -143,10 +143,12 @@ def _config(args):
     if args.plan and args.full:
         from library.config.schema import FineTuneArgs
         from library.training.planning.full import plan_full
+        from library.training.planning.host import detect_host_ram_gb
 
         vram = args.vram_cap_gb or detect_vram_gb() or 80.0
         plan = plan_full(vram, variant, args.width, args.height, args.frames, args.batch_size, args.optimizer,
-                         sequence_parallel=args.sequence_parallel, gather_kv=gather)
+                         sequence_parallel=args.sequence_parallel, gather_kv=gather,
+                         host_ram_gb=args.host_ram_gb or detect_host_ram_gb())
         if os.environ.get("RANK", "0") == "0":  # under torchrun (--sequence_parallel): rank 0 prints
             print(plan.table())
         memory, finetune = plan.apply(memory, FineTuneArgs())

@@ -4,8 +4,9 @@
     python tools/plan_memory.py --config_file my_lora.toml --width 1280 --height 704 --frames 121
     python tools/plan_memory.py --full --task t2v-A14B --optimizer AdamW8bit --processes 8 --vram_gb 80
 
-The GPU's memory is detected when `--vram_gb` is not given, the host RAM (MemAvailable, shared among
-`LOCAL_WORLD_SIZE` processes) when `--host_ram_gb` is not. With `--config_file`, the task, LoRA rank,
+The GPU's memory is detected when `--vram_gb` is not given, the host RAM one process may use when
+`--host_ram_gb` is not: MemAvailable shared among `LOCAL_WORLD_SIZE` processes, or without it (outside a
+launcher) with `--full` among the `--processes` this node's GPUs would run. With `--config_file`, the task, LoRA rank,
 optimizer, number of experts and `fp8_fast` come from the training TOML (command-line values win); a TOML with
 `full_fine_tune = true` plans full fine-tuning, with its `trainable_patterns` / `frozen_patterns`. `--full`
 plans full fine-tuning (finetune/fine_tune_wan.py) per process for `--processes` GPUs. Figures are
@@ -15,6 +16,7 @@ estimates (see library/training/planning/lora.py); `tools/benchmark_wan.py` meas
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,12 +48,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LoRA: plan only with fp8 weights, as auto_memory does for `fp8_fast = true` (default: the "
                         "config's)")
     p.add_argument("--host_ram_gb", type=positive_float,
-                   help="LoRA: host RAM this process may use, GiB; candidates whose offloaded activations, swapped "
-                        "blocks or inactive expert do not fit 90%% of it are skipped (default: MemAvailable divided "
-                        "by LOCAL_WORLD_SIZE)")
+                   help="host RAM one process may use, GiB; candidates whose host buffers (offloaded activations; "
+                        "LoRA: swapped blocks, an inactive expert; full fine-tuning: fsdp_cpu_offload's shards and "
+                        "optimizer state) do not fit 90%% of it are skipped (default: MemAvailable divided by "
+                        "LOCAL_WORLD_SIZE, or with --full by the --processes on this node's GPUs)")
     p.add_argument("--all_candidates", action="store_true", help="full fine-tuning: show every rung of the ladder, "
                                                                  "not only those tried")
     return p.parse_args(argv)
+
+
+def local_gpus(processes: int) -> int:
+    """The processes of a `--processes` run on this node, filling its GPUs first (1 without CUDA)."""
+    import torch
+
+    return min(processes, max(1, torch.cuda.device_count()))
 
 
 def main(argv=None) -> int:
@@ -78,15 +88,18 @@ def main(argv=None) -> int:
     if vram is None:
         print("no CUDA device found: pass --vram_gb (e.g. 24)", file=sys.stderr)
         return 2
+    host = args.host_ram_gb or detect_host_ram_gb()
+    if full and not args.host_ram_gb and host is not None and "LOCAL_WORLD_SIZE" not in os.environ:
+        host /= local_gpus(args.processes)
     if full:
         plan = plan_full(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                          args.optimizer_type or optimizer, args.processes, args.experts or experts, *patterns,
-                         show_all=args.all_candidates, sequence_parallel=split, gather_kv=gather)
+                         show_all=args.all_candidates, sequence_parallel=split, gather_kv=gather, host_ram_gb=host)
     else:
         plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                            args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts,
                            fp8=args.fp8_fast or fp8_fast, sequence_parallel=split, gather_kv=gather,
-                           host_ram_gb=args.host_ram_gb or detect_host_ram_gb())
+                           host_ram_gb=host)
     print(plan.table())
     return 0 if plan.fits else 1
 

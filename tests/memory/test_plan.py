@@ -225,9 +225,13 @@ def test_fsdp_divides_weights_gradients_and_optimizer_state():
     assert e1.weights == 8 * e8.weights and e1.optimizer == 8 * e8.optimizer
     gathered = (2 * sb.block_weights + sb.outer_weights + sb.block_grads) / GIB  # 2 blocks + the root + 1 block's grads
     assert e8.copies >= gathered and e8.total < e1.total
-    off = estimate_full(eight, dataclasses.replace(s, fsdp_cpu_offload=True))
+    offloaded = dataclasses.replace(s, fsdp_cpu_offload=True)
+    off, pinned = estimate_full(eight, offloaded), state_bytes(eight, offloaded)
     assert off.weights == off.grads == off.optimizer == 0
-    assert off.host == pytest.approx((sb.weights + sb.grads + sb.optimizer + sb.step) / 8 / GIB)
+    # this process's shards: pinned weights and gradients (powers of two), optimizer state, a per-tensor step
+    assert off.host == pytest.approx((pinned.pinned_weights + pinned.pinned_grads + (sb.optimizer + pinned.step) / 8)
+                                     / GIB)
+    assert 1.5 < pinned.pinned_weights / (sb.weights / 8) < 1.6 and pinned.step < sb.step
     assert off.total < e8.total
 
 

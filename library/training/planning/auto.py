@@ -53,7 +53,7 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
         if ft.full_fine_tune:
             return plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
                              experts, ft.trainable_patterns, ft.frozen_patterns, sequence_parallel=n,
-                             gather_kv=_gathers(cfg)).fits
+                             gather_kv=_gathers(cfg), host_ram_gb=host).fits
         plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
                                 cfg.optimizer.optimizer_type, experts, fp8=cfg.memory.fp8_fast, sequence_parallel=n,
                                 gather_kv=_gathers(cfg), host_ram_gb=host)
@@ -83,8 +83,10 @@ def largest_bucket(data) -> tuple[int, int, int, int]:
 
 def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data, device, processes: int) -> TrainConfig:
     """`auto_memory` for full fine-tuning: the first rung of the planner's full fine-tuning ladder that fits
-    this card at the dataset's largest bucket and that this config allows (no fused pass with gradient
-    accumulation or fp16, no full_bf16 without bf16, no fsdp with samples during training: `validate`)."""
+    this card at the dataset's largest bucket, this process's share of the host RAM available now (offloaded
+    activations, fsdp_cpu_offload's shards and optimizer state), and that this config allows (no fused pass
+    with gradient accumulation or fp16, no full_bf16 without bf16, no fsdp with samples during training:
+    `validate`)."""
     vram = lora.detect_vram_gb(device)
     if vram is None:
         logger.warning("auto_memory: no CUDA device, keeping the configured memory settings")
@@ -102,11 +104,12 @@ def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data, device, proc
 
     plan = plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
                      2 if cfg.model.dit_high_noise else 1, ft.trainable_patterns, ft.frozen_patterns, allow=allowed,
-                     sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg))
+                     sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg),
+                     host_ram_gb=detect_host_ram_gb())
     chosen, estimate = plan.settings, plan.estimate
-    if not plan.fits:
-        logger.warning("auto_memory: nothing fits %.0f GiB (%.1f GiB estimated with %s); trying it anyway", vram,
-                       estimate.total, chosen.label())
+    if not plan.fits:  # the most frugal rung the host RAM holds: a GPU out-of-memory error, not a killed process
+        logger.warning("auto_memory: nothing fits %.0f GiB; trying %s anyway (%.1f GiB estimated):\n%s", vram,
+                       chosen.label(), estimate.total, plan.table())
     logger.info("auto_memory for full fine-tuning on %.0f GiB, %dx%dx%d: %s (%.1f GiB estimated per process)", vram,
                 width, height, frames, chosen.label(), estimate.total)
     memory, finetune = plan.apply(cfg.memory, ft)

@@ -12,6 +12,13 @@ The ladder, from fastest and most precise to most frugal; with several processes
     4 ... + fused_backward_pass        9 ... + fsdp_cpu_offload (shards and optimizer state in host memory)
     5 ... + activation offload
 
+Host RAM: `plan_full(host_ram_gb=...)` (auto_memory: MemAvailable shared among the node's processes,
+`host.detect_host_ram_gb`) skips every rung whose host memory per process, `FullEstimate.host`, is more than
+`HOST_FRACTION` of it ("no: host RAM" in the table): the offloaded block inputs (L - 1 of them, the last
+block's stays on the GPU) and with fsdp_cpu_offload this process's own shards (each local process holds its
+1 / N, so the node holds its processes' share of the whole) of the weights and gradients, page-locked and
+rounded up to powers of two by torch's host allocator, and its shards of the optimizer state.
+
 Its weight, gradient and optimizer-state bytes are exact sums over the DiT's tensors (a meta-device model),
 checked against a real optimizer step in tests/memory/test_plan.py; its activation and workspace figures
 are the LoRA ones re-measured for trainable weights (ACT_FULL_PER_C), still estimates at full size.
@@ -32,7 +39,9 @@ from library.wan.model import WanModel
 from library.wan.vace import build_dit
 from library.wan.variants import WanVariant, get_variant
 
-from .lora import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload, _split
+from .host import HOST_FRACTION
+from .lora import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload
+from .table import full_table
 
 # Saved for backward by one block whose own weights train, per token (measured like ACT_PER_C, on fp32
 # weights under bf16 autocast with a trainable timestep embedding): 19 C more than a LoRA block without its
@@ -154,12 +163,27 @@ class StateBytes:
     block_cast: int  # ... of the largest block
     outer_cast: int  # ... outside the blocks
     step: int  # the optimizer step's temporaries
+    pinned_weights: int = 0  # fsdp_cpu_offload: one process's page-locked weight shards (see `pinned_shards`)
+    pinned_grads: int = 0  # ... and gradient shards
+
+
+def pinned_shards(params, stored: Callable[[ParamInfo], int], n: int) -> int:
+    """Page-locked host bytes of one process's shards of `params` under fsdp_cpu_offload over `n` processes:
+    FSDP2 pads each tensor's first dimension to a multiple of `n` and pins each shard with torch's caching host
+    allocator, which rounds every allocation up to a power of two (`runtime/pinned.py`); the gradient shards
+    come back into pinned memory too (a non-blocking copy to the CPU), cached from step to step. About 1.53
+    times the exact shard bytes for A14B."""
+    def shard(p: ParamInfo) -> int:
+        rows = p.shape[0] if p.shape else 1
+        return -(-rows // n) * math.prod(p.shape[1:]) * stored(p)
+
+    return sum(1 << (shard(p) - 1).bit_length() for p in params if shard(p))
 
 
 @functools.lru_cache(maxsize=256)
 def state_bytes(w: FullWorkload, s: FullSettings) -> StateBytes:
     params = param_inventory(w.variant, tuple(w.trainable_patterns), tuple(w.frozen_patterns))
-    master = 2 if s.full_bf16 else 4
+    master, n = 2 if s.full_bf16 else 4, w.processes if s.fsdp else 1
 
     def stored(p: ParamInfo) -> int:  # frozen weights are bf16 unless the model keeps them in fp32
         return 4 if p.fp32 else (master if p.trainable else 2)
@@ -179,7 +203,7 @@ def state_bytes(w: FullWorkload, s: FullSettings) -> StateBytes:
     block_c, outer_c = per_block(copied, lambda p: 2 * p.numel)
     largest = max(train, key=lambda p: p.numel * stored(p))
     key = w.optimizer.lower().replace("_", "")
-    if key in FOREACH_STEP:
+    if key in FOREACH_STEP and not s.fsdp_cpu_offload:  # torch steps host tensors one at a time
         step = largest.numel * stored(largest) if s.fused_backward_pass else sum(p.numel * stored(p) for p in train)
     else:
         step = 0 if key in OPTIMIZER_8BIT else STEP_TEMPS.get(key, 2) * 4 * largest.numel
@@ -188,7 +212,8 @@ def state_bytes(w: FullWorkload, s: FullSettings) -> StateBytes:
         optimizer=sum(optimizer_state_bytes(w.optimizer, p.shape, stored(p)) for p in train),
         largest_grad=largest.numel * stored(largest), block_weights=block_w, block_grads=block_g,
         outer_weights=outer_w, outer_grads=outer_g, cast=sum(2 * p.numel for p in copied), block_cast=block_c,
-        outer_cast=outer_c, step=step)
+        outer_cast=outer_c, step=step, pinned_weights=pinned_shards(params, stored, n) if s.fsdp_cpu_offload else 0,
+        pinned_grads=pinned_shards(train, stored, n) if s.fsdp_cpu_offload else 0)
 
 
 @dataclass(frozen=True)
@@ -231,10 +256,13 @@ def estimate_full(w: FullWorkload, s: FullSettings) -> FullEstimate:
         fixed_copies = sb.block_cast
     else:
         kept, kept_copies, fixed, fixed_copies = per_block, sb.block_cast, 0, 0
-    host = layers * block_input if s.checkpointing and s.offload_activations else 0
+    # host memory, this process's share: every block input but the last one's (`memory.BlockRunner`: the
+    # backward pass needs it first, it stays with the two in flight in `fixed`) in exact-size pinned buffers;
+    # with fsdp_cpu_offload its own shards (pinned, see `pinned_shards`), optimizer state and step temporaries
+    host = (layers - 1) * block_input if s.checkpointing and s.offload_activations else 0
     step = sb.step / n
     if s.fsdp_cpu_offload:
-        host += (w.experts * (sb.weights + sb.optimizer) + sb.grads) / n + step
+        host += w.experts * (sb.pinned_weights + sb.optimizer / n) + sb.pinned_grads + step
     # the end of the forward pass: autocast's cache holds a bf16 copy of every trainable fp32 weight; without
     # the cache, the copies saved for backward (non-checkpointed layers) remain
     forward_copies = sb.cast if AUTOCAST_WEIGHT_CACHE or not s.checkpointing else sb.outer_cast
@@ -270,32 +298,14 @@ class FullPlan:
     fits: bool
     candidates: tuple[tuple[FullSettings, FullEstimate], ...]  # those tried, up to the plan
     hints: tuple[str, ...] = ()  # when nothing fits: what would
+    host_gb: float | None = None  # host RAM per process the GPU's buffers may take (HOST_FRACTION of the given)
 
     def apply(self, memory, finetune):
         """Copies of a `MemoryArgs` and a `FineTuneArgs` with the planned settings."""
         return self.settings.apply(memory, finetune)
 
     def table(self) -> str:
-        w = self.workload
-        head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
-                f"{w.tokens} tokens{_split(w)}, full fine-tuning, {w.optimizer}, {w.processes} process(es); "
-                f"{self.vram_gb:g} GiB card, {self.budget_gb:.1f} GiB usable (estimates, GiB per process)")
-        cols = ("", "settings", "weights", "grads", "optim", "copies", "activations", "workspace", "total", "peak at",
-                "host RAM", "fits")
-        rows = [cols]
-        for s, e in self.candidates:
-            rows.append(("->" if s == self.settings else "", s.label(), *(f"{x:.1f}" for x in (
-                e.weights, e.grads, e.optimizer, e.copies, e.activations, e.workspace, e.total)), e.peak,
-                f"{e.host:.1f}", "yes" if e.total <= self.budget_gb else "no"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-        lines = [head] + ["  ".join(cell.ljust(wd) if i < 2 else cell.rjust(wd) for i, (cell, wd) in
-                                    enumerate(zip(r, widths))) for r in rows]
-        if self.fits:
-            verdict = f"plan: {self.settings.label()} ({self.estimate.total:.1f} GiB per process)"
-        else:
-            verdict = (f"does not fit even with {self.settings.label()} ({self.estimate.total:.1f} GiB > "
-                       f"{self.budget_gb:.1f}); " + ("; ".join(self.hints) or "nothing tried fits"))
-        return "\n".join(lines + [verdict])
+        return full_table(self)
 
 
 def full_candidates(processes: int) -> list[FullSettings]:
@@ -314,44 +324,54 @@ def plan_full(vram_gb: float, variant: WanVariant | str, width: int, height: int
               optimizer: str = "adamw", processes: int = 1, experts: int = 1, trainable_patterns: tuple[str, ...] = (),
               frozen_patterns: tuple[str, ...] = (), show_all: bool = False,
               allow: Callable[[FullSettings], bool] | None = None, sequence_parallel: int = 1,
-              gather_kv: bool = False) -> FullPlan:
-    """The first rung of the full fine-tuning ladder whose estimated peak per process fits the card; when none
-    does, the plan says what would (another optimizer, more GPUs, fewer frames). `show_all` keeps every rung in
-    the table, not only those tried; `allow` leaves out the rungs a config cannot use."""
+              gather_kv: bool = False, host_ram_gb: float | None = None) -> FullPlan:
+    """The first rung of the full fine-tuning ladder whose estimated peak per process fits the card and whose
+    host memory (`FullEstimate.host`) fits `HOST_FRACTION` of `host_ram_gb`, the host RAM this process may use
+    (None: not checked); when none does, the plan is the most frugal rung the host holds and says what would
+    fit (another optimizer, more GPUs, fewer frames). `show_all` keeps every rung in the table, not only those
+    tried; `allow` leaves out the rungs a config cannot use."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
     w = FullWorkload(variant, width, height, frames, batch_size, 0, optimizer, experts, processes=processes,
                      trainable_patterns=tuple(trainable_patterns), frozen_patterns=tuple(frozen_patterns),
                      sequence_parallel=sequence_parallel, gather_kv=gather_kv)
     budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    host = None if host_ram_gb is None else host_ram_gb * HOST_FRACTION
     tried = [(s, estimate_full(w, s)) for s in full_candidates(processes) if allow is None or allow(s)]
-    chosen = next((i for i, (_, e) in enumerate(tried) if e.total <= budget), None)
+    chosen = next((i for i, (_, e) in enumerate(tried) if _fits(e, budget, host)), None)
     if chosen is not None:
         s, e = tried[chosen]
-        return FullPlan(vram_gb, budget, w, s, e, True, tuple(tried if show_all else tried[: chosen + 1]))
-    s, e = tried[-1]
-    return FullPlan(vram_gb, budget, w, s, e, False, tuple(tried), _full_hints(budget, w))
+        return FullPlan(vram_gb, budget, w, s, e, True, tuple(tried if show_all else tried[: chosen + 1]), (), host)
+    held = [(s, e) for s, e in tried if host is None or e.host <= host] or tried  # never more than the host holds
+    s, e = held[-1]
+    return FullPlan(vram_gb, budget, w, s, e, False, tuple(tried), _full_hints(budget, w, host), host)
 
 
-def _fits_full(budget: float, w: FullWorkload) -> FullSettings | None:
-    return next((s for s in full_candidates(w.processes) if estimate_full(w, s).total <= budget), None)
+def _fits(e: FullEstimate, budget: float, host: float | None) -> bool:
+    return e.total <= budget and (host is None or e.host <= host)
 
 
-def _full_hints(budget: float, w: FullWorkload) -> tuple[str, ...]:
+def _fits_full(budget: float, w: FullWorkload, host: float | None = None) -> FullSettings | None:
+    return next((s for s in full_candidates(w.processes) if _fits(estimate_full(w, s), budget, host)), None)
+
+
+def _full_hints(budget: float, w: FullWorkload, host: float | None = None) -> tuple[str, ...]:
+    """What would fit the card (and `host` GiB of host RAM per process): other optimizers, more GPUs (with the
+    same host RAM each: more nodes), fewer frames."""
     hints = []
     for optimizer in ("AdamW8bit", "Adafactor"):
         if optimizer.lower() != w.optimizer.lower().replace("_", ""):
-            s = _fits_full(budget, dataclasses.replace(w, optimizer=optimizer))
+            s = _fits_full(budget, dataclasses.replace(w, optimizer=optimizer), host)
             if s:
                 hints.append(f"with {optimizer}: {s.label()}")
     more = next((n for n in (2, 4, 8, 16, 32, 64) if n > w.processes and
-                 _fits_full(budget, dataclasses.replace(w, processes=n))), None)
+                 _fits_full(budget, dataclasses.replace(w, processes=n), host)), None)
     if more:
-        rung = _fits_full(budget, dataclasses.replace(w, processes=more))
+        rung = _fits_full(budget, dataclasses.replace(w, processes=more), host)
         hints.append(f"with {w.optimizer} over {more} GPUs: {rung.label()}")
     for n in (w.processes,) if more else (w.processes, max(8, w.processes)):  # fewer frames (on more GPUs)
         fewer = dataclasses.replace(w, processes=n)
-        frames = max((fr for fr in range(1, w.frames, 4) if _fits_full(budget, dataclasses.replace(fewer, frames=fr))),
-                     default=0)
+        frames = max((fr for fr in range(1, w.frames, 4)
+                      if _fits_full(budget, dataclasses.replace(fewer, frames=fr), host)), default=0)
         if frames:
             where = f" over {n} GPUs" if n != w.processes else ""
             hints.append(f"at {w.width}x{w.height} up to {frames} frames{where}")

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from library.wan.variants import WanVariant, get_variant
 
 from .host import HOST_FRACTION
-from .table import lora_table, split_note
+from .table import lora_table
 
 GIB = 2**30
 # Saved for backward by one block, per token: 43 C + 4 F bytes, plus 49 bytes per LoRA rank unit (measured
@@ -283,9 +283,6 @@ class MemoryPlan:
 
     def table(self) -> str:
         return lora_table(self, 0 if self.fits else largest_frames(self.vram_gb, self.workload, self.host_gb))
-
-
-_split = split_note  # the header note on sequence parallelism (full.py's table too)
 
 
 def _candidates(w: Workload, fp8: bool = False):

@@ -1,6 +1,7 @@
-"""The LoRA memory plan as a table (`MemoryPlan.table()`, `tools/plan_memory.py`, the `auto_memory` log): one
-row per candidate shown, GPU GiB by kind, the host RAM it holds for the GPU, and whether it fits; then the
-verdict. Every figure is an estimate."""
+"""The memory plans as tables (`MemoryPlan.table()` for LoRA, `FullPlan.table()` for full fine-tuning;
+`tools/plan_memory.py`, the `auto_memory` log): one row per candidate shown, GPU GiB by kind, the host RAM it
+holds for the GPU, and whether it fits ("no: host RAM" where the GPU would hold it and the host could not);
+then the verdict. Every figure is an estimate."""
 
 from __future__ import annotations
 
@@ -47,3 +48,39 @@ def lora_table(plan, frames: int) -> str:
         if skipped:
             verdict += "; more host RAM would let an offloading candidate fit"
     return "\n".join(lines + [verdict])
+
+
+def _host_note(host_gb: float | None) -> str:
+    return "host RAM not checked" if host_gb is None else f"{host_gb:.1f} GiB of host RAM usable"
+
+
+def full_table(plan) -> str:
+    """A `FullPlan` (planning/full.py): GiB per process, the host RAM column its share of the node's."""
+    w, e = plan.workload, plan.estimate
+    head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
+            f"{w.tokens} tokens{split_note(w)}, full fine-tuning, {w.optimizer}, {w.processes} process(es); "
+            f"{plan.vram_gb:g} GiB card, {plan.budget_gb:.1f} GiB usable, {_host_note(plan.host_gb)} "
+            f"(estimates, GiB per process)")
+    cols = ("", "settings", "weights", "grads", "optim", "copies", "activations", "workspace", "total", "peak at",
+            "host RAM", "fits")
+    rows = [cols]
+    for s, c in plan.candidates:
+        rows.append(("->" if s == plan.settings else "", s.label(), *(f"{x:.1f}" for x in (
+            c.weights, c.grads, c.optimizer, c.copies, c.activations, c.workspace, c.total)), c.peak,
+            f"{c.host:.1f}", fits_cell(c, plan.budget_gb, plan.host_gb)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines = [head] + ["  ".join(cell.ljust(wd) if i < 2 else cell.rjust(wd) for i, (cell, wd) in
+                                enumerate(zip(r, widths))) for r in rows]
+    if plan.fits:
+        return "\n".join(lines + [f"plan: {plan.settings.label()} ({e.total:.1f} GiB per process" + (
+            f"; {e.host:.1f} GiB of host RAM per process)" if e.host else ")")])
+    verdict = f"does not fit even with {plan.settings.label()} ({e.total:.1f} GiB > {plan.budget_gb:.1f})"
+    blocked = [(s, c) for s, c in plan.candidates if fits_cell(c, plan.budget_gb, plan.host_gb) == "no: host RAM"]
+    if blocked:  # the GPU would hold these: host RAM decides
+        s, c = min(blocked, key=lambda sc: sc[1].host)
+        verdict = (f"does not fit: {s.label()} fits the GPU ({c.total:.1f} GiB) but needs {c.host:.1f} GiB of host "
+                   f"RAM per process > {plan.host_gb:.1f} usable; run fewer processes on each node or spread them "
+                   f"over more nodes (fsdp shards the host copies over every process), use machines with more "
+                   f"host RAM, or train a LoRA; on the GPU alone {plan.settings.label()} needs {e.total:.1f} GiB > "
+                   f"{plan.budget_gb:.1f}")
+    return "\n".join(lines + [verdict + "; " + ("; ".join(plan.hints) or "nothing tried fits")])
