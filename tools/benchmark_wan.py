@@ -16,19 +16,19 @@ LoRA) and prints s/step, tokens/s, peak VRAM, host RAM and MFU (formula: library
 `--vram_cap_gb` caps PyTorch's allocator with `torch.cuda.set_per_process_memory_fraction`; `--plan`
 takes fp8 / checkpointing / offload / block swap from the memory planner for that cap.
 
-`--estimate` runs no GPU step: one full-size step is traced on the meta device and costed with the rates
-of `--gpu` (h100, h200, a100, 4090, 5090; library/training/estimate.py states each rate and its source),
-printing an estimated step time, the MFU it implies (against the dense bf16 peak, fp8 matmuls or not) and
-the kernels that take the time. With `--plan` the memory planner chooses for the card's memory what
-`auto_memory` would (checkpointing, keeping self-attention, activation offload, fp8 weights; host RAM is
-not checked unless `--host_ram_gb` is given). Activation offload (`--offload_activations`, or the plan's) is
-costed as copies at the GPU's host-link rate overlapped with the compute; the exposed part is added. The
-estimate compiles the blocks unless `--eager`, as training does on a CUDA GPU by default; measured runs
-compile only with `--compile` (so `tools/gpu_check.sh` times eager and compiled steps apart). Every figure
-it prints is labelled as an estimate; it takes under a minute on a CPU. Its attention is training's default
-for the GPU (no attention option: flash3 on Hopper where FlashAttention 3 is installed, else sdpa), with FA3
-taken as not installed unless `--fa3_installed` (the same as `--attention flash3` on an H100 / H200);
-`--attention` sets it.
+`--estimate` runs no GPU step: one full-size step is traced on the meta device and costed with the rates of
+`--gpu` (h100, h200, a100, 4090, 5090; library/training/estimate.py states each rate and its source), printing
+an estimated step time, the MFU it implies (against the dense bf16 peak, fp8 matmuls or not) and the kernels
+that take the time. With `--plan` the memory planner chooses for the card's memory what `auto_memory` would
+(checkpointing, keeping self-attention, activation offload, the last blocks not checkpointed as `--skip_blocks
+N` forces, fp8 weights; host RAM is not checked unless `--host_ram_gb` is given). Activation offload
+(`--offload_activations`, or the plan's) is costed as copies at the GPU's host-link rate overlapped with the
+compute; the exposed part is added. The estimate compiles the blocks unless `--eager`, as training does on a
+CUDA GPU by default; measured runs compile only with `--compile` (so `tools/gpu_check.sh` times eager and
+compiled steps apart). Every figure it prints is labelled as an estimate; it takes under a minute on a CPU.
+Its attention is training's default for the GPU (no attention option: flash3 on Hopper where FlashAttention 3
+is installed, else sdpa), with FA3 taken as not installed unless `--fa3_installed` (the same as `--attention
+flash3` on an H100 / H200); `--attention` sets it.
 
 `--sequence_parallel N` splits the sample's tokens over N processes (launch N with torchrun; rank 0 prints
 tokens/s and peak VRAM per GPU). With `--estimate` it adds rows for N = 1, 2, 4, ... up to N: the step per
@@ -95,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "them (2 T C + 4 H T bytes more a block)")
     p.add_argument("--keep_attention_blocks", type=non_negative_int, default=0, metavar="N",
                    help="selective checkpointing in the last N blocks only (the others recompute their attention)")
+    p.add_argument("--skip_blocks", "--gradient_checkpointing_skip_blocks", type=non_negative_int, default=0,
+                   metavar="N", dest="skip_blocks",
+                   help="partial checkpointing: the last N blocks are not checkpointed (keep all their activations, "
+                        "no recomputation); with --plan the planner's N")
     p.add_argument("--two_experts", action="store_true", help="both A14B experts, alternating, inactive on the CPU")
     p.add_argument("--full", action="store_true",
                    help="full fine-tuning steps (every DiT weight trains) instead of LoRA")
@@ -136,7 +140,8 @@ def _config(args):
                         gradient_checkpointing=checkpointing, fp8_fast=args.fp8_scaled_mm,
                         gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload,
                         gradient_checkpointing_keep_attention=args.keep_attention and checkpointing,
-                        gradient_checkpointing_keep_attention_blocks=args.keep_attention_blocks * checkpointing)
+                        gradient_checkpointing_keep_attention_blocks=args.keep_attention_blocks * checkpointing,
+                        gradient_checkpointing_skip_blocks=args.skip_blocks * checkpointing)
     experts = 2 if args.two_experts else 1
     gather = args.sequence_parallel_attention == "all_gather"
     full = {"full_bf16": args.full_bf16, "fused_backward_pass": args.fused_backward_pass}
@@ -220,7 +225,8 @@ def _planned(args, variant, memory, full: dict, experts: int) -> float:
     s = Settings(fp8=memory.fp8_base, checkpointing=memory.gradient_checkpointing,
                  offload_activations=memory.gradient_checkpointing_cpu_offload, blocks_to_swap=memory.blocks_to_swap,
                  offload_inactive=args.two_experts, keep_attention=memory.gradient_checkpointing_keep_attention,
-                 keep_attention_blocks=memory.gradient_checkpointing_keep_attention_blocks)
+                 keep_attention_blocks=memory.gradient_checkpointing_keep_attention_blocks,
+                 skip_blocks=memory.gradient_checkpointing_skip_blocks)
     return estimate(w, s).total
 
 
@@ -277,6 +283,7 @@ def _estimate(args) -> int:
     variant = get_variant(args.task)
     fp8 = args.fp8_base or args.fp8_scaled or args.fp8_scaled_mm
     checkpointing, keep, kept = not args.no_gradient_checkpointing, args.keep_attention, args.keep_attention_blocks
+    skip = args.skip_blocks
     offload = args.gradient_checkpointing_cpu_offload
     if args.plan:
         plan = plan_memory(GPUS[args.gpu].memory_gib, variant, args.width, args.height, args.frames,
@@ -288,10 +295,12 @@ def _estimate(args) -> int:
             print(f"the plan for this card needs {s.label()}: {unmodelled}", file=sys.stderr)
             return 2
         fp8, checkpointing, keep, kept = s.fp8, s.checkpointing, s.keep_attention, s.keep_attention_blocks
+        skip = s.skip_blocks
         offload = s.offload_activations
     setup = StepSetup(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim,
                       checkpointing=checkpointing, keep_attention=keep and checkpointing,
-                      keep_attention_blocks=kept * checkpointing, fp8=fp8, fp8_fast=args.fp8_scaled_mm,
+                      keep_attention_blocks=kept * checkpointing, skip_blocks=skip * checkpointing, fp8=fp8,
+                      fp8_fast=args.fp8_scaled_mm,
                       offload_activations=offload and checkpointing)
     try:
         result = estimate_step(setup, args.gpu, _estimated_attention(args), _compiled(args))

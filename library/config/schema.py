@@ -82,6 +82,12 @@ class MemoryArgs:
         0, "with gradient_checkpointing: keep the self-attention output and log-sum-exp of the last N blocks only "
            "and recompute the attention of the others (0: none; `gradient_checkpointing_keep_attention = true` "
            "keeps every block's); auto_memory chooses the largest N that fits", coerce=_non_negative)
+    gradient_checkpointing_skip_blocks: int = arg(
+        0, "with gradient_checkpointing: the last N DiT blocks are not checkpointed and keep all their activations "
+           "(faster: no recomputation; about 8.5 GiB more a block for an A14B expert at 832x480x81, but the last "
+           "block costs about nothing). Keeping attention and activation offload apply to the other blocks; "
+           "`gradient_checkpointing_keep_attention_blocks` counts among them; VACE blocks stay checkpointed; "
+           "not with blocks_to_swap. auto_memory chooses the largest N that fits", coerce=_non_negative)
     vae_cache_cpu: bool = arg(False, "keep the VAE's causal chunk cache in host memory (samples during training)")
     vae_tiling: bool = arg(False, "decode samples in overlapping spatial tiles, blended at the seams (less VRAM; tiles "
                                   f"of {DEFAULT_VAE_TILE} px unless vae_spatial_tile_sample_min_size says)")

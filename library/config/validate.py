@@ -56,6 +56,14 @@ def _models(cfg: TrainConfig, variant, errors: list[str]) -> None:
     if mem.gradient_checkpointing_keep_attention_blocks and mem.gradient_checkpointing_keep_attention:
         errors.append("`gradient_checkpointing_keep_attention = true` keeps every block's attention: remove "
                       "`gradient_checkpointing_keep_attention_blocks`, or set it alone to keep only some blocks'")
+    skip = mem.gradient_checkpointing_skip_blocks
+    if skip and not mem.gradient_checkpointing:
+        errors.append("`gradient_checkpointing_skip_blocks` needs `gradient_checkpointing = true` (without "
+                      "checkpointing no block is checkpointed anyway)")
+    if skip and mem.blocks_to_swap:
+        errors.append(f"`gradient_checkpointing_skip_blocks` = {skip} cannot be combined with `blocks_to_swap` = "
+                      f"{mem.blocks_to_swap}: the swapped blocks are the last ones and must be checkpointed; set "
+                      "one of them to 0")
     if mem.offload_inactive_dit and not m.dit_high_noise:
         errors.append("`offload_inactive_dit` needs two experts: set `dit_high_noise` too")
     if variant is None:
@@ -64,6 +72,15 @@ def _models(cfg: TrainConfig, variant, errors: list[str]) -> None:
         errors.append(f"`gradient_checkpointing_keep_attention_blocks` = "
                       f"{mem.gradient_checkpointing_keep_attention_blocks} is more than the {variant.num_layers} "
                       f"blocks of {variant.name} (`gradient_checkpointing_keep_attention = true` keeps them all)")
+    if skip > variant.num_layers:
+        errors.append(f"`gradient_checkpointing_skip_blocks` = {skip} is more than the {variant.num_layers} blocks "
+                      f"of {variant.name}")
+    elif mem.gradient_checkpointing_keep_attention_blocks + skip > variant.num_layers:
+        errors.append(f"`gradient_checkpointing_keep_attention_blocks` = "
+                      f"{mem.gradient_checkpointing_keep_attention_blocks} counts among the checkpointed blocks, "
+                      f"but `gradient_checkpointing_skip_blocks` = {skip} leaves only {variant.num_layers - skip} of "
+                      f"the {variant.num_layers} blocks of {variant.name} checkpointed: lower one of them (or set "
+                      "`gradient_checkpointing_keep_attention = true` to keep every checkpointed block's)")
     if mem.blocks_to_swap >= variant.num_layers:
         errors.append(f"`blocks_to_swap` = {mem.blocks_to_swap} must be less than the {variant.num_layers} "
                       f"blocks of {variant.name}")

@@ -13,7 +13,11 @@
   saved-tensor hooks only take the block input that checkpointing saves.
 - selective checkpointing (`gradient_checkpointing_keep_attention`): each block's self-attention output
   and log-sum-exp are kept as well, so the backward pass recomputes everything but the attention; with
-  `gradient_checkpointing_keep_attention_blocks` N only in the last N blocks.
+  `gradient_checkpointing_keep_attention_blocks` N only in the last N checkpointed blocks.
+- partial checkpointing (`gradient_checkpointing_skip_blocks`): the last N blocks are not checkpointed and keep
+  every activation; activation offload and keeping attention apply to the checkpointed blocks before them,
+  and the last checkpointed block's input is the one that stays on the device. It cannot be combined with
+  block swap (the swapped blocks are the last ones, whose weights autograd would then hold on the GPU).
 - block swap (`blocks_to_swap`, `use_pinned_memory_for_block_swap`): see `block_swap.py`.
 
 Block swap and activation offload need CUDA; elsewhere they are no-ops with a log line. They work
@@ -175,18 +179,22 @@ class BlockRunner:
     """`WanModel.block_runner`: runs each block with block swap and / or activation offload around it. With
     `blocks` (the model's block count) the last block's input is not offloaded: the backward pass needs it
     first, so a copy back could not overlap anything; instead the input of the block before it starts coming
-    back when the last block's backward pass begins. With 0 every block's input is offloaded."""
+    back when the last block's backward pass begins. With 0 every block's input is offloaded. The last
+    `skipped` blocks are not checkpointed (`gradient_checkpointing_skip_blocks`): their inputs are never
+    offloaded, and "the last block" above is the last checkpointed one."""
 
     swapper: BlockSwapper | None = None
     offloader: ActivationOffloader | None = None
     blocks: int = 0
+    skipped: int = 0
 
     def run(self, i: int, block: nn.Module, args: tuple, run_block) -> torch.Tensor:
         x = args[0]  # [B, L, C] fp32 residual stream
         if self.swapper is not None:
             self.swapper.before_forward(i)
-        offload = self.offloader is not None and torch.is_grad_enabled()
-        last = offload and i == self.blocks - 1
+        offload = self.offloader is not None and torch.is_grad_enabled() and \
+            not (self.skipped and i >= self.blocks - self.skipped)
+        last = offload and i == self.blocks - self.skipped - 1
         if offload and not last:
             with self.offloader.hooks(x):
                 out = run_block(block, args)
@@ -243,7 +251,8 @@ class MemorySetup:
     fp8: FP8Report | None = None
     gradient_checkpointing: bool = False
     keep_attention: bool = False
-    keep_attention_blocks: int = 0  # of the model's blocks, the last ones
+    keep_attention_blocks: int = 0  # of the model's blocks, the last checkpointed ones
+    skip_blocks: int = 0  # the last blocks, not checkpointed
     activation_offload: bool = False
     blocks_to_swap: int = 0
     notes: list[str] = field(default_factory=list)
@@ -252,6 +261,8 @@ class MemorySetup:
         parts = [self.fp8.summary() if self.fp8 else "bf16/fp16/fp32 weights",
                  f"checkpointing {'on' if self.gradient_checkpointing else 'off'}"
                  + (f" keeping self-attention in {self.keep_attention_blocks} blocks" if self.keep_attention else "")
+                 + (f" skipping the last {self.skip_blocks} blocks" if self.gradient_checkpointing and
+                    self.skip_blocks else "")
                  + (" (activations offloaded)" if self.activation_offload else ""),
                  f"{self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "no block swap"]
         return f"memory on {self.device}: " + "; ".join(parts + self.notes)
@@ -317,19 +328,27 @@ def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, t
         _note(setup, "blocks_to_swap = %d: turning on gradient_checkpointing (without it autograd would keep "
                      "every swapped block's weights on the GPU until the backward pass)", swap, warn=True)
         checkpointing = True
+    skip = int(getattr(memory, "gradient_checkpointing_skip_blocks", 0) or 0) if checkpointing else 0
+    if skip and swap:
+        _note(setup, "gradient_checkpointing_skip_blocks = %d is ignored with block swap (blocks_to_swap = %d): the "
+                     "swapped blocks are the last ones and must be checkpointed", skip, swap, warn=True)
+        skip = 0
     model.enable_gradient_checkpointing(
         checkpointing, keep_attention=bool(getattr(memory, "gradient_checkpointing_keep_attention", False)),
-        keep_attention_blocks=int(getattr(memory, "gradient_checkpointing_keep_attention_blocks", 0) or 0))
+        keep_attention_blocks=int(getattr(memory, "gradient_checkpointing_keep_attention_blocks", 0) or 0),
+        skip_blocks=skip)
     setup.gradient_checkpointing, setup.activation_offload, setup.blocks_to_swap = checkpointing, offload, swap
     setup.keep_attention = model.checkpoint_keep_attention
     setup.keep_attention_blocks = model.checkpoint_keep_attention_blocks
+    setup.skip_blocks = model.checkpoint_skip_blocks
     # 3. the runner around each block, then placement
     swapper = None
     if swap:
         swapper = BlockSwapper(model.blocks, swap, transport or CudaTransport(device), prefetch=prefetch,
                                pin_memory=bool(memory.use_pinned_memory_for_block_swap))
     offloader = (offloader or ActivationOffloader(device)) if offload else None
-    model.block_runner = BlockRunner(swapper, offloader, len(model.blocks)) if (swapper or offloader) else None
+    model.block_runner = BlockRunner(swapper, offloader, len(model.blocks), model.checkpoint_skip_blocks) \
+        if (swapper or offloader) else None
     if place:
         place_model(model, device)
     logger.info("%s", setup.summary())

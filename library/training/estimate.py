@@ -127,7 +127,8 @@ class StepSetup:
     rank: int = 32
     checkpointing: bool = True
     keep_attention: bool = False  # selective checkpointing: self-attention outputs kept, not recomputed
-    keep_attention_blocks: int = 0  # ... in the last N blocks only (without keep_attention)
+    keep_attention_blocks: int = 0  # ... in the last N checkpointed blocks only (without keep_attention)
+    skip_blocks: int = 0  # the last N blocks not checkpointed: no recomputation (`gradient_checkpointing_skip_blocks`)
     fp8: bool = False  # block Linear weights in fp8, dequantised for each matmul (`fp8_base`)
     fp8_fast: bool = False  # ... multiplied in fp8 instead (`fp8_fast`; implies fp8 weights)
     offload_activations: bool = False  # checkpointed block inputs copied to the host and back (needs checkpointing)
@@ -177,7 +178,8 @@ def trace_step(setup: StepSetup) -> Trace:
     model = meta_model(v)
     if setup.fp8 or setup.fp8_fast:
         _fp8_layers(model, setup.fp8_fast)
-    model.enable_gradient_checkpointing(setup.checkpointing, setup.keep_attention, setup.keep_attention_blocks)
+    model.enable_gradient_checkpointing(setup.checkpointing, setup.keep_attention, setup.keep_attention_blocks,
+                                        setup.skip_blocks)
     network = lora_wan.create_network(1.0, setup.rank, setup.rank, None, None, model)
     network.apply_to()
     network.to("meta")
@@ -312,10 +314,14 @@ class StepEstimate:
 
     def table(self, top: int = 10) -> str:
         s, v = self.setup, self.setup.variant
-        n = v.num_layers
-        kept = "every block" if s.keep_attention else f"the last {min(s.keep_attention_blocks, n)} of {n} blocks"
+        skip = min(s.skip_blocks, v.num_layers)
+        n = v.num_layers - skip
+        kept = "every checkpointed block" if s.keep_attention and skip else "every block" if s.keep_attention \
+            else f"the last {min(s.keep_attention_blocks, n)} of {n} checkpointed blocks"
         checkpointing = ((f"on, keeping self-attention in {kept}" if s.keep_attention or s.keep_attention_blocks
                           else "on") if s.checkpointing else "off")
+        checkpointing += f", the last {skip} of {v.num_layers} blocks not checkpointed" if s.checkpointing and skip \
+            else ""
         checkpointing += ", activations offloaded" if self.offload else ""
         checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
         lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
@@ -354,7 +360,8 @@ def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", 
         marks = getattr(kernels, "marks", None)
         if marks is None:
             raise ValueError("activation offload needs a traced step (trace_step), which marks the blocks")
-        offload = offload_time(costs, marks, 4 * setup.variant.dim * setup.tokens() * setup.batch, rates)
+        offload = offload_time(costs, marks, 4 * setup.variant.dim * setup.tokens() * setup.batch, rates,
+                               setup.skip_blocks)
         seconds += offload.exposed_s
     by_kind, groups = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for c in costs:

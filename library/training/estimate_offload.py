@@ -4,10 +4,11 @@ and pinned host memory, and how much of their time the compute cannot hide.
 
 `library.runtime.memory` copies each block's input (the fp32 residual stream, 4 C T bytes a sample) to
 the host on a side stream when the block starts, every block but the last (whose input the backward pass
-needs first). In the backward pass the copy back of block i - 1's input starts when block i takes its own
-(block L - 2's when the last block's backward pass begins), on the same side stream. The forward pass never
-waits for a copy; the backward pass of block i waits until its input is back. This module replays that
-schedule on the estimated kernel times: the side stream runs each copy at the GPU's host-link rate
+needs first); with `gradient_checkpointing_skip_blocks` N only the checkpointed blocks before the last N, the
+last of them keeping its input. In the backward pass the copy back of block i - 1's input starts when block
+i takes its own (block L - 2's when the last block's backward pass begins), on the same side stream. The
+forward pass never waits for a copy; the backward pass of block i waits until its input is back. This module
+replays that schedule on the estimated kernel times: the side stream runs each copy at the GPU's host-link rate
 (`GpuRates.host_link`, about 80% of the PCIe per-direction peak, see `gpu_rates.HOST_LINK_SOURCE`) as soon
 as it is issued and the stream is free, and the compute is delayed whenever a block's input is not back in
 time. When every copy is shorter than the compute it overlaps, nothing is exposed; in a steady state the
@@ -73,13 +74,17 @@ def exposed_seconds(starts: list, seconds: list, forward: list, backward: dict, 
     return delay
 
 
-def offload_time(costs: list, marks: BlockMarks, block_bytes: float, gpu) -> OffloadTime:
-    """The offload traffic of one step and its exposed time, from the costed kernels and the trace's marks."""
+def offload_time(costs: list, marks: BlockMarks, block_bytes: float, gpu, skipped: int = 0) -> OffloadTime:
+    """The offload traffic of one step and its exposed time, from the costed kernels and the trace's marks.
+    `skipped`: the last blocks are not checkpointed (`gradient_checkpointing_skip_blocks`), so only the blocks
+    before them take part, the last of those keeping its input on the device."""
     link, gbs = gpu.host_link
-    n = len(marks.forward)
-    if n < 1 or len(marks.backward) != n:
+    if len(marks.forward) < 1 or len(marks.backward) != len(marks.forward):
         raise ValueError("activation offload: the trace has no backward pass through every block")
+    n = max(0, len(marks.forward) - skipped)
     copy_s = block_bytes / (gbs * 1e9)
-    exposed = exposed_seconds([c.first for c in costs], [c.seconds for c in costs], marks.forward, marks.backward,
-                              copy_s)
+    if n <= 1:
+        return OffloadTime(0, 0.0, link, gbs, copy_s, 0.0)
+    exposed = exposed_seconds([c.first for c in costs], [c.seconds for c in costs], marks.forward[:n],
+                              {i: k for i, k in marks.backward.items() if i < n}, copy_s)
     return OffloadTime(n - 1, (n - 1) * block_bytes / 1e9, link, gbs, copy_s, exposed)

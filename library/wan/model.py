@@ -273,7 +273,8 @@ class WanModel(nn.Module):
         self.split_attn = False
         self.gradient_checkpointing = False
         self.checkpoint_keep_attention = False  # selective checkpointing somewhere: see enable_gradient_checkpointing
-        self.checkpoint_keep_attention_blocks = 0  # ... in this many blocks, the last ones
+        self.checkpoint_keep_attention_blocks = 0  # ... in this many blocks, the last checkpointed ones
+        self.checkpoint_skip_blocks = 0  # the last blocks that are not checkpointed (keep every activation)
         self.compute_dtype: torch.dtype | None = None  # None: the dtype of the Linear weights
         # Compiled blocks: mark the token count dynamic before the first call, so one graph serves every
         # bucket (without it the first bucket is compiled static and the second recompiles)
@@ -340,21 +341,32 @@ class WanModel(nn.Module):
             block.self_attn.sequence_parallel = sequence_parallel
 
     def enable_gradient_checkpointing(self, enabled: bool = True, keep_attention: bool = False,
-                                      keep_attention_blocks: int = 0) -> None:
+                                      keep_attention_blocks: int = 0, skip_blocks: int = 0) -> None:
         """Checkpoint every block (keep its input, recompute the rest in the backward pass). With
         `keep_attention` the self-attention kernel's outputs (its result and log-sum-exp) are kept too and
         only the cheap rest is recomputed: no second attention forward per block, for 2 T C + 4 H T bytes
         more a block (0.32 GiB for an A14B block at 32,760 tokens). `keep_attention_blocks` K (without
-        `keep_attention`) keeps them in the last K blocks only (VACE blocks: none) and recomputes the others:
-        the backward pass reaches those blocks first, so their kept outputs are freed first and the peak
-        holds K - 1 of them besides the block being recomputed."""
+        `keep_attention`) keeps them in the last K checkpointed blocks only (VACE blocks: none) and recomputes
+        the others: the backward pass reaches those blocks first, so their kept outputs are freed first and
+        the peak holds K - 1 of them besides the block being recomputed.
+
+        `skip_blocks` N: the last N blocks are not checkpointed at all (partial checkpointing): they keep
+        every activation and run their forward pass once. Keeping attention applies to the checkpointed
+        blocks before them (K counts among those, so at most num_layers - N); VACE blocks are always
+        checkpointed when `enabled`. Checkpointing the last block saves nothing at the peak (its backward
+        pass comes right after its forward), so N = 1 costs about no memory."""
         n = len(self.blocks)
-        count = (n if keep_attention else max(0, min(int(keep_attention_blocks), n))) if enabled else 0
+        skip = max(0, min(int(skip_blocks), n)) if enabled else 0
+        checkpointed = n - skip
+        count = (checkpointed if keep_attention else max(0, min(int(keep_attention_blocks), checkpointed))) \
+            if enabled else 0
         self.gradient_checkpointing = enabled
+        self.checkpoint_skip_blocks = skip
         self.checkpoint_keep_attention_blocks = count
         self.checkpoint_keep_attention = count > 0
         for i, block in enumerate(self.blocks):
-            block.checkpoint_keep_attention = i >= n - count
+            block.checkpoint_skip = i >= checkpointed
+            block.checkpoint_keep_attention = checkpointed - count <= i < checkpointed
         for block in getattr(self, "vace_blocks", ()):
             block.checkpoint_keep_attention = enabled and keep_attention
 
@@ -434,8 +446,9 @@ class WanModel(nn.Module):
         return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
 
     def run_block(self, block: WanBlock, args: tuple) -> torch.Tensor:
-        """One block, checkpointed when gradient checkpointing is on and gradients are being recorded."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        """One block, checkpointed when gradient checkpointing is on, gradients are being recorded and the block
+        is not one of the last `checkpoint_skip_blocks`."""
+        if self.gradient_checkpointing and torch.is_grad_enabled() and not getattr(block, "checkpoint_skip", False):
             if getattr(block, "checkpoint_keep_attention", False):
                 return checkpoint(block, *args, use_reentrant=False, context_fn=_keep_self_attention)
             return checkpoint(block, *args, use_reentrant=False)

@@ -11,6 +11,15 @@ whose host memory fits the host, is the plan:
     4 bf16 + ckpt keeping attention in K blocks,    8 ... + block swap of N blocks, the smallest N that fits
       then bf16 + checkpointing
 
+Then the skip stage: on top of the first rung that fits (with checkpointing and without block swap), the
+last N blocks are not checkpointed (`gradient_checkpointing_skip_blocks`), the largest N that fits; where that
+rung does not offload, its variant with activation offload is tried too and the larger N wins (a tie keeps the
+rung). A skipped block keeps all its activations (`per_block` in `estimate`, about 8.5 GiB for an A14B
+block at 832x480x81) and runs no recomputation at all, the largest saving per block; N = 1 costs about
+nothing, as the last block's backward pass follows its forward pass directly. Keeping attention in K blocks
+becomes K - N, the kept set minus the skipped blocks, so no block recomputes more than before. It only spends
+leftover memory on speed, so a bigger card never gets fewer skipped blocks on the same rung.
+
 Keeping self-attention is selective checkpointing (`gradient_checkpointing_keep_attention`): each block's
 self-attention output and log-sum-exp stay on the GPU (2 C + 4 H bytes a token and block), so the backward
 pass does not run the attention forward again. "In K blocks" keeps them in the last K blocks only
@@ -60,6 +69,8 @@ from dataclasses import dataclass
 from library.wan.variants import WanVariant, get_variant
 
 from .host import HOST_FRACTION
+from .sizes import _block_bytes, lora_params, outer_params, vace_params
+from .sizes import block_linear_params, block_other_params  # noqa: F401  (imported from here by others)
 from .table import lora_table
 
 GIB = 2**30
@@ -121,6 +132,11 @@ class Workload:
             else 0
 
 
+def skipping_label(n: int) -> str:
+    """'skipping the last block' / 'skipping the last N blocks' (`gradient_checkpointing_skip_blocks`)."""
+    return "skipping the last block" if n == 1 else f"skipping the last {n} blocks"
+
+
 @dataclass(frozen=True)
 class Settings:
     fp8: bool = False
@@ -129,13 +145,17 @@ class Settings:
     blocks_to_swap: int = 0
     offload_inactive: bool = False
     keep_attention: bool = False  # selective checkpointing: self-attention outputs kept (needs checkpointing)
-    keep_attention_blocks: int = 0  # ... in the last N blocks only (without keep_attention)
+    keep_attention_blocks: int = 0  # ... in the last N checkpointed blocks only (without keep_attention)
+    skip_blocks: int = 0  # the last N blocks are not checkpointed (needs checkpointing; not with block swap)
+
+    def checkpointed_blocks(self, num_layers: int) -> int:
+        """How many blocks are checkpointed: the first num_layers - skip_blocks (0 without checkpointing)."""
+        return max(0, num_layers - self.skip_blocks) if self.checkpointing else 0
 
     def kept_blocks(self, num_layers: int) -> int:
-        """How many blocks keep their self-attention outputs."""
-        if not self.checkpointing:
-            return 0
-        return num_layers if self.keep_attention else min(self.keep_attention_blocks, num_layers)
+        """How many blocks keep their self-attention outputs (the last checkpointed ones)."""
+        checkpointed = self.checkpointed_blocks(num_layers)
+        return checkpointed if self.keep_attention else min(self.keep_attention_blocks, checkpointed)
 
     def label(self) -> str:
         parts = ["fp8" if self.fp8 else "bf16"]
@@ -143,7 +163,8 @@ class Settings:
             parts.append("ckpt" + ("+offload" if self.offload_activations else "")
                          + (" keeping attention" if self.keep_attention else "")
                          + (f" keeping attention in {self.keep_attention_blocks} blocks"
-                            if self.keep_attention_blocks and not self.keep_attention else ""))
+                            if self.keep_attention_blocks and not self.keep_attention else "")
+                         + (f", {skipping_label(self.skip_blocks)}" if self.skip_blocks else ""))
         if self.blocks_to_swap:
             parts.append(f"swap {self.blocks_to_swap}")
         if self.offload_inactive:
@@ -166,58 +187,7 @@ class Estimate:
         return self.weights + self.lora + self.activations + self.workspace
 
 
-# ---- sizes -----------------------------------------------------------------------------------------------
-
-
-def block_linear_params(v: WanVariant) -> int:
-    """Weights of the Linear layers of one block (what fp8 converts and MFU counts)."""
-    image = 2 * v.dim * v.dim if v.image_embedding else 0
-    return 8 * v.dim * v.dim + image + 2 * v.dim * v.ffn_dim
-
-
-def block_other_params(v: WanVariant) -> tuple[int, int]:
-    """(bf16 biases, fp32 norms + modulation) of one block."""
-    linears = 10 if v.image_embedding else 8
-    biases = linears * v.dim + v.ffn_dim + v.dim
-    fp32 = 6 * v.dim + 2 * v.dim + (5 if v.image_embedding else 4) * v.dim
-    return biases, fp32
-
-
-def outer_params(v: WanVariant) -> tuple[int, int]:
-    """(bf16, fp32) parameters outside the blocks: embeddings, time MLPs (fp32), head, CLIP projection."""
-    c, patch = v.dim, math.prod(v.patch_size)
-    bf16 = v.in_dim * patch * c + c + v.text_dim * c + c + c * c + c + c * patch * v.out_dim + patch * v.out_dim
-    fp32 = v.freq_dim * c + c + c * c + c + 6 * c * c + 6 * c + 2 * c
-    if v.image_embedding:
-        d = v.clip_dim
-        bf16 += d * d + d + d * c + c + 2 * d + 2 * c  # the CLIP projection's LayerNorms load in bf16 too
-        bf16 += v.clip_tokens * v.image_frames * d if v.end_frame else 0  # FLF2V: img_emb.emb_pos
-    return bf16, fp32
-
-
-def vace_params(v: WanVariant) -> tuple[int, int]:
-    """(bf16, fp32) parameters of a VACE model's VACE blocks (block weights, `after_proj` on each and
-    `before_proj` on the first) and VACE patch embedding; (0, 0) for other models."""
-    n = len(v.vace_layers)
-    if not n:
-        return 0, 0
-    biases, fp32 = block_other_params(v)
-    projections = (n + 1) * (v.dim * v.dim + v.dim)
-    patch = v.vace_in_dim * math.prod(v.patch_size) * v.dim + v.dim
-    return n * (block_linear_params(v) + biases) + projections + patch, n * fp32
-
-
-def lora_params(v: WanVariant, rank: int) -> int:
-    """LoRA parameters over the WAN targets of every block (VACE blocks included): rank x (in + out) per
-    Linear."""
-    per_block = 8 * 2 * v.dim + (4 * v.dim if v.image_embedding else 0) + 2 * (v.dim + v.ffn_dim)
-    return rank * per_block * (v.num_layers + len(v.vace_layers))
-
-
-def _block_bytes(v: WanVariant, fp8: bool) -> float:
-    biases, fp32 = block_other_params(v)
-    scales = 12 * 4 if fp8 else 0
-    return block_linear_params(v) * (1 if fp8 else 2) + scales + biases * 2 + fp32 * 4
+# ---- sizes (the parts' counts: sizes.py) ----------------------------------------------------------------
 
 
 def estimate(w: Workload, s: Settings) -> Estimate:
@@ -234,8 +204,9 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     host = experts_on_gpu * s.blocks_to_swap * _block_bytes(v, s.fp8)
     if s.offload_inactive and w.experts > 1:
         host += outside + v.num_layers * _block_bytes(v, s.fp8)
+    checkpointed = s.checkpointed_blocks(v.num_layers)
     if s.checkpointing and s.offload_activations:
-        host += 4 * c * t * b * (v.num_layers - 1)
+        host += 4 * c * t * b * max(0, checkpointed - 1)
     lora = w.experts * lora_params(v, w.rank) * (8 + OPTIMIZER_BYTES.get(w.optimizer.lower(), 8))
     per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b + w.gathered_bytes()
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else v.num_layers)
@@ -244,14 +215,32 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     shared += 2 * c * t * b * vace  # VACE: one bf16 hint per VACE block, kept until its base block adds it
     if not s.checkpointing:
         activations = (v.num_layers + vace) * per_block + context + shared
-    else:  # fp32 block inputs; the VACE blocks' are never offloaded
-        stored = 4 * c * t * b * ((2 if s.offload_activations else v.num_layers) + vace)
-        activations = per_block + stored + context + shared
-        kept = s.kept_blocks(v.num_layers)  # the last `kept` blocks: at the peak (the backward pass of the last
-        if kept:  # block) every other kept block's self-attention output and log-sum-exp (the recomputed one's: above)
-            activations += (kept - 1) * (KEEP_PER_C * c + KEEP_PER_HEAD * v.num_heads) * t * b
+    else:
+        activations = _checkpointed_peak(w, s, per_block, context) + shared
     workspace = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + w.split_bytes()
     return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB, host / GIB)
+
+
+def _checkpointed_peak(w: Workload, s: Settings, per_block: float, context: float) -> float:
+    """Activation bytes at the peak with checkpointing, the larger of two moments. (B) the backward pass of the
+    last checkpointed block: its recomputed activations, the fp32 inputs of the checkpointed blocks (with
+    offload the last one's and the one coming back; the VACE blocks' are never offloaded) and the kept
+    self-attention outputs of the other kept blocks. (A) with `skip_blocks` N, the backward pass of the last
+    block: the N skipped blocks' full activations (and cross-attention context), every kept self-attention
+    output and the checkpointed inputs still on the device (with offload only the last one's). With N = 1, (A)
+    is about (B): checkpointing the last block saves nothing at the peak."""
+    v, t, b = w.variant, w.local_tokens, w.batch_size
+    block_input, vace = 4 * v.dim * t * b, len(v.vace_layers)
+    keep = (KEEP_PER_C * v.dim + KEEP_PER_HEAD * v.num_heads) * t * b
+    checkpointed, kept = s.checkpointed_blocks(v.num_layers), s.kept_blocks(v.num_layers)
+    peaks = []
+    if checkpointed:
+        inputs = min(2, checkpointed) if s.offload_activations else checkpointed
+        peaks.append(per_block + context + block_input * (inputs + vace) + max(0, kept - 1) * keep)
+    if s.skip_blocks:
+        inputs = min(1, checkpointed) if s.offload_activations else checkpointed
+        peaks.append(s.skip_blocks * (per_block + context) + block_input * (inputs + vace) + kept * keep)
+    return max(peaks)
 
 
 # ---- the plan --------------------------------------------------------------------------------------------
@@ -276,6 +265,7 @@ class MemoryPlan:
             gradient_checkpointing_cpu_offload=s.offload_activations,
             gradient_checkpointing_keep_attention=s.keep_attention,
             gradient_checkpointing_keep_attention_blocks=0 if s.keep_attention else s.keep_attention_blocks,
+            gradient_checkpointing_skip_blocks=s.skip_blocks if s.checkpointing else 0,
             blocks_to_swap=s.blocks_to_swap,
             use_pinned_memory_for_block_swap=s.blocks_to_swap > 0 or memory.use_pinned_memory_for_block_swap,
             offload_inactive_dit=s.offload_inactive,
@@ -325,9 +315,34 @@ def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: i
         e = estimate(w, s)
         tried.append((s, e))
         if e.total <= budget and (host is None or e.host <= host):
-            return MemoryPlan(vram_gb, budget, w, s, e, True, _shown(tried), host)
+            skipped = skip_blocks(w, s, budget, host)
+            shown = _shown(tried) + ((skipped,) if skipped else ())
+            return MemoryPlan(vram_gb, budget, w, *(skipped or (s, e)), True, shown, host)
     s, e = tried[-1]
     return MemoryPlan(vram_gb, budget, w, s, e, False, _shown(tried), host)
+
+
+def skip_blocks(w: Workload, s: Settings, budget: float, host: float | None) -> tuple[Settings, Estimate] | None:
+    """The skip stage on top of `s`, the first rung that fits (module docstring): the largest N whose
+    settings, with the last N blocks not checkpointed, still fit, for `s` and (when `s` does not offload) for
+    `s` with activation offload, whichever allows more (a tie keeps `s`); keeping attention in K blocks
+    becomes K - N, so no block recomputes more than with `s`. None without checkpointing, with block swap,
+    or when not even N = 1 fits."""
+    if not s.checkpointing or s.blocks_to_swap:
+        return None
+    options = [s] + ([dataclasses.replace(s, offload_activations=True)] if not s.offload_activations else [])
+    best = None
+    for option in options:
+        for n in range(w.variant.num_layers, 0, -1):
+            if best is not None and n <= best[0].skip_blocks:
+                break
+            k = dataclasses.replace(option, skip_blocks=n,
+                                    keep_attention_blocks=max(0, option.keep_attention_blocks - n))
+            e = estimate(w, k)
+            if e.total <= budget and (host is None or e.host <= host):
+                best = (k, e)
+                break
+    return best
 
 
 def largest_frames(vram_gb: float, w: Workload, host_gb: float | None = None) -> int:
