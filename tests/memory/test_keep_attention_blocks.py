@@ -84,14 +84,18 @@ def test_planner_keeps_the_largest_number_of_blocks_that_fits():
     every = estimate(w, Settings(checkpointing=True, keep_attention=True)).total
     assert none < budget < every
     plan = plan_memory(vram, "t2v-A14B", 832, 480, 81, host_ram_gb=24)
-    k = plan.settings.keep_attention_blocks
-    assert plan.fits and plan.settings == Settings(checkpointing=True, keep_attention_blocks=k) and 0 < k < v.num_layers
-    assert plan.estimate.total <= plan.budget_gb == pytest.approx(budget)
+    k = plan.rung.keep_attention_blocks
+    assert plan.fits and plan.rung == Settings(checkpointing=True, keep_attention_blocks=k) and 0 < k < v.num_layers
+    rung = plan.candidates[-2][1]
+    assert rung.total <= plan.budget_gb == pytest.approx(budget)
     per_block = (KEEP_PER_C * v.dim + KEEP_PER_HEAD * v.num_heads) * w.tokens / GIB
-    assert plan.estimate.total == pytest.approx(none + (k - 1) * per_block)
+    assert rung.total == pytest.approx(none + (k - 1) * per_block)
     assert estimate(w, Settings(checkpointing=True, keep_attention_blocks=k + 1)).total > budget  # the largest
+    # the skip stage: the last kept block not checkpointed at all, in about the same memory
+    assert plan.settings == Settings(checkpointing=True, keep_attention_blocks=k - 1, skip_blocks=1)
     memory = plan.apply(MemoryArgs(gradient_checkpointing_keep_attention=True))
-    assert memory.gradient_checkpointing_keep_attention_blocks == k and not memory.gradient_checkpointing_keep_attention
+    assert memory.gradient_checkpointing_keep_attention_blocks == k - 1
+    assert memory.gradient_checkpointing_skip_blocks == 1 and not memory.gradient_checkpointing_keep_attention
     assert f"keeping attention in {k} blocks" in plan.table()
 
 

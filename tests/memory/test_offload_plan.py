@@ -22,16 +22,20 @@ KEEP_ALL_OFFLOADED = Settings(checkpointing=True, offload_activations=True, keep
 
 def test_h100_keeps_every_block_with_offload_when_the_host_holds_the_inputs():
     plan = plan_memory(H100, "t2v-A14B", 832, 480, 81, host_ram_gb=64)
-    assert plan.fits and plan.settings == KEEP_ALL_OFFLOADED
+    assert plan.fits and plan.rung == KEEP_ALL_OFFLOADED
+    rung = plan.candidates[-2][1]
     inputs = 39 * 4 * 5120 * 32760 / GIB  # every block input but the last one's, fp32
-    assert plan.estimate.host == pytest.approx(inputs) and 24 < inputs < 25
-    assert plan.estimate.total < plan.budget_gb - 15  # 57.6 of 74.7 GiB
-    assert "24.4 GiB of host RAM for the GPU" in plan.table()
+    assert rung.host == pytest.approx(inputs) and 24 < inputs < 25
+    assert rung.total < plan.budget_gb - 15  # 57.6 of 74.7 GiB: the skip stage spends the rest on 3 blocks
+    assert plan.settings == dataclasses.replace(KEEP_ALL_OFFLOADED, skip_blocks=3)
+    assert plan.estimate.host == pytest.approx(36 * inputs / 39)  # the skipped blocks' inputs are not offloaded
+    assert "22.5 GiB of host RAM for the GPU" in plan.table()
     short = plan_memory(H100, "t2v-A14B", 832, 480, 81, host_ram_gb=16)  # 14.4 usable: the inputs do not fit
-    assert short.fits and short.settings == Settings(checkpointing=True, keep_attention_blocks=19)
+    assert short.fits and short.rung == Settings(checkpointing=True, keep_attention_blocks=19)
+    assert short.settings == Settings(checkpointing=True, keep_attention_blocks=18, skip_blocks=1)
     rows = {s: cell for s, cell in zip((s for s, _ in short.candidates), short.table().splitlines()[2:])}
     assert rows[KEEP_ALL_OFFLOADED].endswith("no: host RAM")
-    assert plan_memory(H100, "t2v-A14B", 832, 480, 81).settings == KEEP_ALL_OFFLOADED  # host not checked
+    assert plan_memory(H100, "t2v-A14B", 832, 480, 81).rung == KEEP_ALL_OFFLOADED  # host not checked
 
 
 def test_the_ladder_puts_offloaded_keep_all_right_after_keep_all():
@@ -58,11 +62,12 @@ def test_24_gib_plans_are_unchanged_or_better():
 
 def test_two_experts_offload_the_inactive_one_before_giving_up_kept_attention():
     roomy = plan_memory(H100, "t2v-A14B", 832, 480, 81, experts=2, host_ram_gb=128)
-    assert roomy.settings == dataclasses.replace(KEEP_ALL_OFFLOADED, offload_inactive=True)
-    assert 51 < roomy.estimate.host < 52  # the inputs and the inactive bf16 expert
+    assert roomy.rung == dataclasses.replace(KEEP_ALL_OFFLOADED, offload_inactive=True)
+    assert 51 < roomy.candidates[-2][1].host < 52  # the inputs and the inactive bf16 expert
+    assert roomy.settings.skip_blocks == 2
     tight = plan_memory(H100, "t2v-A14B", 832, 480, 81, experts=2, host_ram_gb=40)  # 36 usable: the expert only
-    k = tight.settings.keep_attention_blocks  # both experts' LoRA and optimizer state on the GPU: fewer than 19
-    assert tight.settings == Settings(checkpointing=True, offload_inactive=True, keep_attention_blocks=k) and 0 < k < 19
+    k = tight.rung.keep_attention_blocks  # both experts' LoRA and optimizer state on the GPU: fewer than 19
+    assert tight.rung == Settings(checkpointing=True, offload_inactive=True, keep_attention_blocks=k) and 0 < k < 19
 
 
 @pytest.mark.parametrize("host", [None, 16, 40, 64])
@@ -73,7 +78,7 @@ def test_a_bigger_card_never_gets_a_later_candidate(host):
         previous = len(ladder)
         for vram in range(16, 200, 4):
             plan = plan_memory(vram, "t2v-A14B", 832, 480, 81, experts=experts, host_ram_gb=host)
-            index = ladder.index(plan.settings)
+            index = ladder.index(plan.rung)  # (test_skip_blocks.py: the skip stage on top of it)
             assert index <= previous, (vram, host, plan.settings)
             previous = index
 
@@ -97,9 +102,11 @@ def test_plan_memory_cli_takes_the_host_ram(capsys):
     assert cli.main(["--vram_gb", "79.2", "--host_ram_gb", "16"]) == 0
     out = capsys.readouterr().out
     assert "14.4 GiB of host RAM usable" in out and "no: host RAM" in out
-    assert "plan: bf16, ckpt keeping attention in 19 blocks" in out
+    assert "plan: bf16, ckpt keeping attention in 18 blocks, skipping the last block (74.0 GiB)" in out
     assert cli.main(["--vram_gb", "79.2", "--host_ram_gb", "64"]) == 0
-    assert "plan: bf16, ckpt+offload keeping attention (57.6 GiB; 24.4 GiB of host RAM" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "bf16, ckpt+offload keeping attention      " in out and "57.6      24.4   yes" in out
+    assert "plan: bf16, ckpt+offload keeping attention, skipping the last 3 blocks (73.3 GiB; 22.5 GiB of host" in out
 
 
 # ---- the step estimate ---------------------------------------------------------------------------------------

@@ -55,16 +55,23 @@ def test_tokens_match_the_reference_figures():
 
 def test_choices_for_24_40_80_gib():
     a14b = {vram: plan_memory(vram, "t2v-A14B", 832, 480, 81) for vram in (24, 40, 80)}
-    s80 = a14b[80].settings  # H100: no fp8, no swap; every block's self-attention kept, the block inputs offloaded
+    s80 = a14b[80].rung  # H100: no fp8, no swap; every block's self-attention kept, the block inputs offloaded
     assert s80 == Settings(checkpointing=True, offload_activations=True, keep_attention=True) and a14b[80].fits
-    assert a14b[40].settings == Settings(fp8=True, checkpointing=True, offload_activations=True) and a14b[40].fits
+    assert a14b[80].settings.skip_blocks == 3  # and the last 3 blocks not checkpointed (the skip stage)
+    assert a14b[40].rung == Settings(fp8=True, checkpointing=True, offload_activations=True) and a14b[40].fits
+    assert a14b[40].settings.skip_blocks == 1  # the last block's checkpointing saves nothing at the peak
     s24 = a14b[24].settings  # the 24 GB card: everything on, most blocks swapped (an estimate until measured)
     assert s24.fp8 and s24.offload_activations and 30 <= s24.blocks_to_swap < 40 and a14b[24].fits
     ti2v = {vram: plan_memory(vram, "ti2v-5B", 1280, 704, 121) for vram in (24, 40, 80)}
-    k = ti2v[24].settings.keep_attention_blocks  # 24 GB: offload, and the attention of some blocks kept
-    assert ti2v[24].settings == Settings(checkpointing=True, offload_activations=True, keep_attention_blocks=k)
-    assert ti2v[24].fits and 0 < k < 30
-    assert ti2v[40].settings == ti2v[80].settings == Settings(checkpointing=True, keep_attention=True)
+    k = ti2v[24].rung.keep_attention_blocks  # 24 GB: offload, and the attention of some blocks kept
+    assert ti2v[24].rung == Settings(checkpointing=True, offload_activations=True, keep_attention_blocks=k)
+    assert ti2v[24].fits and 0 < k < 30  # the last of those blocks not checkpointed at all instead, same memory:
+    assert ti2v[24].settings == dataclasses.replace(ti2v[24].rung, keep_attention_blocks=k - 1, skip_blocks=1)
+    assert ti2v[40].rung == ti2v[80].rung == Settings(checkpointing=True, keep_attention=True)
+    # with the block inputs offloaded (which hides behind the compute) more blocks skip checkpointing
+    assert ti2v[40].settings == Settings(checkpointing=True, offload_activations=True, keep_attention=True,
+                                         skip_blocks=3)
+    assert ti2v[80].settings.skip_blocks == 11
     small = plan_memory(24, "t2v-A14B", 832, 480, 33)
     assert small.fits and small.settings.fp8 and small.settings.blocks_to_swap < 39
 
@@ -76,15 +83,18 @@ def test_more_memory_never_adds_features(task, size, experts):
     for vram in range(8, 200, 4):
         plan = plan_memory(vram, task, *size, experts=experts)
         order = [s for s, _ in plan.candidates]
-        rank = (plan.settings.fp8, plan.settings.offload_activations, plan.settings.blocks_to_swap,
-                plan.settings.checkpointing, plan.settings.checkpointing and not plan.settings.keep_attention,
-                (plan.settings.checkpointing and not plan.settings.keep_attention)
-                * (plan.workload.variant.num_layers - plan.settings.keep_attention_blocks))
+        rung = plan.rung  # the skip stage may add offload on top, where that lets more blocks skip checkpointing
+        rank = (rung.fp8, rung.offload_activations, rung.blocks_to_swap,
+                rung.checkpointing, rung.checkpointing and not rung.keep_attention,
+                (rung.checkpointing and not rung.keep_attention)
+                * (plan.workload.variant.num_layers - rung.keep_attention_blocks))
         if plan.fits:
             assert plan.estimate.total <= plan.budget_gb
         if previous is not None:
-            assert all(b <= a for a, b in zip(previous, rank)), (vram, plan.settings)
-        previous = rank
+            assert all(b <= a for a, b in zip(previous[0], rank)), (vram, plan.settings)
+            if previous[2] == rung:  # the same rung: never fewer blocks without checkpointing
+                assert plan.settings.skip_blocks >= previous[1], (vram, plan.settings)
+        previous = rank, plan.settings.skip_blocks, rung
         assert order[-1] == plan.settings
 
 
