@@ -317,7 +317,7 @@ class StepEstimate:
         skip = min(s.skip_blocks, v.num_layers)
         n = v.num_layers - skip
         kept = "every checkpointed block" if s.keep_attention and skip else "every block" if s.keep_attention \
-            else f"the last {min(s.keep_attention_blocks, n)} of {n} checkpointed blocks"
+            else f"the last {min(s.keep_attention_blocks, n)} of {n}{' checkpointed' if skip else ''} blocks"
         checkpointing = ((f"on, keeping self-attention in {kept}" if s.keep_attention or s.keep_attention_blocks
                           else "on") if s.checkpointing else "off")
         checkpointing += f", the last {skip} of {v.num_layers} blocks not checkpointed" if s.checkpointing and skip \

@@ -271,6 +271,12 @@ class MemoryPlan:
             offload_inactive_dit=s.offload_inactive,
         )
 
+    @property
+    def rung(self) -> Settings:
+        """The ladder rung the plan is built on: the plan without its skip stage (`skip_blocks`), which is the
+        table's last row when it applied."""
+        return self.candidates[-2][0] if self.settings.skip_blocks and len(self.candidates) > 1 else self.settings
+
     def table(self) -> str:
         return lora_table(self, 0 if self.fits else largest_frames(self.vram_gb, self.workload, self.host_gb))
 
