@@ -261,7 +261,8 @@ class MemorySetup:
         parts = [self.fp8.summary() if self.fp8 else "bf16/fp16/fp32 weights",
                  f"checkpointing {'on' if self.gradient_checkpointing else 'off'}"
                  + (f" keeping self-attention in {self.keep_attention_blocks} blocks" if self.keep_attention else "")
-                 + (f" skipping the last {self.skip_blocks} blocks" if self.gradient_checkpointing and
+                 + ((" skipping the last block" if self.skip_blocks == 1 else
+                     f" skipping the last {self.skip_blocks} blocks") if self.gradient_checkpointing and
                     self.skip_blocks else "")
                  + (" (activations offloaded)" if self.activation_offload else ""),
                  f"{self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "no block swap"]
