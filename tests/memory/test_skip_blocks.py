@@ -200,3 +200,27 @@ def test_estimate_skipping_every_block_equals_no_checkpointing():
     assert none.seconds < one.seconds < ckpt.seconds
     assert "the last 1 of 4 blocks not checkpointed" in one.table() and one.offload.blocks == 2
     assert len(trace_step(dataclasses.replace(setup, skip_blocks=2))) < len(trace_step(setup))
+
+
+@pytest.mark.gpu
+def test_cuda_offload_with_skipped_blocks_equals_plain_checkpointing(variant):
+    """The real offloader (side stream, pinned buffers) with the last block unchecked, on CUDA."""
+
+    def run(memory):
+        model = tiny_model(variant)
+        setup = apply_memory_features(model, memory, "cuda")
+        net = with_lora(model)
+        net.to("cuda")
+        x, t, ctx = tiny_inputs(variant)
+        loss = model(x.cuda(), t.cuda(), [c.cuda() for c in ctx]).square().mean()
+        loss.backward()
+        torch.cuda.synchronize()
+        return setup, loss.item(), [p.grad.cpu() for p in net.parameters()]
+
+    _, plain_loss, plain = run(MemoryArgs(gradient_checkpointing=True))
+    setup, loss, grads = run(MemoryArgs(gradient_checkpointing=True, gradient_checkpointing_cpu_offload=True,
+                                        gradient_checkpointing_keep_attention=True, **{KEY: 1}))
+    assert setup.activation_offload and setup.skip_blocks == 1
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    for a, b in zip(grads, plain):
+        assert ((a - b).norm() / b.norm().clamp_min(1e-30)).item() <= 1e-5
