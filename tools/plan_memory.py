@@ -10,7 +10,9 @@ launcher) with `--full` among the `--processes` this node's GPUs would run. With
 optimizer, number of experts and `fp8_fast` come from the training TOML (command-line values win); a TOML with
 `full_fine_tune = true` plans full fine-tuning, with its `trainable_patterns` / `frozen_patterns`. `--full`
 plans full fine-tuning (finetune/fine_tune_wan.py) per process for `--processes` GPUs. Figures are
-estimates (see library/training/planning/lora.py); `tools/benchmark_wan.py` measures the real peak.
+estimates (see library/training/planning/lora.py); `tools/benchmark_wan.py` measures the real peak. For LoRA the
+last row is the plan with its skip stage where it applies: the rung above it plus the last N blocks left
+unchecked ("skipping the last N blocks", `gradient_checkpointing_skip_blocks`).
 """
 
 from __future__ import annotations
