@@ -177,9 +177,10 @@ def test_loading_benchmark_fresh_pages_and_no_cuda(tmp_path):
     import torch
 
     from library.errors import UserError
-    from tools.benchmark_loading import child_pages, main
+    from tools.benchmark_loading import child_pages, main, write_checkpoint
 
-    pages = child_pages(8 << 20)
+    write_checkpoint("t2v-tiny", "fp32", tmp_path / "tiny.safetensors")
+    pages = child_pages(str(tmp_path / "tiny.safetensors"), "bf16")
     assert pages["seconds"] > 0 and pages["reused_seconds"] > 0 and pages["peak_rss"] > 0
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda: no CUDA device here"):

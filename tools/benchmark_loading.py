@@ -16,8 +16,8 @@ in the official single-file format, then measures in fresh subprocesses, page ca
              (the GPU's work) excluded, so no destination memory is touched
   host_copy  (--staged_host) the same with the CPU stand-in's copy into CPU destination tensors included
              (fresh pages, as a model kept in host memory pays them; the screen still excluded)
-  pages      (--pages) the fresh-page floor: filling memory of the bf16 model's size once fresh from the
-             kernel (page faults, zeroing) and once more, reused (memory bandwidth only)
+  pages      (--pages) the fresh-page floor: new tensors of every shape the load makes, each filled as it
+             is allocated (page faults, zeroing), then all filled again (memory bandwidth only)
 and prints wall time, peak RSS (and its growth over the post-import baseline) as a ratio of the file
 size. Targets: peak RSS <= 1.15x the file size, time <= 1.5x the raw read. The modes take turns, each
 `--repeats` times; the table shows each mode's median and the ratio line both the median and best runs
@@ -149,18 +149,26 @@ def child_staged_host(path: str, dtype_name: str, copy: bool) -> dict:
     return {"seconds": seconds, "peak_rss": _peak_rss_bytes(), "baseline_rss": baseline, "params": params}
 
 
-def child_pages(nbytes: int) -> dict:
-    """Fill `nbytes` of fresh anonymous memory (the kernel faults in and zeroes every page), then fill the same
-    memory again (bandwidth only): the difference is what fresh pages cost a load that makes new tensors."""
+def child_pages(path: str, dtype_name: str) -> dict:
+    """The fresh-page floor of a load into new host tensors: a tensor of every shape the load makes (the file's
+    tensors in the loaded dtypes) allocated and filled one after another, as a load allocates and writes them
+    (the kernel faults in and zeroes every new page), then every tensor filled again (memory bandwidth only).
+    The difference is what fresh pages cost; a load onto a GPU through reused staging buffers avoids it."""
     import torch
 
-    baseline = _current_rss_bytes()
-    memory = torch.empty(nbytes // 2, dtype=torch.bfloat16)
+    from library.wan.checkpoint_files import open_checkpoint
+    from library.wan.loading import _target_dtype
+
+    ckpt, dtype = open_checkpoint(path), getattr(torch, DTYPES[dtype_name])
+    specs = [(ckpt.shape(k), _target_dtype(k, dtype)) for k in ckpt.keys()]
+    baseline, tensors = _current_rss_bytes(), []
     start = time.perf_counter()
-    memory.fill_(1.0)
+    for shape, target in specs:
+        tensors.append(torch.empty(shape, dtype=target).fill_(1.0))
     fresh = time.perf_counter() - start
     start = time.perf_counter()
-    memory.fill_(2.0)
+    for tensor in tensors:
+        tensor.fill_(2.0)
     reused = time.perf_counter() - start
     return {"seconds": fresh, "reused_seconds": reused, "peak_rss": _peak_rss_bytes(), "baseline_rss": baseline}
 
@@ -173,17 +181,14 @@ def run_child(mode: str, path: Path, file_dtype: str, dtype_name: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def child(mode: str, path: str, dtype_name: str, file_dtype_size: int) -> dict:
+def child(mode: str, path: str, dtype_name: str) -> dict:
     """One measurement of `mode` in this (fresh) process."""
     if mode == "raw":
         return child_raw(path)
     if mode in ("host", "host_copy"):
         return child_staged_host(path, dtype_name, copy=mode == "host_copy")
     if mode == "pages":
-        import torch
-
-        size = getattr(torch, DTYPES[dtype_name]).itemsize
-        return child_pages(Path(path).stat().st_size * size // file_dtype_size)
+        return child_pages(path, dtype_name)
     if mode in ("cuda", "cuda_to"):
         return child_load(path, dtype_name, device="cuda", staged=mode == "cuda")
     return child_load(path, dtype_name, stream=mode != "seq")
@@ -213,8 +218,9 @@ def report(args, path: Path, size: int, runs: dict, load_avg: list) -> None:
               f"{vram['cuda_to']:.2f} GiB .to()")
     if "pages" in median:
         pages, filled = median["pages"], size * DTYPE_BYTES[args.load_dtype or args.dtype] / DTYPE_BYTES[args.dtype]
-        print(f"fresh pages: filling {filled / gib:.2f} GiB took {pages['seconds']:.2f} s fresh from the kernel, "
-              f"{pages['reused_seconds']:.2f} s reused (median run)")
+        print(f"fresh pages: filling new tensors of the loaded model ({filled / gib:.2f} GiB) took "
+              f"{pages['seconds']:.2f} s, filling them again {pages['reused_seconds']:.2f} s (median run); every "
+              "run, fresh/reused: " + " ".join(f"{r['seconds']:.2f}/{r['reused_seconds']:.2f}" for r in runs["pages"]))
     print("seconds of every run: " + "; ".join(f"{m} " + " ".join(f"{r['seconds']:.2f}" for r in rs)
                                                for m, rs in runs.items()))
     print("load average (1, 5, 15 min) before / after: " + " / ".join(", ".join(f"{x:.2f}" for x in la)
@@ -229,6 +235,7 @@ def report(args, path: Path, size: int, runs: dict, load_avg: list) -> None:
                 modes[mode]["peak_vram_gib"] = r["peak_vram"] / gib
             if "reused_seconds" in r:
                 modes[mode]["reused_s"] = r["reused_seconds"]
+                modes[mode]["reused_runs_s"] = [x["reused_seconds"] for x in rs]
         figures = {"device": args.device, "variant": args.variant, "file_gib": size / gib, "dtype": args.dtype,
                    "load_dtype": args.load_dtype or args.dtype, "params": params, "load_average": load_avg,
                    "modes": modes}
@@ -259,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._child:
-        import torch
-
-        file_size = getattr(torch, DTYPES[args.dtype]).itemsize
-        print(json.dumps(child(args._child[0], args.path, args.load_dtype or args.dtype, file_size)))
+        print(json.dumps(child(args._child[0], args.path, args.load_dtype or args.dtype)))
         return 0
     if args.device == "cuda":
         import torch
