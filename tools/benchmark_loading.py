@@ -17,7 +17,8 @@ in the official single-file format, then measures in fresh subprocesses, page ca
   host_copy  (--staged_host) the same with the CPU stand-in's copy into CPU destination tensors included
              (fresh pages, as a model kept in host memory pays them; the screen still excluded)
   pages      (--pages) the fresh-page floor: new tensors of every shape the load makes, each filled as it
-             is allocated (page faults, zeroing), then all filled again (memory bandwidth only)
+             is allocated (page faults, zeroing), then all filled again (memory bandwidth only), then
+             screened for NaN / infinity (one sum each, as `loading.check_finite`)
 and prints wall time, peak RSS (and its growth over the post-import baseline) as a ratio of the file
 size. Targets: peak RSS <= 1.15x the file size, time <= 1.5x the raw read. The modes take turns, each
 `--repeats` times; the table shows each mode's median and the ratio line both the median and best runs
@@ -153,7 +154,8 @@ def child_pages(path: str, dtype_name: str) -> dict:
     """The fresh-page floor of a load into new host tensors: a tensor of every shape the load makes (the file's
     tensors in the loaded dtypes) allocated and filled one after another, as a load allocates and writes them
     (the kernel faults in and zeroes every new page), then every tensor filled again (memory bandwidth only).
-    The difference is what fresh pages cost; a load onto a GPU through reused staging buffers avoids it."""
+    The difference is what fresh pages cost; a load onto a GPU through reused staging buffers avoids it. Also
+    times the finite screen over the tensors, which a CPU load runs too."""
     import torch
 
     from library.wan.checkpoint_files import open_checkpoint
@@ -170,7 +172,12 @@ def child_pages(path: str, dtype_name: str) -> dict:
     for tensor in tensors:
         tensor.fill_(2.0)
     reused = time.perf_counter() - start
-    return {"seconds": fresh, "reused_seconds": reused, "peak_rss": _peak_rss_bytes(), "baseline_rss": baseline}
+    start = time.perf_counter()
+    for tensor in tensors:  # the NaN / infinity screen of `loading.check_finite`, one sum per tensor
+        torch.isfinite(tensor.sum())
+    screen = time.perf_counter() - start
+    return {"seconds": fresh, "reused_seconds": reused, "screen_seconds": screen, "peak_rss": _peak_rss_bytes(),
+            "baseline_rss": baseline}
 
 
 def run_child(mode: str, path: Path, file_dtype: str, dtype_name: str) -> dict:
@@ -219,8 +226,10 @@ def report(args, path: Path, size: int, runs: dict, load_avg: list) -> None:
     if "pages" in median:
         pages, filled = median["pages"], size * DTYPE_BYTES[args.load_dtype or args.dtype] / DTYPE_BYTES[args.dtype]
         print(f"fresh pages: filling new tensors of the loaded model ({filled / gib:.2f} GiB) took "
-              f"{pages['seconds']:.2f} s, filling them again {pages['reused_seconds']:.2f} s (median run); every "
-              "run, fresh/reused: " + " ".join(f"{r['seconds']:.2f}/{r['reused_seconds']:.2f}" for r in runs["pages"]))
+              f"{pages['seconds']:.2f} s, filling them again {pages['reused_seconds']:.2f} s, the finite screen "
+              f"{pages['screen_seconds']:.2f} s (median run); every run, fresh/reused/screen: "
+              + " ".join(f"{r['seconds']:.2f}/{r['reused_seconds']:.2f}/{r['screen_seconds']:.2f}"
+                         for r in runs["pages"]))
     print("seconds of every run: " + "; ".join(f"{m} " + " ".join(f"{r['seconds']:.2f}" for r in rs)
                                                for m, rs in runs.items()))
     print("load average (1, 5, 15 min) before / after: " + " / ".join(", ".join(f"{x:.2f}" for x in la)
@@ -236,6 +245,7 @@ def report(args, path: Path, size: int, runs: dict, load_avg: list) -> None:
             if "reused_seconds" in r:
                 modes[mode]["reused_s"] = r["reused_seconds"]
                 modes[mode]["reused_runs_s"] = [x["reused_seconds"] for x in rs]
+                modes[mode]["screen_runs_s"] = [x["screen_seconds"] for x in rs]
         figures = {"device": args.device, "variant": args.variant, "file_gib": size / gib, "dtype": args.dtype,
                    "load_dtype": args.load_dtype or args.dtype, "params": params, "load_average": load_avg,
                    "modes": modes}
