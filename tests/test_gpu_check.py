@@ -17,8 +17,8 @@ from tools.gpu_check import format_line, parse_args, parse_line, result_line
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tools" / "gpu_check.sh"
-STEPS = ["env", "parity", "lora_sdpa", "lora_cap24", "ti2v_cap24", "fp8", "render", "full_ti2v", "lora_cudnn",
-         "two_experts", "lora_compile"]
+STEPS = ["env", "parity", "lora_sdpa", "lora_cap24", "ti2v_cap24", "fp8", "render", "load", "full_ti2v",
+         "lora_cudnn", "two_experts", "lora_compile"]
 OPTIONAL = ["lora_flash_attn", "lora_flash3", "lora_xformers"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -54,6 +54,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert lines["ti2v_cap24"][1]["settings"].startswith("fp8") and lines["lora_cudnn"][1]["sdpa_kernel"] == "math"
     assert float(lines["fp8"][1]["out_err"]) < float(lines["fp8"][1]["bound"])
     assert lines["render"][1]["files"] == "json,mp4,png" and lines["render"][1]["device"] == "cpu"
+    assert float(lines["load"][1]["host_s"]) > 0 and lines["load"][1]["ratio"].endswith("x(seq)")
     assert float(lines["two_experts"][1]["host_peak_gib"]) > 0 and lines["lora_compile"][1]["backend"] == "aot_eager"
     # --out holds the same lines and every step's full output
     saved = (out / "results.txt").read_text()
@@ -152,3 +153,35 @@ def test_benchmark_sdpa_kernel_needs_sdpa(capsys):
 
     assert main(["--cpu", "--sdpa_kernel", "cudnn", "--attention", "flash_attn"]) == 2
     assert "cannot be combined with --attention flash_attn" in capsys.readouterr().err
+
+
+def test_load_line_of_a_gpu_run(tmp_path):
+    """The `load` line from a result shaped like `benchmark_loading.py --device cuda --staged_host --json`."""
+    import json
+
+    def mode(seconds, **more):
+        return {"median_s": seconds, "best_s": seconds, "runs_s": [seconds], "peak_rss_gib": 1.0, **more}
+
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps({"device": "cuda", "variant": "t2v-1.3B", "file_gib": 5.29, "dtype": "fp32",
+                                "load_dtype": "bf16", "params": 1.42e9, "load_average": [[1, 1, 1], [1, 1, 1]],
+                                "modes": {"raw": mode(0.5), "cuda": mode(0.7, peak_vram_gib=2.65),
+                                          "cuda_to": mode(2.1, peak_vram_gib=2.65), "host": mode(0.3),
+                                          "host_copy": mode(0.9)}}))
+    _, status, f = parse_line(result_line(parse_args(["line", "load", "load", "--json", str(path)])))
+    assert status == "OK" and f["staged_speedup"] == "3.00x" and f["ratio"] == "1.40x(cuda)" and f["met"] == "yes"
+    assert f["cuda_to_s"] == "2.100" and f["peak_vram_gib"] == "2.65" and f["cast"] == "fp32->bf16"
+
+
+def test_loading_benchmark_fresh_pages_and_no_cuda(tmp_path):
+    import torch
+
+    from library.errors import UserError
+    from tools.benchmark_loading import child_pages, main, write_checkpoint
+
+    write_checkpoint("t2v-tiny", "fp32", tmp_path / "tiny.safetensors")
+    pages = child_pages(str(tmp_path / "tiny.safetensors"), "bf16")
+    assert pages["seconds"] > 0 and pages["reused_seconds"] > 0 and pages["peak_rss"] > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: no CUDA device here"):
+            main(["--device", "cuda", "--dir", str(tmp_path)])

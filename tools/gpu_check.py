@@ -176,8 +176,25 @@ def render_fields(r: dict, args) -> tuple[str, dict]:
                   "files": ",".join(r["files"])}
 
 
+def load_fields(r: dict, args) -> tuple[str, dict]:
+    """`tools/benchmark_loading.py --json`: the medians of every mode, the main load against the raw read of the
+    same file (target <= 1.5x) and, on a GPU, the staged load against per-tensor `.to()`."""
+    modes = r["modes"]
+    main = next(m for m in ("cuda", "seq", "load") if m in modes)
+    fields = {"file_gib": f"{r['file_gib']:.2f}", "cast": f"{r['dtype']}->{r['load_dtype']}",
+              **{f"{m}_s": f"{v['median_s']:.3f}" for m, v in modes.items()}}
+    if "cuda_to" in modes:
+        fields["staged_speedup"] = f"{modes['cuda_to']['median_s'] / modes['cuda']['median_s']:.2f}x"
+        fields["peak_vram_gib"] = _gib(modes["cuda"].get("peak_vram_gib"))
+    ratio = modes[main]["median_s"] / modes["raw"]["median_s"]
+    fields.update(ratio=f"{ratio:.2f}x({main})", target="ratio<=1.5x", met="yes" if ratio <= 1.5 else "no")
+    if not all(v["median_s"] > 0 and math.isfinite(v["median_s"]) for v in modes.values()):
+        return "FAIL", {**fields, "reason": "a mode has no positive time"}
+    return "OK", fields
+
+
 KINDS = {"bench": bench_fields, "parity": parity_fields, "fp8": fp8_fields, "env": env_fields,
-         "render": render_fields}
+         "render": render_fields, "load": load_fields}
 
 
 def _load(path: Path | None) -> dict | None:

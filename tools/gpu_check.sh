@@ -24,6 +24,9 @@
 #   ti2v_cap24   200 s / 35 s  TI2V-5B at 1280x704x121 under 24 GiB with the planner's settings
 #   fp8           90 s / 10 s  fp8 error at the full A14B Linear shapes, and torch._scaled_mm (tools/fp8_error.py)
 #   render       120 s / 15 s  one video through generate_video_wan.py (tiny random set on CUDA)
+#   load         180 s / 80 s  loading a 5.3 GiB fp32 checkpoint (T2V-1.3B shapes) as bf16 onto the GPU:
+#                              staged through pinned buffers against per-tensor .to(), and the raw read
+#                              (tools/benchmark_loading.py --device cuda --staged_host)
 #   full_ti2v    150 s / 30 s  full fine-tuning of TI2V-5B at 832x480x81, full_bf16 + fused backward pass
 #                              (AdamW8bit when bitsandbytes is installed, else AdamW)
 #   lora_cudnn   120 s / 35 s  lora_sdpa with PyTorch's cuDNN attention kernel forced
@@ -41,7 +44,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 OUT="" ONLY="" WHEELS="" FETCH="" BUDGET=""
-STEPS="env parity lora_sdpa lora_cap24 ti2v_cap24 fp8 render full_ti2v lora_cudnn two_experts lora_compile
+STEPS="env parity lora_sdpa lora_cap24 ti2v_cap24 fp8 render load full_ti2v lora_cudnn two_experts lora_compile
        lora_flash_attn lora_flash3 lora_xformers"
 
 usage() { sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
@@ -151,6 +154,7 @@ if ((DRY)); then  # tiny variants on the CPU: the same steps, CLIs and result li
     CAP=0.2 CUDNN=math DEVICE=cpu OPT=AdamW TWO=()
     PARITY=(--task t2v-tiny --width 64 --height 64 --frames 9) FP8=(--task t2v-tiny --tokens 48)
     COMPILE_ENV=(env "TORCH_COMPILE_OVERRIDE_BACKENDS=>=0:aot_eager") COMPILE_NOTE=(--field backend=aot_eager)
+    LOAD=(--variant t2v-tiny --device cpu --sequential --staged_host --repeats 1)
 else
     MODE="GPU (full-size random weights)"
     BENCH=("$PY" tools/benchmark_wan.py) A14B=(--task t2v-A14B) TI2V=(--task ti2v-5B)
@@ -159,6 +163,7 @@ else
     OPT=$("$PY" tools/gpu_check.py has bitsandbytes && echo AdamW8bit || echo AdamW)
     PARITY=(--task t2v-A14B --blocks 2) FP8=(--task t2v-A14B --tokens 4096)
     COMPILE_ENV=() COMPILE_NOTE=(--field backend=inductor)
+    LOAD=(--variant t2v-1.3B --device cuda --staged_host --repeats 3)
 fi
 emit "# gpu_check: $MODE, budget ${BUDGET} s, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(uname -n)"
 
@@ -174,6 +179,8 @@ step ti2v_cap24 200 bench --cap "$CAP" -- "${BENCH[@]}" "${TI2V_BIG[@]}" --vram_
 step fp8 90 fp8 -- "$PY" tools/fp8_error.py "${FP8[@]}" --device "$DEVICE" --json "$WORK/fp8.json"
 step render 120 render -- "$PY" tools/gpu_check.py render --device "$DEVICE" --work "$WORK/render" \
     --json "$WORK/render.json"
+step load 180 load -- "$PY" tools/benchmark_loading.py "${LOAD[@]}" --dtype fp32 --load_dtype bf16 \
+    --dir "$WORK/load" --json "$WORK/load.json"
 step full_ti2v 150 bench --field "optimizer=$OPT" -- "${BENCH[@]}" "${TI2V[@]}" --full --full_bf16 \
     --fused_backward_pass --optimizer "$OPT" --warmup 1 --steps 2 --json "$WORK/full_ti2v.json"
 step lora_cudnn 120 bench --target_mfu 0.45 --field "sdpa_kernel=$CUDNN" -- "${BENCH[@]}" "${A14B[@]}" \

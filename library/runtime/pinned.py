@@ -4,7 +4,7 @@ PyTorch's caching host allocator (`tensor.pin_memory()`, `torch.empty(..., pin_m
 allocation up to the next power of two and keeps freed blocks for reuse: a 640 MiB activation buffer takes
 1 GiB, a 67.5 MiB fp8 FFN weight 128 MiB, and the 34 swapped fp8 blocks of an A14B expert on a 24 GB card
 17.0 GiB of page-locked RAM instead of 11.1 GiB (`pinned_bytes`). Here a plain host tensor of the exact
-size is page-locked with `cudaHostRegister` (what `torch.cuda._pin_memory_utils` does), once, and carved
+size is page-locked with `cudaHostRegister` (`library.wan.pinning`), once, and carved
 into the tensors that need it (`PinnedArena`) or reused from step to step (`HostBufferPool`).
 
 The registration goes through a `pinner` (`CudaPinner` on a CUDA machine); tests pass one that records
@@ -14,24 +14,13 @@ the calls, so the bookkeeping runs on the CPU.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
+from library.wan.pinning import CudaPinner  # noqa: F401 - re-exported for block swap and offload
+from library.wan.pinning import pinned_buffer as _pinned_buffer
+
 ALIGN = 512  # bytes; every tensor taken from an arena starts on this boundary
-
-
-class CudaPinner:
-    """Page-locks host memory with cudaHostRegister (portable) and releases it with cudaHostUnregister."""
-
-    def register(self, tensor: torch.Tensor) -> None:
-        error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 1))
-        if error:
-            raise RuntimeError(f"cudaHostRegister of {tensor.numel() * tensor.element_size() / 2**30:.2f} GiB of "
-                               f"host memory failed (cudaError {error}); is the RAM locked by other processes?")
-
-    def unregister(self, data_ptr: int) -> None:
-        torch.cuda.cudart().cudaHostUnregister(data_ptr)
 
 
 def _aligned(nbytes: int) -> int:
@@ -43,16 +32,6 @@ def pinned_bytes(tensors, rounded: bool) -> int:
     does (each to the next power of two), else as one arena (each aligned to ALIGN)."""
     sizes = [t.numel() * t.element_size() for t in tensors]
     return sum(1 << max(0, math.ceil(math.log2(s))) if rounded else _aligned(s) for s in sizes if s)
-
-
-def _pinned_buffer(nbytes: int, pinner) -> torch.Tensor:
-    """A uint8 host tensor of `nbytes`, page-locked by `pinner` (None: left pageable) until this tensor object
-    is collected (keep it, not only views of it, for as long as the memory is used)."""
-    buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-    if pinner is not None:
-        pinner.register(buffer)
-        weakref.finalize(buffer, pinner.unregister, buffer.data_ptr())
-    return buffer
 
 
 class PinnedArena:

@@ -2,7 +2,8 @@
 
 `load_dit`, `load_vae`, `load_text_encoder` and `load_clip_vision` (from `clip_vision.py`) take a file or
 a folder in any supported format (see `dit_formats.py` and `checkpoint_files.py`), build the model on the
-`meta` device and assign each tensor as it is read and cast, so a 14B expert never sits twice in host RAM.
+`meta` device and assign each tensor as it is read and cast, so a 14B expert never sits twice in host RAM;
+onto a GPU, `load_dit` casts through a few reused page-locked buffers (`staged_load.py`).
 Loading a DiT straight into fp8 (`load_dit(fp8=...)`, `load_dit_fp8`) lives here too, over the fp8
 format and layer of `fp8.py`; the umT5 fp8 layers are built by `text_encoder_fp8.py`.
 """
@@ -24,14 +25,14 @@ from .dit_formats import (FP8_DTYPES, dequantize, describe_checkpoint, detect_va
 from .fp8 import (COMPUTE_DTYPES, FP8Config, FP8Linear, FP8Report, fp8_targets, quantize_weight, relative_error,
                   tensor_bytes)
 from .model import WanModel
+from .staged_load import staged_loader
 from .vace import build_dit
 from .variants import get_variant
 
 logger = logging.getLogger(__name__)
-# Tensors cast on the CPU from a safetensors file (the fp32 official shards loaded as bf16): read through the
-# memory map and cast one after another (the default), or with WAN_OVERLAPPED_LOAD=1 read by a second thread
-# while this one casts (`cast_read.CastReader`). On an idle 2-core VM the sequential path was faster (1.28 s
-# against 1.89 s for a 5.29 GiB fp32 file, docs/benchmarks.md); the overlapped one only won under heavy load.
+# Tensors cast on the CPU from a safetensors file (the fp32 official shards as bf16): read through the memory map
+# and cast one after another (the default), or with WAN_OVERLAPPED_LOAD=1 read by a second thread while this one
+# casts (`cast_read.CastReader`): on an idle 2-core VM the sequential path won (docs/benchmarks.md).
 STREAM_CASTS = os.environ.get("WAN_OVERLAPPED_LOAD", "0") == "1"
 
 __all__ = ["CheckpointError", "check_model_file", "load_clip_vision", "load_dit", "load_dit_fp8", "load_text_encoder",
@@ -118,16 +119,20 @@ def _streamed_cast(ckpt: Checkpoint, file_key: str, dtype: torch.dtype, device: 
             and dtype.is_floating_point and streamable(ckpt, file_key))
 
 
-def _materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dtype) -> torch.Tensor:
-    """Read one tensor, dequantise fp8, cast and move, and check it is finite; a CPU tensor already in
-    `dtype` stays a zero-copy view of the mapped file, anything copied releases its mapped pages."""
+def _materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dtype, stager=None) -> torch.Tensor:
+    """Read one tensor, dequantise fp8, cast and move (through `stager`, which screens when the load ends),
+    check it is finite; a CPU tensor in `dtype` stays a view of the mapped file, a copy releases its pages."""
     source = ckpt.read(file_key)
-    if source.dtype in FP8_DTYPES:
+    staged = stager is not None and source.dtype not in FP8_DTYPES
+    if staged:
+        tensor = stager.load(file_key, source, dtype)
+    elif source.dtype in FP8_DTYPES:
         scale_key = layout.scales.get(name)
         tensor = dequantize(source.to(device), ckpt.read(scale_key) if scale_key else None, dtype)
     else:
         tensor = source.to(device=device, dtype=dtype)
-    check_finite(ckpt, file_key, tensor)
+    if not staged:
+        check_finite(ckpt, file_key, tensor)
     if tensor.data_ptr() != source.data_ptr():
         ckpt.release(file_key)
     return tensor
@@ -159,14 +164,13 @@ def load_dit(
     for name, ref in expected.items():
         file_key = layout.key_map[name]
         if ckpt.shape(file_key) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape {list(ckpt.shape(file_key))}, "
-                f"expected {list(ref.shape)} for {variant.name}"
-            )
+            raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
+                                  f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
     casts = [(layout.key_map[n], _target_dtype(n, dtype)) for n in expected] if STREAM_CASTS else []
     casts = [(k, d) for k, d in casts if _streamed_cast(ckpt, k, d, device)]
     streamed, state = {k for k, _ in casts}, {}
-    with CastReader(ckpt, casts) as reader:
+    sizes = (ref.numel() * _target_dtype(n, dtype).itemsize for n, ref in expected.items())
+    with CastReader(ckpt, casts) as reader, staged_loader(device, lambda k, t: check_finite(ckpt, k, t), sizes) as st:
         for name in expected:
             file_key = layout.key_map[name]
             if file_key in streamed:
@@ -175,7 +179,7 @@ def load_dit(
                     check_finite(ckpt, file_key, tensor)  # counts, and refuses NaN / infinity
                 state[name] = tensor
             else:
-                state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype))
+                state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype), st)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
     fp8 = layout.scales or any(ckpt.dtype(k) in FP8_DTYPES for k in layout.key_map.values())
