@@ -54,7 +54,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert lines["ti2v_cap24"][1]["settings"].startswith("fp8") and lines["lora_cudnn"][1]["sdpa_kernel"] == "math"
     assert float(lines["fp8"][1]["out_err"]) < float(lines["fp8"][1]["bound"])
     assert lines["render"][1]["files"] == "json,mp4,png" and lines["render"][1]["device"] == "cpu"
-    assert float(lines["load"][1]["host_s"]) > 0 and lines["load"][1]["ratio"].endswith("x(seq)")
+    assert float(lines["load"][1]["host_s"]) > 0 and lines["load"][1]["ratio"].endswith("x(load)")
     assert float(lines["two_experts"][1]["host_peak_gib"]) > 0 and lines["lora_compile"][1]["backend"] == "aot_eager"
     # --out holds the same lines and every step's full output
     saved = (out / "results.txt").read_text()

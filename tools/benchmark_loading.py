@@ -3,11 +3,9 @@
 Writes a random-weight checkpoint of a variant's shape (default: WAN 2.1 T2V-1.3B in bf16, about 2.8 GB)
 in the official single-file format, then measures in fresh subprocesses, page cache warm for all:
   raw        read the file start to end in 16 MiB chunks into one reused buffer
-  load       `load_dit(path, dtype=...)` to the CPU with the overlapped reader (`loading.STREAM_CASTS = True`,
-             what WAN_OVERLAPPED_LOAD=1 selects)
-  seq        (--sequential) the same with `loading.STREAM_CASTS = False`, the default: casts read through
-             the memory map one tensor after another
-  cuda       (--device cuda, instead of load / seq) `load_dit(path, device="cuda")` through the page-locked
+  load       `load_dit(path, dtype=...)` to the CPU: tensors read through the memory map and cast one after
+             another (the overlapped reader that `seq` was compared with until it was removed is gone)
+  cuda       (--device cuda, instead of load) `load_dit(path, device="cuda")` through the page-locked
              staging buffers (`library/wan/staged_load.py`), timed up to `torch.cuda.synchronize()`
   cuda_to    (--device cuda) the same with `staged_load.ENABLED = False` (WAN_STAGED_LOAD=0): per-tensor
              `tensor.to("cuda", dtype)`, the path before the staging buffers
@@ -25,9 +23,9 @@ size. Targets: peak RSS <= 1.15x the file size, time <= 1.5x the raw read. The m
 (a shared machine is noisy). `--json FILE` writes the figures (what tools/gpu_check.sh reads).
 
     python tools/benchmark_loading.py [--variant t2v-1.3B] [--dtype bf16] [--dir /tmp/wan_bench] [--keep]
-    python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --sequential --repeats 7
+    python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --repeats 7
     python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --device cuda     # on a GPU machine
-    python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --sequential --staged_host --pages
+    python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --staged_host --pages
 """
 
 from __future__ import annotations
@@ -91,13 +89,13 @@ def child_raw(path: str) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes(), "baseline_rss": 0}
 
 
-def child_load(path: str, dtype_name: str, stream: bool = True, device: str = "cpu", staged: bool = True) -> dict:
+def child_load(path: str, dtype_name: str, device: str = "cpu", staged: bool = True) -> dict:
     import torch
 
-    from library.wan import loading, staged_load
+    from library.wan import staged_load
     from library.wan.loading import load_dit
 
-    loading.STREAM_CASTS, staged_load.ENABLED = stream, staged
+    staged_load.ENABLED = staged
     cuda = device == "cuda"
     if cuda:
         torch.zeros(1, device=device)  # the CUDA context, paid once per process, stays out of the time
@@ -198,7 +196,7 @@ def child(mode: str, path: str, dtype_name: str) -> dict:
         return child_pages(path, dtype_name)
     if mode in ("cuda", "cuda_to"):
         return child_load(path, dtype_name, device="cuda", staged=mode == "cuda")
-    return child_load(path, dtype_name, stream=mode != "seq")
+    return child_load(path, dtype_name)
 
 
 def report(args, path: Path, size: int, runs: dict, load_avg: list) -> None:
@@ -263,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="folder for the checkpoint (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint for later runs")
     parser.add_argument("--repeats", type=positive_int, default=3, help="measurements of each mode (median shown)")
-    parser.add_argument("--sequential", action="store_true",
-                        help="also time the sequential cast path (loading.STREAM_CASTS = False)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda: time the load onto the GPU, staged (cuda) against per-tensor .to() (cuda_to)")
     parser.add_argument("--staged_host", action="store_true",
@@ -298,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     size = path.stat().st_size
     try:
         run_child("raw", path, args.dtype, args.dtype)  # warm the page cache so every mode reads from memory
-        modes = ["raw", *(["cuda", "cuda_to"] if args.device == "cuda" else ["load"] + ["seq"] * args.sequential),
+        modes = ["raw", *(["cuda", "cuda_to"] if args.device == "cuda" else ["load"]),
                  *(["host", "host_copy"] if args.staged_host else []), *(["pages"] if args.pages else [])]
         runs, load_before = {mode: [] for mode in modes}, os.getloadavg()
         for _ in range(args.repeats):  # the modes take turns, so a busy spell hits all of them

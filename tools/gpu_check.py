@@ -180,7 +180,7 @@ def load_fields(r: dict, args) -> tuple[str, dict]:
     """`tools/benchmark_loading.py --json`: the medians of every mode, the main load against the raw read of the
     same file (target <= 1.5x) and, on a GPU, the staged load against per-tensor `.to()`."""
     modes = r["modes"]
-    main = next(m for m in ("cuda", "seq", "load") if m in modes)
+    main = next(m for m in ("cuda", "load") if m in modes)
     fields = {"file_gib": f"{r['file_gib']:.2f}", "cast": f"{r['dtype']}->{r['load_dtype']}",
               **{f"{m}_s": f"{v['median_s']:.3f}" for m, v in modes.items()}}
     if "cuda_to" in modes:

@@ -154,7 +154,7 @@ if ((DRY)); then  # tiny variants on the CPU: the same steps, CLIs and result li
     CAP=0.2 CUDNN=math DEVICE=cpu OPT=AdamW TWO=()
     PARITY=(--task t2v-tiny --width 64 --height 64 --frames 9) FP8=(--task t2v-tiny --tokens 48)
     COMPILE_ENV=(env "TORCH_COMPILE_OVERRIDE_BACKENDS=>=0:aot_eager") COMPILE_NOTE=(--field backend=aot_eager)
-    LOAD=(--variant t2v-tiny --device cpu --sequential --staged_host --repeats 1)
+    LOAD=(--variant t2v-tiny --device cpu --staged_host --repeats 1)
 else
     MODE="GPU (full-size random weights)"
     BENCH=("$PY" tools/benchmark_wan.py) A14B=(--task t2v-A14B) TI2V=(--task ti2v-5B)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from .cast_read import CastReader, streamable
 from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
 from .clip_vision import load_clip_vision  # official .pth, open_clip, ComfyUI / HF names
 from .dit_formats import (FP8_DTYPES, dequantize, describe_checkpoint, detect_variant, plan_dit_layout,
@@ -30,10 +29,6 @@ from .vace import build_dit
 from .variants import get_variant
 
 logger = logging.getLogger(__name__)
-# Tensors cast on the CPU from a safetensors file (the fp32 official shards as bf16): read through the memory map
-# and cast one after another (the default), or with WAN_OVERLAPPED_LOAD=1 read by a second thread while this one
-# casts (`cast_read.CastReader`): on an idle 2-core VM the sequential path won (docs/benchmarks.md).
-STREAM_CASTS = os.environ.get("WAN_OVERLAPPED_LOAD", "0") == "1"
 
 __all__ = ["CheckpointError", "check_model_file", "load_clip_vision", "load_dit", "load_dit_fp8", "load_text_encoder",
            "load_vae", "open_dit_checkpoint"]
@@ -112,13 +107,6 @@ def check_finite(ckpt: Checkpoint, file_key: str, tensor: torch.Tensor) -> None:
             "the model (or an earlier checkpoint)")
 
 
-def _streamed_cast(ckpt: Checkpoint, file_key: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """A float tensor of a safetensors file cast to another float dtype on the CPU (`CastReader`'s case)."""
-    source = ckpt.dtype(file_key)
-    return (device.type == "cpu" and source != dtype and source.is_floating_point and source not in FP8_DTYPES
-            and dtype.is_floating_point and streamable(ckpt, file_key))
-
-
 def _materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dtype, stager=None) -> torch.Tensor:
     """Read one tensor, dequantise fp8, cast and move (through `stager`, which screens when the load ends),
     check it is finite; a CPU tensor in `dtype` stays a view of the mapped file, a copy releases its pages."""
@@ -166,20 +154,12 @@ def load_dit(
         if ckpt.shape(file_key) != tuple(ref.shape):
             raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
                                   f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
-    casts = [(layout.key_map[n], _target_dtype(n, dtype)) for n in expected] if STREAM_CASTS else []
-    casts = [(k, d) for k, d in casts if _streamed_cast(ckpt, k, d, device)]
-    streamed, state = {k for k, _ in casts}, {}
+    state = {}
     sizes = (ref.numel() * _target_dtype(n, dtype).itemsize for n, ref in expected.items())
-    with CastReader(ckpt, casts) as reader, staged_loader(device, lambda k, t: check_finite(ckpt, k, t), sizes) as st:
+    with staged_loader(device, lambda k, t: check_finite(ckpt, k, t), sizes) as stager:
         for name in expected:
             file_key = layout.key_map[name]
-            if file_key in streamed:
-                tensor, finite = reader.take(file_key)
-                if not finite:
-                    check_finite(ckpt, file_key, tensor)  # counts, and refuses NaN / infinity
-                state[name] = tensor
-            else:
-                state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype), st)
+            state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype), stager)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
     fp8 = layout.scales or any(ckpt.dtype(k) in FP8_DTYPES for k in layout.key_map.values())
