@@ -121,7 +121,7 @@ def child_staged_host(path: str, dtype_name: str, copy: bool) -> dict:
     import torch
 
     from library.wan.checkpoint_files import open_checkpoint
-    from library.wan.loading import _target_dtype
+    from library.wan.load_common import target_dtype as _target_dtype
     from library.wan.staged_load import HostTransport, StagedLoader
 
     class Transport(HostTransport):
@@ -157,7 +157,7 @@ def child_pages(path: str, dtype_name: str) -> dict:
     import torch
 
     from library.wan.checkpoint_files import open_checkpoint
-    from library.wan.loading import _target_dtype
+    from library.wan.load_common import target_dtype as _target_dtype
 
     ckpt, dtype = open_checkpoint(path), getattr(torch, DTYPES[dtype_name])
     specs = [(ckpt.shape(k), _target_dtype(k, dtype)) for k in ckpt.keys()]
