@@ -113,7 +113,7 @@ def test_vae_text_encoder_and_clip_staged_equal_their_plain_loads(tiny_set, monk
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_fp8_vae_and_t5_loads_equal_the_per_tensor_path(dit_files, tiny_set, monkeypatch):
+def test_cuda_fp8_vae_t5_and_clip_loads_equal_the_per_tensor_path(dit_files, tiny_set, monkeypatch):
     monkeypatch.setattr(staged_load, "BUFFER_BYTES", 4096)
 
     def loads():
@@ -123,6 +123,8 @@ def test_cuda_fp8_vae_and_t5_loads_equal_the_per_tensor_path(dit_files, tiny_set
         out = {k: m.state_dict() for k, m in out.items()}
         out["vae"] = load_vae(tiny_set.vae, device="cuda", dtype=torch.bfloat16).state_dict()
         out["t5"] = load_text_encoder(tiny_set.t5, tiny_set.tokenizer, device="cuda").model.state_dict()
+        t5_fp8 = load_text_encoder(tiny_set.t5, tiny_set.tokenizer, device="cuda", fp8=True).model
+        out["t5_fp8"], reports["t5_fp8"] = t5_fp8.state_dict(), t5_fp8.fp8_report.errors
         out["clip"] = load_clip_vision(tiny_set.clip, device="cuda").state_dict()
         return out, reports
 
@@ -139,3 +141,13 @@ def test_cuda_fp8_vae_and_t5_loads_equal_the_per_tensor_path(dit_files, tiny_set
     save_file(state, str(dit_files["fp32"].parent / "inf.safetensors"))
     with pytest.raises(CheckpointError, match=r"tensor 'blocks\.0\.self_attn\.o\.weight' holds 0 NaN and 1 infinite"):
         load_dit_fp8(dit_files["fp32"].parent / "inf.safetensors", device="cuda")
+
+
+@pytest.mark.parametrize("fp8", [True, FP8Config()], ids=["per_channel", "per_tensor"])
+def test_text_encoder_fp8_layers_staged_equal_the_per_tensor_path(tiny_set, monkeypatch, fp8):
+    plain = load_text_encoder(tiny_set.t5, tiny_set.tokenizer, fp8=fp8).model
+    made = stage(monkeypatch)
+    staged = load_text_encoder(tiny_set.t5, tiny_set.tokenizer, fp8=fp8).model
+    _assert_same_bits(plain.state_dict(), staged.state_dict())
+    assert staged.fp8_report.errors == plain.fp8_report.errors and len(staged.fp8_report.errors) > 0
+    assert len(made) == 2 and made[0].joins > 0  # the fp8 layers' stager (each quantised after its copies), the rest's
