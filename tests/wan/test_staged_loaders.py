@@ -151,3 +151,15 @@ def test_text_encoder_fp8_layers_staged_equal_the_per_tensor_path(tiny_set, monk
     _assert_same_bits(plain.state_dict(), staged.state_dict())
     assert staged.fp8_report.errors == plain.fp8_report.errors and len(staged.fp8_report.errors) > 0
     assert len(made) == 2 and made[0].joins > 0  # the fp8 layers' stager (each quantised after its copies), the rest's
+
+
+def test_loading_benchmark_times_the_fp8_load(tmp_path, monkeypatch):
+    from library.errors import UserError
+    from tools.benchmark_loading import child_load, main, write_checkpoint
+
+    monkeypatch.setattr(staged_load, "ENABLED", staged_load.ENABLED)  # child_load sets it
+    write_checkpoint("t2v-tiny", "fp32", tmp_path / "tiny.safetensors")
+    result = child_load(str(tmp_path / "tiny.safetensors"), "bf16", fp8=True)  # the fp8 mode's load, on the CPU
+    assert result["seconds"] > 0 and result["params"] > 0
+    with pytest.raises(UserError, match="--fp8 times the fp8 load onto the GPU: pass --device cuda"):
+        main(["--fp8", "--dir", str(tmp_path)])
