@@ -9,6 +9,9 @@ in the official single-file format, then measures in fresh subprocesses, page ca
              staging buffers (`library/wan/staged_load.py`), timed up to `torch.cuda.synchronize()`
   cuda_to    (--device cuda) the same with `staged_load.ENABLED = False` (WAN_STAGED_LOAD=0): per-tensor
              `tensor.to("cuda", dtype)`, the path before the staging buffers
+  fp8        (--device cuda --fp8, also) `load_dit(path, device="cuda", fp8=FP8Config())`, fp8_base: block
+             Linear weights staged in the file's dtype and quantised (per-tensor scales) on the GPU
+  fp8_to     (--device cuda --fp8) the same with per-tensor `.to("cuda")` (WAN_STAGED_LOAD=0)
   host       (--staged_host) the host side of the staged path on the CPU: every tensor read through the
              memory map and cast into the reused staging buffers; the copy to the device and the NaN screen
              (the GPU's work) excluded, so no destination memory is touched
@@ -25,6 +28,7 @@ size. Targets: peak RSS <= 1.15x the file size, time <= 1.5x the raw read. The m
     python tools/benchmark_loading.py [--variant t2v-1.3B] [--dtype bf16] [--dir /tmp/wan_bench] [--keep]
     python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --repeats 7
     python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --device cuda     # on a GPU machine
+    python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --device cuda --fp8
     python tools/benchmark_loading.py --dtype fp32 --load_dtype bf16 --staged_host --pages
 """
 
@@ -89,10 +93,11 @@ def child_raw(path: str) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes(), "baseline_rss": 0}
 
 
-def child_load(path: str, dtype_name: str, device: str = "cpu", staged: bool = True) -> dict:
+def child_load(path: str, dtype_name: str, device: str = "cpu", staged: bool = True, fp8: bool = False) -> dict:
     import torch
 
     from library.wan import staged_load
+    from library.wan.fp8 import FP8Config
     from library.wan.loading import load_dit
 
     staged_load.ENABLED = staged
@@ -101,12 +106,12 @@ def child_load(path: str, dtype_name: str, device: str = "cpu", staged: bool = T
         torch.zeros(1, device=device)  # the CUDA context, paid once per process, stays out of the time
     baseline = _current_rss_bytes()
     start = time.perf_counter()
-    model = load_dit(path, device=device, dtype=getattr(torch, DTYPES[dtype_name]))
+    model = load_dit(path, device=device, dtype=getattr(torch, DTYPES[dtype_name]), fp8=FP8Config() if fp8 else None)
     if cuda:
         torch.cuda.synchronize()
     else:
         for p in model.parameters():  # touch every page so a lazily mapped load pays its reads here
-            p.view(-1)[:: max(1, 4096 // p.element_size())].sum()
+            p.view(-1)[:: max(1, 4096 // p.element_size())].float().sum()  # fp8 has no sum kernel
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
     result = {"seconds": seconds, "peak_rss": _peak_rss_bytes(), "baseline_rss": baseline, "params": params}
@@ -121,7 +126,7 @@ def child_staged_host(path: str, dtype_name: str, copy: bool) -> dict:
     import torch
 
     from library.wan.checkpoint_files import open_checkpoint
-    from library.wan.loading import _target_dtype
+    from library.wan.load_common import target_dtype as _target_dtype
     from library.wan.staged_load import HostTransport, StagedLoader
 
     class Transport(HostTransport):
@@ -157,7 +162,7 @@ def child_pages(path: str, dtype_name: str) -> dict:
     import torch
 
     from library.wan.checkpoint_files import open_checkpoint
-    from library.wan.loading import _target_dtype
+    from library.wan.load_common import target_dtype as _target_dtype
 
     ckpt, dtype = open_checkpoint(path), getattr(torch, DTYPES[dtype_name])
     specs = [(ckpt.shape(k), _target_dtype(k, dtype)) for k in ckpt.keys()]
@@ -194,8 +199,8 @@ def child(mode: str, path: str, dtype_name: str) -> dict:
         return child_staged_host(path, dtype_name, copy=mode == "host_copy")
     if mode == "pages":
         return child_pages(path, dtype_name)
-    if mode in ("cuda", "cuda_to"):
-        return child_load(path, dtype_name, device="cuda", staged=mode == "cuda")
+    if mode in ("cuda", "cuda_to", "fp8", "fp8_to"):
+        return child_load(path, dtype_name, device="cuda", staged=mode in ("cuda", "fp8"), fp8=mode.startswith("fp8"))
     return child_load(path, dtype_name)
 
 
@@ -221,6 +226,11 @@ def report(args, path: Path, size: int, runs: dict, load_avg: list) -> None:
         print(f"staged load onto the GPU: {median['cuda_to']['seconds'] / median['cuda']['seconds']:.2f}x faster "
               f"than per-tensor .to() at the median; peak GPU memory {vram['cuda']:.2f} GiB staged, "
               f"{vram['cuda_to']:.2f} GiB .to()")
+    if "fp8" in median:
+        vram = {m: median[m]["peak_vram"] / gib for m in ("fp8", "fp8_to")}
+        print(f"staged fp8 load (quantised on the GPU): {median['fp8_to']['seconds'] / median['fp8']['seconds']:.2f}x "
+              f"faster than per-tensor .to() at the median; peak GPU memory {vram['fp8']:.2f} GiB staged, "
+              f"{vram['fp8_to']:.2f} GiB .to()")
     if "pages" in median:
         pages, filled = median["pages"], size * DTYPE_BYTES[args.load_dtype or args.dtype] / DTYPE_BYTES[args.dtype]
         print(f"fresh pages: filling new tensors of the loaded model ({filled / gib:.2f} GiB) took "
@@ -263,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=3, help="measurements of each mode (median shown)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="cuda: time the load onto the GPU, staged (cuda) against per-tensor .to() (cuda_to)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="with --device cuda: also time load_dit(fp8=...) onto the GPU, staged (fp8) and "
+                             "per-tensor (fp8_to)")
     parser.add_argument("--staged_host", action="store_true",
                         help="also time the staged GPU path's host-side work on the CPU (host, host_copy)")
     parser.add_argument("--pages", action="store_true",
@@ -274,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     if args._child:
         print(json.dumps(child(args._child[0], args.path, args.load_dtype or args.dtype)))
         return 0
+    if args.fp8 and args.device != "cuda":
+        from library.errors import UserError
+
+        raise UserError("--fp8 times the fp8 load onto the GPU: pass --device cuda as well")
     if args.device == "cuda":
         import torch
 
@@ -295,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_child("raw", path, args.dtype, args.dtype)  # warm the page cache so every mode reads from memory
         modes = ["raw", *(["cuda", "cuda_to"] if args.device == "cuda" else ["load"]),
-                 *(["host", "host_copy"] if args.staged_host else []), *(["pages"] if args.pages else [])]
+                 *(["fp8", "fp8_to"] if args.fp8 else []), *(["host", "host_copy"] if args.staged_host else []),
+                 *(["pages"] if args.pages else [])]
         runs, load_before = {mode: [] for mode in modes}, os.getloadavg()
         for _ in range(args.repeats):  # the modes take turns, so a busy spell hits all of them
             for mode in modes:

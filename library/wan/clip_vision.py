@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
+from .staged_load import staged_loader
 
 logger = logging.getLogger(__name__)
 
@@ -240,15 +241,19 @@ def _read_state(ckpt: Checkpoint, names: dict[str, Source], expected: dict, devi
         raise CheckpointError(f"{ckpt.source}: CLIP vision tower is incomplete: {len(missing)} tensors missing "
                               f"(e.g. {', '.join(missing[:3])})")
     state = {}
-    for name, ref in expected.items():
-        if name.endswith("position_ids"):
-            continue
-        source = names[name]
-        tensor = ckpt.read(source.key)
-        if source.part is not None:
-            tensor = tensor.chunk(3, dim=0)[source.part]
-        if tensor.numel() != ref.numel():
-            raise CheckpointError(f"{ckpt.file_of(source.key)}: tensor {source.key!r} has shape "
-                                  f"{list(ckpt.shape(source.key))}, which does not fit {name} {list(ref.shape)}")
-        state[name] = tensor.reshape(ref.shape).to(device=device, dtype=dtype)
+    sizes = (ref.numel() * dtype.itemsize for ref in expected.values())
+    with staged_loader(device, None, sizes) as stager:  # onto a GPU: through page-locked staging buffers
+        for name, ref in expected.items():
+            if name.endswith("position_ids"):
+                continue
+            source = names[name]
+            tensor = ckpt.read(source.key)
+            if source.part is not None:
+                tensor = tensor.chunk(3, dim=0)[source.part]
+            if tensor.numel() != ref.numel():
+                raise CheckpointError(f"{ckpt.file_of(source.key)}: tensor {source.key!r} has shape "
+                                      f"{list(ckpt.shape(source.key))}, which does not fit {name} {list(ref.shape)}")
+            tensor = tensor.reshape(ref.shape)
+            state[name] = (tensor.to(device=device, dtype=dtype) if stager is None
+                           else stager.load(source.key, tensor, dtype))
     return state

@@ -96,8 +96,13 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor | None, dtype: t
 
 def relative_error(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> float:
     """||W - dequant(q)||_F / ||W||_F, in fp32."""
+    return float(weight_error(weight, q, scale))
+
+
+def weight_error(weight: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """`relative_error` as a 0-d tensor on the weight's device: read back later, no wait per layer."""
     w = weight.float()
-    return float((w - dequantize_weight(q, scale, torch.float32)).norm() / w.norm().clamp_min(1e-30))
+    return (w - dequantize_weight(q, scale, torch.float32)).norm() / w.norm().clamp_min(1e-30)
 
 
 def _broadcast(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
 `load_dit`, `load_vae`, `load_text_encoder` and `load_clip_vision` (from `clip_vision.py`) take a file or
 a folder in any supported format (see `dit_formats.py` and `checkpoint_files.py`), build the model on the
 `meta` device and assign each tensor as it is read and cast, so a 14B expert never sits twice in host RAM;
-onto a GPU, `load_dit` casts through a few reused page-locked buffers (`staged_load.py`).
-Loading a DiT straight into fp8 (`load_dit(fp8=...)`, `load_dit_fp8`) lives here too, over the fp8
-format and layer of `fp8.py`; the umT5 fp8 layers are built by `text_encoder_fp8.py`.
+onto a GPU, every one of them casts through a few reused page-locked buffers (`staged_load.py`).
+Loading a DiT straight into fp8 (`load_dit(fp8=...)`, `load_dit_fp8`) is `loading_fp8.py`, over the fp8
+format and layer of `fp8.py`; the umT5 fp8 layers are built by `text_encoder_fp8.py`; what the loaders
+share (opening a DiT, the NaN screen, reading one tensor) is `load_common.py`.
 """
 
 from __future__ import annotations
@@ -17,46 +18,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
+from .checkpoint_files import CheckpointError, open_checkpoint
 from .clip_vision import load_clip_vision  # official .pth, open_clip, ComfyUI / HF names
-from .dit_formats import (FP8_DTYPES, dequantize, describe_checkpoint, detect_variant, plan_dit_layout,
-                          wrong_model)
-from .fp8 import (COMPUTE_DTYPES, FP8Config, FP8Linear, FP8Report, fp8_targets, quantize_weight, relative_error,
-                  tensor_bytes)
+from .dit_formats import FP8_DTYPES, describe_checkpoint, wrong_model
+from .load_common import check_finite, check_keys, materialise, open_dit_checkpoint, target_dtype
+from .loading_fp8 import load_dit_fp8  # fp8_base: block Linear weights kept in fp8
 from .model import WanModel
 from .staged_load import staged_loader
 from .vace import build_dit
-from .variants import get_variant
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "check_model_file", "load_clip_vision", "load_dit", "load_dit_fp8", "load_text_encoder",
-           "load_vae", "open_dit_checkpoint"]
-
-
-def _resolve_dit_path(path: Path) -> Path:
-    """Catch the folder layouts that hold two models, and say which subfolder to pass."""
-    if path.is_dir():
-        if (path / "high_noise_model").is_dir() and (path / "low_noise_model").is_dir():
-            raise CheckpointError(
-                f"{path}: this is a WAN 2.2 A14B folder with two experts; pass "
-                f"{path / 'low_noise_model'} as `dit` and {path / 'high_noise_model'} as `dit_high_noise`"
-            )
-        if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
-            low = path / ("transformer_2" if (path / "transformer_2").is_dir() else "transformer")
-            raise CheckpointError(
-                f"{path}: this is a diffusers pipeline folder; pass {low} as `dit`"
-                + (f" and {path / 'transformer'} as `dit_high_noise`" if low.name == "transformer_2" else "")
-            )
-    return path
-
-
-def open_dit_checkpoint(path: str | os.PathLike, task: str | None = None):
-    """Open a DiT checkpoint and work out its layout and variant from headers only (no tensor read)."""
-    ckpt = open_checkpoint(_resolve_dit_path(Path(path).expanduser()))
-    layout = plan_dit_layout(ckpt)
-    variant = detect_variant(ckpt, layout, get_variant(task) if task else None)
-    return ckpt, layout, variant
+__all__ = ["CheckpointError", "check_finite", "check_model_file", "load_clip_vision", "load_dit", "load_dit_fp8",
+           "load_text_encoder", "load_vae", "open_dit_checkpoint"]
 
 
 def check_model_file(path: str | os.PathLike, kind: str, task: str | None = None) -> None:
@@ -70,60 +44,6 @@ def check_model_file(path: str | os.PathLike, kind: str, task: str | None = None
     what, wanted = describe_checkpoint(ckpt.keys()), {"vae": "a WAN VAE", "t5": "a umT5 text encoder"}[kind]
     if what != wanted and not (kind == "t5" and what == "an unknown model"):  # umT5 names vary: its loader decides
         raise wrong_model(ckpt.source, what, wanted)
-
-
-def _check_keys(ckpt: Checkpoint, expected: dict, present: dict, what: str) -> None:
-    missing = [k for k in expected if k not in present]
-    unexpected = [k for k in present if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        raise CheckpointError(f"{ckpt.source}: {what} keys do not match: {'; '.join(parts)}; the file is incomplete "
-                              "or holds another model: download it again, or pass the file made for this model")
-
-
-def _target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if WanModel.is_fp32_param(name) and dtype != torch.float64 else dtype
-
-
-def check_finite(ckpt: Checkpoint, file_key: str, tensor: torch.Tensor) -> None:
-    """Refuse a weight holding NaN or infinity, naming the file and tensor. The screen is one sum per
-    tensor (NaN and infinity survive a sum): a read of every weight at memory speed, about 3 GB/s per two
-    CPU cores and nothing on a GPU, beside the disk reads a load does anyway; only a non-finite sum
-    (or an overflow, ruled out here) pays for the exact count."""
-    if not tensor.is_floating_point():
-        return
-    screen = tensor.to(torch.bfloat16) if tensor.dtype in FP8_DTYPES else tensor
-    if torch.isfinite(screen.sum()):
-        return
-    nan, inf = int(screen.isnan().sum()), int(screen.isinf().sum())
-    if nan or inf:
-        raise CheckpointError(
-            f"{ckpt.file_of(file_key)}: tensor {file_key!r} holds {nan} NaN and {inf} infinite values (of "
-            f"{tensor.numel()}); the file is damaged or was saved from a diverged training: use another copy of "
-            "the model (or an earlier checkpoint)")
-
-
-def _materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dtype, stager=None) -> torch.Tensor:
-    """Read one tensor, dequantise fp8, cast and move (through `stager`, which screens when the load ends),
-    check it is finite; a CPU tensor in `dtype` stays a view of the mapped file, a copy releases its pages."""
-    source = ckpt.read(file_key)
-    staged = stager is not None and source.dtype not in FP8_DTYPES
-    if staged:
-        tensor = stager.load(file_key, source, dtype)
-    elif source.dtype in FP8_DTYPES:
-        scale_key = layout.scales.get(name)
-        tensor = dequantize(source.to(device), ckpt.read(scale_key) if scale_key else None, dtype)
-    else:
-        tensor = source.to(device=device, dtype=dtype)
-    if not staged:
-        check_finite(ckpt, file_key, tensor)
-    if tensor.data_ptr() != source.data_ptr():
-        ckpt.release(file_key)
-    return tensor
 
 
 def load_dit(
@@ -147,7 +67,7 @@ def load_dit(
     with torch.device("meta"):
         model = build_dit(variant)
     expected = model.state_dict()
-    _check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
+    check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
     device = torch.device(device)
     for name, ref in expected.items():
         file_key = layout.key_map[name]
@@ -155,92 +75,17 @@ def load_dit(
             raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
                                   f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
     state = {}
-    sizes = (ref.numel() * _target_dtype(n, dtype).itemsize for n, ref in expected.items())
+    sizes = (ref.numel() * target_dtype(n, dtype).itemsize for n, ref in expected.items())
     with staged_loader(device, lambda k, t: check_finite(ckpt, k, t), sizes) as stager:
         for name in expected:
             file_key = layout.key_map[name]
-            state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype), stager)
+            state[name] = materialise(ckpt, layout, name, file_key, device, target_dtype(name, dtype), stager)
     model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False).eval()
     fp8 = layout.scales or any(ckpt.dtype(k) in FP8_DTYPES for k in layout.key_map.values())
     logger.info("loaded %s from %s%s%s", variant.name, ckpt.source, " [diffusers names]" if layout.diffusers else "",
                 " (fp8 dequantised)" if fp8 else "")
     return model
-
-
-# ---- DiT with fp8 block weights (`fp8_base`) ------------------------------------------------------
-
-
-def load_dit_fp8(path: str | os.PathLike, device="cpu", dtype: torch.dtype = torch.bfloat16,
-                 task: str | None = None, config: FP8Config = FP8Config()):
-    """`load_dit` with the block Linear weights in fp8. fp8 tensors in the file (ComfyUI `fp8_scaled`,
-    either scale spelling, or plain fp8) are used byte for byte with their scales; other weights are
-    quantised layer by layer as they are read (on the GPU when one is available). Everything else is
-    loaded as `load_dit` loads it. The model computes in `dtype` and carries `model.fp8_report`."""
-    ckpt, layout, variant = open_dit_checkpoint(path, task)
-    with torch.device("meta"):
-        model = build_dit(variant)
-    expected = model.state_dict()
-    _check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
-    device = torch.device(device)
-    work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
-    targets = fp8_targets(model, config.exclude)
-    weight_keys = {f"{t}.weight" for t in targets}
-    state = {}
-    for name, ref in expected.items():
-        file_key = layout.key_map[name]
-        if ckpt.shape(file_key) != tuple(ref.shape):
-            raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
-                                  f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
-        if name not in weight_keys:
-            state[name] = _materialise(ckpt, layout, name, file_key, device, _target_dtype(name, dtype))
-    report = FP8Report(config.mode)
-    for target in targets:
-        layer = _fp8_layer(ckpt, layout, target, state.pop(f"{target}.bias", None), device, work, config, report)
-        model.set_submodule(target, layer)
-    _load_rest(model, state, targets)
-    model.compute_dtype = dtype if dtype in COMPUTE_DTYPES else torch.bfloat16
-    model.requires_grad_(False).eval()
-    model.fp8_report = report
-    logger.info("loaded %s from %s: %s", variant.name, ckpt.source, report.summary())
-    return model
-
-
-def _fp8_layer(ckpt, layout, target: str, bias, device, work, config: FP8Config, report: FP8Report) -> FP8Linear:
-    """One block Linear as FP8Linear: the file's fp8 bytes as they are, or this layer quantised now."""
-    name = f"{target}.weight"
-    file_key = layout.key_map[name]
-    source = ckpt.read(file_key)
-    if source.dtype in FP8_DTYPES:
-        scale_key = layout.scales.get(name)
-        scale = ckpt.read(scale_key).to(device) if scale_key else None
-        report.mode = "from file, " + ("scaled" if scale_key else "unscaled")
-        weight = source.to(device)
-        check_finite(ckpt, file_key, weight)
-        if scale is not None:
-            check_finite(ckpt, scale_key, scale)
-    else:
-        original = source.to(work)
-        check_finite(ckpt, file_key, original)
-        weight, scale = quantize_weight(original, config.scaled, config.per_channel)
-        report.errors[target] = relative_error(original, weight, scale)
-        del original
-        weight, scale = weight.to(device), None if scale is None else scale.to(device)
-    if weight.data_ptr() != source.data_ptr():
-        ckpt.release(file_key)
-    report.layers += 1
-    report.bytes_before += source.numel() * 2  # what the layer costs in bf16
-    report.bytes_after += tensor_bytes(weight, scale)
-    return FP8Linear(weight, scale, bias, config.use_scaled_mm)
-
-
-def _load_rest(model: WanModel, state: dict, targets: list[str]) -> None:
-    """Assign every non-fp8 tensor; the only keys allowed to be missing are the fp8 layers' own."""
-    result = model.load_state_dict(state, strict=False, assign=True)
-    own = {f"{t}.{leaf}" for t in targets for leaf in ("weight", "bias", "scale_weight")}
-    stray = [k for k in result.missing_keys if k not in own] + list(result.unexpected_keys)
-    if stray:
-        raise RuntimeError(f"fp8 load left keys unassigned or unexpected: {stray[:5]}")
 
 
 # ---- VAE ------------------------------------------------------------------------------------------
@@ -311,13 +156,18 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     with torch.device("meta"):
         vae = (WanVAE if kind == "2.1" else Wan22VAE)(**config)
     expected = vae.state_dict()
-    _check_keys(ckpt, expected, names, f"WAN {kind} VAE")
+    check_keys(ckpt, expected, names, f"WAN {kind} VAE")
     state = {}
     for name, ref in expected.items():
         if shapes[name] != tuple(ref.shape):
             raise CheckpointError(f"{ckpt.source}: tensor {names[name]!r} has shape {list(shapes[name])}, expected "
                                   f"{list(ref.shape)}; the file does not match its own layout (damaged or edited)")
-        state[name] = ckpt.read(names[name]).to(device=device, dtype=dtype)
+    sizes = (ref.numel() * dtype.itemsize for ref in expected.values())
+    with staged_loader(torch.device(device), None, sizes) as stager:  # onto a GPU: staged, no NaN screen (as ever)
+        for name in expected:
+            source = ckpt.read(names[name])
+            state[name] = (source.to(device=device, dtype=dtype) if stager is None
+                           else stager.load(names[name], source, dtype))
     vae.load_state_dict(state, strict=True, assign=True)
     vae.to(device)  # the latent statistics buffers
     vae.cache_device = torch.device("cpu") if cache_cpu else None

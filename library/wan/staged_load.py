@@ -19,6 +19,10 @@ refused at the end of the load rather than at the bad tensor, with the same erro
 The device side (page-locking, device memory, copies, events, sums) is a transport: `CudaTransport` on a
 GPU, `HostTransport` on the CPU (CPU destination tensors, copies made at once), so the staging itself is
 tested without a GPU. `WAN_STAGED_LOAD=0` (or `ENABLED = False`) selects the per-tensor `.to()` path.
+
+Used by `load_dit`, the fp8 DiT load (`loading_fp8.py`: the weights to quantise reach the GPU in their file
+dtype, and `join` orders the quantisation after their copies without a host wait), the VAE, the umT5 encoder
+(not its fp8 layers) and the CLIP vision encoder, whenever their target is a CUDA device.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ class CudaTransport:
     def wait(self, event) -> None:
         event.synchronize()
 
+    def join(self) -> None:
+        """The compute stream waits (on the GPU, not the host) for every copy queued so far."""
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
     def finite(self, tensor: torch.Tensor) -> torch.Tensor:
         with torch.cuda.stream(self.stream):
             return torch.isfinite(_sum(tensor))
@@ -109,6 +117,9 @@ class HostTransport:
     def wait(self, event) -> None:
         return None
 
+    def join(self) -> None:
+        return None
+
     def finite(self, tensor: torch.Tensor) -> torch.Tensor:
         return torch.isfinite(_sum(tensor))
 
@@ -121,7 +132,10 @@ class HostTransport:
 
 def _sum(tensor: torch.Tensor) -> torch.Tensor:
     """One sum per tensor (NaN and infinity survive it); half types accumulate into fp32 so that only a real
-    NaN / infinity, not an fp16 overflow of finite values, sends a tensor to the exact count."""
+    NaN / infinity, not an fp16 overflow of finite values, sends a tensor to the exact count. fp8 is summed
+    through bf16 (an exact cast; no sum kernel takes fp8 on every device)."""
+    if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        tensor = tensor.to(torch.bfloat16)
     return tensor.sum(dtype=torch.float32) if tensor.element_size() < 4 else tensor.sum()
 
 
@@ -132,8 +146,8 @@ def _aligned(nbytes: int) -> int:
 class StagedLoader:
     """Loads host tensors onto the transport's device through `depth` reused staging buffers of `buffer_bytes`.
     `screen(key, tensor)` is called at `finish` for each tensor whose sum was not finite (it raises for a
-    real NaN / infinity). Use as a context manager: a normal exit runs `finish`, every exit waits for the
-    copies in flight before the buffers are let go."""
+    real NaN / infinity); without a screen no sum is taken. Use as a context manager: a normal exit runs
+    `finish`, every exit waits for the copies in flight before the buffers are let go."""
 
     def __init__(self, transport, screen: Callable[[str, torch.Tensor], None] | None = None,
                  buffer_bytes: int = BUFFER_BYTES, depth: int = DEPTH):
@@ -170,14 +184,17 @@ class StagedLoader:
             self._buffers.append(self.transport.buffer(self.buffer_bytes))
         return self._buffers[self._slot]
 
-    def load(self, key: str, source: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`source` (a host tensor) as a new `dtype` tensor on the transport's device."""
+    def load(self, key: str, source: torch.Tensor, dtype: torch.dtype, keep: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """`source` (a host tensor) as a new `dtype` tensor on the transport's device. `keep`: the tensor handed
+        to the screen should this one's sum not be finite (default: the new one; a host tensor of the same
+        values, e.g. `source` when `dtype` is its own, lets the caller free the new one before `finish`)."""
         out = self.transport.empty(tuple(source.shape), dtype)
         flat_src, flat_out = source.reshape(-1), out.view(-1)  # a view: the file's tensors are contiguous
         size, done, total = out.element_size(), 0, out.numel()
         while done < total:
             space = (self.buffer_bytes - self._fill) // size
-            if space < max(1, min(total - done, MIN_PIECE // size)):
+            if self._fill and space < max(1, min(total - done, MIN_PIECE // size)):  # an empty one takes any piece
                 self._next_buffer()
                 space = self.buffer_bytes // size
             count = min(space, total - done)
@@ -186,9 +203,14 @@ class StagedLoader:
             self.transport.copy(flat_out[done:done + count], piece)
             self._fill = min(self.buffer_bytes, _aligned(self._fill + count * size))
             done += count
-        if out.is_floating_point() and total:
-            self._pending.append((key, out, self.transport.finite(out)))
+        if out.is_floating_point() and total and self.screen is not None:
+            self._pending.append((key, out if keep is None else keep, self.transport.finite(out)))
         return out
+
+    def join(self) -> None:
+        """Order the device's compute after every copy queued so far (no host wait): for a tensor used on the
+        device before `finish`, e.g. quantised as soon as it is loaded."""
+        self.transport.join()
 
     def finish(self) -> None:
         """Wait for every copy, then read the finite flags back once and screen the tensors that failed."""
@@ -212,7 +234,7 @@ def transport_for(device: torch.device):
     return CudaTransport(device) if ENABLED and device.type == "cuda" else None
 
 
-def staged_loader(device: torch.device, screen: Callable[[str, torch.Tensor], None], sizes: Iterable[int]):
+def staged_loader(device: torch.device, screen: Callable[[str, torch.Tensor], None] | None, sizes: Iterable[int]):
     """A context manager giving a `StagedLoader` onto `device` (or None where `transport_for` has no transport).
     `sizes` (the byte size of every tensor the load makes) caps the buffers at the largest tensor, so a tiny
     model does not page-lock 192 MiB."""

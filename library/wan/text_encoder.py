@@ -26,8 +26,9 @@ import torch
 from transformers import UMT5Config, UMT5EncoderModel
 
 from .checkpoint_files import CheckpointError
-from .dit_formats import dequantize
+from .dit_formats import FP8_DTYPES, dequantize
 from .prompt_text import clean_prompt  # noqa: F401 - imported from here by callers
+from .staged_load import staged_loader
 from .text_encoder_fp8 import FP8_TARGET_RE, assign_fp8_layers, t5_fp8_config
 
 logger = logging.getLogger(__name__)
@@ -309,14 +310,20 @@ def build_text_encoder(sd: dict, tokenizer_path, device="cpu", dtype=torch.bfloa
     report = assign_fp8_layers(model, sd_hf, scales, device, fp8, release) if fp8 is not None else None
 
     keep_fp32 = tuple(model._keep_in_fp32_modules or ()) if dtype == torch.float16 and fp8 is None else ()
+    # The embedding is tied to shared.weight below; fp8 layers are already in place.
+    targets = {key: torch.float32 if any(f".{name}." in key for name in keep_fp32) else dtype for key in sd_hf
+               if not (key == _EMBED or (fp8 is not None and FP8_TARGET_RE.match(key)))}
     weights = {}
-    for key, tensor in sd_hf.items():
-        if key == _EMBED or (fp8 is not None and FP8_TARGET_RE.match(key)):
-            continue  # the embedding is tied to shared.weight below; fp8 layers are already in place
-        target = torch.float32 if any(f".{name}." in key for name in keep_fp32) else dtype
-        weights[key] = dequantize(tensor.to(device), scales.get(key), target)  # any dtype -> target
-        if release is not None and weights[key].data_ptr() != tensor.data_ptr():
-            release(tensor)
+    sizes = (sd_hf[key].numel() * target.itemsize for key, target in targets.items())
+    with staged_loader(torch.device(device), None, sizes) as stager:  # onto a GPU: page-locked staging buffers
+        for key, target in targets.items():
+            tensor = sd_hf[key]
+            if stager is not None and key not in scales and tensor.dtype not in FP8_DTYPES:
+                weights[key] = stager.load(key, tensor, target)  # the values of `.to(target)`
+            else:
+                weights[key] = dequantize(tensor.to(device), scales.get(key), target)  # any dtype -> target
+            if release is not None and weights[key].data_ptr() != tensor.data_ptr():
+                release(tensor)
     try:
         model.load_state_dict(weights, strict=False, assign=True)
     except RuntimeError as error:  # shape mismatches between layers

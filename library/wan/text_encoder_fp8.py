@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .fp8 import FP8Config, FP8Linear, FP8Report, quantize_weight, relative_error
+from .staged_load import staged_loader
 
 if TYPE_CHECKING:  # transformers is imported by text_encoder.py, which builds the model
     from transformers import UMT5EncoderModel
@@ -57,19 +58,21 @@ class FP8GatedFFN(nn.Module):
         return self.wo(h.float() if h.dtype == torch.float16 else h)
 
 
-def _quantize_by_rows(weight: torch.Tensor, config, work: torch.device):
+def _quantize_by_rows(weight: torch.Tensor, config, work: torch.device, to_work=None):
     """(fp8 weight on `work`, scale or None, relative error) of one [out, in] weight. Per-channel and
     unscaled quantisation treat rows independently, so they run over row chunks and only a chunk exists
-    in fp32 at a time; a per-tensor scale needs the whole tensor at once."""
+    in fp32 at a time; a per-tensor scale needs the whole tensor at once. `to_work(tensor)` moves a tensor
+    (or chunk) to `work` in its own dtype (default: `.to(work)`)."""
+    to_work = to_work or (lambda tensor: tensor.to(work))
     if config.scaled and not config.per_channel:
-        w = weight.to(work)
+        w = to_work(weight)
         q, scale = quantize_weight(w, True, False)
         return q, scale, relative_error(w, q, scale)
     rows = max(1, _FP8_CHUNK // max(1, weight.shape[1]))
     q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=work)
     scales, err2, norm2 = [], 0.0, 0.0
     for start in range(0, weight.shape[0], rows):
-        w = weight[start:start + rows].to(work)
+        w = to_work(weight[start:start + rows])
         q[start:start + rows], s = quantize_weight(w, config.scaled, True)
         norm = float(w.float().norm())
         err2 += (relative_error(w, q[start:start + rows], s) * norm) ** 2
@@ -83,26 +86,44 @@ def _quantize_by_rows(weight: torch.Tensor, config, work: torch.device):
 def assign_fp8_layers(model: UMT5EncoderModel, sd_hf: dict, scales: dict, device, config, release):
     """Put an `FP8Linear` in place of every target Linear of the (meta) model, one layer at a time:
     fp8 tensors of the file go in as stored with their scale, others are quantised now (on the GPU
-    when there is one). The gated FFNs become `FP8GatedFFN`. Returns the `FP8Report`."""
+    when there is one, which they reach through the page-locked staging buffers of `staged_load.py` in
+    their own dtype: the same bytes as `.to(work)`). The gated FFNs become `FP8GatedFFN`. Returns the
+    `FP8Report`."""
     device = torch.device(device)
     work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
     report = FP8Report(config.mode)
-    for key in [k for k in sd_hf if FP8_TARGET_RE.match(k)]:
-        source, name = sd_hf[key], key.removesuffix(".weight")
-        if source.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            weight, scale = source.to(device), scales.get(key)
-            report.mode = "from file, " + ("scaled" if scale is not None else "unscaled")
-            scale = None if scale is None else scale.to(device=device, dtype=torch.float32)
-        else:
-            weight, scale, report.errors[name] = _quantize_by_rows(source, config, work)
-            weight, scale = weight.to(device), None if scale is None else scale.to(device)
-        if release is not None and weight.data_ptr() != source.data_ptr():
-            release(source)
-        report.layers += 1
-        report.bytes_before += source.numel() * 2  # what the layer costs in bf16
-        report.bytes_after += weight.numel() * weight.element_size() + (0 if scale is None else scale.numel() * 4)
-        model.set_submodule(name, FP8Linear(weight, scale, None, config.use_scaled_mm))
+    keys = [k for k in sd_hf if FP8_TARGET_RE.match(k)]
+    with staged_loader(work, None, (sd_hf[k].numel() * sd_hf[k].element_size() for k in keys)) as stager:
+        for key in keys:
+            _assign_layer(model, key, sd_hf[key], scales.get(key), device, work, config, report, release, stager)
     for block in model.encoder.block:
         ffn = block.layer[1].DenseReluDense
         block.layer[1].DenseReluDense = FP8GatedFFN(ffn, ffn.wi_0, ffn.wi_1, ffn.wo)
     return report
+
+
+def _assign_layer(model, key: str, source: torch.Tensor, scale, device, work, config, report: FP8Report, release,
+                  stager) -> None:
+    """One target Linear as `FP8Linear`: the file's fp8 bytes as stored, or quantised now (`stager`, when
+    given, moves onto `work`; the quantisation waits for its copies on the device, not the host)."""
+    name = key.removesuffix(".weight")
+
+    def to_work(tensor: torch.Tensor) -> torch.Tensor:
+        staged = stager.load(key, tensor, tensor.dtype)
+        stager.join()
+        return staged
+
+    if source.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        weight = to_work(source) if stager is not None and work == device else source.to(device)
+        report.mode = "from file, " + ("scaled" if scale is not None else "unscaled")
+        scale = None if scale is None else scale.to(device=device, dtype=torch.float32)
+    else:
+        weight, scale, report.errors[name] = _quantize_by_rows(source, config, work,
+                                                               to_work if stager is not None else None)
+        weight, scale = weight.to(device), None if scale is None else scale.to(device)
+    if release is not None and weight.data_ptr() != source.data_ptr():
+        release(source)
+    report.layers += 1
+    report.bytes_before += source.numel() * 2  # what the layer costs in bf16
+    report.bytes_after += weight.numel() * weight.element_size() + (0 if scale is None else scale.numel() * 4)
+    model.set_submodule(name, FP8Linear(weight, scale, None, config.use_scaled_mm))

@@ -156,7 +156,7 @@ def test_fp8_scaled_file_is_used_as_stored(tmp_path, state, spelling, monkeypatc
     path = tmp_path / "fp8_scaled.safetensors"
     save_file({k: v.contiguous() for k, v in to_fp8_scaled(state, spelling).items()}, str(path))
     dequantised = load_dit(path, dtype=torch.float32)  # the existing path: dequantise to the dtype
-    import library.wan.loading as loading_module
+    import library.wan.loading_fp8 as loading_module
 
     monkeypatch.setattr(loading_module, "quantize_weight",
                         lambda *a, **k: pytest.fail("re-quantised a stored fp8 weight"))

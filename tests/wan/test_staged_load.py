@@ -16,41 +16,9 @@ from library.wan.loading import load_dit
 from library.wan.staged_load import HostTransport, StagedLoader
 from library.wan.variants import get_variant
 from tests.helpers import random_official_dit_state
+from tests.wan.staged_standins import LaggingTransport
 
 BUFFER = 1024  # bytes: 512 bf16 elements per staging buffer
-
-
-class LaggingTransport(HostTransport):
-    """Copies (and the finite sums queued behind them) happen only when an event recorded after them is waited
-    for, or at `finish`, like DMA that trails the cast: a buffer written again too early gives wrong values."""
-
-    def __init__(self):
-        super().__init__()
-        self.queue, self.done, self.waits = [], 0, 0
-
-    def _run(self, upto: int) -> None:
-        while self.done < upto:
-            self.queue[self.done]()
-            self.done += 1
-
-    def copy(self, dst, src):
-        self.copies += 1
-        self.queue.append(lambda: dst.copy_(src))
-
-    def finite(self, tensor):
-        flag = torch.zeros((), dtype=torch.bool)
-        self.queue.append(lambda: flag.copy_(torch.isfinite(staged_load._sum(tensor))))
-        return flag
-
-    def record(self):
-        return len(self.queue)
-
-    def wait(self, event):
-        self.waits += 1
-        self._run(event)
-
-    def finish(self):
-        self._run(len(self.queue))
 
 
 @pytest.fixture

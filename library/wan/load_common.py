@@ -1,0 +1,96 @@
+"""What the loaders share: opening a DiT checkpoint (layout and variant from headers), checking a state
+dict's keys, the NaN / infinity screen, and reading one DiT tensor onto its device and dtype (`materialise`,
+through the page-locked staging of `staged_load.py` when a stager is given). Used by `loading.py` and the
+fp8 DiT loader `loading_fp8.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
+from .dit_formats import FP8_DTYPES, dequantize, detect_variant, plan_dit_layout
+from .model import WanModel
+from .variants import get_variant
+
+
+def _resolve_dit_path(path: Path) -> Path:
+    """Catch the folder layouts that hold two models, and say which subfolder to pass."""
+    if path.is_dir():
+        if (path / "high_noise_model").is_dir() and (path / "low_noise_model").is_dir():
+            raise CheckpointError(
+                f"{path}: this is a WAN 2.2 A14B folder with two experts; pass "
+                f"{path / 'low_noise_model'} as `dit` and {path / 'high_noise_model'} as `dit_high_noise`"
+            )
+        if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
+            low = path / ("transformer_2" if (path / "transformer_2").is_dir() else "transformer")
+            raise CheckpointError(
+                f"{path}: this is a diffusers pipeline folder; pass {low} as `dit`"
+                + (f" and {path / 'transformer'} as `dit_high_noise`" if low.name == "transformer_2" else "")
+            )
+    return path
+
+
+def open_dit_checkpoint(path: str | os.PathLike, task: str | None = None):
+    """Open a DiT checkpoint and work out its layout and variant from headers only (no tensor read)."""
+    ckpt = open_checkpoint(_resolve_dit_path(Path(path).expanduser()))
+    layout = plan_dit_layout(ckpt)
+    variant = detect_variant(ckpt, layout, get_variant(task) if task else None)
+    return ckpt, layout, variant
+
+
+def check_keys(ckpt: Checkpoint, expected: dict, present: dict, what: str) -> None:
+    missing = [k for k in expected if k not in present]
+    unexpected = [k for k in present if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{ckpt.source}: {what} keys do not match: {'; '.join(parts)}; the file is incomplete "
+                              "or holds another model: download it again, or pass the file made for this model")
+
+
+def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if WanModel.is_fp32_param(name) and dtype != torch.float64 else dtype
+
+
+def check_finite(ckpt: Checkpoint, file_key: str, tensor: torch.Tensor) -> None:
+    """Refuse a weight holding NaN or infinity, naming the file and tensor. The screen is one sum per
+    tensor (NaN and infinity survive a sum): a read of every weight at memory speed, about 3 GB/s per two
+    CPU cores and nothing on a GPU, beside the disk reads a load does anyway; only a non-finite sum
+    (or an overflow, ruled out here) pays for the exact count."""
+    if not tensor.is_floating_point():
+        return
+    screen = tensor.to(torch.bfloat16) if tensor.dtype in FP8_DTYPES else tensor
+    if torch.isfinite(screen.sum()):
+        return
+    nan, inf = int(screen.isnan().sum()), int(screen.isinf().sum())
+    if nan or inf:
+        raise CheckpointError(
+            f"{ckpt.file_of(file_key)}: tensor {file_key!r} holds {nan} NaN and {inf} infinite values (of "
+            f"{tensor.numel()}); the file is damaged or was saved from a diverged training: use another copy of "
+            "the model (or an earlier checkpoint)")
+
+
+def materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dtype, stager=None) -> torch.Tensor:
+    """Read one tensor, dequantise fp8, cast and move (through `stager`, which screens when the load ends),
+    check it is finite; a CPU tensor in `dtype` stays a view of the mapped file, a copy releases its pages."""
+    source = ckpt.read(file_key)
+    staged = stager is not None and source.dtype not in FP8_DTYPES
+    if staged:
+        tensor = stager.load(file_key, source, dtype)
+    elif source.dtype in FP8_DTYPES:
+        scale_key = layout.scales.get(name)
+        tensor = dequantize(source.to(device), ckpt.read(scale_key) if scale_key else None, dtype)
+    else:
+        tensor = source.to(device=device, dtype=dtype)
+    if not staged:
+        check_finite(ckpt, file_key, tensor)
+    if tensor.data_ptr() != source.data_ptr():
+        ckpt.release(file_key)
+    return tensor
