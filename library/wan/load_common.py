@@ -14,6 +14,7 @@ import torch
 from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
 from .dit_formats import FP8_DTYPES, dequantize, detect_variant, plan_dit_layout
 from .model import WanModel
+from .vace import build_dit
 from .variants import get_variant
 
 
@@ -40,6 +41,22 @@ def open_dit_checkpoint(path: str | os.PathLike, task: str | None = None):
     layout = plan_dit_layout(ckpt)
     variant = detect_variant(ckpt, layout, get_variant(task) if task else None)
     return ckpt, layout, variant
+
+
+def open_dit_model(path: str | os.PathLike, task: str | None = None):
+    """Open a DiT checkpoint, build its model on the meta device and check that the file has every key of it,
+    with its shape: (checkpoint, layout, variant, meta model, the model's state dict)."""
+    ckpt, layout, variant = open_dit_checkpoint(path, task)
+    with torch.device("meta"):
+        model = build_dit(variant)
+    expected = model.state_dict()
+    check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
+    for name, ref in expected.items():
+        file_key = layout.key_map[name]
+        if ckpt.shape(file_key) != tuple(ref.shape):
+            raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
+                                  f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
+    return ckpt, layout, variant, model, expected
 
 
 def check_keys(ckpt: Checkpoint, expected: dict, present: dict, what: str) -> None:

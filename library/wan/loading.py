@@ -21,11 +21,10 @@ import torch
 from .checkpoint_files import CheckpointError, open_checkpoint
 from .clip_vision import load_clip_vision  # official .pth, open_clip, ComfyUI / HF names
 from .dit_formats import FP8_DTYPES, describe_checkpoint, wrong_model
-from .load_common import check_finite, check_keys, materialise, open_dit_checkpoint, target_dtype
+from .load_common import check_finite, check_keys, materialise, open_dit_checkpoint, open_dit_model, target_dtype
 from .loading_fp8 import load_dit_fp8  # fp8_base: block Linear weights kept in fp8
 from .model import WanModel
 from .staged_load import staged_loader
-from .vace import build_dit
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +62,8 @@ def load_dit(
     """
     if fp8 is not None:
         return load_dit_fp8(path, device=device, dtype=dtype, task=task, config=fp8)
-    ckpt, layout, variant = open_dit_checkpoint(path, task)
-    with torch.device("meta"):
-        model = build_dit(variant)
-    expected = model.state_dict()
-    check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
+    ckpt, layout, variant, model, expected = open_dit_model(path, task)
     device = torch.device(device)
-    for name, ref in expected.items():
-        file_key = layout.key_map[name]
-        if ckpt.shape(file_key) != tuple(ref.shape):
-            raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
-                                  f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
     state = {}
     sizes = (ref.numel() * target_dtype(n, dtype).itemsize for n, ref in expected.items())
     with staged_loader(device, lambda k, t: check_finite(ckpt, k, t), sizes) as stager:

@@ -14,14 +14,12 @@ import os
 
 import torch
 
-from .checkpoint_files import CheckpointError
 from .dit_formats import FP8_DTYPES
 from .fp8 import (COMPUTE_DTYPES, FP8Config, FP8Linear, FP8Report, fp8_targets, quantize_weight, tensor_bytes,
                   weight_error)
-from .load_common import check_finite, check_keys, materialise, open_dit_checkpoint, target_dtype
+from .load_common import check_finite, materialise, open_dit_model, target_dtype
 from .model import WanModel
 from .staged_load import staged_loader
-from .vace import build_dit
 
 logger = logging.getLogger(__name__)
 
@@ -32,20 +30,11 @@ def load_dit_fp8(path: str | os.PathLike, device="cpu", dtype: torch.dtype = tor
     either scale spelling, or plain fp8) are used byte for byte with their scales; other weights are
     quantised layer by layer as they are read (on the GPU when one is available). Everything else is
     loaded as `load_dit` loads it. The model computes in `dtype` and carries `model.fp8_report`."""
-    ckpt, layout, variant = open_dit_checkpoint(path, task)
-    with torch.device("meta"):
-        model = build_dit(variant)
-    expected = model.state_dict()
-    check_keys(ckpt, expected, layout.key_map, f"WAN DiT ({variant.name})")
+    ckpt, layout, variant, model, expected = open_dit_model(path, task)
     device = torch.device(device)
     work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
     targets = fp8_targets(model, config.exclude)
     weight_keys = {f"{t}.weight" for t in targets}
-    for name, ref in expected.items():
-        file_key = layout.key_map[name]
-        if ckpt.shape(file_key) != tuple(ref.shape):
-            raise CheckpointError(f"{ckpt.file_of(file_key)}: tensor {file_key!r} has shape "
-                                  f"{list(ckpt.shape(file_key))}, expected {list(ref.shape)} for {variant.name}")
     sizes = [ref.numel() * (ckpt.dtype(layout.key_map[n]) if n in weight_keys else target_dtype(n, dtype)).itemsize
              for n, ref in expected.items()]
     report, errors, state = FP8Report(config.mode), {}, {}
