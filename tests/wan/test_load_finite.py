@@ -2,7 +2,7 @@
 weight is refused with a `NonFiniteWeights` (a CheckpointError) naming the file and the file's tensor key,
 on the plain CPU path and through the staged path (CPU stand-in transport whose copies lag, as on a GPU);
 umT5 in bf16 and fp8 (quantised while loading, and a ComfyUI fp8_scaled file used as stored, NaN in a
-weight or in a scale); a clean file still loads bit for bit."""
+weight or in a scale); a clean file still loads bit for bit. The real CUDA path runs where a GPU is."""
 
 from __future__ import annotations
 
@@ -113,3 +113,15 @@ def test_clean_files_still_load_bit_for_bit(models):
     clip = load_clip_vision(models.clip, dtype=torch.float32).state_dict()
     source = torch.load(models.clip, weights_only=True)
     assert torch.equal(clip["model.embeddings.patch_embedding.weight"], source["visual.patch_embedding.weight"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["vae", "t5", "clip"])
+def test_cuda_staged_loads_refuse_a_nan_weight(models, tmp_path, case):
+    path = _spoiled(models, tmp_path, case, CASES[case], float("nan"))
+    with pytest.raises(NonFiniteWeights, match=_message(path, CASES[case], float("nan"))):
+        LOADERS[case](models, path, device="cuda", dtype=torch.bfloat16)
+    if case == "t5":  # the fp8 layers' own staged load
+        with pytest.raises(NonFiniteWeights, match=_message(path, CASES[case], float("nan"))):
+            load_text_encoder(path, models.tokenizer, device="cuda", fp8=True)
