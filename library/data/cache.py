@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from library.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 LATENT_FORMAT = "wan-trainer-latents/1"
@@ -39,6 +41,10 @@ HEAD_BYTES = 1 << 20
 CHECKSUM_KEY = "content_crc32"  # CRC-32 of the tensors: names, dtypes, shapes and bytes, in name order
 PLAUSIBLE_MAX = 1e4  # no VAE latent, CLIP token or umT5 output comes near this; random bytes do at once
 UNVERIFIED = "written before cache files had content checksums"
+
+
+class NonFiniteOutputError(UserError, ValueError):
+    """An encoder gave NaN or infinity for an item (a float16 overflow, a damaged model): nothing is cached."""
 
 
 class CacheCorruptError(RuntimeError):
@@ -163,6 +169,13 @@ def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metad
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    for name, tensor in sorted(tensors.items()):  # one sum each: never a NaN cache that training reads as valid
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float().sum()):
+            raise NonFiniteOutputError(
+                f"{path}: the encoder's output {name!r} holds {int(tensor.isnan().sum())} NaN and "
+                f"{int(tensor.isinf().sum())} infinite values (of {tensor.numel()}), so it was not cached: with "
+                "--vae_dtype float16 encode in bfloat16 or float32 instead; otherwise the model file is damaged: "
+                "use another copy of the model")
     metadata = {k: v for k, v in metadata.items() if k != "__keys__"} | {CHECKSUM_KEY: content_checksum(tensors)}
     _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 

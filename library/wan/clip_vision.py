@@ -19,6 +19,7 @@ otherwise and is then followed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
+from .finite import check_finite
 from .staged_load import staged_loader
 
 logger = logging.getLogger(__name__)
@@ -242,7 +244,8 @@ def _read_state(ckpt: Checkpoint, names: dict[str, Source], expected: dict, devi
                               f"(e.g. {', '.join(missing[:3])})")
     state = {}
     sizes = (ref.numel() * dtype.itemsize for ref in expected.values())
-    with staged_loader(device, None, sizes) as stager:  # onto a GPU: through page-locked staging buffers
+    screen = functools.partial(check_finite, ckpt)  # (key, tensor): NaN / infinity refused naming both
+    with staged_loader(device, screen, sizes) as stager:  # onto a GPU: page-locked staging, screened at the end
         for name, ref in expected.items():
             if name.endswith("position_ids"):
                 continue
@@ -254,6 +257,9 @@ def _read_state(ckpt: Checkpoint, names: dict[str, Source], expected: dict, devi
                 raise CheckpointError(f"{ckpt.file_of(source.key)}: tensor {source.key!r} has shape "
                                       f"{list(ckpt.shape(source.key))}, which does not fit {name} {list(ref.shape)}")
             tensor = tensor.reshape(ref.shape)
-            state[name] = (tensor.to(device=device, dtype=dtype) if stager is None
-                           else stager.load(source.key, tensor, dtype))
+            if stager is None:
+                state[name] = tensor.to(device=device, dtype=dtype)
+                check_finite(ckpt, source.key, state[name])
+            else:
+                state[name] = stager.load(source.key, tensor, dtype)
     return state

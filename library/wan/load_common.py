@@ -1,6 +1,7 @@
 """What the loaders share: opening a DiT checkpoint (layout and variant from headers), checking a state
-dict's keys, the NaN / infinity screen, and reading one DiT tensor onto its device and dtype (`materialise`,
-through the page-locked staging of `staged_load.py` when a stager is given). Used by `loading.py` and the
+dict's keys, the NaN / infinity screen (`check_finite`, from `finite.py`), and reading one DiT tensor onto
+its device and dtype (`materialise`, through the page-locked staging of `staged_load.py` when a stager is
+given). Used by `loading.py` and the
 fp8 DiT loader `loading_fp8.py`.
 """
 
@@ -13,6 +14,7 @@ import torch
 
 from .checkpoint_files import Checkpoint, CheckpointError, open_checkpoint
 from .dit_formats import FP8_DTYPES, dequantize, detect_variant, plan_dit_layout
+from .finite import check_finite
 from .model import WanModel
 from .vace import build_dit
 from .variants import get_variant
@@ -74,24 +76,6 @@ def check_keys(ckpt: Checkpoint, expected: dict, present: dict, what: str) -> No
 
 def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if WanModel.is_fp32_param(name) and dtype != torch.float64 else dtype
-
-
-def check_finite(ckpt: Checkpoint, file_key: str, tensor: torch.Tensor) -> None:
-    """Refuse a weight holding NaN or infinity, naming the file and tensor. The screen is one sum per
-    tensor (NaN and infinity survive a sum): a read of every weight at memory speed, about 3 GB/s per two
-    CPU cores and nothing on a GPU, beside the disk reads a load does anyway; only a non-finite sum
-    (or an overflow, ruled out here) pays for the exact count."""
-    if not tensor.is_floating_point():
-        return
-    screen = tensor.to(torch.bfloat16) if tensor.dtype in FP8_DTYPES else tensor
-    if torch.isfinite(screen.sum()):
-        return
-    nan, inf = int(screen.isnan().sum()), int(screen.isinf().sum())
-    if nan or inf:
-        raise CheckpointError(
-            f"{ckpt.file_of(file_key)}: tensor {file_key!r} holds {nan} NaN and {inf} infinite values (of "
-            f"{tensor.numel()}); the file is damaged or was saved from a diverged training: use another copy of "
-            "the model (or an earlier checkpoint)")
 
 
 def materialise(ckpt: Checkpoint, layout, name: str, file_key: str, device, dtype, stager=None) -> torch.Tensor:

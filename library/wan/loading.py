@@ -11,6 +11,7 @@ share (opening a DiT, the NaN screen, reading one tensor) is `load_common.py`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ import torch
 from .checkpoint_files import CheckpointError, open_checkpoint
 from .clip_vision import load_clip_vision  # official .pth, open_clip, ComfyUI / HF names
 from .dit_formats import FP8_DTYPES, describe_checkpoint, wrong_model
+from .finite import NonFiniteWeights, refuse_non_finite
 from .load_common import check_finite, check_keys, materialise, open_dit_checkpoint, open_dit_model, target_dtype
 from .loading_fp8 import load_dit_fp8  # fp8_base: block Linear weights kept in fp8
 from .model import WanModel
@@ -153,11 +155,15 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
             raise CheckpointError(f"{ckpt.source}: tensor {names[name]!r} has shape {list(shapes[name])}, expected "
                                   f"{list(ref.shape)}; the file does not match its own layout (damaged or edited)")
     sizes = (ref.numel() * dtype.itemsize for ref in expected.values())
-    with staged_loader(torch.device(device), None, sizes) as stager:  # onto a GPU: staged, no NaN screen (as ever)
+    screen = functools.partial(check_finite, ckpt)  # (key, tensor): NaN / infinity refused naming both
+    with staged_loader(torch.device(device), screen, sizes) as stager:  # onto a GPU: screened at the end
         for name in expected:
             source = ckpt.read(names[name])
-            state[name] = (source.to(device=device, dtype=dtype) if stager is None
-                           else stager.load(names[name], source, dtype))
+            if stager is None:
+                state[name] = source.to(device=device, dtype=dtype)
+                check_finite(ckpt, names[name], state[name])
+            else:
+                state[name] = stager.load(names[name], source, dtype)
     vae.load_state_dict(state, strict=True, assign=True)
     vae.to(device)  # the latent statistics buffers
     vae.cache_device = torch.device("cpu") if cache_cpu else None
@@ -213,8 +219,17 @@ def load_text_encoder(
         if id(tensor) in file_keys:
             ckpt.release(file_keys[id(tensor)])
 
+    def check(key: str, source: torch.Tensor, tensor: torch.Tensor) -> None:  # named by the file's own key
+        if id(source) in file_keys:
+            check_finite(ckpt, file_keys[id(source)], tensor)
+        else:
+            refuse_non_finite(ckpt.source, key, tensor)
+
     try:
-        return build_text_encoder(state, tokenizer, device=device, dtype=dtype, fp8=fp8 or None, release=release)
+        return build_text_encoder(state, tokenizer, device=device, dtype=dtype, fp8=fp8 or None, release=release,
+                                  check=check)
+    except NonFiniteWeights:
+        raise  # names its file already
     except CheckpointError as exc:
         raise CheckpointError(f"{ckpt.source}: {exc}") from None
 

@@ -13,7 +13,7 @@ conversion, piece by piece).
 
 NaN / infinity: each tensor is summed on the GPU behind its copies (one small kernel, no wait), the flags
 are read back once, by `finish`, and a tensor whose sum is not finite goes to the caller's `screen`
-(`loading.check_finite`: the exact count, the file and tensor in the message). A damaged file is therefore
+(`finite.check_finite`: the exact count, the file and tensor in the message). A damaged file is therefore
 refused at the end of the load rather than at the bad tensor, with the same error.
 
 The device side (page-locking, device memory, copies, events, sums) is a transport: `CudaTransport` on a

@@ -27,6 +27,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from .checkpoint_files import CheckpointError
 from .dit_formats import FP8_DTYPES, dequantize
+from .finite import refuse_non_finite
 from .prompt_text import clean_prompt  # noqa: F401 - imported from here by callers
 from .staged_load import staged_loader
 from .text_encoder_fp8 import FP8_TARGET_RE, assign_fp8_layers, t5_fp8_config
@@ -286,7 +287,7 @@ def _check_keys(sd: dict, expected: set[str]) -> None:
 
 
 def build_text_encoder(sd: dict, tokenizer_path, device="cpu", dtype=torch.bfloat16, fp8=None,
-                       release=None) -> WanTextEncoder:
+                       release=None, check=None) -> WanTextEncoder:
     """Build the frozen umT5 encoder from an in-memory state dict (official or HF names) + tokenizer.
 
     The model is built on the meta device and the given tensors are assigned into it, cast one at a
@@ -296,7 +297,9 @@ def build_text_encoder(sd: dict, tokenizer_path, device="cpu", dtype=torch.bfloa
     `fp8` (True, or a `library.wan.fp8.FP8Config`; default per-channel scaled) stores the block Linear
     layers in fp8 (`t5_fp8_config`); the rest stays in `dtype`, which is also what the model computes in.
     `release(tensor)`, when given, is called for each input tensor once it has been copied (the loader
-    drops the file's mapped pages with it).
+    drops the file's mapped pages with it). `check(key, source, tensor)` refuses a weight holding NaN or
+    infinity (`source`: the input tensor, `tensor`: its loaded values; default: `refuse_non_finite`
+    naming the key); the loader's names the file and the file's key.
     """
     tokenizer = load_tokenizer(tokenizer_path)
     fmt = detect_t5_format(sd.keys())
@@ -307,7 +310,8 @@ def build_text_encoder(sd: dict, tokenizer_path, device="cpu", dtype=torch.bfloa
         model = UMT5EncoderModel(config)
     _check_keys(sd_hf, set(model.state_dict().keys()))
     fp8 = t5_fp8_config(fp8)
-    report = assign_fp8_layers(model, sd_hf, scales, device, fp8, release) if fp8 is not None else None
+    check = check or (lambda key, source, tensor: refuse_non_finite("umT5 state dict", key, tensor))
+    report = assign_fp8_layers(model, sd_hf, scales, device, fp8, release, check) if fp8 is not None else None
 
     keep_fp32 = tuple(model._keep_in_fp32_modules or ()) if dtype == torch.float16 and fp8 is None else ()
     # The embedding is tied to shared.weight below; fp8 layers are already in place.
@@ -315,13 +319,17 @@ def build_text_encoder(sd: dict, tokenizer_path, device="cpu", dtype=torch.bfloa
                if not (key == _EMBED or (fp8 is not None and FP8_TARGET_RE.match(key)))}
     weights = {}
     sizes = (sd_hf[key].numel() * target.itemsize for key, target in targets.items())
-    with staged_loader(torch.device(device), None, sizes) as stager:  # onto a GPU: page-locked staging buffers
+    screen = lambda key, tensor: check(key, sd_hf[key], tensor)  # noqa: E731 - the staged load's, at its end
+    with staged_loader(torch.device(device), screen, sizes) as stager:  # onto a GPU: page-locked staging buffers
         for key, target in targets.items():
             tensor = sd_hf[key]
             if stager is not None and key not in scales and tensor.dtype not in FP8_DTYPES:
                 weights[key] = stager.load(key, tensor, target)  # the values of `.to(target)`
             else:
+                if key in scales:  # a NaN scale is named as itself, not as the weight it spoils
+                    check(key, scales[key], scales[key])
                 weights[key] = dequantize(tensor.to(device), scales.get(key), target)  # any dtype -> target
+                check(key, tensor, weights[key])
             if release is not None and weights[key].data_ptr() != tensor.data_ptr():
                 release(tensor)
     try:

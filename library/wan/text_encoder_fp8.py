@@ -83,19 +83,23 @@ def _quantize_by_rows(weight: torch.Tensor, config, work: torch.device, to_work=
     return q, scale, (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
 
 
-def assign_fp8_layers(model: UMT5EncoderModel, sd_hf: dict, scales: dict, device, config, release):
+def assign_fp8_layers(model: UMT5EncoderModel, sd_hf: dict, scales: dict, device, config, release, check=None):
     """Put an `FP8Linear` in place of every target Linear of the (meta) model, one layer at a time:
     fp8 tensors of the file go in as stored with their scale, others are quantised now (on the GPU
     when there is one, which they reach through the page-locked staging buffers of `staged_load.py` in
-    their own dtype: the same bytes as `.to(work)`). The gated FFNs become `FP8GatedFFN`. Returns the
-    `FP8Report`."""
+    their own dtype: the same bytes as `.to(work)`). The gated FFNs become `FP8GatedFFN`. `check(key, source,
+    tensor)`, when given, refuses a weight or scale holding NaN or infinity (on a staged load at its end,
+    with the file's bytes of the tensor). Returns the `FP8Report`."""
     device = torch.device(device)
     work = torch.device("cuda") if device.type == "cpu" and torch.cuda.is_available() else device
     report = FP8Report(config.mode)
     keys = [k for k in sd_hf if FP8_TARGET_RE.match(k)]
-    with staged_loader(work, None, (sd_hf[k].numel() * sd_hf[k].element_size() for k in keys)) as stager:
+    check = check or (lambda key, source, tensor: None)
+    sizes = (sd_hf[k].numel() * sd_hf[k].element_size() for k in keys)
+    with staged_loader(work, lambda key, tensor: check(key, sd_hf[key], tensor), sizes) as stager:
         for key in keys:
-            _assign_layer(model, key, sd_hf[key], scales.get(key), device, work, config, report, release, stager)
+            _assign_layer(model, key, sd_hf[key], scales.get(key), device, work, config, report, release, stager,
+                          check)
     for block in model.encoder.block:
         ffn = block.layer[1].DenseReluDense
         block.layer[1].DenseReluDense = FP8GatedFFN(ffn, ffn.wi_0, ffn.wi_1, ffn.wo)
@@ -103,21 +107,30 @@ def assign_fp8_layers(model: UMT5EncoderModel, sd_hf: dict, scales: dict, device
 
 
 def _assign_layer(model, key: str, source: torch.Tensor, scale, device, work, config, report: FP8Report, release,
-                  stager) -> None:
+                  stager, check) -> None:
     """One target Linear as `FP8Linear`: the file's fp8 bytes as stored, or quantised now (`stager`, when
-    given, moves onto `work`; the quantisation waits for its copies on the device, not the host)."""
+    given, moves onto `work`; the quantisation waits for its copies on the device, not the host). Each
+    staged piece is screened at the end of the load (as its host piece: no device copy kept alive), the
+    rest here."""
     name = key.removesuffix(".weight")
 
     def to_work(tensor: torch.Tensor) -> torch.Tensor:
-        staged = stager.load(key, tensor, tensor.dtype)
+        staged = stager.load(key, tensor, tensor.dtype, keep=tensor)
         stager.join()
         return staged
 
     if source.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        weight = to_work(source) if stager is not None and work == device else source.to(device)
+        staged = stager is not None and work == device
+        weight = to_work(source) if staged else source.to(device)
+        if not staged:
+            check(key, source, weight)
         report.mode = "from file, " + ("scaled" if scale is not None else "unscaled")
-        scale = None if scale is None else scale.to(device=device, dtype=torch.float32)
+        if scale is not None:
+            check(key, scale, scale)
+            scale = scale.to(device=device, dtype=torch.float32)
     else:
+        if stager is None:
+            check(key, source, source)
         weight, scale, report.errors[name] = _quantize_by_rows(source, config, work,
                                                                to_work if stager is not None else None)
         weight, scale = weight.to(device), None if scale is None else scale.to(device)

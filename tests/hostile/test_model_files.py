@@ -2,7 +2,8 @@
 lie, a pickle that would run a command, other architectures, a WAN file in the wrong role, a missing
 tensor and NaN weights. Each is a CheckpointError (a UserError, so every command line shows it and exits
 with 2) naming the file and what to do; the pickle's command never runs. The loaders are called directly
-(the command lines that reach them are in test_training_setup_cli.py and test_tools_cli.py)."""
+(the command lines that reach them are in test_training_setup_cli.py and test_tools_cli.py; the caching tools
+refusing a NaN VAE / umT5 file with exit status 2 are here)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from library.wan.fp8 import FP8Config
 from library.wan.loading import load_dit, load_text_encoder, load_vae
 
 from . import model_files as mf
+from .conftest import assert_refused, copy_demo, run_tool
 
 REFETCH = "the download or copy did not finish, fetch the file again"
 DAMAGED_PTH = ("the file is damaged, truncated or not a model: download it again, or use the .safetensors "
@@ -147,6 +149,23 @@ def test_non_finite_dit_weights_are_refused_naming_the_tensor(tiny_models, tmp_p
     assert str(error.value) == (
         f"{path}: tensor 'blocks.1.ffn.0.weight' holds {counts} values (of {numel}); the file is damaged or was "
         "saved from a diverged training: use another copy of the model (or an earlier checkpoint)")
+
+
+@pytest.mark.parametrize("tool,key", [("cache_latents", "decoder.head.2.weight"),
+                                      ("cache_text_encoder_outputs", "blocks.0.attn.q.weight")])
+def test_caching_with_a_nan_model_file_exits_2_naming_file_and_tensor(tiny_models, demo_source, tmp_path, tool,
+                                                                      key):
+    source = tiny_models.vae if tool == "cache_latents" else tiny_models.t5
+    state = torch.load(source, weights_only=True)
+    state[key].view(-1)[0] = float("nan")
+    path = tmp_path / f"nan_{source.name}"
+    torch.save(state, path)
+    root = copy_demo(demo_source, tmp_path)
+    flags = ["--vae", path] if tool == "cache_latents" else ["--t5", path, "--tokenizer", tiny_models.tokenizer]
+    result = run_tool(tool, "--dataset_config", root / "dataset.toml", *flags, "--device", "cpu", "--no_progress")
+    assert_refused(result, f"{path}: tensor {key!r} holds 1 NaN and 0 infinite values (of ")
+    assert "use another copy of the model" in result.stdout + result.stderr
+    assert not list(root.rglob("*.safetensors"))  # no cache written from a NaN model
 
 
 def test_run_cli_shows_the_message_and_exits_2(tiny_models, tmp_path, capsys):
