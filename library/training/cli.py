@@ -37,9 +37,18 @@ def _train(args: list[str], full_fine_tune: bool, usage: str | None) -> int:
 
     from .trainer import Trainer  # torch, accelerate and the models only when training
 
+    planned = 0.0
+    if cfg.memory.auto_memory:
+        from .planning.auto import PLANNED
+        from .planning.margin import load_margin, output_dir_of
+
+        planned = load_margin(output_dir_of(cfg))  # the margin this start plans with (a broken file stops it now)
+        PLANNED.clear()
     try:
         return Trainer(cfg).run()
     except torch.cuda.OutOfMemoryError as exc:
+        if cfg.memory.auto_memory:
+            raise _learn_from_out_of_memory(cfg, str(exc), planned) from None
         where = f"--config_file {cfg.run.config_file}" if cfg.run.config_file else f"--task {cfg.model.task}"
         raise GPUMemoryError(
             f"the GPU ran out of memory ({str(exc).splitlines()[0]}): these settings do not fit this card. "
@@ -47,6 +56,31 @@ def _train(args: list[str], full_fine_tune: bool, usage: str | None) -> int:
             "what fits: gradient_checkpointing, fp8_base, blocks_to_swap, a smaller batch or resolution"
             + ("; auto_memory = true picks it for you" if cfg.finetune.full_fine_tune else "")
             + ". Saves made before are kept (resume = 'latest' continues from the last state)") from None
+
+
+def _learn_from_out_of_memory(cfg: TrainConfig, message: str, planned: float) -> GPUMemoryError:
+    """auto_memory ran out of GPU memory: record a larger margin in the output folder, so that the next start
+    of this run plans with that much less memory (`planning/margin.py`)."""
+    import torch
+
+    from .checkpoints.state import find_latest_state
+    from .planning.auto import PLANNED
+    from .planning.margin import margin_path, output_dir_of, record_out_of_memory
+
+    card = card_gib = None
+    if torch.cuda.is_available():
+        card = torch.cuda.get_device_name()
+        card_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    out = output_dir_of(cfg)
+    margin = record_out_of_memory(out, planned, message, card, card_gib, PLANNED.get("settings"))
+    first = message.strip().splitlines()[0] if message.strip() else "no message"
+    saved = find_latest_state(out, cfg.saving.output_name) if out.is_dir() else None
+    return GPUMemoryError(
+        f"the GPU ran out of memory ({first}) with the settings auto_memory planned"
+        + (f" ({PLANNED['settings']})" if PLANNED.get("settings") else "")
+        + f": auto_memory will plan with {margin:g} GiB less next time (recorded in {margin_path(out)}; delete it to "
+        "plan without): run the same command again"
+        + (f"; saves made before are kept (resume = 'latest' continues from {saved})" if saved else ""))
 
 
 class GPUMemoryError(UserError, RuntimeError):

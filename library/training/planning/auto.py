@@ -1,6 +1,7 @@
 """`auto_memory`: the memory settings the planner chooses for this card and the dataset's largest
 bucket, for LoRA training (`lora.plan_memory`) and for full fine-tuning (`full.plan_full`), where a rung
-is only taken if the config's own rules (`library.config.validate`) accept it."""
+is only taken if the config's own rules (`library.config.validate`) accept it; every plan holds back the margin
+an earlier out-of-memory error of the same run recorded in its output folder (`margin.py`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,20 @@ from library.wan.variants import WanVariant
 from . import lora
 from .full import plan_full
 from .host import detect_host_ram_gb
+from .margin import held_back_note, load_margin, output_dir_of
 
 logger = logging.getLogger(__name__)
+
+# the settings the last plan of this process chose (what an out-of-memory error records as failed)
+PLANNED: dict[str, str] = {}
+
+
+def run_margin(cfg: TrainConfig) -> float:
+    """GiB the plans of this run hold back after an earlier out-of-memory error (logged when not 0)."""
+    margin = load_margin(output_dir_of(cfg))
+    if margin:
+        logger.warning("auto_memory: %s", held_back_note(output_dir_of(cfg), margin))
+    return margin
 
 
 def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_experts: int):
@@ -31,8 +44,9 @@ def resolve_memory(cfg: TrainConfig, variant: WanVariant, data, device, n_expert
     plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
                             cfg.optimizer.optimizer_type, experts=n_experts, fp8=cfg.memory.fp8_fast,
                             sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg),
-                            host_ram_gb=detect_host_ram_gb())
+                            host_ram_gb=detect_host_ram_gb(), margin_gb=run_margin(cfg))
     logger.info("auto_memory plan for %.0f GiB:\n%s", vram, plan.table())
+    PLANNED["settings"] = plan.settings.label()
     return plan.apply(cfg.memory)
 
 
@@ -47,16 +61,16 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
         return cfg
     width, height, frames, batch = largest_bucket(data)
     experts = 2 if variant.two_experts and cfg.model.dit and cfg.model.dit_high_noise else 1
-    ft, host = cfg.finetune, detect_host_ram_gb()
+    ft, host, margin = cfg.finetune, detect_host_ram_gb(), run_margin(cfg)
 
     def comfortable(n: int) -> bool:
         if ft.full_fine_tune:
             return plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
                              experts, ft.trainable_patterns, ft.frozen_patterns, sequence_parallel=n,
-                             gather_kv=_gathers(cfg), host_ram_gb=host).fits
+                             gather_kv=_gathers(cfg), host_ram_gb=host, margin_gb=margin).fits
         plan = lora.plan_memory(vram, variant, width, height, frames, batch, cfg.network.network_dim,
                                 cfg.optimizer.optimizer_type, experts, fp8=cfg.memory.fp8_fast, sequence_parallel=n,
-                                gather_kv=_gathers(cfg), host_ram_gb=host)
+                                gather_kv=_gathers(cfg), host_ram_gb=host, margin_gb=margin)
         return plan.fits and not plan.settings.blocks_to_swap
 
     if comfortable(1):
@@ -105,12 +119,13 @@ def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data, device, proc
     plan = plan_full(vram, variant, width, height, frames, batch, cfg.optimizer.optimizer_type, processes,
                      2 if cfg.model.dit_high_noise else 1, ft.trainable_patterns, ft.frozen_patterns, allow=allowed,
                      sequence_parallel=cfg.attention.sequence_parallel, gather_kv=_gathers(cfg),
-                     host_ram_gb=detect_host_ram_gb())
+                     host_ram_gb=detect_host_ram_gb(), margin_gb=run_margin(cfg))
     chosen, estimate = plan.settings, plan.estimate
     if not plan.fits:  # the most frugal rung the host RAM holds: a GPU out-of-memory error, not a killed process
         logger.warning("auto_memory: nothing fits %.0f GiB; trying %s anyway (%.1f GiB estimated):\n%s", vram,
                        chosen.label(), estimate.total, plan.table())
     logger.info("auto_memory for full fine-tuning on %.0f GiB, %dx%dx%d: %s (%.1f GiB estimated per process)", vram,
                 width, height, frames, chosen.label(), estimate.total)
+    PLANNED["settings"] = chosen.label()
     memory, finetune = plan.apply(cfg.memory, ft)
     return validate(replace(cfg, memory=memory, finetune=finetune))

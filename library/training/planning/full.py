@@ -299,6 +299,7 @@ class FullPlan:
     candidates: tuple[tuple[FullSettings, FullEstimate], ...]  # those tried, up to the plan
     hints: tuple[str, ...] = ()  # when nothing fits: what would
     host_gb: float | None = None  # host RAM per process the GPU's buffers may take (HOST_FRACTION of the given)
+    margin_gb: float = 0.0  # held back after an out-of-memory error (planning/margin.py)
 
     def apply(self, memory, finetune):
         """Copies of a `MemoryArgs` and a `FineTuneArgs` with the planned settings."""
@@ -324,26 +325,27 @@ def plan_full(vram_gb: float, variant: WanVariant | str, width: int, height: int
               optimizer: str = "adamw", processes: int = 1, experts: int = 1, trainable_patterns: tuple[str, ...] = (),
               frozen_patterns: tuple[str, ...] = (), show_all: bool = False,
               allow: Callable[[FullSettings], bool] | None = None, sequence_parallel: int = 1,
-              gather_kv: bool = False, host_ram_gb: float | None = None) -> FullPlan:
+              gather_kv: bool = False, host_ram_gb: float | None = None, margin_gb: float = 0.0) -> FullPlan:
     """The first rung of the full fine-tuning ladder whose estimated peak per process fits the card and whose
     host memory (`FullEstimate.host`) fits `HOST_FRACTION` of `host_ram_gb`, the host RAM this process may use
     (None: not checked); when none does, the plan is the most frugal rung the host holds and says what would
     fit (another optimizer, more GPUs, fewer frames). `show_all` keeps every rung in the table, not only those
-    tried; `allow` leaves out the rungs a config cannot use."""
+    tried; `allow` leaves out the rungs a config cannot use; `margin_gb` less than the card's memory."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
     w = FullWorkload(variant, width, height, frames, batch_size, 0, optimizer, experts, processes=processes,
                      trainable_patterns=tuple(trainable_patterns), frozen_patterns=tuple(frozen_patterns),
                      sequence_parallel=sequence_parallel, gather_kv=gather_kv)
-    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION - margin_gb
     host = None if host_ram_gb is None else host_ram_gb * HOST_FRACTION
     tried = [(s, estimate_full(w, s)) for s in full_candidates(processes) if allow is None or allow(s)]
     chosen = next((i for i, (_, e) in enumerate(tried) if _fits(e, budget, host)), None)
     if chosen is not None:
         s, e = tried[chosen]
-        return FullPlan(vram_gb, budget, w, s, e, True, tuple(tried if show_all else tried[: chosen + 1]), (), host)
+        return FullPlan(vram_gb, budget, w, s, e, True, tuple(tried if show_all else tried[: chosen + 1]), (), host,
+                        margin_gb)
     held = [(s, e) for s, e in tried if host is None or e.host <= host] or tried  # never more than the host holds
     s, e = held[-1]
-    return FullPlan(vram_gb, budget, w, s, e, False, tuple(tried), _full_hints(budget, w, host), host)
+    return FullPlan(vram_gb, budget, w, s, e, False, tuple(tried), _full_hints(budget, w, host), host, margin_gb)
 
 
 def _fits(e: FullEstimate, budget: float, host: float | None) -> bool:

@@ -256,6 +256,7 @@ class MemoryPlan:
     fits: bool
     candidates: tuple[tuple[Settings, Estimate], ...]
     host_gb: float | None = None  # host RAM the GPU's buffers may take (HOST_FRACTION of the given); None: unchecked
+    margin_gb: float = 0.0  # held back after an out-of-memory error (planning/margin.py)
 
     def apply(self, memory):
         """A copy of a `MemoryArgs` with the planned settings (`auto_memory`)."""
@@ -278,7 +279,8 @@ class MemoryPlan:
         return self.candidates[-2][0] if self.settings.skip_blocks and len(self.candidates) > 1 else self.settings
 
     def table(self) -> str:
-        return lora_table(self, 0 if self.fits else largest_frames(self.vram_gb, self.workload, self.host_gb))
+        return lora_table(self, 0 if self.fits else largest_frames(self.vram_gb, self.workload, self.host_gb,
+                                                                           self.margin_gb))
 
 
 def _candidates(w: Workload, fp8: bool = False):
@@ -306,15 +308,15 @@ def _candidates(w: Workload, fp8: bool = False):
 def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: int, frames: int,
                 batch_size: int = 1, rank: int = 32, optimizer: str = "adamw", experts: int = 1,
                 fp8: bool = False, sequence_parallel: int = 1, gather_kv: bool = False,
-                host_ram_gb: float | None = None) -> MemoryPlan:
+                host_ram_gb: float | None = None, margin_gb: float = 0.0) -> MemoryPlan:
     """The first candidate (see the module docstring) whose estimated peak fits the card and whose host memory
     fits `HOST_FRACTION` of `host_ram_gb` (the host RAM this process may use; None: not checked); with `fp8`
     only candidates with fp8 weights (`fp8_fast` needs them); with `sequence_parallel` N each process holds
     1 / N of every sample's tokens (with `gather_kv`, the `all_gather` attention, also every token's keys and
-    values of the block it runs)."""
+    values of the block it runs); `margin_gb` less memory than the card's (after an out-of-memory error)."""
     variant = get_variant(variant) if isinstance(variant, str) else variant
     w = Workload(variant, width, height, frames, batch_size, rank, optimizer, experts, sequence_parallel, gather_kv)
-    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION - margin_gb
     host = None if host_ram_gb is None else host_ram_gb * HOST_FRACTION
     tried = []
     for s in _candidates(w, fp8):
@@ -323,9 +325,9 @@ def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: i
         if e.total <= budget and (host is None or e.host <= host):
             skipped = skip_blocks(w, s, budget, host)
             shown = _shown(tried) + ((skipped,) if skipped else ())
-            return MemoryPlan(vram_gb, budget, w, *(skipped or (s, e)), True, shown, host)
+            return MemoryPlan(vram_gb, budget, w, *(skipped or (s, e)), True, shown, host, margin_gb)
     s, e = tried[-1]
-    return MemoryPlan(vram_gb, budget, w, s, e, False, _shown(tried), host)
+    return MemoryPlan(vram_gb, budget, w, s, e, False, _shown(tried), host, margin_gb)
 
 
 def skip_blocks(w: Workload, s: Settings, budget: float, host: float | None) -> tuple[Settings, Estimate] | None:
@@ -351,11 +353,11 @@ def skip_blocks(w: Workload, s: Settings, budget: float, host: float | None) -> 
     return best
 
 
-def largest_frames(vram_gb: float, w: Workload, host_gb: float | None = None) -> int:
+def largest_frames(vram_gb: float, w: Workload, host_gb: float | None = None, margin_gb: float = 0.0) -> int:
     """The most frames (4k + 1) that fit with the most frugal settings (the GPU, and `host_gb` of host RAM
     when given), 0 when not even 1 frame does."""
     frugal = Settings(True, True, True, w.variant.num_layers - 1, w.experts > 1)
-    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION
+    budget = (vram_gb - CUDA_CONTEXT_GIB) * FRAGMENTATION - margin_gb
     best = 0
     for frames in range(1, w.frames + 1, 4):
         e = estimate(dataclasses.replace(w, frames=frames), frugal)

@@ -6,6 +6,11 @@ then the verdict. Every figure is an estimate."""
 from __future__ import annotations
 
 
+def held_back(plan) -> str:
+    """The header's note on a margin held back after an out-of-memory error ('' without one)."""
+    return f" ({plan.margin_gb:g} GiB held back after an out-of-memory error)" if plan.margin_gb else ""
+
+
 def split_note(w) -> str:
     """The header's note on sequence parallelism ('' without it)."""
     return f" ({w.local_tokens} per process, split over {w.sequence_parallel})" if w.sequence_parallel > 1 else ""
@@ -24,7 +29,7 @@ def lora_table(plan, frames: int) -> str:
     host = "host RAM not checked" if plan.host_gb is None else f"{plan.host_gb:.1f} GiB of host RAM usable"
     head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
             f"{w.tokens} tokens{split_note(w)}, LoRA rank {w.rank}, {w.optimizer}; {plan.vram_gb:g} GiB card, "
-            f"{plan.budget_gb:.1f} GiB usable, {host} (estimates)")
+            f"{plan.budget_gb:.1f} GiB usable{held_back(plan)}, {host} (estimates)")
     cols = ("", "settings", "weights", "LoRA+opt", "activations", "workspace", "total", "host RAM", "fits")
     rows = [cols]
     for s, e in plan.candidates:
@@ -59,7 +64,7 @@ def full_table(plan) -> str:
     w, e = plan.workload, plan.estimate
     head = (f"{w.variant.name} x{w.experts} expert(s), {w.width}x{w.height}x{w.frames}, batch {w.batch_size}, "
             f"{w.tokens} tokens{split_note(w)}, full fine-tuning, {w.optimizer}, {w.processes} process(es); "
-            f"{plan.vram_gb:g} GiB card, {plan.budget_gb:.1f} GiB usable, {_host_note(plan.host_gb)} "
+            f"{plan.vram_gb:g} GiB card, {plan.budget_gb:.1f} GiB usable{held_back(plan)}, {_host_note(plan.host_gb)} "
             f"(estimates, GiB per process)")
     cols = ("", "settings", "weights", "grads", "optim", "copies", "activations", "workspace", "total", "peak at",
             "host RAM", "fits")
