@@ -12,7 +12,9 @@ optimizer, number of experts and `fp8_fast` come from the training TOML (command
 plans full fine-tuning (finetune/fine_tune_wan.py) per process for `--processes` GPUs. Figures are
 estimates (see library/training/planning/lora.py); `tools/benchmark_wan.py` measures the real peak. For LoRA the
 last row is the plan with its skip stage where it applies: the rung above it plus the last N blocks left
-unchecked ("skipping the last N blocks", `gradient_checkpointing_skip_blocks`).
+unchecked ("skipping the last N blocks", `gradient_checkpointing_skip_blocks`). `--margin_gb` holds that much
+back (by default, with a `--config_file` that sets `auto_memory`, the margin an out-of-memory error recorded in
+its `output_dir/auto_memory_margin.json`: the plan its next start makes).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(REPO))  # our `library`, never another package of that na
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from library.errors import positive_float, positive_int
+    from library.errors import finite_float, positive_float, positive_int
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config_file", help="training TOML to take task, network_dim, optimizer_type and experts from")
@@ -54,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "LoRA: swapped blocks, an inactive expert; full fine-tuning: fsdp_cpu_offload's shards and "
                         "optimizer state) do not fit 90%% of it are skipped (default: MemAvailable divided by "
                         "LOCAL_WORLD_SIZE, or with --full by the --processes on this node's GPUs)")
+    p.add_argument("--margin_gb", type=finite_float,
+                   help="GiB held back from the card's memory, as auto_memory does after an out-of-memory error "
+                        "(default: with --config_file and auto_memory, the margin in its output_dir)")
     p.add_argument("--all_candidates", action="store_true", help="full fine-tuning: show every rung of the ladder, "
                                                                  "not only those tried")
     return p.parse_args(argv)
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     task, rank, optimizer, experts, full, patterns = "t2v-A14B", 32, "AdamW", 1, args.full, ((), ())
-    split, gather, fp8_fast = 1, False, False
+    split, gather, fp8_fast, margin = 1, False, False, 0.0
     if args.config_file:
         from library.config import load_config
 
@@ -85,6 +90,11 @@ def main(argv=None) -> int:
         split = cfg.attention.sequence_parallel
         gather = cfg.attention.sequence_parallel_attention == "all_gather"
         fp8_fast = cfg.memory.fp8_fast
+        if cfg.memory.auto_memory:
+            from library.training.planning.margin import load_margin, output_dir_of
+
+            margin = load_margin(output_dir_of(cfg))
+    margin = margin if args.margin_gb is None else max(0.0, args.margin_gb)
     split = args.sequence_parallel or split
     vram = args.vram_gb or detect_vram_gb()
     if vram is None:
@@ -96,12 +106,13 @@ def main(argv=None) -> int:
     if full:
         plan = plan_full(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                          args.optimizer_type or optimizer, args.processes, args.experts or experts, *patterns,
-                         show_all=args.all_candidates, sequence_parallel=split, gather_kv=gather, host_ram_gb=host)
+                         show_all=args.all_candidates, sequence_parallel=split, gather_kv=gather, host_ram_gb=host,
+                         margin_gb=margin)
     else:
         plan = plan_memory(vram, args.task or task, args.width, args.height, args.frames, args.batch_size,
                            args.network_dim or rank, args.optimizer_type or optimizer, args.experts or experts,
                            fp8=args.fp8_fast or fp8_fast, sequence_parallel=split, gather_kv=gather,
-                           host_ram_gb=host)
+                           host_ram_gb=host, margin_gb=margin)
     print(plan.table())
     return 0 if plan.fits else 1
 

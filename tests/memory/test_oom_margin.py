@@ -95,3 +95,26 @@ def test_resolve_memory_reads_the_record_of_the_output_dir(tmp_path, monkeypatch
     assert (f"5 GiB held back after an out-of-memory error ({tmp_path / 'auto_memory_margin.json'}; delete it to "
             "plan without)") in caplog.text
     assert auto.PLANNED["settings"].endswith("skipping the last 2 blocks")
+
+
+def test_plan_memory_tool_shows_the_plan_of_the_next_start(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from tests.helpers import REPO
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import plan_memory as tool
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    out = tmp_path / "out"
+    margin.record_out_of_memory(out, 3.0, CUDA_OOM)  # 5 GiB
+    config = tmp_path / "lora.toml"
+    config.write_text(f'task = "t2v-A14B"\nauto_memory = true\noutput_dir = "{out}"\n')
+    args = ["--config_file", str(config), "--vram_gb", "80", "--host_ram_gb", "1024"]
+    assert tool.main(args) == 0
+    shown = capsys.readouterr().out
+    assert "(5 GiB held back after an out-of-memory error)" in shown and "skipping the last 2 blocks (" in shown
+    assert tool.main([*args, "--margin_gb", "0"]) == 0
+    shown = capsys.readouterr().out
+    assert "held back" not in shown and "skipping the last 3 blocks (" in shown
