@@ -54,7 +54,7 @@ def _train(args: list[str], full_fine_tune: bool, usage: str | None) -> int:
             f"the GPU ran out of memory ({str(exc).splitlines()[0]}): these settings do not fit this card. "
             f"`python tools/plan_memory.py {where} --width W --height H --frames F` (your largest bucket) shows "
             "what fits: gradient_checkpointing, fp8_base, blocks_to_swap, a smaller batch or resolution"
-            + ("; auto_memory = true picks it for you" if cfg.finetune.full_fine_tune else "")
+            + "; auto_memory = true picks it for you"
             + ". Saves made before are kept (resume = 'latest' continues from the last state)") from None
 
 
