@@ -244,9 +244,8 @@ def test_gpu_out_of_memory_points_to_the_planner(tiny_models, cached_demo, tmp_p
     assert err == ("error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.6 GiB "
                    "total)): these settings do not fit this card. `python tools/plan_memory.py --task t2v-tiny "
                    "--width W --height H --frames F` (your largest bucket) shows what fits: gradient_checkpointing, "
-                   "fp8_base, blocks_to_swap, a smaller batch or resolution; auto_memory = true picks it for you. Saves made "
-                   "before are kept (resume = "
-                   "'latest' continues from the last state)\n")
+                   "fp8_base, blocks_to_swap, a smaller batch or resolution; auto_memory = true picks it for you. "
+                   "Saves made before are kept (resume = 'latest' continues from the last state)\n")
 
 
 def test_a_copy_of_one_expert_as_the_other_is_a_warning(tiny_models, cached_demo, tmp_path, caplog):
