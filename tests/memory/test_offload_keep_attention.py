@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from library.config.schema import MemoryArgs
-from library.runtime.memory import ActivationOffloader, BlockRunner, apply_memory_features
+from library.runtime.memory import ActivationOffloader, BlockRunner
 from tests.memory.conftest import deep_tiny, tiny_inputs, tiny_model
 from tests.memory.test_block_swap import with_lora
-from tests.wan.test_selective_checkpointing import AttentionCalls
+from tests.memory.test_skip_blocks import lora_step
 
 LAYERS = 4
 
@@ -24,16 +24,9 @@ def variant():
 
 
 def _step(variant, memory: MemoryArgs, offloader: ActivationOffloader | None = None):
-    model = tiny_model(variant)
-    setup = apply_memory_features(model, memory, "cpu", offloader=offloader)
-    net = with_lora(model)
-    calls = AttentionCalls()
-    with calls:
-        loss = model(*tiny_inputs(variant)).square().mean()
-        loss.backward()
-    grads = [p.grad.clone() for p in net.parameters()]
+    setup, model, loss, grads, calls, _ = lora_step(variant, memory, offloader)
     assert any(g.abs().max() > 0 for g in grads)
-    return setup, model, loss.detach(), grads, calls.forward
+    return setup, model, loss, grads, calls
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,13 @@ def variant():
     return deep_tiny(LAYERS)
 
 
-def _step(variant, memory: MemoryArgs, offloader: ActivationOffloader | None = None):
-    """One fp32 LoRA step: loss, LoRA gradients, attention forwards run, forward calls of each block."""
+def lora_step(variant, memory: MemoryArgs, offloader: ActivationOffloader | None = None):
+    """One fp32 LoRA step through `apply_memory_features`: (setup, model, loss, LoRA gradients, attention
+    forwards run, forward calls of each block)."""
     model = tiny_model(variant)
     setup = apply_memory_features(model, memory, "cpu", offloader=offloader)
     net = with_lora(model)
-    runs = [0] * LAYERS
+    runs = [0] * len(model.blocks)
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
     calls = AttentionCalls()
@@ -47,7 +48,13 @@ def _step(variant, memory: MemoryArgs, offloader: ActivationOffloader | None = N
         loss = model(*tiny_inputs(variant)).square().mean()
         loss.backward()
     grads = [p.grad.clone() for p in net.parameters()]
-    return setup, loss.detach(), grads, calls.forward, runs
+    return setup, model, loss.detach(), grads, calls.forward, runs
+
+
+def _step(variant, memory: MemoryArgs, offloader: ActivationOffloader | None = None):
+    """`lora_step` without the model: loss, LoRA gradients, attention forwards run, forward calls of each block."""
+    setup, _, loss, grads, calls, runs = lora_step(variant, memory, offloader)
+    return setup, loss, grads, calls, runs
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,8 @@ def auto_sequence_parallel(cfg: TrainConfig, variant: WanVariant, data, device, 
         return cfg
     width, height, frames, batch = largest_bucket(data)
     experts = 2 if variant.two_experts and cfg.model.dit and cfg.model.dit_high_noise else 1
-    ft, host, margin = cfg.finetune, detect_host_ram_gb(), run_margin(cfg)
+    ft, host = cfg.finetune, detect_host_ram_gb()
+    margin = load_margin(output_dir_of(cfg))  # logged by the memory plan that follows
 
     def comfortable(n: int) -> bool:
         if ft.full_fine_tune:
