@@ -47,13 +47,14 @@ HOST_LINK_SOURCE = (
     "CUDA's bandwidthTest, reach about 80-85% of the link), not a measurement."
 )
 
-_HOPPER_ATTENTION = {"fa2": (330.0, 290.0), "fa3": (640.0, 500.0), "cudnn": (595.0, 460.0)}
+_HOPPER_ATTENTION = {"fa2": (370.0, 322.0), "fa3": (648.0, 561.0), "cudnn": (595.0, 516.0)}
 _HOPPER_SOURCE = ("peak: NVIDIA H100 / H200 datasheets (989 TFLOP/s dense bf16 SXM; 3.35 / 4.8 TB/s HBM); "
                   "sustained matmul 650 TFLOP/s and 2.8 TB/s on the H100 (issue 17's assumptions, about 2/3 of "
                   "peak FLOPs and 84% of peak bandwidth), H200 bandwidth 4.0 TB/s (the same 84%); attention: "
-                  "FA2 330 / 290 and FA3 640 / 500 forward / backward (issue 17; FlashAttention-3 paper, Shah "
-                  "et al. 2024, H100 SXM5, head dim 128), cuDNN 595 forward from the same paper's head-dim-128 "
-                  "non-causal chart at 16k, 460 backward assumed (0.92x FA3, as forward); fp8 matmuls 1300 "
+                  "forward / backward FA2 370 / 322, FA3 648 / 561, cuDNN 595 / 516 (FlashAttention-3 paper, "
+                  "Shah et al. 2024, H100 SXM5 bf16, head dim 128, non-causal, the forward and backward charts at "
+                  "sequence length 16k; until 2026-12-06 the backward rates were assumptions, 290 / 500 / 460, "
+                  "below the paper's own figures); fp8 matmuls 1300 "
                   "(the datasheets' dense fp8 peak, 1979, is twice bf16's; the same 2/3 sustained assumed); "
                   "memory as torch reports an 80 GB H100 / 141 GB H200, about 79.2 / 139.8 GiB")
 GPUS = {

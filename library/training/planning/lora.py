@@ -31,8 +31,8 @@ Why offload keeping every block's attention (3) comes before keeping K < num_lay
 (4): by the step-time estimator (`tools/benchmark_wan.py --estimate`, `estimate_offload.py`) the copies run
 beside the compute and hide behind it. For one A14B expert at 832x480x81 on an H100 a block input is 0.67 GB
 each way, 13.1 ms over PCIe 5.0 at 51.2 GB/s, against 75 ms of forward and 203 ms of backward compute per
-block: nothing is exposed, so rung 3 runs as fast as rung 2 (11.11 s a step, estimate), while keeping 19 of
-40 blocks without offload recomputes 21 self-attentions (11.88 s). The same holds for TI2V-5B (6.5 ms
+block: nothing is exposed, so rung 3 runs as fast as rung 2 (10.58 s a step, estimate), while keeping 19 of
+40 blocks without offload recomputes 21 self-attentions (11.35 s). The same holds for TI2V-5B (6.5 ms
 against 32 ms) and on an RTX 4090 over PCIe 4.0 (26 ms against 350 ms for A14B). Keeping 39 blocks without
 offload would only win where the copies are exposed by more than one attention forward (37 ms here); the
 transfer time over a block's forward compute is at most rate / (6 C link) for any token count (matmuls
