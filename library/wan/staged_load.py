@@ -57,6 +57,11 @@ class CudaTransport:
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=self.device)
         out.record_stream(self.stream)  # written on the side stream: not reused before those copies end
+        # The memory comes from the compute stream's pool, where a tensor freed a moment ago (a weight just
+        # quantised by the fp8 load, the quantiser's temporaries) is handed out again at once: safe for the
+        # compute stream, which runs in order, but the side stream writes it, so it first waits (on the GPU)
+        # for every compute-stream kernel queued so far, e.g. the one still reading the freed tensor.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         return out
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -125,3 +125,24 @@ def test_cuda_load_equals_the_cpu_load_and_the_per_tensor_path(tmp_path, monkeyp
     save_file(state, str(tmp_path / "nan.safetensors"))
     with pytest.raises(CheckpointError, match=r"tensor 'head\.head\.weight' holds 1 NaN and 0 infinite"):
         load_dit(tmp_path / "nan.safetensors", device="cuda", dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_staged_tensor_memory_freed_by_the_compute_stream_is_written_after_its_readers():
+    """The fp8 load quantises each weight on the compute stream as soon as it arrives and frees it: the
+    allocator hands that memory to the next staged tensor at once, which the side stream writes. The side
+    stream must wait for the compute-stream kernel still reading the freed tensor (held back here by a sleep
+    kernel), or that kernel reads the next tensor's values."""
+    torch.cuda.synchronize()
+    sources = [torch.full((1 << 20,), float(i)) for i in range(8)]  # 4 MiB each: every one the same block size
+    sums = []
+    with StagedLoader(staged_load.CudaTransport(torch.device("cuda")), buffer_bytes=4 << 20) as loader:
+        for i, source in enumerate(sources):
+            out = loader.load(f"t{i}", source, torch.float32)
+            loader.join()
+            torch.cuda._sleep(50_000_000)  # the compute stream is busy for some milliseconds before it reads
+            sums.append(out.sum())
+            del out  # back to the compute stream's pool while the sum has not run yet
+    torch.cuda.synchronize()
+    assert [s.item() for s in sums] == [float(i << 20) for i in range(8)]
