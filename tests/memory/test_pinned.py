@@ -11,6 +11,7 @@ from library.runtime.block_swap import BlockSwapper, HostTransport
 from library.runtime.memory import ActivationOffloader, BlockRunner
 from library.runtime.pinned import HostBufferPool, PinnedArena, pinned_bytes
 from library.training.estimate import meta_model
+from library.wan.pinning import PAGE, pinned_buffer
 from library.wan.variants import get_variant
 from tests.memory.conftest import deep_tiny, tiny_inputs, tiny_model
 from tests.memory.test_block_swap import step, with_lora
@@ -64,7 +65,8 @@ def test_swapped_blocks_live_in_one_exact_arena_and_train_alike():
     items = [t for i in (3, 4, 5) for t in model.blocks[i].state_dict().values()]
     pinner = RecordingPinner()
     swapper = BlockSwapper(model.blocks, 3, HostTransport(), pin_memory=True, pinner=pinner)
-    assert pinner.registered == [pinned_bytes(items, rounded=False)] == [swapper.arena.nbytes]
+    pages = -(-swapper.arena.nbytes // PAGE) * PAGE  # registered in whole pages of the arena's own
+    assert swapper.arena.nbytes == pinned_bytes(items, rounded=False) and pinner.registered == [pages]
     arena = swapper.arena.buffer.untyped_storage().data_ptr()
     assert {s.host.untyped_storage().data_ptr() for i in (3, 4, 5) for s in swapper._slots[i]} == {arena}
     model.block_runner = BlockRunner(swapper)
@@ -87,7 +89,7 @@ def test_the_buffer_pool_reuses_the_smallest_buffer_that_fits():
     pool.put(big)
     pool.put(small)
     assert pool.get(1000) is small and pool.get(2000) is big
-    assert pool.get(100).numel() == 100 and pinner.registered == [4096, 1024, 100] and pool.registered == 5220
+    assert pool.get(100).numel() == 100 and pinner.registered == [PAGE] * 3 and pool.registered == 5220
     view = HostBufferPool.view(big, (4, 8), torch.float32)
     assert view.shape == (4, 8) and view.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
 
@@ -106,3 +108,20 @@ def test_activation_reloads_are_prefetched_one_block_ahead():
                      ("fetch", 3), ("fetch", 2), ("use", 3), ("fetch", 1), ("use", 2), ("fetch", 0), ("use", 1),
                      ("use", 0)]
     assert all(lo.lora_up.weight.grad is not None for lo in net.loras)
+
+
+def test_registered_pages_belong_to_one_buffer_alone():
+    """The driver page-locks whole pages and refuses a page already registered: every buffer registers
+    page-aligned whole pages inside its own allocation, so small buffers next to each other on the heap never
+    share one (4 KiB staging buffers of a tiny model, 64-byte ones here)."""
+    pinner = RecordingPinner()
+    regions = []
+    pinner.register = lambda t: regions.append((t.data_ptr(), t.numel()))
+    buffers = [pinned_buffer(n, pinner) for n in (64, 64, 100, PAGE, PAGE + 1, 3 << 20)]
+    assert [b.numel() for b in buffers] == [64, 64, 100, PAGE, PAGE + 1, 3 << 20]
+    for buffer, (start, size) in zip(buffers, regions):
+        assert start % PAGE == 0 and size % PAGE == 0 and buffer.data_ptr() == start and buffer.numel() <= size
+        base = buffer.untyped_storage()
+        assert base.data_ptr() <= start and start + size <= base.data_ptr() + base.nbytes()
+    spans = sorted(regions)
+    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))  # no page registered twice
