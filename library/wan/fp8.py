@@ -247,15 +247,19 @@ class FP8Linear(nn.Linear):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype if x.dtype in COMPUTE_DTYPES else torch.bfloat16
 
-    def _fast_path(self, x: torch.Tensor) -> bool:
+    def _fast_path(self, x: torch.Tensor, dtype: torch.dtype) -> bool:
+        """fp8 matmuls for this call: bf16 compute only. The input gradient always scales per row, and
+        PyTorch's row-wise fp8 kernel outside cuBLAS 12.9 on Hopper (Ada cards, older CUDA) writes bf16 only:
+        an fp16 run would fail inside a compiled block, past the fallback below. fp16 dequantises (said once,
+        when the model is set up: `library.runtime.memory`)."""
         if not self.use_scaled_mm or self._scaled_mm_failed:
             return False
-        return scaled_mm_supported(x.device, self.in_features, self.out_features)
+        return dtype == torch.bfloat16 and scaled_mm_supported(x.device, self.in_features, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            if self._fast_path(x):
+            if self._fast_path(x, dtype):
                 try:
                     return _FP8LinearFunction.apply(x, self.weight, self.scale_weight, self.bias, dtype, True)
                 except RuntimeError as exc:  # an unsupported shape or build: fall back for good, once

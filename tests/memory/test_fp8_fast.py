@@ -117,3 +117,26 @@ def test_lora_step_with_fp8_matmuls_against_the_dequantised_path(monkeypatch):
     total = torch.cat([g.flatten() for g in grads])
     ref_total = torch.cat([g.flatten() for g in ref_grads])
     assert (total - ref_total).norm() / ref_total.norm() < 0.1
+
+
+def test_fp16_compute_dequantises_with_one_warning(monkeypatch, caplog):
+    """PyTorch's row-wise fp8 matmul (always used for the input gradient) writes bf16 only outside cuBLAS 12.9 on
+    Hopper, and a failure inside a compiled block would pass the layer's fallback: an fp16 model dequantises,
+    with one warning naming the setting to change, even where the device has fp8 tensor cores."""
+    for module in (fp8, runtime_memory):  # as if this were an sm89+ GPU
+        monkeypatch.setattr(module, "scaled_mm_supported", lambda device, i, o: True)
+    monkeypatch.setattr(runtime_memory._fp8_matmuls, "warned", False)
+    with caplog.at_level(logging.INFO, logger=runtime_memory.__name__):
+        models = [_model().to(torch.float16), _model().to(torch.float16)]  # two experts: one warning
+        setups = [apply_memory_features(m, MemoryArgs(fp8_base=True, fp8_scaled=True, fp8_fast=True), "cpu")
+                  for m in models]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "computes in float16" in warnings[0] and 'mixed_precision = "bf16"' in warnings[0]
+    assert all("dequantised for each matmul" in " ".join(s.notes) for s in setups)
+    layer = next(m for m in models[0].modules() if isinstance(m, FP8Linear))
+    x = torch.randn(2, 7, layer.in_features)
+    for dtype, calls in ((torch.float16, 0), (torch.float32, 0), (torch.bfloat16, 1)):
+        counter = ScaledMM()
+        with counter:
+            layer(x.to(dtype))
+        assert counter.calls == calls, dtype
