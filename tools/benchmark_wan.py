@@ -21,9 +21,9 @@ takes fp8 / checkpointing / offload / block swap from the memory planner for tha
 an estimated step time, the MFU it implies (against the dense bf16 peak, fp8 matmuls or not) and the kernels
 that take the time. With `--plan` the memory planner chooses for the card's memory what `auto_memory` would
 (checkpointing, keeping self-attention, activation offload, the last blocks not checkpointed as `--skip_blocks
-N` forces, fp8 weights; host RAM is not checked unless `--host_ram_gb` is given). Activation offload
-(`--offload_activations`, or the plan's) is costed as copies at the GPU's host-link rate overlapped with the
-compute; the exposed part is added. The estimate compiles the blocks unless `--eager`, as training does on a
+N` forces, fp8 weights, block swap; host RAM is not checked unless `--host_ram_gb` is given). Activation offload
+(`--offload_activations`) and block swap (`--blocks_to_swap`), or the plan's, are costed as copies at the GPU's
+host-link rate overlapped with the compute, in the order training issues them; the exposed part is added. The estimate compiles the blocks unless `--eager`, as training does on a
 CUDA GPU by default; measured runs compile only with `--compile` (so `tools/gpu_check.sh` times eager and
 compiled steps apart). Every figure it prints is labelled as an estimate; it takes under a minute on a CPU.
 Its attention is training's default for the GPU (no attention option: flash3 on Hopper where FlashAttention 3
@@ -275,15 +275,15 @@ def _estimate(args) -> int:
     from library.training.gpu_rates import GPUS
     from library.training.planning.lora import plan_memory
 
-    unmodelled = "--full, block swap and --sdpa_kernel are not modelled"
-    if args.full or args.blocks_to_swap or args.sdpa_kernel:
-        print(f"--estimate covers LoRA steps (bf16 or fp8 weights, checkpointing, any --attention); {unmodelled}",
-              file=sys.stderr)
+    unmodelled = "--full and --sdpa_kernel are not modelled"
+    if args.full or args.sdpa_kernel:
+        print(f"--estimate covers LoRA steps (bf16 or fp8 weights, checkpointing, block swap, any --attention); "
+              f"{unmodelled}", file=sys.stderr)
         return 2
     variant = get_variant(args.task)
     fp8 = args.fp8_base or args.fp8_scaled or args.fp8_scaled_mm
     checkpointing, keep, kept = not args.no_gradient_checkpointing, args.keep_attention, args.keep_attention_blocks
-    skip = args.skip_blocks
+    skip, swap = args.skip_blocks, args.blocks_to_swap
     offload = args.gradient_checkpointing_cpu_offload
     if args.plan:
         plan = plan_memory(GPUS[args.gpu].memory_gib, variant, args.width, args.height, args.frames,
@@ -291,17 +291,20 @@ def _estimate(args) -> int:
                            host_ram_gb=args.host_ram_gb)
         print(plan.table())
         s = plan.settings
-        if s.blocks_to_swap or not plan.fits:
-            print(f"the plan for this card needs {s.label()}: {unmodelled}", file=sys.stderr)
+        if not plan.fits:
+            print(f"nothing fits this card: the last plan tried is {s.label()}", file=sys.stderr)
             return 2
         fp8, checkpointing, keep, kept = s.fp8, s.checkpointing, s.keep_attention, s.keep_attention_blocks
-        skip = s.skip_blocks
+        skip, swap = s.skip_blocks, s.blocks_to_swap
         offload = s.offload_activations
     setup = StepSetup(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim,
                       checkpointing=checkpointing, keep_attention=keep and checkpointing,
                       keep_attention_blocks=kept * checkpointing, skip_blocks=skip * checkpointing, fp8=fp8,
                       fp8_fast=args.fp8_scaled_mm,
-                      offload_activations=offload and checkpointing)
+                      offload_activations=offload and checkpointing, blocks_to_swap=swap)
+    if swap and not checkpointing:
+        print("--estimate: block swap needs gradient checkpointing (training turns it on)", file=sys.stderr)
+        return 2
     try:
         result = estimate_step(setup, args.gpu, _estimated_attention(args), _compiled(args))
     except ValueError as exc:  # flash3 or fp8 matmuls on a GPU without them
@@ -323,6 +326,7 @@ def _estimate(args) -> int:
                                                "memory_bound_tb": result.memory_bound_tb,
                                                "offload_exposed_s": result.offload.exposed_s if result.offload
                                                else None,
+                                               "swap_exposed_s": result.swap.exposed_s if result.swap else None,
                                                "sequence_parallel": rows}, indent=2))
     return 0
 

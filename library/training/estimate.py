@@ -38,7 +38,7 @@ from library.wan.vace import build_dit
 from library.wan.variants import WanVariant
 
 from .benchmark import step_flops
-from .estimate_offload import BlockMarks, OffloadTime, offload_time
+from .estimate_offload import BlockMarks, OffloadTime, SwapTime, offload_time, swap_time
 from .estimate_ops import counting_rms_norm, counting_sdpa
 from .gpu_rates import GPUS, GpuRates
 
@@ -75,6 +75,7 @@ class Trace(list):
     """The kernels of a traced step, with `marks`: where each block's forward and backward pass begin."""
 
     marks: BlockMarks | None = None
+    block_bytes: list | None = None  # each block's weights as stored (what block swap copies)
 
 
 class KernelRecorder(TorchDispatchMode):
@@ -132,6 +133,7 @@ class StepSetup:
     fp8: bool = False  # block Linear weights in fp8, dequantised for each matmul (`fp8_base`)
     fp8_fast: bool = False  # ... multiplied in fp8 instead (`fp8_fast`; implies fp8 weights)
     offload_activations: bool = False  # checkpointed block inputs copied to the host and back (needs checkpointing)
+    blocks_to_swap: int = 0  # the last N blocks streamed from host memory (`blocks_to_swap`; needs checkpointing)
 
     def latent_shape(self) -> tuple[int, ...]:
         v = self.variant
@@ -193,6 +195,8 @@ def trace_step(setup: StepSetup) -> Trace:
         if v.image_embedding else None  # FLF2V: the first and the last frame's tokens
     recorder, originals = KernelRecorder(), (F.scaled_dot_product_attention, F.rms_norm)
     model.block_runner = recorder.kernels.marks = BlockMarks(recorder.kernels)
+    recorder.kernels.block_bytes = [sum(t.numel() * t.element_size() for t in b.state_dict().values())
+                                    for b in model.blocks]
     F.scaled_dot_product_attention, F.rms_norm = counting_sdpa, counting_rms_norm
     try:
         with recorder:
@@ -311,6 +315,7 @@ class StepEstimate:
     by_kind: dict
     top: list  # [(name, kind, seconds, count)]
     offload: OffloadTime | None = None  # activation offload's traffic and exposed time (included in `seconds`)
+    swap: SwapTime | None = None  # block swap's traffic and, with the activation copies, the wait for it (included)
 
     def table(self, top: int = 10) -> str:
         s, v = self.setup, self.setup.variant
@@ -323,6 +328,7 @@ class StepEstimate:
         checkpointing += f", the last {skip} of {v.num_layers} blocks not checkpointed" if s.checkpointing and skip \
             else ""
         checkpointing += ", activations offloaded" if self.offload else ""
+        checkpointing += f", {s.blocks_to_swap} blocks swapped" if self.swap else ""
         checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
         lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
                  f"{s.width}x{s.height}x{s.frames}, {s.tokens()} tokens, batch {s.batch}, LoRA rank {s.rank}, "
@@ -339,8 +345,11 @@ class StepEstimate:
             o = self.offload
             lines.append(f"  estimated activation offload  {o.gb_each_way:.1f} GB to the host and "
                          f"{o.gb_each_way:.1f} GB back ({o.blocks} block inputs, {1000 * o.copy_s:.1f} ms each over "
-                         f"{o.link} at {o.link_gbs:g} GB/s, 80% of its peak); exposed {o.exposed_s:.3f} s "
-                         f"(in the step time)")
+                         f"{o.link} at {o.link_gbs:g} GB/s, 80% of its peak); " + (
+                             f"exposed {o.exposed_s:.3f} s (in the step time)" if not self.swap else
+                             "exposed: with block swap's copies"))
+        if self.swap:
+            lines.append(self.swap.line())
         lines.append(f"  top kernels by estimated time (of {self.kernels}):")
         for name, kind, seconds, count in self.top[:top]:
             lines.append(f"    {seconds:7.2f} s  {count:6d} x  {name} ({kind})")
@@ -355,14 +364,18 @@ def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", 
     kernel = attention_kernel(attention, rates)
     costs = cost(kernels, rates, kernel, compiled)
     seconds = sum(c.seconds for c in costs)
-    offload = None
-    if setup.offload_activations and setup.checkpointing:
-        marks = getattr(kernels, "marks", None)
-        if marks is None:
-            raise ValueError("activation offload needs a traced step (trace_step), which marks the blocks")
-        offload = offload_time(costs, marks, 4 * setup.variant.dim * setup.tokens() * setup.batch, rates,
-                               setup.skip_blocks)
-        seconds += offload.exposed_s
+    offload = swap = None
+    marks, input_bytes = getattr(kernels, "marks", None), 4 * setup.variant.dim * setup.tokens() * setup.batch
+    if (setup.offload_activations or setup.blocks_to_swap) and (marks is None or not setup.checkpointing):
+        raise ValueError("activation offload and block swap need checkpointing and a traced step (trace_step)")
+    if setup.offload_activations:
+        offload = offload_time(costs, marks, input_bytes, rates, setup.skip_blocks)
+    if setup.blocks_to_swap:  # the wait for weights and activations together (they share the link)
+        if setup.skip_blocks:
+            raise ValueError("block swap checkpoints every block: it cannot be combined with skip_blocks")
+        swap = swap_time(costs, marks, kernels.block_bytes, rates, setup.blocks_to_swap,
+                         input_bytes if setup.offload_activations else 0.0)
+    seconds += swap.exposed_s if swap else offload.exposed_s if offload else 0.0
     by_kind, groups = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for c in costs:
         label = {"matmul": "fp8 matmuls" if c.name == "_scaled_mm" else "matmuls",
@@ -376,4 +389,4 @@ def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", 
     memory = sum(c.bytes for c in costs if c.kind == "other") / 1e12
     mfu = flops / (seconds * rates.peak_tflops * 1e12)
     return StepEstimate(rates, setup, f"{attention} ({kernel})", compiled, seconds, mfu, flops / 1e12, len(costs),
-                        memory, dict(by_kind), top, offload)
+                        memory, dict(by_kind), top, offload, swap)

@@ -13,6 +13,14 @@ replays that schedule on the estimated kernel times: the side stream runs each c
 as it is issued and the stream is free, and the compute is delayed whenever a block's input is not back in
 time. When every copy is shorter than the compute it overlaps, nothing is exposed; in a steady state the
 exposed time is the sum over blocks of max(0, copy - that block's compute). Every figure is an estimate.
+
+Block swap (`blocks_to_swap` N, `library.runtime.block_swap`) is replayed the same way: the last N blocks'
+weights come from pinned host memory before each use, block i + 1's copy (`prefetch` blocks ahead) issued
+when block i's forward pass starts and block i - 1's when block i's backward pass starts, on a side stream of
+their own; a block the compute reaches before its weights waits. The blocks the backward pass needs first
+stay on the GPU after the forward pass. Both kinds of copy to the GPU share the link's host-to-device
+direction: they are replayed as one queue in the order they are issued (the same total time as sharing the
+link, each copy ending no later than the last queued); activation copies to the host use the other direction.
 """
 
 from __future__ import annotations
@@ -50,28 +58,97 @@ class OffloadTime:
 
 
 def exposed_seconds(starts: list, seconds: list, forward: list, backward: dict, copy_s: float) -> float:
-    """The compute's wait for copies on one side stream. `starts`: each costed kernel's first kernel index,
-    ascending; `seconds`: its time; `forward` / `backward`: kernel indices where each block's forward and
-    backward pass begins; `copy_s`: one copy's time."""
+    """The compute's wait for activation copies on one side stream. `starts`: each costed kernel's first
+    kernel index, ascending; `seconds`: its time; `forward` / `backward`: kernel indices where each block's
+    forward and backward pass begins; `copy_s`: one copy's time."""
+    return host_copy_wait(starts, seconds, forward, backward, len(forward), copy_s)
+
+
+def host_copy_wait(starts: list, seconds: list, forward: list, backward: dict, offloaded: int, copy_s: float,
+                   swapped: dict | None = None, prefetch: int = 1) -> float:
+    """The compute's total wait for host copies in one step: activation offload over the first `offloaded`
+    blocks (every input but the last of them goes to the host, `copy_s` each way), and block swap of the blocks
+    in `swapped` (block -> its weights' copy time; `prefetch` blocks ahead). Kernel clocks as in
+    `exposed_seconds`; `forward` and `backward` cover every block."""
     prefix = list(itertools.accumulate(seconds, initial=0.0))
 
-    def at(index: int) -> float:  # the compute's clock when the kernel `index` starts
+    def at(index: int) -> float:  # the compute's clock when the kernel `index` starts, before any wait
         return prefix[bisect.bisect_left(starts, index)]
 
-    n = len(forward)
-    side = 0.0
-    for i in range(n - 1):  # every input but the last block's goes to the host when its block starts
-        side = max(side, at(forward[i])) + copy_s
-    ready, delay = {}, 0.0
+    swapped, n = swapped or {}, len(forward)
+    state = {"delay": 0.0, "act": 0.0, "h2d": 0.0}  # the wait so far; when the offload stream, the link are free
+    loads, resident = {}, set()  # swapped block -> when its weights arrive; blocks whose weights are on the GPU
+
+    def load(j: int, now: float) -> None:  # `BlockSwapper.load`
+        if j in swapped and j not in resident and j not in loads:
+            state["h2d"] = max(state["h2d"], now) + swapped[j]
+            loads[j] = state["h2d"]
+
+    def wait(until: float, now: float) -> float:
+        if until > now:
+            state["delay"] += until - now
+            return until
+        return now
+
+    def ensure(i: int, now: float) -> float:  # `BlockSwapper.ensure`
+        if i in swapped and i not in resident:
+            load(i, now)
+            now = wait(loads.pop(i), now)
+            resident.add(i)
+        return now
+
+    for i in range(n):
+        now = ensure(i, at(forward[i]) + state["delay"])
+        for j in range(i + 1, min(i + 1 + prefetch, n)):
+            load(j, now)
+        if i < offloaded - 1:  # this block's input goes to the host
+            state["act"] = max(state["act"], now) + copy_s
+        if i < n - 1 - prefetch:  # `after_forward`: the first blocks of the backward pass stay
+            resident.discard(i)
+    ready = {}
     for i in reversed(range(n)):
-        now = at(backward[i]) + delay
-        if i < n - 1 and ready[i] > now:
-            delay += ready[i] - now
-            now = ready[i]
-        if i >= 1:  # the copy back of the block before starts now (after any copy still queued)
-            side = max(side, now) + copy_s
-            ready[i - 1] = side
-    return delay
+        now = ensure(i, at(backward[i]) + state["delay"])
+        for j in range(i - 1, max(i - 1 - prefetch, -1), -1):
+            load(j, now)
+        if i < offloaded - 1:
+            now = wait(ready[i], now)
+        if 1 <= i < offloaded:  # the copy back of the block before's input starts now
+            state["act"] = state["h2d"] = max(state["act"], state["h2d"], now) + copy_s
+            ready[i - 1] = state["act"]
+        resident.discard(i)
+    return state["delay"]
+
+
+@dataclass(frozen=True)
+class SwapTime:
+    blocks: int  # swapped blocks, each copied to the GPU in the forward and again in the backward pass
+    gb_per_pass: float
+    link: str
+    link_gbs: float
+    load_s: float  # one swapped block's copy (the largest)
+    exposed_s: float  # the compute's wait for these copies and any activation copies (included in the step)
+
+    def line(self) -> str:
+        return (f"  estimated block swap  {self.blocks} blocks, {self.gb_per_pass:.1f} GB to the GPU in the forward "
+                f"pass and again in the backward ({1000 * self.load_s:.1f} ms a block over {self.link} at "
+                f"{self.link_gbs:g} GB/s, 80% of its peak); exposed {self.exposed_s:.3f} s with the activation "
+                f"copies (in the step time)")
+
+
+def swap_time(costs: list, marks: BlockMarks, block_bytes: list, gpu, blocks_to_swap: int, offload_bytes: float = 0.0,
+              prefetch: int = 1) -> SwapTime:
+    """Block swap's traffic and the wait for it (with activation offload's copies when `offload_bytes`, one
+    block input's size, is given; every block checkpointed, as block swap requires)."""
+    link, gbs = gpu.host_link
+    n = len(marks.forward)
+    if not 0 < blocks_to_swap < n or len(marks.backward) != n:
+        raise ValueError(f"block swap: blocks_to_swap must be between 1 and {n - 1} with a backward pass through "
+                         "every block")
+    swapped = {i: block_bytes[i] / (gbs * 1e9) for i in range(n - blocks_to_swap, n)}
+    wait = host_copy_wait([c.first for c in costs], [c.seconds for c in costs], marks.forward, marks.backward,
+                          n if offload_bytes else 0, offload_bytes / (gbs * 1e9), swapped, prefetch)
+    return SwapTime(blocks_to_swap, sum(block_bytes[i] for i in swapped) / 1e9, link, gbs, max(swapped.values()),
+                    wait)
 
 
 def offload_time(costs: list, marks: BlockMarks, block_bytes: float, gpu, skipped: int = 0) -> OffloadTime:
