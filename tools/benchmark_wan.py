@@ -286,7 +286,7 @@ def _estimate(args) -> int:
     skip, swap = args.skip_blocks, args.blocks_to_swap
     offload = args.gradient_checkpointing_cpu_offload
     if args.plan:
-        plan = plan_memory(GPUS[args.gpu].memory_gib, variant, args.width, args.height, args.frames,
+        plan = plan_memory(args.vram_cap_gb or GPUS[args.gpu].memory_gib, variant, args.width, args.height, args.frames,
                            args.batch_size, args.network_dim, "adamw", fp8=args.fp8_scaled_mm,
                            host_ram_gb=args.host_ram_gb)
         print(plan.table())
