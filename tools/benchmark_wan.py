@@ -17,18 +17,21 @@ LoRA) and prints s/step, tokens/s, peak VRAM, host RAM and MFU (formula: library
 takes fp8 / checkpointing / offload / block swap from the memory planner for that cap.
 
 `--estimate` runs no GPU step: one full-size step is traced on the meta device and costed with the rates of
-`--gpu` (h100, h200, a100, 4090, 5090; library/training/estimate.py states each rate and its source), printing
+`--gpu` (h100, h200, a100, 4090, 5090; library/training/gpu_rates.py states each rate and its source), printing
 an estimated step time, the MFU it implies (against the dense bf16 peak, fp8 matmuls or not) and the kernels
-that take the time. With `--plan` the memory planner chooses for the card's memory what `auto_memory` would
-(checkpointing, keeping self-attention, activation offload, the last blocks not checkpointed as `--skip_blocks
-N` forces, fp8 weights, block swap; host RAM is not checked unless `--host_ram_gb` is given). Activation offload
-(`--offload_activations`) and block swap (`--blocks_to_swap`), or the plan's, are costed as copies at the GPU's
-host-link rate overlapped with the compute, in the order training issues them; the exposed part is added. The estimate compiles the blocks unless `--eager`, as training does on a
-CUDA GPU by default; measured runs compile only with `--compile` (so `tools/gpu_check.sh` times eager and
-compiled steps apart). Every figure it prints is labelled as an estimate; it takes under a minute on a CPU.
-Its attention is training's default for the GPU (no attention option: flash3 on Hopper where FlashAttention 3
-is installed, else sdpa), with FA3 taken as not installed unless `--fa3_installed` (the same as `--attention
-flash3` on an H100 / H200); `--attention` sets it.
+that take the time (library/training/estimate_cli.py). With `--plan` the memory planner chooses for the card's
+memory (or `--vram_cap_gb`) what `auto_memory` would (checkpointing, keeping self-attention, activation
+offload, the last blocks not checkpointed as `--skip_blocks N` forces, fp8 weights, block swap; host RAM is not
+checked unless `--host_ram_gb` is given); with `--full` the full fine-tuning planner of one process (FSDP is not
+modelled). Activation offload (`--offload_activations`) and block swap (`--blocks_to_swap`), or the plan's, are
+costed as copies at the GPU's host-link rate overlapped with the compute, in the order training issues them; the
+exposed part is added. `--full` adds the optimizer step and fp32 master casts (library/training/estimate_full.py).
+The estimate compiles the blocks unless `--eager`, as training does on a CUDA GPU by default; measured runs
+compile only with `--compile` (so `tools/gpu_check.sh` times eager and compiled steps apart). Every figure it
+prints is labelled as an estimate; it takes under a minute on a CPU. Its attention is training's default for the
+GPU (no attention option: flash3 on Hopper where FlashAttention 3 is installed, else sdpa), with FA3 taken as
+not installed unless `--fa3_installed` (the same as `--attention flash3` on an H100 / H200); `--attention` sets
+it, `--sdpa_kernel cudnn | flash` forces that SDPA kernel.
 
 `--sequence_parallel N` splits the sample's tokens over N processes (launch N with torchrun; rank 0 prints
 tokens/s and peak VRAM per GPU). With `--estimate` it adds rows for N = 1, 2, 4, ... up to N: the step per
@@ -267,83 +270,6 @@ def _sdpa_kernel(name: str | None):
     return sdpa_kernel([getattr(SDPBackend, SDPA_KERNELS[name])])
 
 
-def _estimate(args) -> int:
-    """The roofline estimate of one step on `args.gpu` (library/training/estimate.py), nothing run on a GPU."""
-    from library.training.estimate import StepSetup, estimate_step
-    from library.wan.variants import get_variant
-
-    from library.training.gpu_rates import GPUS
-    from library.training.planning.lora import plan_memory
-
-    unmodelled = "--full and --sdpa_kernel are not modelled"
-    if args.full or args.sdpa_kernel:
-        print(f"--estimate covers LoRA steps (bf16 or fp8 weights, checkpointing, block swap, any --attention); "
-              f"{unmodelled}", file=sys.stderr)
-        return 2
-    variant = get_variant(args.task)
-    fp8 = args.fp8_base or args.fp8_scaled or args.fp8_scaled_mm
-    checkpointing, keep, kept = not args.no_gradient_checkpointing, args.keep_attention, args.keep_attention_blocks
-    skip, swap = args.skip_blocks, args.blocks_to_swap
-    offload = args.gradient_checkpointing_cpu_offload
-    if args.plan:
-        plan = plan_memory(args.vram_cap_gb or GPUS[args.gpu].memory_gib, variant, args.width, args.height, args.frames,
-                           args.batch_size, args.network_dim, "adamw", fp8=args.fp8_scaled_mm,
-                           host_ram_gb=args.host_ram_gb)
-        print(plan.table())
-        s = plan.settings
-        if not plan.fits:
-            print(f"nothing fits this card: the last plan tried is {s.label()}", file=sys.stderr)
-            return 2
-        fp8, checkpointing, keep, kept = s.fp8, s.checkpointing, s.keep_attention, s.keep_attention_blocks
-        skip, swap = s.skip_blocks, s.blocks_to_swap
-        offload = s.offload_activations
-    setup = StepSetup(variant, args.width, args.height, args.frames, args.batch_size, args.network_dim,
-                      checkpointing=checkpointing, keep_attention=keep and checkpointing,
-                      keep_attention_blocks=kept * checkpointing, skip_blocks=skip * checkpointing, fp8=fp8,
-                      fp8_fast=args.fp8_scaled_mm,
-                      offload_activations=offload and checkpointing, blocks_to_swap=swap)
-    if swap and not checkpointing:
-        print("--estimate: block swap needs gradient checkpointing (training turns it on)", file=sys.stderr)
-        return 2
-    try:
-        result = estimate_step(setup, args.gpu, _estimated_attention(args), _compiled(args))
-    except ValueError as exc:  # flash3 or fp8 matmuls on a GPU without them
-        print(f"--estimate: {exc}", file=sys.stderr)
-        return 2
-    print(result.table())
-    rows = []
-    if args.sequence_parallel > 1:
-        from library.training.estimate_parallel import split_rows, split_table
-
-        ulysses = args.sequence_parallel_attention == "ulysses"
-        sizes = tuple(n for n in (1, 2, 4, 8, 16, 32, 64) if n <= args.sequence_parallel
-                      and not (ulysses and setup.variant.num_heads % n))
-        print(split_table(result, sizes, args.sequence_parallel_attention))
-        rows = [vars(r) for r in split_rows(result, sizes, args.sequence_parallel_attention)]
-    if args.json:
-        Path(args.json).write_text(json.dumps({"estimate": True, "gpu": args.gpu, "seconds_per_step": result.seconds,
-                                               "mfu": result.mfu, "kernels": result.kernels,
-                                               "memory_bound_tb": result.memory_bound_tb,
-                                               "offload_exposed_s": result.offload.exposed_s if result.offload
-                                               else None,
-                                               "swap_exposed_s": result.swap.exposed_s if result.swap else None,
-                                               "sequence_parallel": rows}, indent=2))
-    return 0
-
-
-def _estimated_attention(args) -> str:
-    """`--attention`, or what training's default (`auto`) picks on `--gpu`, FA3 installed or not; printed."""
-    from library.training.gpu_rates import GPUS
-    from library.wan.attention import AUTO, default_plan
-
-    if args.attention not in (None, AUTO):
-        return args.attention
-    missing = None if args.fa3_installed else "assumed by --estimate; --fa3_installed assumes it is"
-    plan = default_plan(GPUS[args.gpu].capability, missing, True)
-    print(f"attention: no --attention, training's default: {plan.backend} ({plan.reason})")
-    return plan.backend
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.estimate:
@@ -355,7 +281,9 @@ def main(argv=None) -> int:
     if args.compare_cap:
         return _compare(args, argv)
     if args.estimate:
-        return _estimate(args)
+        from library.training.estimate_cli import run_estimate
+
+        return run_estimate(args, _compiled(args))
     if args.cpu:
         defaults = parse_args([])
         for name, value in (("task", "t2v-tiny"), ("width", 64), ("height", 64), ("frames", 9), ("steps", 3),

@@ -38,6 +38,7 @@ from library.wan.vace import build_dit
 from library.wan.variants import WanVariant
 
 from .benchmark import step_flops
+from .estimate_full import ParamCounts, count_params, full_costs
 from .estimate_offload import BlockMarks, OffloadTime, SwapTime, offload_time, swap_time
 from .estimate_ops import counting_rms_norm, counting_sdpa
 from .gpu_rates import GPUS, GpuRates
@@ -76,6 +77,7 @@ class Trace(list):
 
     marks: BlockMarks | None = None
     block_bytes: list | None = None  # each block's weights as stored (what block swap copies)
+    params: ParamCounts | None = None  # the model's parameters (full fine-tuning's optimizer and casts)
 
 
 class KernelRecorder(TorchDispatchMode):
@@ -134,6 +136,9 @@ class StepSetup:
     fp8_fast: bool = False  # ... multiplied in fp8 instead (`fp8_fast`; implies fp8 weights)
     offload_activations: bool = False  # checkpointed block inputs copied to the host and back (needs checkpointing)
     blocks_to_swap: int = 0  # the last N blocks streamed from host memory (`blocks_to_swap`; needs checkpointing)
+    full: bool = False  # full fine-tuning: every DiT weight trains, no LoRA (`estimate_full.py`)
+    full_bf16: bool = False  # ... with bf16 weights, gradients and optimizer state instead of fp32 masters
+    optimizer: str = "AdamW"  # ... stepped by this optimizer (its state's size)
 
     def latent_shape(self) -> tuple[int, ...]:
         v = self.variant
@@ -182,9 +187,12 @@ def trace_step(setup: StepSetup) -> Trace:
         _fp8_layers(model, setup.fp8_fast)
     model.enable_gradient_checkpointing(setup.checkpointing, setup.keep_attention, setup.keep_attention_blocks,
                                         setup.skip_blocks)
-    network = lora_wan.create_network(1.0, setup.rank, setup.rank, None, None, model)
-    network.apply_to()
-    network.to("meta")
+    if setup.full:  # every weight trains: the backward pass computes each weight's gradient
+        model.requires_grad_(True)
+    else:
+        network = lora_wan.create_network(1.0, setup.rank, setup.rank, None, None, model)
+        network.apply_to()
+        network.to("meta")
     meta = torch.device("meta")
     shape = setup.latent_shape()
     x, target = torch.empty(shape, device=meta), torch.empty(shape, device=meta)
@@ -197,6 +205,7 @@ def trace_step(setup: StepSetup) -> Trace:
     model.block_runner = recorder.kernels.marks = BlockMarks(recorder.kernels)
     recorder.kernels.block_bytes = [sum(t.numel() * t.element_size() for t in b.state_dict().values())
                                     for b in model.blocks]
+    recorder.kernels.params = count_params(model)
     F.scaled_dot_product_attention, F.rms_norm = counting_sdpa, counting_rms_norm
     try:
         with recorder:
@@ -318,50 +327,22 @@ class StepEstimate:
     swap: SwapTime | None = None  # block swap's traffic and, with the activation copies, the wait for it (included)
 
     def table(self, top: int = 10) -> str:
-        s, v = self.setup, self.setup.variant
-        skip = min(s.skip_blocks, v.num_layers)
-        n = v.num_layers - skip
-        kept = "every checkpointed block" if s.keep_attention and skip else "every block" if s.keep_attention \
-            else f"the last {min(s.keep_attention_blocks, n)} of {n}{' checkpointed' if skip else ''} blocks"
-        checkpointing = ((f"on, keeping self-attention in {kept}" if s.keep_attention or s.keep_attention_blocks
-                          else "on") if s.checkpointing else "off")
-        checkpointing += f", the last {skip} of {v.num_layers} blocks not checkpointed" if s.checkpointing and skip \
-            else ""
-        checkpointing += ", activations offloaded" if self.offload else ""
-        checkpointing += f", {s.blocks_to_swap} blocks swapped" if self.swap else ""
-        checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
-        lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
-                 f"{s.width}x{s.height}x{s.frames}, {s.tokens()} tokens, batch {s.batch}, LoRA rank {s.rank}, "
-                 f"checkpointing {checkpointing}, attention {self.attention}, "
-                 f"{'compiled blocks' if self.compiled else 'eager'}, on a {self.gpu.name}",
-                 f"  estimated step time      {self.seconds:.2f} s",
-                 f"  estimated MFU            {100 * self.mfu:.1f}% ({self.model_tflop:.0f} model TFLOP a step at "
-                 f"{self.gpu.peak_tflops:g} TFLOP/s dense bf16)",
-                 f"  estimated kernels        {self.kernels}",
-                 f"  estimated memory-bound traffic  {self.memory_bound_tb:.2f} TB a step"]
-        for kind, seconds in sorted(self.by_kind.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  estimated {kind:<24s}{seconds:8.2f} s")
-        if self.offload:
-            o = self.offload
-            lines.append(f"  estimated activation offload  {o.gb_each_way:.1f} GB to the host and "
-                         f"{o.gb_each_way:.1f} GB back ({o.blocks} block inputs, {1000 * o.copy_s:.1f} ms each over "
-                         f"{o.link} at {o.link_gbs:g} GB/s, 80% of its peak); " + (
-                             f"exposed {o.exposed_s:.3f} s (in the step time)" if not self.swap else
-                             "exposed: with block swap's copies"))
-        if self.swap:
-            lines.append(self.swap.line())
-        lines.append(f"  top kernels by estimated time (of {self.kernels}):")
-        for name, kind, seconds, count in self.top[:top]:
-            lines.append(f"    {seconds:7.2f} s  {count:6d} x  {name} ({kind})")
-        return "\n".join(lines)
+        from .estimate_report import estimate_table
+
+        return estimate_table(self, top)
 
 
 def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", compiled: bool = False,
-                  kernels: list[Kernel] | None = None) -> StepEstimate:
-    """Trace (or reuse `kernels` of) one step and cost it on `gpu` (a key of GPUS)."""
+                  kernels: list[Kernel] | None = None, kernel: str | None = None) -> StepEstimate:
+    """Trace (or reuse `kernels` of) one step and cost it on `gpu` (a key of GPUS); `kernel` forces the
+    attention kernel (a key of the GPU's attention rates: `--sdpa_kernel`)."""
     rates = GPUS[gpu]
+    if kernel is not None and kernel not in rates.attention:
+        raise ValueError(f"no {kernel} attention rate for the {rates.name} (it has {', '.join(rates.attention)})")
+    if setup.full and (setup.fp8 or setup.fp8_fast or setup.blocks_to_swap):
+        raise ValueError("full fine-tuning trains the weights themselves: no fp8 weights, no block swap")
     kernels = trace_step(setup) if kernels is None else kernels
-    kernel = attention_kernel(attention, rates)
+    kernel = kernel or attention_kernel(attention, rates)
     costs = cost(kernels, rates, kernel, compiled)
     seconds = sum(c.seconds for c in costs)
     offload = swap = None
@@ -376,17 +357,22 @@ def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", 
         swap = swap_time(costs, marks, kernels.block_bytes, rates, setup.blocks_to_swap,
                          input_bytes if setup.offload_activations else 0.0)
     seconds += swap.exposed_s if swap else offload.exposed_s if offload else 0.0
+    if setup.full:  # after the copies' replay: the optimizer step ends the step
+        checkpointed = setup.variant.num_layers - setup.skip_blocks if setup.checkpointing else 0
+        extra = full_costs(kernels.params, setup.optimizer, setup.full_bf16, checkpointed, rates, Cost)
+        costs, seconds = costs + extra, seconds + sum(c.seconds for c in extra)
     by_kind, groups = defaultdict(float), defaultdict(lambda: [0.0, 0])
     for c in costs:
         label = {"matmul": "fp8 matmuls" if c.name == "_scaled_mm" else "matmuls",
                  "attention": f"attention forward ({kernel})",
-                 "attention_backward": f"attention backward ({kernel})"}.get(c.kind, "memory-bound kernels")
+                 "attention_backward": f"attention backward ({kernel})", "optimizer": "optimizer step",
+                 "cast": "fp32 master casts"}.get(c.kind, "memory-bound kernels")
         by_kind[label] += c.seconds
         groups[(c.name, c.kind)][0] += c.seconds
         groups[(c.name, c.kind)][1] += 1
     top = sorted(((n, k, s, count) for (n, k), (s, count) in groups.items()), key=lambda t: -t[2])
-    flops = step_flops(setup.variant, setup.tokens(), setup.batch)
-    memory = sum(c.bytes for c in costs if c.kind == "other") / 1e12
+    flops = step_flops(setup.variant, setup.tokens(), setup.batch, full=setup.full)
+    memory = sum(c.bytes for c in costs if c.kind in ("other", "optimizer", "cast")) / 1e12
     mfu = flops / (seconds * rates.peak_tflops * 1e12)
     return StepEstimate(rates, setup, f"{attention} ({kernel})", compiled, seconds, mfu, flops / 1e12, len(costs),
                         memory, dict(by_kind), top, offload, swap)

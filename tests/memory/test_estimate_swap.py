@@ -96,7 +96,7 @@ def test_the_command_estimates_block_swap_and_the_24_gb_plan(capsys):
     out = capsys.readouterr().out
     assert "1 blocks swapped" in out and "over PCIe 4.0 x16 at 25.6 GB/s" in out
     assert benchmark_wan.main(small + ["--gpu", "4090", "--blocks_to_swap", "1", "--no_gradient_checkpointing"]) == 2
-    assert "block swap needs gradient checkpointing" in capsys.readouterr().err
+    assert "block swap and activation offload need gradient checkpointing" in capsys.readouterr().err
     # a 24 GB plan of one A14B expert at 832x480x81 swaps blocks: estimated, not refused; `--vram_cap_gb` plans
     # for the cap (an H100 capped as `--compare_cap 24` caps it)
     assert benchmark_wan.main(["--estimate", "--gpu", "h100", "--plan", "--vram_cap_gb", "24"]) == 0
