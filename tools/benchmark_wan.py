@@ -312,8 +312,14 @@ def main(argv=None) -> int:
     if quiet:
         return 0
     print(result.table())
-    if args.json:
-        Path(args.json).write_text(json.dumps(vars(result), indent=2))
+    if args.json:  # with what `tools/estimate_error.py` needs to set the estimate of the same step beside it
+        from library.training.estimate_cli import estimate_argv, gpu_key
+
+        import torch
+
+        name = torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu"
+        Path(args.json).write_text(json.dumps({**vars(result), "device_name": name, "gpu": gpu_key(name),
+                                               "estimate_argv": estimate_argv(cfg, args.sdpa_kernel)}, indent=2))
     return 0
 
 

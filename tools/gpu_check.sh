@@ -6,6 +6,7 @@
 #   bash tools/gpu_check.sh --only lora_cap24,ti2v_cap24 --out "$OUT"     # rerun some steps
 #   bash tools/gpu_check.sh --fetch-wheels .whl           # here: wheels of the packages a bare GPU image lacks
 #   bash tools/gpu_check.sh --wheels .whl --out "$OUT"    # there: install them into a temp folder first
+#   python tools/estimate_error.py OUT_FOLDER              # back here: each bench step's estimate and its error
 #
 # Each step runs under `timeout` and prints one line, `gpu_check <step> OK|FAIL|SKIP key=value ...`; the
 # script goes on after a failed step and ends with a `gpu_check summary` line. Exit 0 only when no step
@@ -47,7 +48,7 @@ OUT="" ONLY="" WHEELS="" FETCH="" BUDGET=""
 STEPS="env parity lora_sdpa lora_cap24 ti2v_cap24 fp8 render load full_ti2v lora_cudnn two_experts lora_compile
        lora_flash_attn lora_flash3 lora_xformers"
 
-usage() { sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 
 while (($#)); do

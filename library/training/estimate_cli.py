@@ -113,3 +113,32 @@ def run_estimate(args, compiled: bool) -> int:
                                                "swap_exposed_s": result.swap.exposed_s if result.swap else None,
                                                "sequence_parallel": rows}, indent=2))
     return 0
+
+
+GPU_KEYS = (("H100", "h100"), ("H200", "h200"), ("A100", "a100"), ("4090", "4090"), ("5090", "5090"))
+
+
+def gpu_key(device_name: str) -> str | None:
+    """The `--gpu` rates for a CUDA device name (`torch.cuda.get_device_name`), None for a GPU without them."""
+    return next((key for part, key in GPU_KEYS if part in device_name), None)
+
+
+def estimate_argv(cfg, sdpa_kernel: str | None = None) -> list[str]:
+    """The `tools/benchmark_wan.py --estimate` options for the step a measured run (`BenchConfig`) timed: the
+    same shapes, attention, compilation and memory settings as applied (the planner's, with `--plan`), so
+    the estimate and the measurement can be set side by side (`tools/estimate_error.py`)."""
+    m = cfg.memory
+    argv = ["--task", cfg.variant.name, "--width", str(cfg.width), "--height", str(cfg.height), "--frames",
+            str(cfg.frames), "--batch_size", str(cfg.batch_size), "--network_dim", str(cfg.rank),
+            "--attention", cfg.attention]
+    flags = [(sdpa_kernel, ["--sdpa_kernel", str(sdpa_kernel)]), (not cfg.compile, ["--eager"]),
+             (m.fp8_base, ["--fp8_scaled"]), (cfg.fp8_scaled_mm, ["--fp8_fast"]),
+             (not m.gradient_checkpointing, ["--no_gradient_checkpointing"]),
+             (m.gradient_checkpointing_keep_attention, ["--keep_attention"]),
+             (m.gradient_checkpointing_keep_attention_blocks,
+              ["--keep_attention_blocks", str(m.gradient_checkpointing_keep_attention_blocks)]),
+             (m.gradient_checkpointing_skip_blocks, ["--skip_blocks", str(m.gradient_checkpointing_skip_blocks)]),
+             (m.gradient_checkpointing_cpu_offload, ["--offload_activations"]),
+             (m.blocks_to_swap, ["--blocks_to_swap", str(m.blocks_to_swap)]),
+             (cfg.full, ["--full", "--optimizer", cfg.optimizer]), (cfg.full and cfg.full_bf16, ["--full_bf16"])]
+    return argv + [arg for wanted, args in flags if wanted for arg in args]
