@@ -318,8 +318,10 @@ def main(argv=None) -> int:
         import torch
 
         name = torch.cuda.get_device_name() if cfg.device == "cuda" else "cpu"
-        Path(args.json).write_text(json.dumps({**vars(result), "device_name": name, "gpu": gpu_key(name),
-                                               "estimate_argv": estimate_argv(cfg, args.sdpa_kernel)}, indent=2))
+        extra = {"device_name": name, "gpu": gpu_key(name)}
+        if cfg.sequence_parallel is None:  # a split step's estimate is `--estimate --sequence_parallel N`'s row
+            extra["estimate_argv"] = estimate_argv(cfg, args.sdpa_kernel)
+        Path(args.json).write_text(json.dumps({**vars(result), **extra}, indent=2))
     return 0
 
 
