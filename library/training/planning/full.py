@@ -177,7 +177,7 @@ class FullPlan:
     settings: FullSettings
     estimate: FullEstimate
     fits: bool
-    candidates: tuple[tuple[FullSettings, FullEstimate], ...]  # those tried, up to the plan
+    candidates: tuple[tuple[FullSettings, FullEstimate], ...]  # those tried, up to the plan (its stages last)
     hints: tuple[str, ...] = ()  # when nothing fits: what would
     host_gb: float | None = None  # host RAM per process the GPU's buffers may take (HOST_FRACTION of the given)
     margin_gb: float = 0.0  # held back after an out-of-memory error (planning/margin.py)
