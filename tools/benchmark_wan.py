@@ -219,7 +219,9 @@ def _planned(args, variant, memory, full: dict, experts: int) -> float:
         w = FullWorkload(variant, args.width, args.height, args.frames, args.batch_size, 0, args.optimizer, experts,
                          sequence_parallel=args.sequence_parallel, gather_kv=gather)
         s = FullSettings(checkpointing=memory.gradient_checkpointing,
-                         offload_activations=memory.gradient_checkpointing_cpu_offload, **full)
+                         offload_activations=memory.gradient_checkpointing_cpu_offload,
+                         keep_attention=memory.gradient_checkpointing_keep_attention,
+                         skip_blocks=memory.gradient_checkpointing_skip_blocks, **full)
         return estimate_full(w, s).total
     from library.training.planning.lora import Settings, Workload, estimate
 

@@ -40,8 +40,9 @@ def _settings(args, variant, gpus) -> dict | int:
             return _error(f"full fine-tuning does not fit this card in one process (the last plan tried is "
                           f"{plan.settings.label()}); several processes share it with FSDP, which is not modelled")
         s = plan.settings
-        return settings | dict(checkpointing=s.checkpointing, keep_attention=False, keep_attention_blocks=0,
-                               skip_blocks=0, offload_activations=s.offload_activations, full_bf16=s.full_bf16)
+        return settings | dict(checkpointing=s.checkpointing, keep_attention=s.keep_attention, keep_attention_blocks=0,
+                               skip_blocks=s.skip_blocks, offload_activations=s.offload_activations,
+                               full_bf16=s.full_bf16)
     plan = plan_memory(vram, variant, args.width, args.height, args.frames, args.batch_size, args.network_dim,
                        "adamw", fp8=args.fp8_scaled_mm, host_ram_gb=args.host_ram_gb)
     print(plan.table())

@@ -223,7 +223,9 @@ def test_a14b_expert_fits_80_gib_with_bf16_adafactor_and_the_fused_backward_pass
     # stepped 0.59, Adafactor's fp32 temporaries 4 x 0.59) = 73.0 GiB < (80 - 0.6) x 0.95 = 75.4 usable
     assert abs(e.total - 73.05) < 0.01 and e.peak == "backward"
     plan = plan_full(80, "t2v-A14B", 832, 480, 81, optimizer="AdaFactor")
-    assert plan.fits and plan.settings == FullSettings(full_bf16=True, checkpointing=True)
+    assert plan.fits and plan.rung == FullSettings(full_bf16=True, checkpointing=True)
+    # the speed stages: keeping attention does not fit beside every gradient; the last block unchecked does
+    assert plan.settings == FullSettings(full_bf16=True, checkpointing=True, skip_blocks=1)
 
 
 def test_fsdp_divides_weights_gradients_and_optimizer_state():
@@ -419,18 +421,23 @@ def test_autocast_keeps_a_bf16_copy_of_every_trained_weight_through_the_forward_
                                                       ("ti2v-5B", 1, "AdamW"), ("t2v-1.3B", 4, "AdamW")])
 def test_a_smaller_card_never_gets_an_earlier_full_candidate(task, processes, optimizer):
     ladder = full_candidates(processes)
-    previous = -1
+    previous, stages = -1, (True, 1 << 30)
     for vram in range(400, 8, -8):
         plan = plan_full(vram, task, 832, 480, 81, optimizer=optimizer, processes=processes)
-        index = ladder.index(plan.settings)
+        index = ladder.index(plan.rung)  # the ladder rung under the speed stages
         assert index >= previous, (vram, plan.settings)
         assert plan.candidates[-1][0] == plan.settings and (not plan.fits or plan.estimate.total <= plan.budget_gb)
-        previous = index
+        # on the same rung a smaller card never keeps more: attention, then skipped blocks
+        now = (plan.settings.keep_attention, plan.settings.skip_blocks)
+        assert index > previous or now <= stages, (vram, plan.settings)
+        previous, stages = index, now
     assert previous > 0  # the ladder was climbed
 
 
 def test_full_plan_choices_and_hints():
-    assert plan_full(80, "t2v-1.3B", 832, 480, 81).settings == FullSettings(checkpointing=True)
+    small = plan_full(80, "t2v-1.3B", 832, 480, 81)  # the rung, then the speed stages the card leaves room for
+    assert small.rung == FullSettings(checkpointing=True) and small.settings.keep_attention
+    assert small.settings.skip_blocks == 12
     sharded = plan_full(80, "t2v-A14B", 832, 480, 81, processes=8)
     assert sharded.fits and sharded.settings.fsdp and not sharded.settings.fsdp_cpu_offload
     alone = plan_full(80, "t2v-A14B", 832, 480, 81)

@@ -98,6 +98,7 @@ def largest_bucket(data) -> tuple[int, int, int, int]:
 
 def auto_full_settings(cfg: TrainConfig, variant: WanVariant, data, device, processes: int) -> TrainConfig:
     """`auto_memory` for full fine-tuning: the first rung of the planner's full fine-tuning ladder that fits
+    (with the speed stages that still fit: kept self-attention, the last blocks not checkpointed; `full.py`)
     this card at the dataset's largest bucket, this process's share of the host RAM available now (offloaded
     activations, fsdp_cpu_offload's shards and optimizer state), and that this config allows (no fused pass
     with gradient accumulation or fp16, no full_bf16 without bf16, no fsdp with samples during training:

@@ -2,7 +2,8 @@
 `full_fine_tune = true`): per process, the weights, gradients and optimizer state as exact sums over the
 model's tensors, activations and workspace at the peak of a step (end of the forward pass, backward pass,
 optimizer step), with `full_bf16`, `fused_backward_pass`, `fsdp` and `fsdp_cpu_offload`, and a ladder of
-settings from fastest to most frugal. The LoRA planner and the shared constants are in `memory_plan.py`.
+settings from fastest to most frugal, then two speed stages on the rung chosen. The LoRA planner and the shared
+constants are in `lora.py`; the settings and the exact state bytes in `full_state.py`.
 
 The ladder, from fastest and most precise to most frugal; with several processes the sharded rungs follow:
 
@@ -12,12 +13,34 @@ The ladder, from fastest and most precise to most frugal; with several processes
     4 ... + fused_backward_pass        9 ... + fsdp_cpu_offload (shards and optimizer state in host memory)
     5 ... + activation offload
 
+Then the speed stages (`speed_stages`), on top of the first rung that fits when it checkpoints and does not
+shard (fsdp rungs are left as they are: fsdp with selective or partial checkpointing is not verified
+anywhere), each kept only where it still fits the GPU and the host (as the rung is checked), both only
+spending the memory the rung leaves over:
+
+- keeping self-attention (`gradient_checkpointing_keep_attention`): every checkpointed block keeps its
+  self-attention output and log-sum-exp (KEEP_PER_C C + KEEP_PER_HEAD H bytes a token and block), so the
+  backward pass runs no attention forward again;
+- then the last N blocks unchecked (`gradient_checkpointing_skip_blocks`), the largest N < num_layers that
+  fits: each keeps all its activations and cross-attention context (`per_block`) and, with fp32 masters,
+  the bf16 weight copies autocast saves for its backward pass (`StateBytes.block_cast`), and is not
+  recomputed; with activation offload only the checkpointed blocks' inputs go to the host, the last
+  checkpointed one's stays (L - N - 1 of them). The backward pass then peaks either in the last skipped
+  block (every kept tensor, the skipped blocks' activations, the first gradients) or in the first
+  recomputed block (the skipped blocks freed, their gradients held). N = 1 costs about nothing: the last
+  block's backward pass follows its forward pass directly.
+
+For TI2V-5B at 1280x704x121 on an 80 GiB card: bf16 + checkpointing (48.7 GiB), then keeping attention and
+skipping the last 4 blocks (70.8 GiB), 3.54 s a step on an H100 instead of 4.06 s (estimates: `tools/
+benchmark_wan.py --estimate --full --plan`); the plan's table shows the rung, then the extended row.
+
 Host RAM: `plan_full(host_ram_gb=...)` (auto_memory: MemAvailable shared among the node's processes,
 `host.detect_host_ram_gb`) skips every rung whose host memory per process, `FullEstimate.host`, is more than
 `HOST_FRACTION` of it ("no: host RAM" in the table): the offloaded block inputs (L - 1 of them, the last
-block's stays on the GPU) and with fsdp_cpu_offload this process's own shards (each local process holds its
-1 / N, so the node holds its processes' share of the whole) of the weights and gradients, page-locked and
-rounded up to powers of two by torch's host allocator, and its shards of the optimizer state.
+block's stays on the GPU; fewer with skipped blocks) and with fsdp_cpu_offload this process's own shards
+(each local process holds its 1 / N, so the node holds its processes' share of the whole) of the weights and
+gradients, page-locked and rounded up to powers of two by torch's host allocator, and its shards of the
+optimizer state.
 
 Its weight, gradient and optimizer-state bytes are exact sums over the DiT's tensors (a meta-device model),
 checked against a real optimizer step in tests/memory/test_plan.py; its activation and workspace figures
@@ -27,20 +50,16 @@ are the LoRA ones re-measured for trainable weights (ACT_FULL_PER_C), still esti
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
-from library.training.engines.parameters import select_trainable
-from library.wan.model import WanModel
-from library.wan.vace import build_dit
 from library.wan.variants import WanVariant, get_variant
 
+from .full_state import FullSettings, FullWorkload, state_bytes
+from .full_state import optimizer_state_bytes  # noqa: F401  (imported from here by others)
 from .host import HOST_FRACTION
-from .lora import CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, WORK_PER_C, WORK_PER_F, Workload
+from .lora import (CUDA_CONTEXT_GIB, FIXED_WORKSPACE_GIB, FRAGMENTATION, GIB, KEEP_PER_C, KEEP_PER_HEAD, WORK_PER_C,
+                   WORK_PER_F)
 from .table import full_table
 
 # Saved for backward by one block whose own weights train, per token (measured like ACT_PER_C, on fp32
@@ -48,16 +67,6 @@ from .table import full_table
 # rank term, for the normalised inputs that the gradients of the norms, the modulation and the gates need
 # (62.3-62.5 C measured; 65 before the gates kept their input in the compute dtype instead of an fp32 copy).
 ACT_FULL_PER_C, ACT_FULL_PER_F = 63, 4
-# Optimizer states per element in the parameter's own dtype (4 bytes for fp32 masters, 2 with full_bf16).
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lion": 1, "prodigy": 4, "sgd": 0, "sgdnesterov": 1}
-# bitsandbytes 8-bit states, 1 byte per element each, plus an fp32 absmax per block of 256; tensors under
-# 4096 elements keep fp32 states.
-OPTIMIZER_8BIT = {"adamw8bit": 2, "adam8bit": 2, "pagedadamw8bit": 2, "lion8bit": 1}
-# Temporaries of the optimizer step. torch's AdamW on CUDA defaults to its multi-tensor (foreach) step, which
-# allocates one tensor list the size of a state (sqrt(v)) for every tensor it steps at once; the others loop
-# over the tensors, with this many fp32 copies of the tensor being stepped.
-FOREACH_STEP = ("adamw", "adam")
-STEP_TEMPS = {"adafactor": 4, "lion": 1, "prodigy": 2, "sgd": 0, "sgdnesterov": 0}
 AVERAGING_BUCKET = 1 << 26  # elements per gradient-averaging collective without fsdp (Optimization.average_gradients)
 # With fsdp, unsharded blocks on the GPU at once: the one computing and the one prefetched.
 FSDP_GATHERED_BLOCKS = 2
@@ -66,154 +75,6 @@ FSDP_GATHERED_BLOCKS = 2
 # The trainer autocasts full fine-tuning without the cache (Trainer.autocast_kwargs), so only the copies saved
 # for backward by non-checkpointed layers remain.
 AUTOCAST_WEIGHT_CACHE = False
-
-
-@dataclass(frozen=True)
-class FullWorkload(Workload):
-    """A full fine-tuning job (`rank` is unused): the processes training together and the trainable set."""
-
-    processes: int = 1
-    trainable_patterns: tuple[str, ...] = ()
-    frozen_patterns: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class FullSettings:
-    full_bf16: bool = False
-    checkpointing: bool = False
-    offload_activations: bool = False
-    fused_backward_pass: bool = False
-    fsdp: bool = False
-    fsdp_cpu_offload: bool = False
-
-    def apply(self, memory, finetune):
-        """Copies of a `MemoryArgs` and a `FineTuneArgs` with these settings."""
-        return (dataclasses.replace(memory, gradient_checkpointing=self.checkpointing,
-                                    gradient_checkpointing_cpu_offload=self.offload_activations),
-                dataclasses.replace(finetune, full_fine_tune=True, full_bf16=self.full_bf16,
-                                    fused_backward_pass=self.fused_backward_pass, fsdp=self.fsdp,
-                                    fsdp_cpu_offload=self.fsdp_cpu_offload))
-
-    def label(self) -> str:
-        parts = ["bf16" if self.full_bf16 else "fp32 masters"]
-        if self.checkpointing:
-            parts.append("ckpt" + ("+offload" if self.offload_activations else ""))
-        if self.fused_backward_pass:
-            parts.append("fused")
-        if self.fsdp:
-            parts.append("fsdp" + (" + cpu offload" if self.fsdp_cpu_offload else ""))
-        return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    name: str
-    shape: tuple[int, ...]
-    block: int  # the block index, -1 outside the blocks
-    fp32: bool  # kept in fp32 whatever the training precision (WanModel.is_fp32_param)
-    cast: bool  # a Linear / Conv parameter: autocast computes with a bf16 copy of it
-    trainable: bool
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@functools.lru_cache(maxsize=32)
-def param_inventory(v: WanVariant, include: tuple[str, ...] = (),
-                    exclude: tuple[str, ...] = ()) -> tuple[ParamInfo, ...]:
-    """Every DiT parameter (from a meta-device model) and whether it trains (`trainable_patterns` /
-    `frozen_patterns`, chosen exactly as the trainer chooses them)."""
-    with torch.device("meta"):
-        model = build_dit(v)
-    trainable = set(select_trainable(model, include, exclude))
-    layers = (torch.nn.Linear, torch.nn.Conv3d)
-    cast = {f"{m}.{p}".lstrip(".") for m, mod in model.named_modules() if isinstance(mod, layers)
-            for p, _ in mod.named_parameters(recurse=False)}
-    return tuple(ParamInfo(n, tuple(p.shape), int(n.split(".")[1]) if n.startswith("blocks.") else -1,
-                           WanModel.is_fp32_param(n), n in cast, n in trainable) for n, p in model.named_parameters())
-
-
-def optimizer_state_bytes(optimizer: str, shape: tuple[int, ...], dtype_bytes: int) -> int:
-    """Bytes of optimizer state for one trainable tensor stored in `dtype_bytes` per element."""
-    key, n = optimizer.lower().replace("_", ""), math.prod(shape)
-    if key in OPTIMIZER_8BIT:
-        return OPTIMIZER_8BIT[key] * (n + 4 * math.ceil(n / 256) if n >= 4096 else 4 * n)
-    if key == "adafactor":  # transformers' Adafactor without beta1: fp32 row and column means, or a full
-        if len(shape) < 2:  # second moment for vectors
-            return 4 * n
-        return 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
-    return OPTIMIZER_STATES.get(key, 2) * dtype_bytes * n
-
-
-@dataclass(frozen=True)
-class StateBytes:
-    """Exact bytes of one expert's weights, gradients and optimizer state, unsharded, and the pieces the
-    peak is built from."""
-
-    weights: int
-    grads: int  # every trainable tensor's gradient (the dtype of its weight)
-    optimizer: int
-    largest_grad: int  # the largest trainable tensor's gradient: all `fused_backward_pass` keeps at once
-    block_weights: int  # the largest block's parameters (what fsdp gathers)
-    block_grads: int
-    outer_weights: int  # embeddings, time MLPs, head (fsdp's root: stays gathered through the step)
-    outer_grads: int
-    cast: int  # bf16 copies of the trainable fp32 Linear / Conv parameters that autocast computes with
-    block_cast: int  # ... of the largest block
-    outer_cast: int  # ... outside the blocks
-    step: int  # the optimizer step's temporaries
-    pinned_weights: int = 0  # fsdp_cpu_offload: one process's page-locked weight shards (see `pinned_shards`)
-    pinned_grads: int = 0  # ... and gradient shards
-
-
-def pinned_shards(params, stored: Callable[[ParamInfo], int], n: int) -> int:
-    """Page-locked host bytes of one process's shards of `params` under fsdp_cpu_offload over `n` processes:
-    FSDP2 pads each tensor's first dimension to a multiple of `n` and pins each shard with torch's caching host
-    allocator, which rounds every allocation up to a power of two (`runtime/pinned.py`); the gradient shards
-    come back into pinned memory too (a non-blocking copy to the CPU), cached from step to step. About 1.53
-    times the exact shard bytes for A14B."""
-    def shard(p: ParamInfo) -> int:
-        rows = p.shape[0] if p.shape else 1
-        return -(-rows // n) * math.prod(p.shape[1:]) * stored(p)
-
-    return sum(1 << (shard(p) - 1).bit_length() for p in params if shard(p))
-
-
-@functools.lru_cache(maxsize=256)
-def state_bytes(w: FullWorkload, s: FullSettings) -> StateBytes:
-    params = param_inventory(w.variant, tuple(w.trainable_patterns), tuple(w.frozen_patterns))
-    master, n = 2 if s.full_bf16 else 4, w.processes if s.fsdp else 1
-
-    def stored(p: ParamInfo) -> int:  # frozen weights are bf16 unless the model keeps them in fp32
-        return 4 if p.fp32 else (master if p.trainable else 2)
-
-    train = [p for p in params if p.trainable]
-    copied = [p for p in train if p.cast and stored(p) == 4]
-
-    def per_block(items, size) -> tuple[int, int]:  # (the largest block's sum, the sum outside the blocks)
-        blocks: dict[int, int] = {}
-        for p in items:
-            blocks[p.block] = blocks.get(p.block, 0) + size(p)
-        outer = blocks.pop(-1, 0)
-        return max(blocks.values(), default=0), outer
-
-    block_w, outer_w = per_block(params, lambda p: p.numel * stored(p))
-    block_g, outer_g = per_block(train, lambda p: p.numel * stored(p))
-    block_c, outer_c = per_block(copied, lambda p: 2 * p.numel)
-    largest = max(train, key=lambda p: p.numel * stored(p))
-    key = w.optimizer.lower().replace("_", "")
-    if key in FOREACH_STEP and not s.fsdp_cpu_offload:  # torch steps host tensors one at a time
-        step = largest.numel * stored(largest) if s.fused_backward_pass else sum(p.numel * stored(p) for p in train)
-    else:
-        step = 0 if key in OPTIMIZER_8BIT else STEP_TEMPS.get(key, 2) * 4 * largest.numel
-    return StateBytes(
-        weights=sum(p.numel * stored(p) for p in params), grads=sum(p.numel * stored(p) for p in train),
-        optimizer=sum(optimizer_state_bytes(w.optimizer, p.shape, stored(p)) for p in train),
-        largest_grad=largest.numel * stored(largest), block_weights=block_w, block_grads=block_g,
-        outer_weights=outer_w, outer_grads=outer_g, cast=sum(2 * p.numel for p in copied), block_cast=block_c,
-        outer_cast=outer_c, step=step, pinned_weights=pinned_shards(params, stored, n) if s.fsdp_cpu_offload else 0,
-        pinned_grads=pinned_shards(train, stored, n) if s.fsdp_cpu_offload else 0)
 
 
 @dataclass(frozen=True)
@@ -236,10 +97,14 @@ class FullEstimate:
 
 
 def estimate_full(w: FullWorkload, s: FullSettings) -> FullEstimate:
-    """The peak GPU memory of one process: the largest of the three moments of a step (see FullEstimate)."""
+    """The peak GPU memory of one process: the largest of the moments of a step (see FullEstimate and, for
+    `keep_attention` and `skip_blocks`, the module docstring)."""
     v, t, b, layers = w.variant, w.local_tokens, w.batch_size, w.variant.num_layers
     c, f = v.dim, v.ffn_dim
-    sb = state_bytes(w, s)
+    if s.checkpointing and not s.checkpointed_blocks(layers):  # every block skipped: no checkpointing
+        return estimate_full(w, FullSettings(s.full_bf16, False, False, s.fused_backward_pass, s.fsdp,
+                                             s.fsdp_cpu_offload))
+    sb = state_bytes(w, dataclasses.replace(s, keep_attention=False, skip_blocks=0))  # the stages hold no state
     n = w.processes if s.fsdp else 1
     on_gpu = 0 if s.fsdp_cpu_offload else 1
     weights, optim = w.experts * sb.weights / n * on_gpu, w.experts * sb.optimizer / n * on_gpu
@@ -250,35 +115,51 @@ def estimate_full(w: FullWorkload, s: FullSettings) -> FullEstimate:
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else layers)
     shared = (4 * v.head_dim + 4 * c) * t * b
     work = (WORK_PER_C * c + WORK_PER_F * f) * t * b + FIXED_WORKSPACE_GIB * GIB + sb.largest_grad + w.split_bytes()
+    # the stages: each checkpointed block's kept self-attention output and log-sum-exp; the skipped blocks'
+    # whole activations, cross-attention context and saved bf16 weight copies (as without checkpointing)
+    keep = (KEEP_PER_C * c + KEEP_PER_HEAD * v.num_heads) * t * b if s.keep_attention and s.checkpointing else 0
+    skipped = s.skip_blocks if s.checkpointing else 0
+    skipped_acts, skipped_copies = skipped * (per_block + context), skipped * sb.block_cast
+    in_transit = 2 * block_input if s.checkpointing and s.offload_activations else 0
     if s.checkpointing:  # kept per block through the backward pass: (activations, bf16 copies)
         kept, kept_copies = (0 if s.offload_activations else block_input), 0
-        fixed = per_block + (2 * block_input if s.offload_activations else 0)  # the recomputed block, inputs in flight
+        fixed = per_block + in_transit  # the recomputed block, inputs in flight
         fixed_copies = sb.block_cast
+        stacked = s.checkpointed_blocks(layers)
     else:
-        kept, kept_copies, fixed, fixed_copies = per_block, sb.block_cast, 0, 0
-    # host memory, this process's share: every block input but the last one's (`memory.BlockRunner`: the
-    # backward pass needs it first, it stays with the two in flight in `fixed`) in exact-size pinned buffers;
+        kept, kept_copies, fixed, fixed_copies, stacked = per_block, sb.block_cast, 0, 0, layers
+    # host memory, this process's share: every checkpointed block input but the last one's (`memory.BlockRunner`:
+    # the backward pass needs it first, it stays with the two in flight in `fixed`) in exact-size pinned buffers;
     # with fsdp_cpu_offload its own shards (pinned, see `pinned_shards`), optimizer state and step temporaries
-    host = (layers - 1) * block_input if s.checkpointing and s.offload_activations else 0
+    host = (stacked - 1) * block_input if s.checkpointing and s.offload_activations else 0
     step = sb.step / n
     if s.fsdp_cpu_offload:
         host += w.experts * (sb.pinned_weights + sb.optimizer / n) + sb.pinned_grads + step
     # the end of the forward pass: autocast's cache holds a bf16 copy of every trainable fp32 weight; without
-    # the cache, the copies saved for backward (non-checkpointed layers) remain
-    forward_copies = sb.cast if AUTOCAST_WEIGHT_CACHE or not s.checkpointing else sb.outer_cast
-    moments = [FullEstimate(weights, 0, optim, forward_copies + gathered, layers * kept + fixed + context + shared,
+    # the cache, the copies saved for backward (non-checkpointed layers and blocks) remain; the last block
+    # computing holds `fixed` (its own kept attention among it), or the skipped blocks hold all theirs
+    forward_copies = sb.cast if AUTOCAST_WEIGHT_CACHE or not s.checkpointing else sb.outer_cast + skipped_copies
+    last = skipped_acts + in_transit if skipped else fixed + context
+    moments = [FullEstimate(weights, 0, optim, forward_copies + gathered,
+                            stacked * kept + (stacked - (not skipped)) * keep + last + shared,
                             FIXED_WORKSPACE_GIB * GIB, host, "forward")]
-    # backward: the first block to run it still has every block's kept tensors and one block's gradients; the
-    # last has one block's kept tensors and every gradient
-    in_flight = sb.outer_cast + fixed_copies + (gathered + sb.block_grads if s.fsdp else 0)
+    # backward: the first checkpointed block to run it still has every checkpointed block's kept tensors and
+    # the gradients of the blocks after it; the last has one block's kept tensors and every gradient
+    in_flight = sb.outer_cast + (gathered + sb.block_grads if s.fsdp else 0)
     if s.fused_backward_pass:
-        early_grads = late_grads = 0  # only the tensor being stepped (in `work`), and its step temporaries
+        early_grads = later_grads = late_grads = 0  # only the tensor being stepped (in `work`), its temporaries
         work += step
     else:
         early_grads, late_grads = (sb.block_grads + sb.outer_grads) / n * on_gpu, sb.grads / n * on_gpu
-    for stack, grads in ((layers, early_grads), (1, late_grads)):
-        moments.append(FullEstimate(weights, grads, optim, in_flight + stack * kept_copies,
-                                    stack * kept + fixed + context + shared, work, host, "backward"))
+        later_grads = min(late_grads, early_grads + skipped * sb.block_grads / n * on_gpu)
+    for stack, grads in ((stacked, later_grads), (1, late_grads)):
+        moments.append(FullEstimate(weights, grads, optim, in_flight + fixed_copies + stack * kept_copies,
+                                    stack * kept + max(0, stack - 1) * keep + fixed + context + shared, work, host,
+                                    "backward"))
+    if skipped:  # its start, in the last skipped block: every kept tensor, the skipped blocks' activations
+        moments.append(FullEstimate(weights, early_grads, optim, in_flight + skipped_copies,
+                                    stacked * (kept + keep) + in_transit / 2 + skipped_acts + shared, work, host,
+                                    "backward"))
     if not s.fused_backward_pass:
         averaging = 2 * AVERAGING_BUCKET * (2 if s.full_bf16 else 4) if w.processes > 1 and not s.fsdp else 0
         moments.append(FullEstimate(weights, sb.grads / n * on_gpu, optim, 0, 0,
@@ -296,7 +177,7 @@ class FullPlan:
     settings: FullSettings
     estimate: FullEstimate
     fits: bool
-    candidates: tuple[tuple[FullSettings, FullEstimate], ...]  # those tried, up to the plan
+    candidates: tuple[tuple[FullSettings, FullEstimate], ...]  # those tried, up to the plan (its stages last)
     hints: tuple[str, ...] = ()  # when nothing fits: what would
     host_gb: float | None = None  # host RAM per process the GPU's buffers may take (HOST_FRACTION of the given)
     margin_gb: float = 0.0  # held back after an out-of-memory error (planning/margin.py)
@@ -304,6 +185,11 @@ class FullPlan:
     def apply(self, memory, finetune):
         """Copies of a `MemoryArgs` and a `FineTuneArgs` with the planned settings."""
         return self.settings.apply(memory, finetune)
+
+    @property
+    def rung(self) -> FullSettings:
+        """The ladder rung the plan is built on: its settings without the speed stages."""
+        return dataclasses.replace(self.settings, keep_attention=False, skip_blocks=0)
 
     def table(self) -> str:
         return full_table(self)
@@ -341,11 +227,33 @@ def plan_full(vram_gb: float, variant: WanVariant | str, width: int, height: int
     chosen = next((i for i, (_, e) in enumerate(tried) if _fits(e, budget, host)), None)
     if chosen is not None:
         s, e = tried[chosen]
-        return FullPlan(vram_gb, budget, w, s, e, True, tuple(tried if show_all else tried[: chosen + 1]), (), host,
-                        margin_gb)
+        faster = speed_stages(w, s, budget, host, allow)
+        shown = tried[: chosen + 1] + ([faster] if faster else []) + (tried[chosen + 1:] if show_all else [])
+        return FullPlan(vram_gb, budget, w, *(faster or (s, e)), True, tuple(shown), (), host, margin_gb)
     held = [(s, e) for s, e in tried if host is None or e.host <= host] or tried  # never more than the host holds
     s, e = held[-1]
     return FullPlan(vram_gb, budget, w, s, e, False, tuple(tried), _full_hints(budget, w, host), host, margin_gb)
+
+
+def speed_stages(w: FullWorkload, s: FullSettings, budget: float, host: float | None,
+                 allow: Callable[[FullSettings], bool] | None = None) -> tuple[FullSettings, FullEstimate] | None:
+    """The speed stages on top of `s`, the rung that fits (module docstring): `keep_attention` if it still
+    fits, then the largest `skip_blocks` N (0 < N < num_layers) that fits on top of that. None when `s` does
+    not checkpoint, shards with fsdp, or no stage fits (or `allow` refuses them)."""
+    if not s.checkpointing or s.fsdp:
+        return None
+
+    def fitting(settings: FullSettings) -> tuple[FullSettings, FullEstimate] | None:
+        e = estimate_full(w, settings)
+        return (settings, e) if _fits(e, budget, host) and (allow is None or allow(settings)) else None
+
+    best = fitting(dataclasses.replace(s, keep_attention=True))
+    base = best[0] if best else s
+    for n in range(w.variant.num_layers - 1, 0, -1):  # the most memory first: the first that fits is the largest
+        skipping = fitting(dataclasses.replace(base, skip_blocks=n))
+        if skipping:
+            return skipping
+    return best
 
 
 def _fits(e: FullEstimate, budget: float, host: float | None) -> bool:
