@@ -82,6 +82,12 @@ class MemoryArgs:
         0, "with gradient_checkpointing: keep the self-attention output and log-sum-exp of the last N blocks only "
            "and recompute the attention of the others (0: none; `gradient_checkpointing_keep_attention = true` "
            "keeps every block's); auto_memory chooses the largest N that fits", coerce=_non_negative)
+    gradient_checkpointing_offload_attention: bool = arg(
+        False, "with gradient_checkpointing_cpu_offload and kept attention (`gradient_checkpointing_keep_attention` "
+               "or `_blocks`): the kept self-attention outputs go to pinned host memory with the block inputs and "
+               "come back with them for the backward pass, so attention is not recomputed and its outputs take no "
+               "GPU memory (2 bytes x dim + 4 bytes x heads per token and block of host RAM). auto_memory "
+               "chooses it where the GPU cannot hold the kept outputs and the host can")
     gradient_checkpointing_skip_blocks: int = arg(
         0, "with gradient_checkpointing: the last N DiT blocks are not checkpointed and keep all their activations "
            "(faster: no recomputation; about 8.5 GiB more a block for an A14B expert at 832x480x81, but the last "

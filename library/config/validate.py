@@ -56,6 +56,13 @@ def _models(cfg: TrainConfig, variant, errors: list[str]) -> None:
     if mem.gradient_checkpointing_keep_attention_blocks and mem.gradient_checkpointing_keep_attention:
         errors.append("`gradient_checkpointing_keep_attention = true` keeps every block's attention: remove "
                       "`gradient_checkpointing_keep_attention_blocks`, or set it alone to keep only some blocks'")
+    if mem.gradient_checkpointing_offload_attention and not (
+            mem.gradient_checkpointing_cpu_offload and (mem.gradient_checkpointing_keep_attention
+                                                        or mem.gradient_checkpointing_keep_attention_blocks)):
+        errors.append("`gradient_checkpointing_offload_attention` sends the kept self-attention outputs to the host "
+                      "with the offloaded block inputs: it needs `gradient_checkpointing_cpu_offload = true` and "
+                      "`gradient_checkpointing_keep_attention = true` (or "
+                      "`gradient_checkpointing_keep_attention_blocks`)")
     skip = mem.gradient_checkpointing_skip_blocks
     if skip and not mem.gradient_checkpointing:
         errors.append("`gradient_checkpointing_skip_blocks` needs `gradient_checkpointing = true` (without "
