@@ -8,12 +8,14 @@
   (compute capability 8.9+); elsewhere one warning, and the weights are dequantised to bf16 for each matmul.
 - gradient checkpointing per block (`gradient_checkpointing`), with the checkpointed block inputs (the
   fp32 residual stream, the only activations checkpointing keeps) copied to host memory on a side stream
-  and brought back for the recomputation (`gradient_checkpointing_cpu_offload`; every block's but the last
-  one's, which the backward pass needs first). It composes with selective checkpointing: the offloader's
-  saved-tensor hooks only take the block input that checkpointing saves.
+  and brought back for the recomputation (`gradient_checkpointing_cpu_offload`, `offload.py`; every block's but
+  the last one's, which the backward pass needs first). It composes with selective checkpointing: the
+  offloader's saved-tensor hooks only take the block input that checkpointing saves.
 - selective checkpointing (`gradient_checkpointing_keep_attention`): each block's self-attention output
   and log-sum-exp are kept as well, so the backward pass recomputes everything but the attention; with
-  `gradient_checkpointing_keep_attention_blocks` N only in the last N checkpointed blocks.
+  `gradient_checkpointing_keep_attention_blocks` N only in the last N checkpointed blocks. With activation
+  offload and `gradient_checkpointing_offload_attention` they go to the host with the block input and come
+  back with it (`kept_attention.py`; the last checkpointed block keeps them on the device with its input).
 - partial checkpointing (`gradient_checkpointing_skip_blocks`): the last N blocks are not checkpointed and keep
   every activation; activation offload and keeping attention apply to the checkpointed blocks before them,
   and the last checkpointed block's input is the one that stays on the device. It cannot be combined with
@@ -27,7 +29,6 @@ through `WanModel.block_runner`, the one hook the model offers around each block
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,8 @@ import torch.nn as nn
 from library.wan.fp8 import FP8Config, FP8Linear, FP8Report, quantize_model_fp8, scaled_mm_supported
 
 from .block_swap import BlockSwapper, CudaTransport
-from .pinned import CudaPinner, HostBufferPool
+from .kept_attention import KeptAttention
+from .offload import ActivationOffloader
 
 logger = logging.getLogger(__name__)
 
@@ -45,130 +47,6 @@ def fp8_config(memory) -> FP8Config | None:
     """The `load_dit(fp8=...)` argument for a `MemoryArgs`: None unless `fp8_base`."""
     fast = bool(getattr(memory, "fp8_fast", False))
     return FP8Config(scaled=bool(memory.fp8_scaled), use_scaled_mm=fast) if memory.fp8_base else None
-
-
-# ---- activation offload ------------------------------------------------------------------------------
-
-
-class _Offloaded:
-    """One offloaded tensor: its host copy (a view of a pooled page-locked `buffer` on CUDA), the device it
-    returns to, the event of its device-to-host copy, and its way back once started (tensor, event)."""
-
-    __slots__ = ("host", "device", "event", "buffer", "fetched", "n", "__weakref__")
-
-    def __init__(self, host, device, event, buffer: list, n: int):
-        self.host, self.device, self.event, self.buffer, self.n = host, device, event, buffer, n
-        self.fetched = None
-
-
-class ActivationOffloader:
-    """Saved-tensor hooks that move one tensor (a checkpointed block's input) to host memory while the
-    forward pass goes on, and back when the backward pass recomputes the block. On CUDA the copies run
-    on a side stream, into page-locked host buffers of the exact size reused from step to step
-    (`pinned.HostBufferPool`: torch's own pinned allocations round 640 MiB up to 1 GiB); when block i's
-    input comes back, block i-1's copy back starts at once on the side stream, so it overlaps block i's
-    recomputation and backward instead of stalling block i-1. On a CPU device the 'host copy' is a clone
-    (the same bookkeeping, for tests); `trace`, when a list, records ("offload" | "fetch" | "use", n) for
-    the n-th offloaded tensor."""
-
-    def __init__(self, device: torch.device, pin_memory: bool = True, pinner=None, trace: list | None = None):
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.pin_memory = pin_memory and self.cuda
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self.pool = HostBufferPool(pinner or (CudaPinner() if self.pin_memory else None))
-        self.offloaded = 0  # tensors sent to the host so far (for logs and tests)
-        self.trace = trace
-        # offloaded and not yet brought back, in forward order (weak: a graph freed without a backward pass
-        # takes its entries with it, and their buffers go back to the pool)
-        self._waiting: list[weakref.ref] = []
-
-    def hooks(self, x: torch.Tensor):
-        """A context in which saving `x` (and only `x`) for backward keeps a host copy instead."""
-        key = (x.data_ptr(), tuple(x.shape), x.dtype)
-
-        def pack(t: torch.Tensor):
-            if (t.data_ptr(), tuple(t.shape), t.dtype) != key:
-                return t
-            return self._to_host(t)
-
-        def unpack(packed):
-            return self._to_device(packed) if isinstance(packed, _Offloaded) else packed
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-    def _log(self, what: str, packed: _Offloaded) -> None:
-        if self.trace is not None:
-            self.trace.append((what, packed.n))
-
-    def _release(self, buffer: list) -> None:
-        """Give a packed tensor's host buffer back to the pool (once)."""
-        if buffer and buffer[0] is not None:
-            self.pool.put(buffer[0])
-            buffer[0] = None
-
-    def _to_host(self, t: torch.Tensor) -> _Offloaded:
-        if not self.cuda:
-            packed = _Offloaded(t.detach().clone(), t.device, None, [None], self.offloaded)
-        else:
-            buffer = self.pool.get(t.numel() * t.element_size())
-            host = HostBufferPool.view(buffer, tuple(t.shape), t.dtype)
-            self.stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete
-            with torch.cuda.stream(self.stream):
-                host.copy_(t.detach(), non_blocking=self.pin_memory)
-                event = torch.cuda.Event()
-                event.record(self.stream)
-            t.record_stream(self.stream)  # t's memory is not reused before the copy has read it
-            packed = _Offloaded(host, t.device, event, [buffer], self.offloaded)
-            weakref.finalize(packed, self._release, packed.buffer)
-        self.offloaded += 1
-        self._waiting = [ref for ref in self._waiting if ref() is not None] + [weakref.ref(packed)]
-        self._log("offload", packed)
-        return packed
-
-    def prefetch_newest(self) -> None:
-        """Start bringing back the most recently offloaded tensor not yet back: the one the backward pass needs
-        first (`BlockRunner` calls this when the backward pass of the last block, whose input stays on the
-        device, begins, so the copy overlaps that block's recomputation and backward)."""
-        for ref in reversed(self._waiting):
-            packed = ref()
-            if packed is not None:
-                if packed.fetched is None:
-                    self._fetch(packed)
-                return
-
-    def _fetch(self, packed: _Offloaded) -> None:
-        """Start the copy back to the device (on the side stream; on a CPU device the clone itself)."""
-        self._log("fetch", packed)
-        if not self.cuda:
-            packed.fetched = (packed.host, None)
-            return
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(packed.event)
-            tensor = packed.host.to(packed.device, non_blocking=self.pin_memory)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        # the next device-to-host copy into this buffer is queued on the same side stream, after this one
-        self._release(packed.buffer)
-        packed.fetched = (tensor, done)
-
-    def _to_device(self, packed: _Offloaded) -> torch.Tensor:
-        if packed.fetched is None:
-            self._fetch(packed)
-        waiting = [ref() for ref in self._waiting]
-        if packed in waiting:
-            n = waiting.index(packed)
-            before = waiting[n - 1] if n > 0 else None
-            self._waiting.pop(n)
-            if before is not None and before.fetched is None:
-                self._fetch(before)  # the block before comes next in the backward pass
-        tensor, done = packed.fetched
-        self._log("use", packed)
-        if self.cuda:
-            compute = torch.cuda.current_stream(packed.device)
-            compute.wait_event(done)
-            tensor.record_stream(compute)
-        return tensor
 
 
 # ---- the block runner ------------------------------------------------------------------------------
@@ -254,6 +132,7 @@ class MemorySetup:
     keep_attention_blocks: int = 0  # of the model's blocks, the last checkpointed ones
     skip_blocks: int = 0  # the last blocks, not checkpointed
     activation_offload: bool = False
+    attention_offload: bool = False  # the kept self-attention outputs go to the host with the block inputs
     blocks_to_swap: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -264,7 +143,8 @@ class MemorySetup:
                  + ((" skipping the last block" if self.skip_blocks == 1 else
                      f" skipping the last {self.skip_blocks} blocks") if self.gradient_checkpointing and
                     self.skip_blocks else "")
-                 + (" (activations offloaded)" if self.activation_offload else ""),
+                 + (" (activations offloaded" + (", kept self-attention outputs too)" if self.attention_offload
+                                                 else ")") if self.activation_offload else ""),
                  f"{self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "no block swap"]
         return f"memory on {self.device}: " + "; ".join(parts + self.notes)
 
@@ -325,13 +205,14 @@ def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, t
     # 2. checkpointing and what rides on it
     swap, checkpointing = int(memory.blocks_to_swap or 0), bool(memory.gradient_checkpointing)
     offload = bool(getattr(memory, "gradient_checkpointing_cpu_offload", False)) and checkpointing
+    offload_attention = bool(getattr(memory, "gradient_checkpointing_offload_attention", False))
     if swap and device.type != "cuda" and transport is None:
         _note(setup, "block swap needs a CUDA device: blocks_to_swap = %d is ignored on %s", swap, device)
         swap = 0
     if offload and device.type != "cuda" and offloader is None:
-        _note(setup, "activation offload needs a CUDA device: gradient_checkpointing_cpu_offload is ignored "
-                     "on %s", device)
-        offload = False
+        _note(setup, "activation offload needs a CUDA device: gradient_checkpointing_cpu_offload%s is ignored "
+                     "on %s", " (with gradient_checkpointing_offload_attention)" if offload_attention else "", device)
+        offload = offload_attention = False
     if swap and not checkpointing:
         _note(setup, "blocks_to_swap = %d: turning on gradient_checkpointing (without it autograd would keep "
                      "every swapped block's weights on the GPU until the backward pass)", swap, warn=True)
@@ -349,6 +230,11 @@ def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, t
     setup.keep_attention = model.checkpoint_keep_attention
     setup.keep_attention_blocks = model.checkpoint_keep_attention_blocks
     setup.skip_blocks = model.checkpoint_skip_blocks
+    if offload_attention and not (offload and model.checkpoint_keep_attention):
+        _note(setup, "gradient_checkpointing_offload_attention is ignored: it needs activation offload "
+                     "(gradient_checkpointing_cpu_offload) and kept attention in some checkpointed block")
+        offload_attention = False
+    setup.attention_offload = offload_attention
     # 3. the runner around each block, then placement
     swapper = None
     if swap:
@@ -357,6 +243,7 @@ def apply_memory_features(model: nn.Module, memory, device, prefetch: int = 1, t
     offloader = (offloader or ActivationOffloader(device)) if offload else None
     model.block_runner = BlockRunner(swapper, offloader, len(model.blocks), model.checkpoint_skip_blocks) \
         if (swapper or offloader) else None
+    model.keep_attention_context_fn = KeptAttention(offloader) if offload_attention else None
     if place:
         place_model(model, device)
     logger.info("%s", setup.summary())

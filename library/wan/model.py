@@ -237,17 +237,25 @@ class ImageEmbedding(nn.Module):
         return norm4(x).to(dtype)
 
 
-def _self_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing: keep what a self-attention kernel returns (SDPA's aten kernels, flash-attn's
-    custom ops, this package's opaque op: an op named *attn* / *attention*, not a backward, whose first two
-    tensors, q and k, have one shape), recompute everything else. Cross-attention (512 keys) is cheap to
-    recompute and its output as large as self-attention's, so it is not kept."""
+def is_self_attention_op(op, args: tuple, kwargs: dict | None = None) -> bool:
+    """Whether a dispatched op is a self-attention kernel whose outputs selective checkpointing keeps: SDPA's aten
+    kernels, flash-attn's custom ops, this package's opaque op (an op named *attn* / *attention*, not a backward,
+    whose first two tensors, q and k, have one shape), never an out= variant (Inductor calls extern kernels with
+    out=, into buffers it reuses). Cross-attention (512 keys) is cheap to recompute and its output as large as
+    self-attention's, so it is not kept."""
     name = str(op)  # namespace.name.overload, e.g. aten._scaled_dot_product_cudnn_attention.default
-    if ("attn" in name or "attention" in name) and "backward" not in name and "bwd" not in name:
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if len(tensors) >= 2 and tensors[0].shape == tensors[1].shape:
-            return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+    if not ("attn" in name or "attention" in name) or "backward" in name or "bwd" in name:
+        return False
+    if name.endswith(".out") or (kwargs and "out" in kwargs):
+        return False
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return len(tensors) >= 2 and tensors[0].shape == tensors[1].shape
+
+
+def _self_attention_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing: keep what a self-attention kernel returns (`is_self_attention_op`), recompute
+    everything else."""
+    return CheckpointPolicy.MUST_SAVE if is_self_attention_op(op, args, kwargs) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _keep_self_attention():
@@ -282,6 +290,10 @@ class WanModel(nn.Module):
         # Optional object whose `run(index, block, args, run_block)` runs each block in place of a direct
         # call (memory features: block swap, activation offload); None runs the blocks directly.
         self.block_runner = None
+        # Optional `context_fn` of `torch.utils.checkpoint` for the blocks that keep their self-attention (the
+        # runtime's `KeptAttention` sends the kept outputs to host memory with offloaded block inputs);
+        # None: torch's selective checkpointing contexts, which keep them on the device.
+        self.keep_attention_context_fn = None
         # Optional object splitting the tokens over processes (library.runtime.sequence_parallel): `split`
         # after the embeddings, `attention` in each self-attention, `gather` after the head; None: all here.
         self.sequence_parallel = None
@@ -450,7 +462,8 @@ class WanModel(nn.Module):
         is not one of the last `checkpoint_skip_blocks`."""
         if self.gradient_checkpointing and torch.is_grad_enabled() and not getattr(block, "checkpoint_skip", False):
             if getattr(block, "checkpoint_keep_attention", False):
-                return checkpoint(block, *args, use_reentrant=False, context_fn=_keep_self_attention)
+                return checkpoint(block, *args, use_reentrant=False,
+                                  context_fn=self.keep_attention_context_fn or _keep_self_attention)
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
