@@ -23,7 +23,9 @@ own (`create_selective_checkpoint_contexts`) that offers no way to move them. Th
   keeps them on the device, as torch's contexts do.
 
 Why not torch's modes with a hook: their storage holds `_VersionWrapper`s of private layout that changes between
-releases (this project supports torch 2.4 to 2.15); these two modes use only public API. They mark themselves
+releases (this project supports torch 2.4 to 2.15), and newer torch's `CheckpointPolicy.*_CPU_OFFLOAD` acts only
+in graphs torch.compile partitions (eagerly it recomputes), not in this checkpoint around compiled blocks. These
+two modes use only the documented `TorchDispatchMode` extension point. They mark themselves
 `ignore_compile_internals` so compiled blocks still compile (Dynamo skips frames under other dispatch modes) and
 see the compiled code's attention kernels when it runs. Without `gradient_checkpointing_offload_attention` the
 model keeps torch's contexts, so nothing changes there. Outputs are returned detached (no autograd history kept

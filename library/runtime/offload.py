@@ -15,7 +15,6 @@ import torch
 from .pinned import CudaPinner, HostBufferPool
 
 
-
 class _Offloaded:
     """One offloaded tensor: its host copy (a view of a pooled page-locked `buffer` on CUDA), the device it
     returns to, the event of its device-to-host copy, its way back once started (tensor, event; False once
