@@ -226,8 +226,9 @@ class MemoryPlan:
 
 def _candidates(w: Workload, fp8: bool = False):
     """The ladder (module docstring), each rung with both experts on the GPU, then with the inactive one on the
-    host; with `fp8` every rung has fp8 weights, and the swap rungs keeping attention on the host come right
-    after the rung without swap that keeps it there (no bf16 rung comes first for precision's sake)."""
+    host. With `fp8` every rung has fp8 weights, so nothing is tried first for precision's sake: the swap rungs
+    keeping attention on the host follow the rung without swap that keeps it there (4), before any rung that
+    recomputes attention."""
     n_layers = w.variant.num_layers
     ckpt = Settings(checkpointing=True)
     offload = Settings(checkpointing=True, offload_activations=True)
