@@ -21,9 +21,10 @@ takes fp8 / checkpointing / offload / block swap from the memory planner for tha
 an estimated step time, the MFU it implies (against the dense bf16 peak, fp8 matmuls or not) and the kernels
 that take the time (library/training/estimate_cli.py). With `--plan` the memory planner chooses for the card's
 memory (or `--vram_cap_gb`) what `auto_memory` would (checkpointing, keeping self-attention, activation
-offload, the last blocks not checkpointed as `--skip_blocks N` forces, fp8 weights, block swap; host RAM is not
-checked unless `--host_ram_gb` is given); with `--full` the full fine-tuning planner of one process (FSDP is not
-modelled). Activation offload (`--offload_activations`) and block swap (`--blocks_to_swap`), or the plan's, are
+offload with the kept attention on the GPU or on the host, the last blocks not checkpointed as `--skip_blocks N`
+forces, fp8 weights, block swap; host RAM is not checked unless `--host_ram_gb` is given); with `--full` the full
+fine-tuning planner of one process (FSDP is not modelled). Activation offload (`--offload_activations`, with
+`--offload_attention` the kept self-attention outputs too) and block swap (`--blocks_to_swap`), or the plan's, are
 costed as copies at the GPU's host-link rate overlapped with the compute, in the order training issues them; the
 exposed part is added. `--full` adds the optimizer step and fp32 master casts (library/training/estimate_full.py).
 The estimate compiles the blocks unless `--eager`, as training does on a CUDA GPU by default; measured runs
@@ -86,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    dest="gradient_checkpointing_cpu_offload",
                    help="checkpointed block inputs to pinned host memory and back (with --estimate: the copies at the "
                         "GPU's host-link rate, overlapped with the compute)")
+    p.add_argument("--offload_attention", "--gradient_checkpointing_offload_attention", action="store_true",
+                   dest="offload_attention",
+                   help="with --offload_activations and kept attention: the kept self-attention outputs go to the host "
+                        "with the block inputs and come back with them (with --estimate: in the copies)")
     p.add_argument("--host_ram_gb", type=positive_float,
                    help="with --plan: host RAM this process may use, GiB (the planner skips candidates whose host "
                         "memory does not fit; default: MemAvailable / LOCAL_WORLD_SIZE on a GPU run, not checked "
@@ -144,7 +149,8 @@ def _config(args):
                         gradient_checkpointing_cpu_offload=args.gradient_checkpointing_cpu_offload,
                         gradient_checkpointing_keep_attention=args.keep_attention and checkpointing,
                         gradient_checkpointing_keep_attention_blocks=args.keep_attention_blocks * checkpointing,
-                        gradient_checkpointing_skip_blocks=args.skip_blocks * checkpointing)
+                        gradient_checkpointing_skip_blocks=args.skip_blocks * checkpointing,
+                        gradient_checkpointing_offload_attention=args.offload_attention)
     experts = 2 if args.two_experts else 1
     gather = args.sequence_parallel_attention == "all_gather"
     full = {"full_bf16": args.full_bf16, "fused_backward_pass": args.fused_backward_pass}
@@ -231,7 +237,8 @@ def _planned(args, variant, memory, full: dict, experts: int) -> float:
                  offload_activations=memory.gradient_checkpointing_cpu_offload, blocks_to_swap=memory.blocks_to_swap,
                  offload_inactive=args.two_experts, keep_attention=memory.gradient_checkpointing_keep_attention,
                  keep_attention_blocks=memory.gradient_checkpointing_keep_attention_blocks,
-                 skip_blocks=memory.gradient_checkpointing_skip_blocks)
+                 skip_blocks=memory.gradient_checkpointing_skip_blocks,
+                 offload_attention=memory.gradient_checkpointing_offload_attention)
     return estimate(w, s).total
 
 
@@ -279,6 +286,11 @@ def main(argv=None) -> int:
     if args.sdpa_kernel and args.attention not in (None, "sdpa"):
         print(f"--sdpa_kernel {args.sdpa_kernel} picks a kernel of PyTorch's SDPA; it cannot be combined with "
               f"--attention {args.attention}", file=sys.stderr)
+        return 2
+    if args.offload_attention and not args.plan and not (
+            args.gradient_checkpointing_cpu_offload and (args.keep_attention or args.keep_attention_blocks)):
+        print("--offload_attention sends the kept self-attention outputs to the host with the offloaded block inputs: "
+              "add --offload_activations and --keep_attention (or --keep_attention_blocks N)", file=sys.stderr)
         return 2
     if args.compare_cap:
         return _compare(args, argv)

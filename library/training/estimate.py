@@ -19,7 +19,7 @@ op, and the GPU's rate for the backend the code would choose (`attention.sdpa_pl
 `F.rms_norm` is one counting op forward and one backward too, as CUDA's fused kernel runs it (on the meta
 device it would decompose into the CPU formula). `offload_activations`: the block inputs' copies to the
 host and back at the GPU's host-link rate, overlapped with the compute (`estimate_offload.py`); the time
-the compute waits for them is added.
+the compute waits for them is added; `offload_attention`: the kept self-attention outputs travel with them.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ from library.wan.variants import WanVariant
 
 from .benchmark import step_flops
 from .estimate_full import ParamCounts, count_params, full_costs
-from .estimate_offload import BlockMarks, OffloadTime, SwapTime, offload_time, swap_time
+from .estimate_offload import BlockMarks, OffloadTime, SwapTime, copy_bytes, offload_time, swap_time
 from .estimate_ops import counting_rms_norm, counting_sdpa
 from .gpu_rates import GPUS, GpuRates
+from .planning.lora import KEEP_PER_C, KEEP_PER_HEAD
 
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "convolution", "convolution_backward"}
 _ATTENTION = {"attention", "attention_backward"}
@@ -139,6 +140,17 @@ class StepSetup:
     full: bool = False  # full fine-tuning: every DiT weight trains, no LoRA (`estimate_full.py`)
     full_bf16: bool = False  # ... with bf16 weights, gradients and optimizer state instead of fp32 masters
     optimizer: str = "AdamW"  # ... stepped by this optimizer (its state's size)
+    offload_attention: bool = False  # the kept self-attention outputs copied with the offloaded inputs (the compute
+    # is keep_attention's; needs offload_activations and keep_attention or keep_attention_blocks)
+
+    def sent_blocks(self) -> int:
+        """The blocks whose kept self-attention outputs go to the host with their inputs (`offload_attention`):
+        the kept blocks (the last checkpointed ones) but the last checkpointed one, which keeps them."""
+        if not (self.offload_attention and self.offload_activations and self.checkpointing):
+            return 0
+        checkpointed = max(0, self.variant.num_layers - self.skip_blocks)
+        kept = checkpointed if self.keep_attention else min(self.keep_attention_blocks, checkpointed)
+        return max(0, kept - 1)
 
     def latent_shape(self) -> tuple[int, ...]:
         v = self.variant
@@ -349,13 +361,20 @@ def estimate_step(setup: StepSetup, gpu: str = "h100", attention: str = "sdpa", 
     marks, input_bytes = getattr(kernels, "marks", None), 4 * setup.variant.dim * setup.tokens() * setup.batch
     if (setup.offload_activations or setup.blocks_to_swap) and (marks is None or not setup.checkpointing):
         raise ValueError("activation offload and block swap need checkpointing and a traced step (trace_step)")
+    if setup.offload_attention and not (setup.offload_activations and (setup.keep_attention
+                                                                       or setup.keep_attention_blocks)):
+        raise ValueError("offload_attention sends the kept self-attention outputs with the offloaded block inputs: "
+                         "it needs activation offload and kept attention (keep_attention or keep_attention_blocks)")
+    v = setup.variant  # one block's kept self-attention output and log-sum-exp (the planner's constants)
+    sent, kept = setup.sent_blocks(), (KEEP_PER_C * v.dim + KEEP_PER_HEAD * v.num_heads) * setup.tokens() * setup.batch
     if setup.offload_activations:
-        offload = offload_time(costs, marks, input_bytes, rates, setup.skip_blocks)
+        offload = offload_time(costs, marks, input_bytes, rates, setup.skip_blocks, kept, sent)
     if setup.blocks_to_swap:  # the wait for weights and activations together (they share the link)
         if setup.skip_blocks:
             raise ValueError("block swap checkpoints every block: it cannot be combined with skip_blocks")
         swap = swap_time(costs, marks, kernels.block_bytes, rates, setup.blocks_to_swap,
-                         input_bytes if setup.offload_activations else 0.0)
+                         copy_bytes(input_bytes, kept, len(marks.forward), sent) if setup.offload_activations
+                         else 0.0)
     seconds += swap.exposed_s if swap else offload.exposed_s if offload else 0.0
     if setup.full:  # after the copies' replay: the optimizer step ends the step
         checkpointed = setup.variant.num_layers - setup.skip_blocks if setup.checkpointing else 0

@@ -28,7 +28,8 @@ def _settings(args, variant, gpus) -> dict | int:
                     keep_attention_blocks=args.keep_attention_blocks, skip_blocks=args.skip_blocks,
                     fp8=bool(args.fp8_base or args.fp8_scaled or args.fp8_scaled_mm), fp8_fast=args.fp8_scaled_mm,
                     offload_activations=args.gradient_checkpointing_cpu_offload, blocks_to_swap=args.blocks_to_swap,
-                    full=args.full, full_bf16=args.full_bf16, optimizer=args.optimizer)
+                    full=args.full, full_bf16=args.full_bf16, optimizer=args.optimizer,
+                    offload_attention=args.offload_attention)
     if not args.plan:
         return settings
     vram = args.vram_cap_gb or gpus[args.gpu].memory_gib
@@ -42,7 +43,7 @@ def _settings(args, variant, gpus) -> dict | int:
         s = plan.settings
         return settings | dict(checkpointing=s.checkpointing, keep_attention=s.keep_attention, keep_attention_blocks=0,
                                skip_blocks=s.skip_blocks, offload_activations=s.offload_activations,
-                               full_bf16=s.full_bf16)
+                               full_bf16=s.full_bf16, offload_attention=False)
     plan = plan_memory(vram, variant, args.width, args.height, args.frames, args.batch_size, args.network_dim,
                        "adamw", fp8=args.fp8_scaled_mm, host_ram_gb=args.host_ram_gb)
     print(plan.table())
@@ -51,7 +52,8 @@ def _settings(args, variant, gpus) -> dict | int:
         return _error(f"nothing fits this card: the last plan tried is {s.label()}")
     return settings | dict(checkpointing=s.checkpointing, keep_attention=s.keep_attention,
                            keep_attention_blocks=s.keep_attention_blocks, skip_blocks=s.skip_blocks, fp8=s.fp8,
-                           offload_activations=s.offload_activations, blocks_to_swap=s.blocks_to_swap)
+                           offload_activations=s.offload_activations, blocks_to_swap=s.blocks_to_swap,
+                           offload_attention=s.attention_on_host)
 
 
 def estimated_attention(args) -> str:
@@ -140,6 +142,7 @@ def estimate_argv(cfg, sdpa_kernel: str | None = None) -> list[str]:
               ["--keep_attention_blocks", str(m.gradient_checkpointing_keep_attention_blocks)]),
              (m.gradient_checkpointing_skip_blocks, ["--skip_blocks", str(m.gradient_checkpointing_skip_blocks)]),
              (m.gradient_checkpointing_cpu_offload, ["--offload_activations"]),
+             (m.gradient_checkpointing_offload_attention, ["--offload_attention"]),
              (m.blocks_to_swap, ["--blocks_to_swap", str(m.blocks_to_swap)]),
              (cfg.full, ["--full", "--optimizer", cfg.optimizer]), (cfg.full and cfg.full_bf16, ["--full_bf16"])]
     return argv + [arg for wanted, args in flags if wanted for arg in args]

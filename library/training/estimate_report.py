@@ -16,7 +16,8 @@ def estimate_table(e, top: int = 10) -> str:
                       else "on") if s.checkpointing else "off")
     checkpointing += f", the last {skip} of {v.num_layers} blocks not checkpointed" if s.checkpointing and skip \
         else ""
-    checkpointing += ", activations offloaded" if e.offload else ""
+    checkpointing += (", activations and kept attention offloaded" if e.offload and e.offload.attention_blocks
+                      else ", activations offloaded" if e.offload else "")
     checkpointing += f", {s.blocks_to_swap} blocks swapped" if e.swap else ""
     checkpointing += ", fp8 weights and matmuls" if s.fp8_fast else ", fp8 weights" if s.fp8 else ""
     lines = [f"ESTIMATE (roofline on the meta device, not a measurement): {v.name} "
@@ -32,8 +33,10 @@ def estimate_table(e, top: int = 10) -> str:
         lines.append(f"  estimated {kind:<24s}{seconds:8.2f} s")
     if e.offload:
         o = e.offload
+        kept = (f", and the kept self-attention outputs of {o.attention_blocks} of them, "
+                f"{1000 * o.attention_copy_s:.1f} ms more each," if o.attention_blocks else "")
         lines.append(f"  estimated activation offload  {o.gb_each_way:.1f} GB to the host and "
-                     f"{o.gb_each_way:.1f} GB back ({o.blocks} block inputs, {1000 * o.copy_s:.1f} ms each over "
+                     f"{o.gb_each_way:.1f} GB back ({o.blocks} block inputs, {1000 * o.copy_s:.1f} ms each{kept} over "
                      f"{o.link} at {o.link_gbs:g} GB/s, 80% of its peak); " + (
                          f"exposed {o.exposed_s:.3f} s (in the step time)" if not e.swap else
                          "exposed: with block swap's copies"))

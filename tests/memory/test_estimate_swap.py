@@ -101,4 +101,5 @@ def test_the_command_estimates_block_swap_and_the_24_gb_plan(capsys):
     # for the cap (an H100 capped as `--compare_cap 24` caps it)
     assert benchmark_wan.main(["--estimate", "--gpu", "h100", "--plan", "--vram_cap_gb", "24"]) == 0
     out = capsys.readouterr().out
-    assert "-> " in out and "swap 34" in out and "34 blocks swapped" in out and "estimated step time" in out
+    assert "-> " in out and "keeping attention on the host, swap 35" in out and "35 blocks swapped" in out
+    assert "the kept self-attention outputs of 39 of them" in out and "estimated step time" in out

@@ -57,21 +57,23 @@ def test_choices_for_24_40_80_gib():
     a14b = {vram: plan_memory(vram, "t2v-A14B", 832, 480, 81) for vram in (24, 40, 80)}
     s80 = a14b[80].rung  # H100: no fp8, no swap; every block's self-attention kept, the block inputs offloaded
     assert s80 == Settings(checkpointing=True, offload_activations=True, keep_attention=True) and a14b[80].fits
-    assert a14b[80].settings.skip_blocks == 3  # and the last 3 blocks not checkpointed (the skip stage)
-    assert a14b[40].rung == Settings(fp8=True, checkpointing=True, offload_activations=True) and a14b[40].fits
+    # and the last 4 blocks not checkpointed (the skip stage), the kept outputs on the host: one block more than
+    # with them on the GPU (3)
+    assert a14b[80].settings == dataclasses.replace(s80, skip_blocks=4, offload_attention=True)
+    on_host = Settings(checkpointing=True, offload_activations=True, keep_attention=True, offload_attention=True)
+    assert a14b[40].rung == dataclasses.replace(on_host, fp8=True) and a14b[40].fits
     assert a14b[40].settings.skip_blocks == 1  # the last block's checkpointing saves nothing at the peak
     s24 = a14b[24].settings  # the 24 GB card: everything on, most blocks swapped (an estimate until measured)
     assert s24.fp8 and s24.offload_activations and 30 <= s24.blocks_to_swap < 40 and a14b[24].fits
+    assert s24.attention_on_host  # every block's attention kept, on the host
     ti2v = {vram: plan_memory(vram, "ti2v-5B", 1280, 704, 121) for vram in (24, 40, 80)}
-    k = ti2v[24].rung.keep_attention_blocks  # 24 GB: offload, and the attention of some blocks kept
-    assert ti2v[24].rung == Settings(checkpointing=True, offload_activations=True, keep_attention_blocks=k)
-    assert ti2v[24].fits and 0 < k < 30  # the last of those blocks not checkpointed at all instead, same memory:
-    assert ti2v[24].settings == dataclasses.replace(ti2v[24].rung, keep_attention_blocks=k - 1, skip_blocks=1)
+    assert ti2v[24].rung == on_host  # 24 GB: offload, every block's attention kept on the host
+    assert ti2v[24].fits and ti2v[24].settings == dataclasses.replace(on_host, skip_blocks=1)
     assert ti2v[40].rung == ti2v[80].rung == Settings(checkpointing=True, keep_attention=True)
-    # with the block inputs offloaded (which hides behind the compute) more blocks skip checkpointing
-    assert ti2v[40].settings == Settings(checkpointing=True, offload_activations=True, keep_attention=True,
-                                         skip_blocks=3)
-    assert ti2v[80].settings.skip_blocks == 11
+    # with the block inputs and kept outputs offloaded (which hides behind the compute) more blocks skip
+    # checkpointing
+    assert ti2v[40].settings == dataclasses.replace(on_host, skip_blocks=4)
+    assert ti2v[80].settings.skip_blocks == 12
     small = plan_memory(24, "t2v-A14B", 832, 480, 33)
     assert small.fits and small.settings.fp8 and small.settings.blocks_to_swap < 39
 

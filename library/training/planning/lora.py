@@ -5,20 +5,22 @@ state, activations and workspace, and choose fp8 / block swap / checkpointing (`
 Candidates are tried from fastest and most precise to most frugal; the first that fits the GPU, and
 whose host memory fits the host, is the plan:
 
-    1 bf16 weights                                  5 bf16 + ckpt + offload, keeping attention in K blocks
-    2 bf16 + checkpointing keeping self-attention   6 bf16 + checkpointing + activation offload
-    3 bf16 + ckpt + offload keeping self-attention  7 fp8 + checkpointing + activation offload
-    4 bf16 + ckpt keeping attention in K blocks,    8 ... + block swap of N blocks, the smallest N that fits
-      then bf16 + checkpointing
+    1 bf16 weights                                   6 bf16 + ckpt + offload, keeping attention in K blocks,
+    2 bf16 + checkpointing keeping self-attention      each K on the GPU, then on the host
+    3 bf16 + ckpt + offload keeping self-attention   7 bf16 + checkpointing + activation offload
+    4 ... keeping self-attention on the host         8 fp8 + ckpt + offload keeping attention on the host
+    5 bf16 + ckpt keeping attention in K blocks,     9 ... + block swap of N blocks, the smallest N that fits
+      then bf16 + checkpointing                     10 fp8 + ckpt + offload, then + block swap of N blocks
 
 Then the skip stage: on top of the first rung that fits (with checkpointing and without block swap), the
 last N blocks are not checkpointed (`gradient_checkpointing_skip_blocks`), the largest N that fits; where that
-rung does not offload, its variant with activation offload is tried too and the larger N wins (a tie keeps the
-rung). A skipped block keeps all its activations (`per_block` in `estimate`, about 8.5 GiB for an A14B
-block at 832x480x81) and runs no recomputation at all, the largest saving per block; N = 1 costs about
-nothing, as the last block's backward pass follows its forward pass directly. Keeping attention in K blocks
-becomes K - N, the kept set minus the skipped blocks, so no block recomputes more than before. It only spends
-leftover memory on speed, so a bigger card never gets fewer skipped blocks on the same rung.
+rung does not offload, its variant with activation offload is tried too, and where it keeps attention on the
+GPU its variant keeping it on the host, and the largest N wins (a tie keeps the earlier: less traffic). A
+skipped block keeps all its activations (`per_block` in `estimate`, about 8.5 GiB for an A14B block at
+832x480x81) and runs no recomputation at all, the largest saving per block; N = 1 costs about nothing, as the
+last block's backward pass follows its forward pass directly. Keeping attention in K blocks becomes K - N, the
+kept set minus the skipped blocks, so no block recomputes more than before. It only spends leftover memory on
+speed, so a bigger card never gets fewer skipped blocks on the same rung.
 
 Keeping self-attention is selective checkpointing (`gradient_checkpointing_keep_attention`): each block's
 self-attention output and log-sum-exp stay on the GPU (2 C + 4 H bytes a token and block), so the backward
@@ -26,9 +28,14 @@ pass does not run the attention forward again. "In K blocks" keeps them in the l
 (`gradient_checkpointing_keep_attention_blocks`), K from num_layers - 1 down to 1: the largest K that fits.
 Activation offload (`gradient_checkpointing_cpu_offload`) moves each checkpointed block input (the fp32
 residual stream, 4 C bytes a token) to pinned host memory in the forward pass and back in the backward.
+"On the host" (`gradient_checkpointing_offload_attention`) sends each kept output with its block's input and
+gets it back with it, one block ahead of the backward pass; the last checkpointed block keeps both on the GPU.
+The GPU then holds the kept outputs of the blocks in flight only (`_checkpointed_peak`): one block's more than
+plain ckpt + offload, which is 0.32 GiB for A14B at 832x480x81 against 12.2 GiB for every block's; the host
+holds those of the other kept blocks beside their inputs.
 
 Why offload keeping every block's attention (3) comes before keeping K < num_layers blocks without offload
-(4): by the step-time estimator (`tools/benchmark_wan.py --estimate`, `estimate_offload.py`) the copies run
+(5): by the step-time estimator (`tools/benchmark_wan.py --estimate`, `estimate_offload.py`) the copies run
 beside the compute and hide behind it. For one A14B expert at 832x480x81 on an H100 a block input is 0.67 GB
 each way, 13.1 ms over PCIe 5.0 at 51.2 GB/s, against 75 ms of forward and 203 ms of backward compute per
 block: nothing is exposed, so rung 3 runs as fast as rung 2 (10.58 s a step, estimate), while keeping 19 of
@@ -36,15 +43,29 @@ block: nothing is exposed, so rung 3 runs as fast as rung 2 (10.58 s a step, est
 against 32 ms) and on an RTX 4090 over PCIe 4.0 (26 ms against 350 ms for A14B). Keeping 39 blocks without
 offload would only win where the copies are exposed by more than one attention forward (37 ms here); the
 transfer time over a block's forward compute is at most rate / (6 C link) for any token count (matmuls
-alone), 0.4 for C = 5120 on an H100 over PCIe 5.0. Rung 4 needs more GPU memory than rung 3 anyway:
+alone), 0.4 for C = 5120 on an H100 over PCIe 5.0. Rung 5 needs more GPU memory than rung 3 anyway:
 offload frees 4 C T (L - 2) bytes, keeping every block costs (2 C + 4 H) T (L - 1), about half of that; so
-rung 4 (and plain checkpointing) is reached only when the host cannot hold the offloaded inputs, and rung
-5 is the step after rung 3 on a smaller card. fp8 weights come after every bf16 rung (they cost precision);
-with `fp8_fast` (fp8 matmuls need fp8 weights) every rung is taken with fp8 weights.
+rung 5 (and plain checkpointing) is reached only when the host cannot hold the offloaded inputs.
+
+Why the kept outputs on the host (4) come right after keeping them on the GPU (3) and before every rung that
+recomputes attention: they make each copy half as long again (0.34 GB more, 39.5 ms in all a block each way
+over PCIe 4.0 against 350 ms of forward compute on an RTX 4090; 19.8 ms against 75 ms on an H100), still
+hidden, while a recomputed self-attention costs its forward pass again (about 180 ms a block on the 4090).
+Rung 3 stays first where it fits: no extra traffic. Rung 4 fits the GPU wherever rung 5, or 6 with K > 1,
+does (it needs one kept output more than ckpt + offload), so those are reached only when the host cannot hold
+the kept outputs; in 6 each K is tried on the GPU, then on the host, so the largest K either way wins. fp8
+weights come after every bf16 rung (they cost precision), and among the fp8 rungs the same holds: keeping
+attention on the host, with block swap where needed (9: the 24 GB plans, fp8 + ckpt + offload keeping
+attention on the host + swap 36 on an RTX 4090, 50.3 s a step against 57.6 s recomputing it with swap 35,
+estimates), before any fp8 rung that recomputes attention (10), which is where the planner falls back when
+the host RAM check refuses the kept outputs. A swapped block's copy (13.7 ms on the 4090) hides as well, so
+block swap keeping attention comes before no swap recomputing it. With `fp8_fast` (fp8 matmuls need fp8
+weights) every rung is taken with fp8 weights, the swap rungs of 9 right after rung 4.
 
 Host RAM: `plan_memory(host_ram_gb=...)` (auto_memory: MemAvailable shared among the node's processes,
 `host.detect_host_ram_gb`) skips every candidate whose host memory, `Estimate.host` (offloaded block inputs
-in exact-size pinned buffers, L - 1 of them; swapped blocks; an inactive expert), is more than
+in exact-size pinned buffers, L - 1 of them, with the kept outputs sent along; swapped blocks; an inactive
+expert), is more than
 `HOST_FRACTION` of it; the table says "no: host RAM". Without it (None) host RAM is not checked.
 
 With two experts (WAN 2.2 A14B) each candidate is tried with both experts on the GPU, then with the
@@ -63,12 +84,12 @@ Full fine-tuning is planned in `full.py`; the table is drawn by `table.py`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 from library.wan.variants import WanVariant, get_variant
 
 from .host import HOST_FRACTION
+from .lora_settings import Estimate, Settings, Workload, skipping_label  # noqa: F401  (imported from here by others)
 from .sizes import _block_bytes, lora_params, outer_params, vace_params
 from .sizes import block_linear_params, block_other_params  # noqa: F401  (imported from here by others)
 from .table import lora_table
@@ -94,99 +115,6 @@ OPTIMIZER_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "adam8bit": 2, "pageda
 SWAP_IN_FLIGHT = 3  # swapped blocks on the GPU at once with one block of prefetch (see block_swap.py)
 
 
-@dataclass(frozen=True)
-class Workload:
-    variant: WanVariant
-    width: int
-    height: int
-    frames: int
-    batch_size: int = 1
-    rank: int = 32
-    optimizer: str = "adamw"
-    experts: int = 1  # 2: both WAN 2.2 A14B experts are trained in one run
-    sequence_parallel: int = 1  # processes sharing each sample's tokens (`sequence_parallel_size`)
-    gather_kv: bool = False  # sequence_parallel_attention = "all_gather": every process holds all keys and values
-
-    @property
-    def tokens(self) -> int:
-        """Video tokens per sample: latent frames x (latent H / 2) x (latent W / 2)."""
-        st, sh, sw = self.variant.vae_stride
-        pt, ph, pw = self.variant.patch_size
-        return ((self.frames - 1) // st + 1) // pt * (self.height // sh // ph) * (self.width // sw // pw)
-
-    @property
-    def local_tokens(self) -> int:
-        """The tokens of a sample one process holds: all of them, or its slice under sequence parallelism
-        (Ulysses: the attention of all tokens over heads / N is as large as that of tokens / N over all heads)."""
-        return math.ceil(self.tokens / self.sequence_parallel)
-
-    def split_bytes(self) -> int:
-        """The all-to-all buffers of one block's attention under sequence parallelism: q, k, v and the output
-        in bf16, sent and received (16 bytes per width unit and local token); 0 without it."""
-        return 16 * self.variant.dim * self.local_tokens * self.batch_size if self.sequence_parallel > 1 else 0
-
-    def gathered_bytes(self) -> int:
-        """`all_gather` attention: the keys and values of every token in bf16, kept by a block for its backward
-        pass (4 bytes per width unit and token of the whole sample); 0 otherwise."""
-        return 4 * self.variant.dim * self.tokens * self.batch_size if self.gather_kv and self.sequence_parallel > 1 \
-            else 0
-
-
-def skipping_label(n: int) -> str:
-    """'skipping the last block' / 'skipping the last N blocks' (`gradient_checkpointing_skip_blocks`)."""
-    return "skipping the last block" if n == 1 else f"skipping the last {n} blocks"
-
-
-@dataclass(frozen=True)
-class Settings:
-    fp8: bool = False
-    checkpointing: bool = False
-    offload_activations: bool = False
-    blocks_to_swap: int = 0
-    offload_inactive: bool = False
-    keep_attention: bool = False  # selective checkpointing: self-attention outputs kept (needs checkpointing)
-    keep_attention_blocks: int = 0  # ... in the last N checkpointed blocks only (without keep_attention)
-    skip_blocks: int = 0  # the last N blocks are not checkpointed (needs checkpointing; not with block swap)
-
-    def checkpointed_blocks(self, num_layers: int) -> int:
-        """How many blocks are checkpointed: the first num_layers - skip_blocks (0 without checkpointing)."""
-        return max(0, num_layers - self.skip_blocks) if self.checkpointing else 0
-
-    def kept_blocks(self, num_layers: int) -> int:
-        """How many blocks keep their self-attention outputs (the last checkpointed ones)."""
-        checkpointed = self.checkpointed_blocks(num_layers)
-        return checkpointed if self.keep_attention else min(self.keep_attention_blocks, checkpointed)
-
-    def label(self) -> str:
-        parts = ["fp8" if self.fp8 else "bf16"]
-        if self.checkpointing:
-            parts.append("ckpt" + ("+offload" if self.offload_activations else "")
-                         + (" keeping attention" if self.keep_attention else "")
-                         + (f" keeping attention in {self.keep_attention_blocks} blocks"
-                            if self.keep_attention_blocks and not self.keep_attention else "")
-                         + (f", {skipping_label(self.skip_blocks)}" if self.skip_blocks else ""))
-        if self.blocks_to_swap:
-            parts.append(f"swap {self.blocks_to_swap}")
-        if self.offload_inactive:
-            parts.append("inactive expert on CPU")
-        return ", ".join(parts)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """GiB on the GPU at the peak (the backward pass of one block), and in host memory for the GPU."""
-
-    weights: float
-    lora: float  # LoRA weights, gradients and optimizer state
-    activations: float
-    workspace: float
-    host: float = 0.0  # offloaded block inputs, swapped blocks, an inactive expert (not in `total`)
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.lora + self.activations + self.workspace
-
-
 # ---- sizes (the parts' counts: sizes.py) ----------------------------------------------------------------
 
 
@@ -207,6 +135,7 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     checkpointed = s.checkpointed_blocks(v.num_layers)
     if s.checkpointing and s.offload_activations:
         host += 4 * c * t * b * max(0, checkpointed - 1)
+    host += kept_bytes(w) * s.sent_blocks(v.num_layers)  # `offload_attention`: the kept outputs sent with them
     lora = w.experts * lora_params(v, w.rank) * (8 + OPTIMIZER_BYTES.get(w.optimizer.lower(), 8))
     per_block = (ACT_PER_C * c + ACT_PER_F * f + ACT_PER_RANK * w.rank) * t * b + w.gathered_bytes()
     context = 16 * c * v.text_len * b * (1 if s.checkpointing else v.num_layers)
@@ -221,6 +150,11 @@ def estimate(w: Workload, s: Settings) -> Estimate:
     return Estimate(weights / GIB, lora / GIB, activations / GIB, workspace / GIB, host / GIB)
 
 
+def kept_bytes(w: Workload) -> int:
+    """What selective checkpointing keeps of one block: its self-attention output and log-sum-exp, bytes."""
+    return (KEEP_PER_C * w.variant.dim + KEEP_PER_HEAD * w.variant.num_heads) * w.local_tokens * w.batch_size
+
+
 def _checkpointed_peak(w: Workload, s: Settings, per_block: float, context: float) -> float:
     """Activation bytes at the peak with checkpointing, the larger of two moments. (B) the backward pass of the
     last checkpointed block: its recomputed activations, the fp32 inputs of the checkpointed blocks (with
@@ -230,16 +164,22 @@ def _checkpointed_peak(w: Workload, s: Settings, per_block: float, context: floa
     output and the checkpointed inputs still on the device (with offload only the last one's). With N = 1, (A)
     is about (B): checkpointing the last block saves nothing at the peak."""
     v, t, b = w.variant, w.local_tokens, w.batch_size
-    block_input, vace = 4 * v.dim * t * b, len(v.vace_layers)
-    keep = (KEEP_PER_C * v.dim + KEEP_PER_HEAD * v.num_heads) * t * b
+    block_input, vace, keep = 4 * v.dim * t * b, len(v.vace_layers), kept_bytes(w)
     checkpointed, kept = s.checkpointed_blocks(v.num_layers), s.kept_blocks(v.num_layers)
+    # Kept outputs on the GPU at (B) besides the recomputed block's own (in `per_block`), and at (A). With them
+    # on the host (`offload_attention`) only those of the blocks in flight: the last checkpointed block's, which
+    # never leave (its own at (B), the one of (A)), and at (B) the block before's, coming back with its input
+    # (prefetched when a block's backward pass begins). The copies going out in the forward pass end long
+    # before either moment, behind the forward compute of the blocks after them.
+    other_kept = min(1, max(0, kept - 1)) if s.attention_on_host else max(0, kept - 1)
     peaks = []
     if checkpointed:
         inputs = min(2, checkpointed) if s.offload_activations else checkpointed
-        peaks.append(per_block + context + block_input * (inputs + vace) + max(0, kept - 1) * keep)
+        peaks.append(per_block + context + block_input * (inputs + vace) + other_kept * keep)
     if s.skip_blocks:
         inputs = min(1, checkpointed) if s.offload_activations else checkpointed
-        peaks.append(s.skip_blocks * (per_block + context) + block_input * (inputs + vace) + kept * keep)
+        kept_at_a = min(1, kept) if s.attention_on_host else kept
+        peaks.append(s.skip_blocks * (per_block + context) + block_input * (inputs + vace) + kept_at_a * keep)
     return max(peaks)
 
 
@@ -266,6 +206,7 @@ class MemoryPlan:
             gradient_checkpointing_cpu_offload=s.offload_activations,
             gradient_checkpointing_keep_attention=s.keep_attention,
             gradient_checkpointing_keep_attention_blocks=0 if s.keep_attention else s.keep_attention_blocks,
+            gradient_checkpointing_offload_attention=s.attention_on_host,
             gradient_checkpointing_skip_blocks=s.skip_blocks if s.checkpointing else 0,
             blocks_to_swap=s.blocks_to_swap,
             use_pinned_memory_for_block_swap=s.blocks_to_swap > 0 or memory.use_pinned_memory_for_block_swap,
@@ -284,22 +225,35 @@ class MemoryPlan:
 
 
 def _candidates(w: Workload, fp8: bool = False):
-    def some(offload: bool) -> list[Settings]:  # keeping attention in the last K blocks, the largest K first
-        return [Settings(checkpointing=True, offload_activations=offload, keep_attention_blocks=k)
-                for k in range(w.variant.num_layers - 1, 0, -1)]
+    """The ladder (module docstring), each rung with both experts on the GPU, then with the inactive one on the
+    host. With `fp8` every rung has fp8 weights, so nothing is tried first for precision's sake: the swap rungs
+    keeping attention on the host follow the rung without swap that keeps it there (4), before any rung that
+    recomputes attention."""
+    n_layers = w.variant.num_layers
+    ckpt = Settings(checkpointing=True)
+    offload = Settings(checkpointing=True, offload_activations=True)
+    on_gpu = dataclasses.replace(offload, keep_attention=True)
+    on_host = dataclasses.replace(on_gpu, offload_attention=True)
 
-    base = [Settings(), Settings(checkpointing=True, keep_attention=True),
-            Settings(checkpointing=True, offload_activations=True, keep_attention=True),
-            *some(False), Settings(checkpointing=True), *some(True),
-            Settings(checkpointing=True, offload_activations=True),
-            Settings(fp8=True, checkpointing=True, offload_activations=True)]
-    swaps = [Settings(True, True, True, n) for n in range(1, w.variant.num_layers)]
-    seen = set()
-    for s in base + swaps:
-        s = dataclasses.replace(s, fp8=True) if fp8 else s
-        if s in seen:  # with fp8 required, rungs 6 and 7 are one
-            continue
-        seen.add(s)
+    def some(offloaded: bool) -> list[Settings]:  # keeping attention in the last K blocks, the largest K first;
+        rungs = []  # with offload, each K with the kept outputs on the GPU, then on the host (from K = 2 on)
+        for k in range(n_layers - 1, 0, -1):
+            rungs.append(Settings(checkpointing=True, offload_activations=offloaded, keep_attention_blocks=k))
+            if offloaded and k > 1:
+                rungs.append(dataclasses.replace(rungs[-1], offload_attention=True))
+        return rungs
+
+    first = [Settings(), dataclasses.replace(ckpt, keep_attention=True), on_gpu, on_host]
+    rest = [*some(False), ckpt, *some(True), offload]
+    host_swaps = [dataclasses.replace(on_host, fp8=True, blocks_to_swap=n) for n in range(1, n_layers)]
+    swaps = [Settings(True, True, True, n) for n in range(1, n_layers)]
+    if fp8:
+        ladder = [dataclasses.replace(s, fp8=True) for s in first] + host_swaps + [
+            dataclasses.replace(s, fp8=True) for s in rest] + swaps
+    else:
+        fp8_offload = dataclasses.replace(offload, fp8=True)
+        ladder = first + rest + [dataclasses.replace(on_host, fp8=True), *host_swaps, fp8_offload, *swaps]
+    for s in ladder:
         yield s
         if w.experts > 1:
             yield dataclasses.replace(s, offload_inactive=True)
@@ -332,13 +286,17 @@ def plan_memory(vram_gb: float, variant: WanVariant | str, width: int, height: i
 
 def skip_blocks(w: Workload, s: Settings, budget: float, host: float | None) -> tuple[Settings, Estimate] | None:
     """The skip stage on top of `s`, the first rung that fits (module docstring): the largest N whose
-    settings, with the last N blocks not checkpointed, still fit, for `s` and (when `s` does not offload) for
-    `s` with activation offload, whichever allows more (a tie keeps `s`); keeping attention in K blocks
-    becomes K - N, so no block recomputes more than with `s`. None without checkpointing, with block swap,
-    or when not even N = 1 fits."""
+    settings, with the last N blocks not checkpointed, still fit, for `s`, (when `s` does not offload) for
+    `s` with activation offload and (when `s` keeps attention on the GPU) for `s` with activation offload
+    keeping it on the host, whichever allows more (a tie keeps the earlier, with less traffic); keeping
+    attention in K blocks becomes K - N, so no block recomputes more than with `s`. None without
+    checkpointing, with block swap, or when not even N = 1 fits."""
     if not s.checkpointing or s.blocks_to_swap:
         return None
-    options = [s] + ([dataclasses.replace(s, offload_activations=True)] if not s.offload_activations else [])
+    offloaded = dataclasses.replace(s, offload_activations=True)
+    options = [s] + ([offloaded] if not s.offload_activations else [])
+    if (s.keep_attention or s.keep_attention_blocks) and not s.attention_on_host:
+        options.append(dataclasses.replace(offloaded, offload_attention=True))
     best = None
     for option in options:
         for n in range(w.variant.num_layers, 0, -1):
