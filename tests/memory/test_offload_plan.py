@@ -27,11 +27,10 @@ def test_h100_keeps_every_block_with_offload_when_the_host_holds_the_inputs():
     rung = plan.candidates[-2][1]
     inputs = 39 * 4 * 5120 * 32760 / GIB  # every block input but the last one's, fp32
     assert rung.host == pytest.approx(inputs) and 24 < inputs < 25
-    assert rung.total < plan.budget_gb - 15  # 57.6 of 74.7 GiB: the skip stage spends the rest on 4 blocks, with
-    assert plan.settings == dataclasses.replace(ON_HOST, skip_blocks=4)  # the kept outputs on the host (3 without)
-    keep = (2 * 5120 + 4 * 40) * 32760 / GIB  # a block's kept self-attention output and log-sum-exp
-    assert plan.estimate.host == pytest.approx(35 * inputs / 39 + 35 * keep)  # the skipped blocks send nothing
-    assert "33.0 GiB of host RAM for the GPU" in plan.table()
+    assert rung.total < plan.budget_gb - 15  # 57.6 of 74.7 GiB: the skip stage spends the rest on 3 blocks
+    assert plan.settings == dataclasses.replace(KEEP_ALL_OFFLOADED, skip_blocks=3)  # attention stays on the GPU
+    assert plan.estimate.host == pytest.approx(36 * inputs / 39)  # the skipped blocks' inputs are not offloaded
+    assert "22.5 GiB of host RAM for the GPU" in plan.table()
     short = plan_memory(H100, "t2v-A14B", 832, 480, 81, host_ram_gb=16)  # 14.4 usable: the inputs do not fit
     assert short.fits and short.rung == Settings(checkpointing=True, keep_attention_blocks=19)
     assert short.settings == Settings(checkpointing=True, keep_attention_blocks=18, skip_blocks=1)
@@ -67,7 +66,7 @@ def test_two_experts_offload_the_inactive_one_before_giving_up_kept_attention():
     roomy = plan_memory(H100, "t2v-A14B", 832, 480, 81, experts=2, host_ram_gb=128)
     assert roomy.rung == dataclasses.replace(KEEP_ALL_OFFLOADED, offload_inactive=True)
     assert 51 < roomy.candidates[-2][1].host < 52  # the inputs and the inactive bf16 expert
-    assert roomy.settings == dataclasses.replace(ON_HOST, offload_inactive=True, skip_blocks=4)  # 2 on the GPU
+    assert roomy.settings.skip_blocks == 2 and not roomy.settings.attention_on_host
     tight = plan_memory(H100, "t2v-A14B", 832, 480, 81, experts=2, host_ram_gb=40)  # 36 usable: the expert only
     k = tight.rung.keep_attention_blocks  # both experts' LoRA and optimizer state on the GPU: fewer than 19
     assert tight.rung == Settings(checkpointing=True, offload_inactive=True, keep_attention_blocks=k) and 0 < k < 19
@@ -109,8 +108,7 @@ def test_plan_memory_cli_takes_the_host_ram(capsys):
     assert cli.main(["--vram_gb", "79.2", "--host_ram_gb", "64"]) == 0
     out = capsys.readouterr().out
     assert "bf16, ckpt+offload keeping attention      " in out and "57.6      24.4   yes" in out
-    assert ("plan: bf16, ckpt+offload keeping attention on the host, skipping the last 4 blocks (70.4 GiB; 33.0 GiB "
-            "of host") in out
+    assert "plan: bf16, ckpt+offload keeping attention, skipping the last 3 blocks (73.3 GiB; 22.5 GiB of host" in out
 
 
 # ---- the step estimate ---------------------------------------------------------------------------------------

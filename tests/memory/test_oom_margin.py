@@ -64,11 +64,11 @@ def test_the_record_takes_the_largest_margin_of_a_run(tmp_path):
 
 def test_a_margin_makes_the_planners_more_frugal():
     h100 = plan_memory(80, "t2v-A14B", 832, 480, 81)
-    held = plan_memory(80, "t2v-A14B", 832, 480, 81, margin_gb=10)
-    assert held.budget_gb == pytest.approx(h100.budget_gb - 10) and held.estimate.total <= held.budget_gb
-    assert h100.settings.skip_blocks == 4 and held.settings.skip_blocks == 3  # the next rung of the skip stage
+    held = plan_memory(80, "t2v-A14B", 832, 480, 81, margin_gb=5)
+    assert held.budget_gb == pytest.approx(h100.budget_gb - 5) and held.estimate.total <= held.budget_gb
+    assert h100.settings.skip_blocks == 3 and held.settings.skip_blocks == 2  # the next rung of the skip stage
     assert h100.estimate.total > held.budget_gb
-    assert "(10 GiB held back after an out-of-memory error)" in held.table()
+    assert "(5 GiB held back after an out-of-memory error)" in held.table()
     assert "held back" not in h100.table()
     assert plan_memory(80, "t2v-A14B", 832, 480, 81, margin_gb=20).rung.attention_on_host  # a later rung
     full = plan_full(80, "t2v-A14B", 832, 480, 81, processes=8)
@@ -87,14 +87,14 @@ def test_resolve_memory_reads_the_record_of_the_output_dir(tmp_path, monkeypatch
     monkeypatch.setattr(planner, "detect_vram_gb", lambda device=None: 80.0)
     monkeypatch.setattr(auto, "detect_host_ram_gb", lambda: None)
     variant = get_variant("t2v-A14B")
-    assert auto.resolve_memory(cfg, variant, _data(), None, 1).gradient_checkpointing_skip_blocks == 4
-    margin.record_out_of_memory(tmp_path, 8.0, CUDA_OOM)  # 10 GiB
+    assert auto.resolve_memory(cfg, variant, _data(), None, 1).gradient_checkpointing_skip_blocks == 3
+    margin.record_out_of_memory(tmp_path, 3.0, CUDA_OOM)  # 5 GiB
     with caplog.at_level(logging.WARNING, logger=auto.__name__):
         memory = auto.resolve_memory(cfg, variant, _data(), None, 1)
-    assert memory.gradient_checkpointing_skip_blocks == 3
-    assert (f"10 GiB held back after an out-of-memory error ({tmp_path / 'auto_memory_margin.json'}; delete it to "
+    assert memory.gradient_checkpointing_skip_blocks == 2
+    assert (f"5 GiB held back after an out-of-memory error ({tmp_path / 'auto_memory_margin.json'}; delete it to "
             "plan without)") in caplog.text
-    assert auto.PLANNED["settings"].endswith("skipping the last 3 blocks")
+    assert auto.PLANNED["settings"].endswith("skipping the last 2 blocks")
 
 
 def test_plan_memory_tool_shows_the_plan_of_the_next_start(tmp_path, capsys, monkeypatch):
@@ -108,13 +108,13 @@ def test_plan_memory_tool_shows_the_plan_of_the_next_start(tmp_path, capsys, mon
     finally:
         sys.path.remove(str(REPO / "tools"))
     out = tmp_path / "out"
-    margin.record_out_of_memory(out, 8.0, CUDA_OOM)  # 10 GiB
+    margin.record_out_of_memory(out, 3.0, CUDA_OOM)  # 5 GiB
     config = tmp_path / "lora.toml"
     config.write_text(f'task = "t2v-A14B"\nauto_memory = true\noutput_dir = "{out}"\n')
     args = ["--config_file", str(config), "--vram_gb", "80", "--host_ram_gb", "1024"]
     assert tool.main(args) == 0
     shown = capsys.readouterr().out
-    assert "(10 GiB held back after an out-of-memory error)" in shown and "skipping the last 3 blocks (" in shown
+    assert "(5 GiB held back after an out-of-memory error)" in shown and "skipping the last 2 blocks (" in shown
     assert tool.main([*args, "--margin_gb", "0"]) == 0
     shown = capsys.readouterr().out
-    assert "held back" not in shown and "skipping the last 4 blocks (" in shown
+    assert "held back" not in shown and "skipping the last 3 blocks (" in shown

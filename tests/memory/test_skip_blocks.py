@@ -160,13 +160,13 @@ def test_planner_skips_the_largest_number_of_blocks_that_fits(capsys):
         assert plan.candidates[-1][0] == plan.settings and "skipping the last" in plan.table()
         memory = plan.apply(MemoryArgs())
         assert memory.gradient_checkpointing_skip_blocks == plan.settings.skip_blocks
-    # the kept outputs on the host: one block more skipped than with them on the GPU (3 on the H100)
+    # attention the GPU keeps stays there (moving it to the host would skip one block more: 0.3% by the estimate)
     on_host = dataclasses.replace(keep_all, offload_attention=True)
-    assert _settings(plans["h100"]) == _settings(plans["h200"]) == on_host
+    assert _settings(plans["h100"]) == _settings(plans["h200"]) == keep_all
     assert 1 <= plans["h100"].settings.skip_blocks < plans["h200"].settings.skip_blocks
     assert plans["h100 fp8"].settings.skip_blocks > plans["h100"].settings.skip_blocks
     assert plans["h100 49 frames"].settings.skip_blocks > plans["h100"].settings.skip_blocks
-    assert _settings(plans["h100 two experts"]) == dataclasses.replace(on_host, offload_inactive=True)
+    assert _settings(plans["h100 two experts"]) == dataclasses.replace(keep_all, offload_inactive=True)
     # host RAM: the offloaded inputs fit 16 GiB only without offload: keeping K blocks, skipping some
     short = plan_memory(h100, "t2v-A14B", 832, 480, 81, host_ram_gb=16)
     assert not short.settings.offload_activations and short.settings.skip_blocks >= 1

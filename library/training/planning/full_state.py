@@ -62,6 +62,7 @@ class FullSettings:
                                     gradient_checkpointing_cpu_offload=self.offload_activations,
                                     gradient_checkpointing_keep_attention=self.keep_attention and self.checkpointing,
                                     gradient_checkpointing_keep_attention_blocks=0,
+                                    gradient_checkpointing_offload_attention=False,  # not planned for full runs
                                     gradient_checkpointing_skip_blocks=self.skip_blocks if self.checkpointing else 0),
                 dataclasses.replace(finetune, full_fine_tune=True, full_bf16=self.full_bf16,
                                     fused_backward_pass=self.fused_backward_pass, fsdp=self.fsdp,
