@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -11,6 +12,15 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def tool(name: str):
+    """A script of tools/ imported as a module (tools/ is no package: its scripts import each other by name)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
 SHARED = REPO.parent / "shared"
 
 

@@ -16,7 +16,7 @@ from library.training.benchmark import step_flops
 from library.training.estimate import (GPUS, Kernel, StepSetup, attention_kernel, cost, estimate_step,
                                        trace_step)
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import REPO, tool
 
 REDUCED = StepSetup(get_variant("t2v-1.3B"), 256, 256, 17, rank=16)  # 5 x 16 x 16 = 1280 tokens
 
@@ -128,11 +128,7 @@ def test_fp8_matmuls_run_at_the_fp8_rate():
 
 
 def test_estimate_with_the_plan_takes_the_auto_memory_settings(capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import benchmark_wan
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    benchmark_wan = tool("benchmark_wan")
     args = ["--estimate", "--gpu", "h100", "--task", "t2v-tiny", "--width", "64", "--height", "64", "--frames", "5",
             "--network_dim", "4", "--plan"]
     assert benchmark_wan.main(args) == 0

@@ -6,7 +6,6 @@ costs it on the GPU's rates and prints the error, on the CPU after the GPU run."
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -14,17 +13,13 @@ from library.config.schema import MemoryArgs
 from library.training.benchmark import BenchConfig
 from library.training.estimate_cli import estimate_argv, gpu_key
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import tool
 
 
 @pytest.fixture(scope="module")
 def tools():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import benchmark_wan
-        import estimate_error
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    benchmark_wan = tool("benchmark_wan")
+    estimate_error = tool("estimate_error")
     return benchmark_wan, estimate_error
 
 

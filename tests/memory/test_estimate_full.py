@@ -5,7 +5,6 @@ added at the memory's rate, and `--sdpa_kernel` costs the kernel it forces."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 
@@ -14,7 +13,7 @@ from library.training.estimate import StepSetup, estimate_step, trace_step
 from library.training.estimate_full import ParamCounts, cast_bytes, optimizer_bytes
 from library.training.planning.full import optimizer_state_bytes
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import tool
 
 SMALL = StepSetup(dataclasses.replace(get_variant("t2v-1.3B"), num_layers=2), 256, 256, 17, rank=16,
                   checkpointing=False)
@@ -82,11 +81,7 @@ def test_a_forced_sdpa_kernel_is_costed_at_its_rate(traces):
 
 
 def test_the_command_estimates_full_fine_tuning_and_forced_kernels(capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import benchmark_wan
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    benchmark_wan = tool("benchmark_wan")
     small = ["--estimate", "--task", "t2v-tiny", "--width", "64", "--height", "64", "--frames", "5"]
     assert benchmark_wan.main(small + ["--full", "--plan", "--optimizer", "AdamW8bit"]) == 0
     out = capsys.readouterr().out

@@ -6,14 +6,13 @@ back; the step waits where the compute reaches a block before its weights."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 
 from library.training.estimate import GPUS, StepSetup, estimate_step, trace_step
 from library.training.estimate_offload import exposed_seconds, host_copy_wait
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import tool
 
 # four blocks, 1 s of forward and 2 s of backward compute each: block i's forward at i s, its backward pass
 # (recomputation included) from 4 s on, block 3 first
@@ -85,11 +84,7 @@ def test_the_estimate_adds_the_wait_for_swapped_weights(small, monkeypatch):
 
 
 def test_the_command_estimates_block_swap_and_the_24_gb_plan(capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import benchmark_wan
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    benchmark_wan = tool("benchmark_wan")
     small = ["--estimate", "--task", "t2v-tiny", "--width", "64", "--height", "64", "--frames", "5",
              "--network_dim", "4"]
     assert benchmark_wan.main(small + ["--gpu", "4090", "--blocks_to_swap", "1"]) == 0

@@ -5,7 +5,6 @@ fsdp_cpu_offload shards do not fit the host are skipped, the verdict names host 
 from __future__ import annotations
 
 import logging
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -16,7 +15,7 @@ from library.training.planning import auto, host as host_ram, lora as planner
 from library.training.planning.full import FullSettings, FullWorkload, estimate_full, plan_full, state_bytes
 from library.training.planning.lora import GIB
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import tool
 
 A14B = ("t2v-A14B", 832, 480, 81)
 CPU_OFFLOAD = FullSettings(True, True, True, fsdp=True, fsdp_cpu_offload=True)
@@ -96,11 +95,7 @@ def test_auto_full_settings_checks_this_process_host_ram(monkeypatch, caplog):
 
 
 def _cli():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import plan_memory as cli
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    cli = tool("plan_memory")
     return cli
 
 

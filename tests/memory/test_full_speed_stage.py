@@ -7,7 +7,6 @@ rules, a full fine-tuning step (the same gradients) and the step estimate's `--f
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from library.training.planning.full import (ACT_FULL_PER_C, ACT_FULL_PER_F, Full
                                             plan_full, speed_stages, state_bytes)
 from library.training.planning.lora import CUDA_CONTEXT_GIB, FRAGMENTATION, GIB, KEEP_PER_C, KEEP_PER_HEAD
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import tool
 from tests.memory.conftest import deep_tiny, tiny_inputs, tiny_model
 
 BF16_CKPT = FullSettings(full_bf16=True, checkpointing=True)
@@ -146,11 +145,7 @@ def test_a_full_fine_tuning_step_with_the_stages_equals_checkpointing():
 
 
 def test_the_estimate_command_takes_the_stages_from_the_plan(capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import benchmark_wan
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    benchmark_wan = tool("benchmark_wan")
     w = _work("t2v-tiny", 64, 64, 5)
     fastest, ckpt = estimate_full(w, FullSettings()).total, estimate_full(w, MASTERS_CKPT).total
     cap = _card((fastest + ckpt) / 2)  # checkpointing needed: the stages on top of it
@@ -164,11 +159,7 @@ def test_the_estimate_command_takes_the_stages_from_the_plan(capsys):
 def test_the_measured_benchmark_plans_with_the_stages(monkeypatch):
     """`tools/benchmark_wan.py --full --plan` (measured): the plan's memory keys reach the run's config, and the
     planner's figure printed beside the measurement is the extended settings'."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import benchmark_wan
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    benchmark_wan = tool("benchmark_wan")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = benchmark_wan.parse_args(["--task", "ti2v-5B", "--width", "1280", "--height", "704", "--frames", "121",
                                      "--full", "--plan", "--vram_cap_gb", "80", "--host_ram_gb", "512"])

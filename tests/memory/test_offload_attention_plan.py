@@ -6,7 +6,6 @@ estimate's replay, and the option through `tools/benchmark_wan.py`."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 
@@ -19,7 +18,7 @@ from library.training.estimate_offload import copy_bytes, host_copy_wait
 from library.training.planning.lora import (GIB, KEEP_PER_C, KEEP_PER_HEAD, Settings, Workload, _candidates, estimate,
                                             kept_bytes, plan_memory)
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import tool
 
 A14B = Workload(get_variant("t2v-A14B"), 832, 480, 81)
 OFFLOAD = Settings(checkpointing=True, offload_activations=True)
@@ -30,11 +29,7 @@ RTX_4090 = GPUS["4090"].memory_gib
 
 @pytest.fixture(scope="module")
 def benchmark_wan():
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import benchmark_wan
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    benchmark_wan = tool("benchmark_wan")
     return benchmark_wan
 
 

@@ -4,7 +4,6 @@ the host RAM check, and the offload copies costed at the host link's rate, overl
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 
@@ -14,7 +13,7 @@ from library.training.gpu_rates import GPUS
 from library.training.planning import host as host_ram
 from library.training.planning.lora import GIB, Settings, Workload, _candidates, estimate, plan_memory
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import tool
 
 H100 = GPUS["h100"].memory_gib
 KEEP_ALL_OFFLOADED = Settings(checkpointing=True, offload_activations=True, keep_attention=True)
@@ -96,11 +95,7 @@ def test_host_ram_is_mem_available_shared_among_local_processes(tmp_path, monkey
 
 
 def test_plan_memory_cli_takes_the_host_ram(capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import plan_memory as cli
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    cli = tool("plan_memory")
     assert cli.main(["--vram_gb", "79.2", "--host_ram_gb", "16"]) == 0
     out = capsys.readouterr().out
     assert "14.4 GiB of host RAM usable" in out and "no: host RAM" in out

@@ -98,15 +98,10 @@ def test_resolve_memory_reads_the_record_of_the_output_dir(tmp_path, monkeypatch
 
 
 def test_plan_memory_tool_shows_the_plan_of_the_next_start(tmp_path, capsys, monkeypatch):
-    import sys
 
-    from tests.helpers import REPO
+    from tests.helpers import tool
 
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import plan_memory as tool
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    tool = tool("plan_memory")
     out = tmp_path / "out"
     margin.record_out_of_memory(out, 3.0, CUDA_OOM)  # 5 GiB
     config = tmp_path / "lora.toml"

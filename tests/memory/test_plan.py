@@ -21,7 +21,7 @@ from library.training.planning.full import (ACT_FULL_PER_C, ACT_FULL_PER_F, Full
                                                estimate_full, full_candidates, plan_full, state_bytes)
 from library.wan.model import WanModel, rope_tables
 from library.wan.variants import get_variant
-from tests.helpers import REPO
+from tests.helpers import REPO, tool
 from tests.training.test_trainer import workspace  # noqa: F401 - the trainer tests' tiny models and dataset
 
 VARIANTS = ("t2v-A14B", "i2v-A14B", "ti2v-5B", "t2v-1.3B", "i2v-14B", "t2v-tiny", "i2v-tiny-2.1", "t2v-1.3B-FC",
@@ -154,11 +154,7 @@ def test_activation_coefficients_match_a_measured_block():
 def test_cli_prints_the_table_and_reads_a_config(tmp_path):
     cfg = tmp_path / "lora.toml"
     cfg.write_text('task = "ti2v-5B"\nnetwork_dim = 16\noptimizer_type = "AdamW8bit"\n')
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import plan_memory as cli
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    cli = tool("plan_memory")
     run = subprocess.run([sys.executable, str(REPO / "tools" / "plan_memory.py"), "--config_file", str(cfg),
                           "--vram_gb", "24", "--width", "1280", "--height", "704", "--frames", "121"],
                          capture_output=True, text=True, cwd=tmp_path)
