@@ -16,6 +16,7 @@ import torch
 
 from library.config import config_from_dict, validate
 from library.config.schema import MemoryArgs
+from library.runtime.block_swap import HostTransport
 from library.runtime.kept_attention import KeptAttention
 from library.runtime.memory import ActivationOffloader, apply_memory_features
 from tests.memory.conftest import deep_tiny, tiny_inputs, tiny_model
@@ -210,3 +211,24 @@ def test_cuda_step_equals_keeping_attention_on_the_gpu():
     tokens, v = 3 * 16 * 16, variant
     kept = (LAYERS - 1) * tokens * (v.dim * 4 + v.num_heads * 4)  # fp32 output and log-sum-exp
     assert device_held - held >= kept // 2
+
+
+def test_with_block_swap_as_the_24_gb_plans_run_it():
+    """The 24 GB plans swap the last blocks, offload the inputs and keep every block's attention on the host:
+    with swapped blocks the kept outputs still ride with their inputs, and the step is the on-device one."""
+    def step(offload_attention: bool):
+        variant = deep_tiny(6)
+        model = tiny_model(variant)
+        trace = []
+        memory = _memory(offload_attention, blocks_to_swap=3)
+        setup = apply_memory_features(model, memory, "cpu", transport=HostTransport(),
+                                      offloader=ActivationOffloader(torch.device("cpu"), trace=trace))
+        net = with_lora(model)
+        loss = model(*tiny_inputs(variant)).square().mean()
+        loss.backward()
+        return setup, trace, loss.detach(), [p.grad.clone() for p in net.parameters()]
+
+    kept, sent = step(False), step(True)
+    assert sent[0].blocks_to_swap == 3 and sent[0].attention_offload and not kept[0].attention_offload
+    assert torch.equal(kept[2], sent[2]) and all(torch.equal(a, b) for a, b in zip(kept[3], sent[3]))
+    assert len(sent[1]) == 3 * len(kept[1])  # each offloaded input takes its attention output and log-sum-exp
