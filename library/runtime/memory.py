@@ -167,18 +167,17 @@ def _fp8_matmuls(model: nn.Module, fast: bool, device: torch.device, setup: Memo
     if not scaled_mm_supported(device, 16, 16):
         what = "a CPU" if device.type != "cuda" else "this GPU (compute capability %d.%d)" % \
             torch.cuda.get_device_capability(device)
-        _note(setup, "fp8_fast: fp8 matmuls need an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell), "
-                     "not %s: the fp8 weights are dequantised to bf16 for each matmul instead", what,
-              warn=not _fp8_matmuls.warned)  # once a process, not once an expert
-        _fp8_matmuls.warned = True
+        message = ("fp8_fast: fp8 matmuls need an NVIDIA GPU of compute capability 8.9+ (Ada, Hopper, Blackwell), "
+                   f"not {what}: the fp8 weights are dequantised to bf16 for each matmul instead")
     elif dtype != torch.bfloat16:
-        _note(setup, "fp8_fast multiplies in fp8 with bf16 compute only (PyTorch's row-wise fp8 matmul writes bf16 "
-                     "on most GPUs); this model computes in %s, so the fp8 weights are dequantised for each matmul "
-                     "instead: set mixed_precision = \"bf16\" for fp8 matmuls", str(dtype).removeprefix("torch."),
-              warn=not _fp8_matmuls.warned)
-        _fp8_matmuls.warned = True
+        message = ("fp8_fast multiplies in fp8 with bf16 compute only (PyTorch's row-wise fp8 matmul writes bf16 on "
+                   f"most GPUs); this model computes in {str(dtype).removeprefix('torch.')}, so the fp8 weights are "
+                   "dequantised for each matmul instead: set mixed_precision = \"bf16\" for fp8 matmuls")
     else:
         _note(setup, "fp8_fast: %d fp8 Linear layers multiply in fp8 (torch._scaled_mm)", len(layers))
+        return
+    _note(setup, "%s", message, warn=not _fp8_matmuls.warned)  # warned once a process, not once an expert
+    _fp8_matmuls.warned = True
 
 
 _fp8_matmuls.warned = False
